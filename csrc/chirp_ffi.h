@@ -1,0 +1,174 @@
+/*
+ * chirp_ffi.h: the C core's public interface, declarations only.
+ *
+ * build_ffi.py hands this file verbatim to cffi's cdef(), so it must stay free of
+ * preprocessor conditionals, includes and macros other than integer #defines.
+ * Python sees only opaque pointers (ch_loop_t, ch_node_t, ch_message_t,
+ * ch_reader_t) plus the plain structs declared here.
+ *
+ * Threads: every function is safe to call from any thread unless it says
+ * otherwise. ch_loop_run() blocks the calling thread and becomes "the loop
+ * thread"; ch_loop_poll() blocks the calling thread and hands out events in
+ * batches. Nothing in the core ever calls back into Python.
+ */
+
+#define CH_VERSION_STAMP 10001
+
+/* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
+enum ch_error {
+    CH_SUCCESS = 0,
+    CH_VALUE_ERROR = 1,
+    CH_UV_ERROR = 2,
+    CH_PROTOCOL_ERROR = 3,
+    CH_EADDRINUSE = 4,
+    CH_FATAL = 5,
+    CH_TLS_ERROR = 6,
+    CH_NOT_INITIALIZED = 7,
+    CH_IN_PRORESS = 8,
+    CH_TIMEOUT = 9,
+    CH_ENOMEM = 10,
+    CH_SHUTDOWN = 11,
+    CH_CANNOT_CONNECT = 12,
+    CH_QUEUED = 13,
+    CH_USED = 14,
+    CH_MORE = 15,
+    CH_BUSY = 16,
+    CH_EMPTY = 17,
+    CH_WRITE_ERROR = 18,
+    CH_INIT_FAIL = 19
+};
+
+const char *ch_strerror(int code);   /* human text, "Unknown error: n" style for others */
+const char *ch_error_name(int code); /* "CH_TIMEOUT", or NULL for unknown codes */
+int ch_version_stamp(void);          /* returns CH_VERSION_STAMP as compiled */
+
+/* Configuration, filled by Python and copied by ch_node_new(). */
+typedef struct ch_config_s {
+    double reuse_time;
+    double timeout;
+    uint16_t port;
+    uint8_t backlog;
+    uint8_t max_slots;
+    uint8_t synchronous;
+    uint8_t disable_signals;
+    uint32_t buffer_size;
+    uint32_t max_msg_size;
+    uint8_t bind_v6[16];
+    uint8_t bind_v4[4];
+    uint8_t identity[16];
+    const char *cert_chain_pem; /* NULL when unset; copied */
+    const char *dh_params_pem;  /* NULL when unset; copied */
+    uint8_t disable_encryption;
+    uint32_t max_send_queue;    /* 0 = unbounded (hardening issue) */
+} ch_config_t;
+
+/* Validate a config the way node start does (PROTOCOL.md 7.2, fixed wording).
+ * Returns CH_SUCCESS or CH_VALUE_ERROR with a message naming field and limit
+ * written into err (NUL terminated, at most errlen bytes). Pure, no I/O except
+ * checking that PEM files exist. */
+int ch_config_check(const ch_config_t *cfg, char *err, size_t errlen);
+
+typedef struct ch_loop_s ch_loop_t;
+typedef struct ch_node_s ch_node_t;
+typedef struct ch_message_s ch_message_t;
+
+/* Event types handed out by ch_loop_poll(). */
+#define CH_EV_NODE_STARTED 1   /* node, token, status, text */
+#define CH_EV_NODE_STOPPED 2   /* node, token; node may now be freed */
+#define CH_EV_SEND_DONE 3      /* node, token (of the send), status, text */
+#define CH_EV_RECV 4           /* node, msg (owned by the receiver until released) */
+#define CH_EV_RELEASE_DONE 5   /* node, token (of the release), msg info copied in id/serial */
+#define CH_EV_LOG 6            /* node (may be NULL), status = level (10 debug..40 error), text */
+#define CH_EV_WAKE 7           /* ch_loop_wake() was called: token */
+
+#define CH_EV_TEXT_LEN 200
+
+typedef struct ch_event_s {
+    int type;
+    int status;
+    ch_node_t *node;
+    uint64_t node_token;  /* token given to ch_node_new */
+    uint64_t token;
+    ch_message_t *msg;
+    uint8_t identity[16]; /* RELEASE_DONE: identity of the released message */
+    uint32_t serial;      /* RELEASE_DONE: serial of the released message */
+    char text[200];       /* NUL terminated; empty when there is nothing to say */
+} ch_event_t;
+
+/* Loop: create, run on a dedicated thread, stop (thread-safe), free after run returned. */
+int ch_loop_new(ch_loop_t **out);
+int ch_loop_run(ch_loop_t *loop);     /* blocks until stopped and all nodes closed */
+void ch_loop_stop(ch_loop_t *loop);   /* ask the loop to end once no node is open */
+void ch_loop_free(ch_loop_t *loop);   /* only after ch_loop_run returned and poll said -1 */
+void ch_loop_wake(ch_loop_t *loop, uint64_t token); /* post a CH_EV_WAKE event */
+
+/* Wait up to timeout seconds (< 0: forever) for events; copies at most max of
+ * them into out. Returns the number copied (0 on timeout), or -1 once the loop
+ * has ended and every event was handed out. */
+int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
+
+/* Node. ch_node_new copies cfg and does no I/O. ch_node_start/stop are carried
+ * out on the loop thread and answered with NODE_STARTED / NODE_STOPPED events.
+ * After ch_node_stop() nothing else may be submitted for the node; after the
+ * NODE_STOPPED event the caller frees it with ch_node_free(). */
+int ch_node_new(ch_loop_t *loop, const ch_config_t *cfg, uint64_t node_token, ch_node_t **out);
+int ch_node_start(ch_node_t *node, uint64_t token);
+int ch_node_stop(ch_node_t *node, uint64_t token);
+void ch_node_free(ch_node_t *node);
+void ch_node_identity(ch_node_t *node, uint8_t out[16]); /* valid after a successful start */
+uint16_t ch_node_port(ch_node_t *node);                  /* bound port */
+
+/* Send. header/data are NOT copied: the caller keeps them alive and unchanged
+ * until the SEND_DONE event for token. family is 4 or 6, addr holds 4 or 16
+ * bytes. Answered with one SEND_DONE event carrying the status. */
+int ch_node_send(ch_node_t *node, uint64_t token, const uint8_t identity[16], int family,
+                 const uint8_t *addr, uint16_t port, const uint8_t *header, uint16_t header_len,
+                 const uint8_t *data, uint32_t data_len);
+
+/* Release the slot of a received message (sends the owed ACK). Answered with
+ * one RELEASE_DONE event for token; the message is freed by the core then and
+ * must not be used afterwards. */
+int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token);
+
+/* Read a received message (any thread, until its release was submitted). */
+typedef struct ch_msg_info_s {
+    uint8_t identity[16];
+    uint32_t serial;
+    uint8_t type;
+    const uint8_t *header;
+    uint16_t header_len;
+    const uint8_t *data;
+    uint32_t data_len;
+    char address[46];   /* text form, compressed */
+    uint16_t port;      /* peer's public port from its handshake */
+    uint8_t remote_identity[16];
+} ch_msg_info_t;
+
+void ch_msg_info(const ch_message_t *msg, ch_msg_info_t *out);
+
+/* The frame reader, exposed for tests and fuzzing. A reader starts by
+ * expecting the 18-byte handshake, then frames. */
+typedef struct ch_reader_s ch_reader_t;
+
+#define CH_RD_MORE 0        /* everything consumed; feed more bytes */
+#define CH_RD_HANDSHAKE 1   /* handshake complete: see ch_reader_handshake */
+#define CH_RD_ACK 2         /* ACK frame: see ch_reader_frame */
+#define CH_RD_NOOP 3        /* NOOP frame */
+#define CH_RD_DATA_HEADER 4 /* data frame header validated; next feed needs a slot */
+#define CH_RD_MESSAGE 5     /* data message complete: ch_reader_take_message */
+/* Negative returns are -ch_error codes (-CH_PROTOCOL_ERROR, -CH_ENOMEM); sticky. */
+
+ch_reader_t *ch_reader_new(uint32_t max_msg_size);
+void ch_reader_free(ch_reader_t *r);
+int ch_reader_feed(ch_reader_t *r, const uint8_t *buf, size_t len, size_t *consumed);
+ch_message_t *ch_reader_take_message(ch_reader_t *r);
+const char *ch_reader_error(const ch_reader_t *r);
+void ch_reader_handshake(const ch_reader_t *r, uint16_t *port, uint8_t identity[16]);
+void ch_reader_frame(const ch_reader_t *r, uint8_t identity[16], uint32_t *serial,
+                     uint32_t *data_len, uint16_t *header_len, uint8_t *type);
+void ch_msg_free(ch_message_t *msg);
+
+/* The frame writer, exposed for tests. */
+void ch_writer_handshake(uint8_t out[18], uint16_t port, const uint8_t identity[16]);
+void ch_writer_header(uint8_t out[27], const uint8_t identity[16], uint32_t serial,
+                      uint32_t data_len, uint16_t header_len, uint8_t type);

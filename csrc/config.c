@@ -1,0 +1,98 @@
+/*
+ * config.c: start-up validation of a node configuration (PROTOCOL.md 7.2).
+ *
+ * The checks run in the reference order and keep the reference message
+ * prefixes (existing programs match them), but every message names the
+ * Config field and its limit and shows the offending value. The reference's
+ * wrong wording (DH check naming the cert path, "max slots must be <= 1") is
+ * fixed after the prefix. Effective values: R = max(REUSE_TIME, 3 * TIMEOUT);
+ * synchronous mode forces one slot, asynchronous mode turns 0 into 16.
+ */
+#include <stdio.h>
+#include <unistd.h>
+
+#include "core.h"
+
+static int ch__cfg_fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#include <stdarg.h>
+
+static int ch__cfg_fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return CH_VALUE_ERROR;
+}
+
+double ch__config_reuse(const ch_config_t *cfg)
+{
+    double r = cfg->reuse_time;
+    if (r < 3 * cfg->timeout)
+        r = 3 * cfg->timeout;
+    return r;
+}
+
+int ch__config_slots(const ch_config_t *cfg)
+{
+    if (cfg->synchronous)
+        return 1;
+    return cfg->max_slots == 0 ? 16 : cfg->max_slots;
+}
+
+int ch_config_check(const ch_config_t *cfg, char *err, size_t errlen)
+{
+    if (err && errlen)
+        err[0] = 0;
+    if (!cfg->disable_encryption) {
+        if (!cfg->dh_params_pem || !cfg->dh_params_pem[0])
+            return ch__cfg_fail(err, errlen,
+                                "Config: DH_PARAMS_PEM must be set. (or set DISABLE_ENCRYPTION)");
+        if (!cfg->cert_chain_pem || !cfg->cert_chain_pem[0])
+            return ch__cfg_fail(err, errlen,
+                                "Config: CERT_CHAIN_PEM must be set. (or set DISABLE_ENCRYPTION)");
+        if (access(cfg->cert_chain_pem, R_OK) != 0)
+            return ch__cfg_fail(err, errlen, "Config: cert %s does not exist. (CERT_CHAIN_PEM)",
+                                cfg->cert_chain_pem);
+        if (access(cfg->dh_params_pem, R_OK) != 0)
+            return ch__cfg_fail(err, errlen, "Config: DH params %s does not exist. (DH_PARAMS_PEM)",
+                                cfg->dh_params_pem);
+    }
+    if (cfg->port <= 1024)
+        return ch__cfg_fail(err, errlen, "Config: port must be > 1024. (PORT = %u)", cfg->port);
+    if (cfg->backlog >= 128)
+        return ch__cfg_fail(err, errlen, "Config: backlog must be < 128. (BACKLOG = %u)",
+                            cfg->backlog);
+    if (!(cfg->timeout <= 1200))
+        return ch__cfg_fail(err, errlen, "Config: timeout must be <= 1200. (TIMEOUT = %g)",
+                            cfg->timeout);
+    if (!(cfg->timeout >= 0.1))
+        return ch__cfg_fail(err, errlen, "Config: timeout must be >= 0.1. (TIMEOUT = %g)",
+                            cfg->timeout);
+    double r = ch__config_reuse(cfg);
+    if (!(r >= 0.5))
+        return ch__cfg_fail(err, errlen,
+                            "Config: resuse time must be => 0.5. (must be >= 0.5; REUSE_TIME = %g, effective "
+                            "max(REUSE_TIME, 3 * TIMEOUT) = %g)",
+                            cfg->reuse_time, r);
+    if (!(r <= 3600))
+        return ch__cfg_fail(err, errlen,
+                            "Config: resuse time must be <= 3600. (REUSE_TIME = %g, effective "
+                            "max(REUSE_TIME, 3 * TIMEOUT) = %g)",
+                            cfg->reuse_time, r);
+    if (cfg->max_slots > 32)
+        return ch__cfg_fail(err, errlen, "Config: max slots must be <= 32. (MAX_SLOTS = %u)",
+                            cfg->max_slots);
+    if (cfg->buffer_size != 0 && cfg->buffer_size < 1024)
+        return ch__cfg_fail(err, errlen,
+                            "Config: buffer size must be >= 1024 or 0 for the default. "
+                            "(BUFFER_SIZE = %u)",
+                            cfg->buffer_size);
+    if (cfg->max_msg_size == 0)
+        return ch__cfg_fail(err, errlen, "Config: max message size must be > 0. (MAX_MSG_SIZE = 0)");
+    return CH_SUCCESS;
+}

@@ -1,0 +1,547 @@
+/*
+ * conn.c: one TCP connection between two nodes. Loop thread only.
+ *
+ * States (PROTOCOL.md 6.6): CONNECTING (outgoing, TCP connect issued) ->
+ * TLS (when encryption applies, 1.2) -> HANDSHAKE (our 18 bytes written,
+ * waiting for the peer's) -> READY -> CLOSED. Accepted connections start in
+ * TLS or HANDSHAKE. One timer per connection carries, in turn, the
+ * connect/handshake deadline of min(2T, 60) s (applied to accepted
+ * connections too, fixing quirk 10.3) and then the per-message send
+ * deadlines: T from the start of a frame's write, through its ACK in
+ * synchronous mode (fixing quirk 10.5, since no other write resets it).
+ *
+ * Reading: bytes go through the pure frame reader (reader.c). A data frame
+ * takes a receive slot right after its header was validated; when the
+ * connection's MAX_SLOTS slots are all held, reading stops and the unread
+ * bytes stay in rbuf until a release frees a slot (PROTOCOL.md 5).
+ *
+ * Writing: one frame at a time (header, header bytes, data bytes in one
+ * uv_write), chosen by the remote's scheduler (remote.c).
+ *
+ * Closing runs the rules of 6.7 through ch__remote_conn_closed(); messages
+ * the application still holds forget the connection and release at once.
+ * The record is freed when both of its handles are closed.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+void ch__format_addr(int family, const uint8_t *addr, char *out, size_t len)
+{
+    if (family == 4)
+        uv_inet_ntop(AF_INET, addr, out, len);
+    else if (family == 6)
+        uv_inet_ntop(AF_INET6, addr, out, len);
+    else
+        snprintf(out, len, "0.0.0.0");
+}
+
+static void ch__conn_set_name(ch_conn_t *c)
+{
+    char a[INET6_ADDRSTRLEN];
+    ch__format_addr(c->family, c->addr, a, sizeof(a));
+    if (c->family == 6)
+        snprintf(c->name, sizeof(c->name), "[%s]:%u", a, c->port);
+    else
+        snprintf(c->name, sizeof(c->name), "%s:%u", a, c->port);
+}
+
+static uint64_t ch__conn_connect_ms(ch_node_t *node)
+{
+    double t = 2 * node->cfg.timeout;
+    if (t > 60)
+        t = 60;
+    return (uint64_t)(t * 1000.0);
+}
+
+static ch_conn_t *ch__conn_new(ch_node_t *node)
+{
+    ch_conn_t *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->reader = ch_reader_new(node->cfg.max_msg_size);
+    if (!c->reader) {
+        free(c);
+        return NULL;
+    }
+    c->node = node;
+    uv_tcp_init(&node->loop->uv, &c->tcp);
+    uv_timer_init(&node->loop->uv, &c->timer);
+    c->tcp.data = c;
+    c->timer.data = c;
+    c->connect_req.data = c;
+    c->write_req.data = c;
+    c->hs_req.data = c;
+    c->handles = 2;
+    node->handles += 2;
+    c->activity = ch__node_now(node);
+    c->next = node->conns;
+    if (node->conns)
+        node->conns->prev = c;
+    node->conns = c;
+    return c;
+}
+
+static void ch__conn_handle_closed(uv_handle_t *h)
+{
+    ch_conn_t *c = h->data;
+    ch_node_t *node = c->node;
+    if (--c->handles == 0) {
+        if (c->prev)
+            c->prev->next = c->next;
+        else
+            node->conns = c->next;
+        if (c->next)
+            c->next->prev = c->prev;
+        ch_reader_free(c->reader);
+        free(c->rbuf);
+        free(c);
+    }
+    ch__node_handle_closed(node);
+}
+
+void ch__conn_close(ch_conn_t *c, int reason, const char *fmt, ...)
+{
+    if (c->flags & CH__CONNF_CLOSING)
+        return;
+    c->flags |= CH__CONNF_CLOSING;
+    char text[CH_EV_TEXT_LEN];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof(text), fmt, ap);
+    va_end(ap);
+    int level = (reason == CH_SHUTDOWN || reason == CH_SUCCESS) ? CH_LOG_DEBUG
+                : reason == CH_PROTOCOL_ERROR && c->state == CH__CONN_READY ? CH_LOG_INFO
+                                                                            : CH_LOG_WARNING;
+    ch__log(c->node, level, "%s", text);
+    ch_remote_t *r = c->remote;
+    c->remote = NULL;
+    if (r)
+        ch__remote_conn_closed(r, c, reason, text);
+    ch_message_t *m;
+    while ((m = ch_msgq_pop(&c->held)))
+        m->conn = NULL;
+    c->state = CH__CONN_CLOSED;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    uv_timer_stop(&c->timer);
+    uv_close((uv_handle_t *)&c->tcp, ch__conn_handle_closed);
+    uv_close((uv_handle_t *)&c->timer, ch__conn_handle_closed);
+}
+
+/* ---- timers ----------------------------------------------------------- */
+
+static void ch__conn_timer_cb(uv_timer_t *t);
+
+void ch__conn_arm_timer(ch_conn_t *c)
+{
+    if (c->flags & CH__CONNF_CLOSING)
+        return;
+    uint64_t deadline = 0;
+    if (c->state != CH__CONN_READY) {
+        deadline = c->connect_deadline;
+    } else {
+        if (c->writing)
+            deadline = c->writing->deadline;
+        ch_remote_t *r = c->remote;
+        if (r && r->outstanding && r->outstanding->conn == c &&
+            (!deadline || r->outstanding->deadline < deadline))
+            deadline = r->outstanding->deadline;
+    }
+    if (!deadline) {
+        uv_timer_stop(&c->timer);
+        return;
+    }
+    uint64_t now = ch__node_now(c->node);
+    uv_timer_start(&c->timer, ch__conn_timer_cb, deadline > now ? deadline - now : 0, 0);
+}
+
+static void ch__conn_timer_cb(uv_timer_t *t)
+{
+    ch_conn_t *c = t->data;
+    uint64_t now = ch__node_now(c->node);
+    if (c->state != CH__CONN_READY) {
+        if (now >= c->connect_deadline) {
+            ch__conn_close(c, CH_TIMEOUT,
+                           "connection to %s timed out after %.1f s before its handshake completed",
+                           c->name, ch__conn_connect_ms(c->node) / 1000.0);
+            return;
+        }
+    } else {
+        ch_remote_t *r = c->remote;
+        int expired = (c->writing && c->writing->deadline && now >= c->writing->deadline) ||
+                      (r && r->outstanding && r->outstanding->conn == c &&
+                       now >= r->outstanding->deadline);
+        if (expired) {
+            ch__conn_close(c, CH_TIMEOUT, "send to %s timed out after %.1f s (TIMEOUT)", c->name,
+                           c->node->cfg.timeout);
+            return;
+        }
+    }
+    ch__conn_arm_timer(c);
+}
+
+/* ---- reading ---------------------------------------------------------- */
+
+static void ch__conn_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    (void)suggested;
+    ch_conn_t *c = h->data;
+    if (!c->rbuf) {
+        c->rbuf_cap = c->node->buffer_size;
+        c->rbuf = malloc(c->rbuf_cap);
+        if (!c->rbuf) {
+            buf->base = NULL;
+            buf->len = 0;
+            return;
+        }
+    }
+    buf->base = (char *)c->rbuf;
+    buf->len = c->rbuf_cap;
+}
+
+static void ch__conn_got_handshake(ch_conn_t *c)
+{
+    ch_node_t *node = c->node;
+    uint16_t port;
+    ch_reader_handshake(c->reader, &port, c->remote_identity);
+    c->port = port;
+    ch__conn_set_name(c);
+    ch_remote_t *r = c->remote;
+    if (!r) {
+        r = ch__remote_get(node, c->family, c->addr, port, 1);
+        if (!r) {
+            ch__conn_close(c, CH_ENOMEM, "out of memory for the remote of %s", c->name);
+            return;
+        }
+        c->remote = r;
+        r->nconns++;
+    }
+    /* The connection whose handshake completes last becomes active (6.5). */
+    r->conn = c;
+    c->state = CH__CONN_READY;
+    c->activity = r->activity = ch__node_now(node);
+    ch__log(node, CH_LOG_DEBUG, "connection to %s ready (%s)", c->name,
+            (c->flags & CH__CONNF_OUTGOING) ? "outgoing" : "incoming");
+    ch__conn_arm_timer(c);
+    ch__remote_flush(r);
+}
+
+static void ch__conn_got_message(ch_conn_t *c)
+{
+    ch_message_t *m = ch_reader_take_message(c->reader);
+    m->family = c->family;
+    memcpy(m->addr, c->addr, 16);
+    m->port = c->port;
+    memcpy(m->remote_identity, c->remote_identity, CH_ID_SIZE);
+    m->conn = c;
+    ch_msgq_push(&c->held, m);
+    ch_event_t ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = CH_EV_RECV;
+    ev.node = c->node;
+    ev.node_token = c->node->token;
+    ev.msg = m;
+    ch__loop_post(c->node->loop, &ev);
+}
+
+/* Feed buffered bytes to the reader until they are used up, the connection
+ * pauses for lack of a slot, or it closes. Returns 0 if reading may go on. */
+static int ch__conn_process(ch_conn_t *c)
+{
+    ch_node_t *node = c->node;
+    while (!(c->flags & CH__CONNF_CLOSING)) {
+        if (c->flags & CH__CONNF_PAUSED) {
+            if (c->slots_used >= node->max_slots)
+                return 1;
+            c->flags &= ~CH__CONNF_PAUSED;
+            c->slots_used++;
+        }
+        size_t used = 0;
+        int rc = ch_reader_feed(c->reader, c->rbuf + c->rbuf_off, c->rbuf_len - c->rbuf_off,
+                                &used);
+        c->rbuf_off += used;
+        uint64_t now = ch__node_now(node);
+        switch (rc) {
+        case CH_RD_MORE:
+            c->rbuf_off = c->rbuf_len = 0;
+            return 0;
+        case CH_RD_HANDSHAKE:
+            ch__conn_got_handshake(c);
+            break;
+        case CH_RD_ACK: {
+            uint8_t id[16];
+            uint32_t serial, dlen;
+            uint16_t hlen;
+            uint8_t type;
+            ch_reader_frame(c->reader, id, &serial, &dlen, &hlen, &type);
+            if (c->remote)
+                ch__remote_ack(c->remote, c, id);
+            break;
+        }
+        case CH_RD_NOOP:
+            c->activity = now;
+            if (c->remote)
+                c->remote->activity = now;
+            break;
+        case CH_RD_DATA_HEADER:
+            c->activity = now;
+            if (c->remote)
+                c->remote->activity = now;
+            if (c->slots_used >= node->max_slots) {
+                c->flags |= CH__CONNF_PAUSED;
+                return 1;
+            }
+            c->slots_used++;
+            break;
+        case CH_RD_MESSAGE:
+            ch__conn_got_message(c);
+            break;
+        default:
+            ch__conn_close(c, -rc, "closing connection to %s: %s", c->name,
+                           ch_reader_error(c->reader));
+            return 1;
+        }
+    }
+    return 1;
+}
+
+static void ch__conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    (void)buf;
+    ch_conn_t *c = s->data;
+    if (c->flags & CH__CONNF_CLOSING)
+        return;
+    if (nread == 0)
+        return;
+    if (nread < 0) {
+        if (nread == UV_EOF)
+            ch__conn_close(c, CH_PROTOCOL_ERROR, "connection closed by %s", c->name);
+        else if (nread == UV_ENOBUFS)
+            ch__conn_close(c, CH_ENOMEM, "out of memory reading from %s", c->name);
+        else
+            ch__conn_close(c, CH_PROTOCOL_ERROR, "read from %s failed: %s", c->name,
+                           uv_strerror((int)nread));
+        return;
+    }
+    c->rbuf_off = 0;
+    c->rbuf_len = (size_t)nread;
+    if (ch__conn_process(c) && !(c->flags & CH__CONNF_CLOSING) && (c->flags & CH__CONNF_PAUSED)) {
+        uv_read_stop(s);
+        c->flags &= ~CH__CONNF_READING;
+    }
+}
+
+void ch__conn_slot_freed(ch_conn_t *c)
+{
+    if (c->flags & CH__CONNF_CLOSING)
+        return;
+    if (!(c->flags & CH__CONNF_PAUSED) || c->slots_used >= c->node->max_slots)
+        return;
+    if (ch__conn_process(c) == 0 && !(c->flags & CH__CONNF_READING)) {
+        c->flags |= CH__CONNF_READING;
+        uv_read_start((uv_stream_t *)&c->tcp, ch__conn_alloc_cb, ch__conn_read_cb);
+    }
+}
+
+/* ---- writing ---------------------------------------------------------- */
+
+static void ch__conn_write_cb(uv_write_t *req, int status)
+{
+    ch_conn_t *c = req->data;
+    ch_message_t *m = c->writing;
+    if (!m || (c->flags & CH__CONNF_CLOSING))
+        return; /* the close already completed the message */
+    if (status < 0) {
+        ch__conn_close(c, CH_PROTOCOL_ERROR, "write to %s failed: %s", c->name,
+                       uv_strerror(status));
+        return;
+    }
+    ch_node_t *node = c->node;
+    ch_remote_t *r = c->remote;
+    c->writing = NULL;
+    uint64_t now = ch__node_now(node);
+    c->activity = now;
+    if (r)
+        r->activity = now;
+    if (m->flags & CH_MSGF_CONTROL) {
+        if (m->type & CH_MSG_ACK)
+            ch__release_done(node, m->ack_of, CH_SUCCESS);
+        free(m);
+    } else if (m->flags & CH_MSGF_RELEASED) {
+        m->conn = NULL; /* its ACK arrived before this callback */
+        ch__send_done(node, m, CH_SUCCESS, NULL);
+    } else if (!(m->type & CH_MSG_REQ_ACK)) {
+        m->conn = NULL;
+        ch__send_done(node, m, CH_SUCCESS, NULL);
+    }
+    ch__conn_arm_timer(c);
+    if (r)
+        ch__remote_flush(r);
+}
+
+void ch__conn_write(ch_conn_t *c, ch_message_t *m)
+{
+    ch_node_t *node = c->node;
+    c->writing = m;
+    m->conn = c;
+    m->deadline = ch__node_now(node) + (uint64_t)(node->cfg.timeout * 1000.0);
+    ch_writer_header(c->hdr_out, m->identity, m->serial, m->data_len, m->header_len, m->type);
+    uv_buf_t bufs[3];
+    unsigned n = 0;
+    bufs[n++] = uv_buf_init((char *)c->hdr_out, CH_HEADER_SIZE);
+    if (m->header_len)
+        bufs[n++] = uv_buf_init((char *)m->header, m->header_len);
+    if (m->data_len)
+        bufs[n++] = uv_buf_init((char *)m->data, m->data_len);
+    int rc = uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, n, ch__conn_write_cb);
+    if (rc != 0) {
+        ch__conn_close(c, CH_PROTOCOL_ERROR, "write to %s failed: %s", c->name, uv_strerror(rc));
+        return;
+    }
+    ch__conn_arm_timer(c);
+}
+
+/* ---- set-up ----------------------------------------------------------- */
+
+static void ch__conn_hs_write_cb(uv_write_t *req, int status)
+{
+    ch_conn_t *c = req->data;
+    if (status < 0 && !(c->flags & CH__CONNF_CLOSING))
+        ch__conn_close(c, CH_WRITE_ERROR, "write of the handshake to %s failed: %s", c->name,
+                       uv_strerror(status));
+}
+
+/* PROTOCOL.md 1.2: plaintext only for exactly 127.0.0.1 and ::1. */
+static int ch__conn_needs_tls(ch_conn_t *c)
+{
+    static const uint8_t v4_lo[4] = {127, 0, 0, 1};
+    static const uint8_t v6_lo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+    if (c->node->cfg.disable_encryption)
+        return 0;
+    if (c->family == 4)
+        return memcmp(c->addr, v4_lo, 4) != 0;
+    return memcmp(c->addr, v6_lo, 16) != 0;
+}
+
+static void ch__conn_start(ch_conn_t *c)
+{
+    ch_node_t *node = c->node;
+    uv_tcp_nodelay(&c->tcp, 1);
+    uv_tcp_keepalive(&c->tcp, 1, 60);
+    if (ch__conn_needs_tls(c)) {
+        /* The TLS engine is not wired into connections yet: refuse rather
+         * than talk plaintext to a peer that must be authenticated. */
+        ch__conn_close(c, CH_TLS_ERROR,
+                       "connection to %s needs TLS, which this build cannot do yet "
+                       "(set DISABLE_ENCRYPTION for plaintext)",
+                       c->name);
+        return;
+    }
+    ch_writer_handshake(c->hs_out, node->cfg.port, node->identity);
+    uv_buf_t b = uv_buf_init((char *)c->hs_out, CH_HANDSHAKE_SIZE);
+    int rc = uv_write(&c->hs_req, (uv_stream_t *)&c->tcp, &b, 1, ch__conn_hs_write_cb);
+    if (rc != 0) {
+        ch__conn_close(c, CH_WRITE_ERROR, "write of the handshake to %s failed: %s", c->name,
+                       uv_strerror(rc));
+        return;
+    }
+    c->state = CH__CONN_HANDSHAKE;
+    c->flags |= CH__CONNF_READING;
+    rc = uv_read_start((uv_stream_t *)&c->tcp, ch__conn_alloc_cb, ch__conn_read_cb);
+    if (rc != 0)
+        ch__conn_close(c, CH_UV_ERROR, "cannot read from %s: %s", c->name, uv_strerror(rc));
+}
+
+int ch__conn_accept(ch_node_t *node, uv_stream_t *server)
+{
+    ch_conn_t *c = ch__conn_new(node);
+    if (!c) {
+        ch__log(node, CH_LOG_ERROR, "out of memory accepting a connection");
+        return CH_ENOMEM;
+    }
+    c->state = CH__CONN_HANDSHAKE;
+    c->connect_deadline = ch__node_now(node) + ch__conn_connect_ms(node);
+    int rc = uv_accept(server, (uv_stream_t *)&c->tcp);
+    struct sockaddr_storage ss;
+    int len = sizeof(ss);
+    if (rc == 0)
+        rc = uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len);
+    if (rc != 0) {
+        snprintf(c->name, sizeof(c->name), "(unknown peer)");
+        ch__conn_close(c, CH_FATAL, "cannot accept a connection: %s", uv_strerror(rc));
+        return CH_FATAL;
+    }
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        c->family = 4;
+        memcpy(c->addr, &a->sin_addr, 4);
+        c->port = ntohs(a->sin_port);
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        c->family = 6;
+        memcpy(c->addr, &a->sin6_addr, 16);
+        c->port = ntohs(a->sin6_port);
+    }
+    ch__conn_set_name(c);
+    ch__conn_arm_timer(c);
+    ch__conn_start(c);
+    return CH_SUCCESS;
+}
+
+static void ch__conn_connect_cb(uv_connect_t *req, int status)
+{
+    ch_conn_t *c = req->data;
+    if (c->flags & CH__CONNF_CLOSING)
+        return;
+    if (status < 0) {
+        ch__conn_close(c, CH_CANNOT_CONNECT, "cannot connect to %s: %s", c->name,
+                       uv_strerror(status));
+        return;
+    }
+    ch__conn_start(c);
+}
+
+int ch__conn_connect(ch_remote_t *r)
+{
+    ch_node_t *node = r->node;
+    ch_conn_t *c = ch__conn_new(node);
+    if (!c) {
+        ch_message_t *m = ch_msgq_pop(&r->data_q);
+        if (m)
+            ch__msg_fail(node, m, CH_ENOMEM, "out of memory for a connection");
+        return CH_ENOMEM;
+    }
+    c->flags |= CH__CONNF_OUTGOING;
+    c->state = CH__CONN_CONNECTING;
+    c->family = r->family;
+    memcpy(c->addr, r->addr, 16);
+    c->port = r->port;
+    c->remote = r;
+    r->conn = c;
+    r->nconns++;
+    ch__conn_set_name(c);
+    c->connect_deadline = ch__node_now(node) + ch__conn_connect_ms(node);
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof(ss));
+    if (r->family == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        a->sin_family = AF_INET;
+        a->sin_port = htons(r->port);
+        memcpy(&a->sin_addr, r->addr, 4);
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons(r->port);
+        memcpy(&a->sin6_addr, r->addr, 16);
+    }
+    ch__conn_arm_timer(c);
+    int rc = uv_tcp_connect(&c->connect_req, &c->tcp, (struct sockaddr *)&ss, ch__conn_connect_cb);
+    if (rc != 0) {
+        ch__conn_close(c, CH_CANNOT_CONNECT, "cannot connect to %s: %s", c->name, uv_strerror(rc));
+        return CH_CANNOT_CONNECT;
+    }
+    return CH_SUCCESS;
+}

@@ -1,0 +1,214 @@
+/*
+ * core.h: internal structures of the loop, nodes, remotes and connections.
+ *
+ * Locking theory: everything declared here is touched only by the loop thread
+ * (the thread inside ch_loop_run), except the two hand-off queues of
+ * ch_loop_s, which are guarded by their own mutex:
+ *   - cmds: commands from application threads (send, release, start, stop),
+ *     woken by one uv_async_t and drained in bounded batches;
+ *   - events: results for the dispatcher thread, filled from a loop-local
+ *     buffer once per loop phase (prepare and check handles) so that a burst
+ *     of completions costs one lock and at most one wake-up.
+ *
+ * Ownership: a node owns its remotes and connections; a connection is freed
+ * when both of its handles (tcp, timer) are closed; a remote when its timer
+ * handle is closed. Received messages are owned by the application until
+ * released; a connection that closes only forgets them (msg->conn = NULL).
+ */
+#ifndef CH_CORE_H
+#define CH_CORE_H
+
+#include <uv.h>
+
+#include "message.h"
+#include "reader.h"
+
+typedef struct ch_conn_s ch_conn_t;
+typedef struct ch_remote_s ch_remote_t;
+
+/* ---- loop ------------------------------------------------------------- */
+
+enum ch__cmd_type { CH__CMD_START = 1, CH__CMD_STOP, CH__CMD_SEND, CH__CMD_RELEASE };
+
+typedef struct ch__cmd_s {
+    int type;
+    ch_node_t *node;
+    ch_message_t *msg;
+    uint64_t token;
+} ch__cmd_t;
+
+typedef struct ch__vec_s {
+    void *items;
+    size_t len;
+    size_t cap;
+    size_t head; /* consumer position (events) */
+} ch__vec_t;
+
+struct ch_loop_s {
+    uv_loop_t uv;
+    uv_async_t wake;
+    uv_prepare_t prepare;
+    uv_check_t check;
+
+    uv_mutex_t lock; /* guards cmds, events, stop_requested, ended, waiting */
+    uv_cond_t cond;
+    ch__vec_t cmds;      /* ch__cmd_t */
+    ch__vec_t events;    /* ch_event_t, shared with the dispatcher */
+    int stop_requested;
+    int ended;
+    int waiting; /* dispatcher is waiting on cond */
+
+    /* loop thread only */
+    ch__vec_t local_events; /* ch_event_t, not yet published */
+    ch_node_t *nodes;       /* open nodes */
+    int closing;
+    uint64_t rng;
+};
+
+void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev);
+void ch__loop_flush(ch_loop_t *loop);
+void ch__loop_node_gone(ch_loop_t *loop, ch_node_t *node);
+uint64_t ch__loop_rand(ch_loop_t *loop);
+void ch__log(ch_node_t *node, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#define CH_LOG_DEBUG 10
+#define CH_LOG_INFO 20
+#define CH_LOG_WARNING 30
+#define CH_LOG_ERROR 40
+
+/* ---- node ------------------------------------------------------------- */
+
+enum ch__node_state {
+    CH__NODE_NEW = 0,
+    CH__NODE_RUNNING,
+    CH__NODE_STOPPING,
+    CH__NODE_STOPPED
+};
+
+struct ch_node_s {
+    ch_loop_t *loop;
+    ch_config_t cfg; /* private copy, strings duplicated */
+    uint64_t token;
+    int state;
+    uint64_t stop_token;
+    int start_rc;
+    char start_err[CH_EV_TEXT_LEN];
+
+    uint8_t identity[CH_ID_SIZE];
+    double reuse; /* effective R, seconds */
+    int max_slots;
+    uint32_t buffer_size;
+
+    uv_tcp_t listen4;
+    uv_tcp_t listen6;
+    uv_timer_t gc_timer;
+    int handles; /* open uv handles owned by the node, its conns and remotes */
+
+    /* remotes: chained hash table */
+    ch_remote_t **buckets;
+    size_t nbuckets;
+    size_t nremotes;
+
+    ch_conn_t *conns; /* all connections, doubly linked */
+    ch_node_t *next;  /* loop's list */
+};
+
+void ch__node_handle_closed(ch_node_t *node);
+void ch__node_maybe_finish(ch_node_t *node);
+uint64_t ch__node_now(ch_node_t *node);
+void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *text);
+void ch__release_done(ch_node_t *node, ch_message_t *recv, int status);
+
+/* ---- remote ----------------------------------------------------------- */
+
+struct ch_remote_s {
+    ch_node_t *node;
+    int family;
+    uint8_t addr[16];
+    uint16_t port;
+
+    ch_conn_t *conn; /* active connection, may be NULL */
+    int nconns;      /* connections filed under this remote */
+    ch_msgq_t data_q;
+    ch_msgq_t ctrl_q;
+    ch_message_t *outstanding; /* REQ_ACK message waiting for its ACK */
+    uint32_t serial;
+    uint64_t activity; /* ms */
+    int noop_queued;
+    int blocked; /* reconnect back-off running */
+    int deleted;
+    uv_timer_t timer; /* reconnect back-off */
+    ch_remote_t *hnext;
+};
+
+ch_remote_t *ch__remote_get(ch_node_t *node, int family, const uint8_t *addr, uint16_t port,
+                            int create);
+void ch__remote_enqueue(ch_remote_t *r, ch_message_t *m);
+void ch__remote_enqueue_ack(ch_remote_t *r, ch_message_t *ack);
+void ch__remote_flush(ch_remote_t *r);
+void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text);
+void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16]);
+void ch__remote_delete(ch_remote_t *r, int reason, const char *text);
+void ch__msg_fail(ch_node_t *node, ch_message_t *m, int status, const char *text);
+
+/* ---- connection ------------------------------------------------------- */
+
+enum ch__conn_state {
+    CH__CONN_CONNECTING = 1,
+    CH__CONN_TLS,
+    CH__CONN_HANDSHAKE,
+    CH__CONN_READY,
+    CH__CONN_CLOSED
+};
+
+#define CH__CONNF_OUTGOING 0x01
+#define CH__CONNF_PAUSED 0x02   /* reading stopped: no free slot */
+#define CH__CONNF_CLOSING 0x04
+#define CH__CONNF_READING 0x08
+
+struct ch_conn_s {
+    ch_node_t *node;
+    ch_remote_t *remote; /* NULL for incoming connections before their handshake */
+    int state;
+    int flags;
+    uv_tcp_t tcp;
+    uv_timer_t timer; /* connect/handshake deadline, then send deadlines */
+    uv_connect_t connect_req;
+    uv_write_t write_req;
+    uv_write_t hs_req;
+    int handles;
+
+    int family;
+    uint8_t addr[16];
+    uint16_t port; /* dialed port, then the peer's handshake port */
+    uint8_t remote_identity[CH_ID_SIZE];
+    char name[64]; /* "127.0.0.1:2998" for messages */
+
+    ch_reader_t *reader;
+    uint8_t *rbuf;
+    size_t rbuf_cap;
+    size_t rbuf_off; /* unconsumed bytes rbuf[rbuf_off, rbuf_len) while paused */
+    size_t rbuf_len;
+
+    int slots_used;
+    ch_msgq_t held;         /* received messages not yet released */
+    ch_message_t *writing;  /* frame being written */
+    uint64_t connect_deadline;
+    uint64_t activity;
+    uint8_t hs_out[CH_HANDSHAKE_SIZE];
+    uint8_t hdr_out[CH_HEADER_SIZE];
+
+    ch_conn_t *prev, *next;
+};
+
+int ch__conn_accept(ch_node_t *node, uv_stream_t *server);
+int ch__conn_connect(ch_remote_t *r);
+void ch__conn_close(ch_conn_t *c, int reason, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void ch__conn_write(ch_conn_t *c, ch_message_t *m);
+void ch__conn_arm_timer(ch_conn_t *c);
+void ch__conn_slot_freed(ch_conn_t *c);
+void ch__format_addr(int family, const uint8_t *addr, char *out, size_t len);
+
+#endif

@@ -1,0 +1,325 @@
+/*
+ * loop.c: the loop object and the two hand-offs between threads.
+ *
+ * Application threads submit commands (ch_node_start/stop/send/release) into
+ * loop->cmds under loop->lock and wake the loop thread with one uv_async_t;
+ * libuv coalesces wake-ups, so a burst of sends costs one. The loop thread
+ * drains at most CH__CMD_BATCH commands per wake-up and wakes itself again
+ * when more are left, so other work is never starved.
+ *
+ * The loop thread produces events (completions, received messages, log
+ * lines) into a loop-local buffer without locking. A prepare handle (before
+ * libuv blocks for I/O) and a check handle (after I/O callbacks) publish the
+ * buffer to loop->events under one lock and signal the dispatcher only if it
+ * is waiting. The dispatcher takes events in batches with ch_loop_poll().
+ *
+ * Stopping: ch_loop_stop() sets stop_requested; the loop thread closes its
+ * own handles once no node is open, uv_run() returns, and ch_loop_run()
+ * marks the loop ended so that ch_loop_poll() answers -1 when drained.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+#define CH__CMD_BATCH 4096
+#define CH__FLUSH_AT 256
+
+static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
+{
+    if (v->len == v->cap) {
+        size_t ncap = v->cap ? v->cap * 2 : 64;
+        void *n = realloc(v->items, ncap * size);
+        if (!n)
+            return CH_ENOMEM;
+        v->items = n;
+        v->cap = ncap;
+    }
+    memcpy((char *)v->items + v->len * size, item, size);
+    v->len++;
+    return CH_SUCCESS;
+}
+
+/* Drop consumed items at the front so the vector does not grow forever. */
+static void ch__vec_compact(ch__vec_t *v, size_t size)
+{
+    if (v->head == 0)
+        return;
+    memmove(v->items, (char *)v->items + v->head * size, (v->len - v->head) * size);
+    v->len -= v->head;
+    v->head = 0;
+}
+
+uint64_t ch__loop_rand(ch_loop_t *loop)
+{
+    /* xorshift64*, seeded from the OS at ch_loop_new; used for jitter only. */
+    uint64_t x = loop->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    loop->rng = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+void ch__loop_flush(ch_loop_t *loop)
+{
+    if (loop->local_events.len == 0)
+        return;
+    uv_mutex_lock(&loop->lock);
+    ch__vec_compact(&loop->events, sizeof(ch_event_t));
+    size_t need = loop->events.len + loop->local_events.len;
+    if (need > loop->events.cap) {
+        size_t ncap = loop->events.cap ? loop->events.cap : 256;
+        while (ncap < need)
+            ncap *= 2;
+        void *n = realloc(loop->events.items, ncap * sizeof(ch_event_t));
+        if (!n)
+            abort(); /* cannot report anything any more */
+        loop->events.items = n;
+        loop->events.cap = ncap;
+    }
+    memcpy((ch_event_t *)loop->events.items + loop->events.len, loop->local_events.items,
+           loop->local_events.len * sizeof(ch_event_t));
+    loop->events.len += loop->local_events.len;
+    loop->local_events.len = 0;
+    if (loop->waiting)
+        uv_cond_signal(&loop->cond);
+    uv_mutex_unlock(&loop->lock);
+}
+
+void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev)
+{
+    if (ch__vec_push(&loop->local_events, ev, sizeof(*ev)) != CH_SUCCESS)
+        abort();
+    if (loop->local_events.len >= CH__FLUSH_AT)
+        ch__loop_flush(loop);
+}
+
+void ch__log(ch_node_t *node, int level, const char *fmt, ...)
+{
+    ch_event_t ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = CH_EV_LOG;
+    ev.status = level;
+    ev.node = node;
+    ev.node_token = node ? node->token : 0;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ev.text, sizeof(ev.text), fmt, ap);
+    va_end(ap);
+    ch__loop_post(node->loop, &ev);
+}
+
+static void ch__loop_prepare_cb(uv_prepare_t *h) { ch__loop_flush(h->loop->data); }
+static void ch__loop_check_cb(uv_check_t *h) { ch__loop_flush(h->loop->data); }
+
+/* Implemented in node.c: the loop thread's side of each command. */
+void ch__node_do_start(ch_node_t *node, uint64_t token);
+void ch__node_do_stop(ch_node_t *node, uint64_t token);
+void ch__node_do_send(ch_node_t *node, ch_message_t *m);
+void ch__node_do_release(ch_node_t *node, ch_message_t *m, uint64_t token);
+
+static void ch__loop_close_handles(ch_loop_t *loop)
+{
+    if (loop->closing)
+        return;
+    loop->closing = 1;
+    uv_close((uv_handle_t *)&loop->wake, NULL);
+    uv_close((uv_handle_t *)&loop->prepare, NULL);
+    uv_close((uv_handle_t *)&loop->check, NULL);
+}
+
+static void ch__loop_wake_cb(uv_async_t *h)
+{
+    ch_loop_t *loop = h->data;
+    ch__cmd_t batch[256];
+    size_t done = 0;
+    int stop;
+    for (;;) {
+        size_t n = 0;
+        uv_mutex_lock(&loop->lock);
+        size_t avail = loop->cmds.len - loop->cmds.head;
+        n = avail < 256 ? avail : 256;
+        memcpy(batch, (ch__cmd_t *)loop->cmds.items + loop->cmds.head, n * sizeof(ch__cmd_t));
+        loop->cmds.head += n;
+        if (loop->cmds.head == loop->cmds.len)
+            loop->cmds.head = loop->cmds.len = 0;
+        stop = loop->stop_requested;
+        uv_mutex_unlock(&loop->lock);
+        for (size_t i = 0; i < n; i++) {
+            ch__cmd_t *c = &batch[i];
+            switch (c->type) {
+            case CH__CMD_START:
+                ch__node_do_start(c->node, c->token);
+                break;
+            case CH__CMD_STOP:
+                ch__node_do_stop(c->node, c->token);
+                break;
+            case CH__CMD_SEND:
+                ch__node_do_send(c->node, c->msg);
+                break;
+            case CH__CMD_RELEASE:
+                ch__node_do_release(c->node, c->msg, c->token);
+                break;
+            }
+        }
+        done += n;
+        if (n < 256)
+            break;
+        if (done >= CH__CMD_BATCH) {
+            uv_async_send(&loop->wake); /* more later; let I/O run first */
+            break;
+        }
+    }
+    if (stop && loop->nodes == NULL)
+        ch__loop_close_handles(loop);
+}
+
+void ch__loop_node_gone(ch_loop_t *loop, ch_node_t *node)
+{
+    ch_node_t **pp = &loop->nodes;
+    while (*pp && *pp != node)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = node->next;
+    node->next = NULL;
+    uv_mutex_lock(&loop->lock);
+    int stop = loop->stop_requested;
+    uv_mutex_unlock(&loop->lock);
+    if (stop && loop->nodes == NULL)
+        ch__loop_close_handles(loop);
+}
+
+int ch_loop_new(ch_loop_t **out)
+{
+    *out = NULL;
+    ch_loop_t *loop = calloc(1, sizeof(*loop));
+    if (!loop)
+        return CH_ENOMEM;
+    if (uv_loop_init(&loop->uv) != 0) {
+        free(loop);
+        return CH_UV_ERROR;
+    }
+    loop->uv.data = loop;
+    if (uv_mutex_init(&loop->lock) != 0 || uv_cond_init(&loop->cond) != 0) {
+        uv_loop_close(&loop->uv);
+        free(loop);
+        return CH_INIT_FAIL;
+    }
+    uv_async_init(&loop->uv, &loop->wake, ch__loop_wake_cb);
+    loop->wake.data = loop;
+    uv_prepare_init(&loop->uv, &loop->prepare);
+    uv_prepare_start(&loop->prepare, ch__loop_prepare_cb);
+    uv_unref((uv_handle_t *)&loop->prepare);
+    uv_check_init(&loop->uv, &loop->check);
+    uv_check_start(&loop->check, ch__loop_check_cb);
+    uv_unref((uv_handle_t *)&loop->check);
+    if (uv_random(NULL, NULL, &loop->rng, sizeof(loop->rng), 0, NULL) != 0 || loop->rng == 0)
+        loop->rng = (uint64_t)uv_hrtime() | 1;
+    *out = loop;
+    return CH_SUCCESS;
+}
+
+int ch_loop_run(ch_loop_t *loop)
+{
+    int rc = uv_run(&loop->uv, UV_RUN_DEFAULT);
+    (void)rc;
+    ch__loop_flush(loop);
+    uv_mutex_lock(&loop->lock);
+    loop->ended = 1;
+    uv_cond_broadcast(&loop->cond);
+    uv_mutex_unlock(&loop->lock);
+    return CH_SUCCESS;
+}
+
+void ch_loop_stop(ch_loop_t *loop)
+{
+    uv_mutex_lock(&loop->lock);
+    loop->stop_requested = 1;
+    int ended = loop->ended;
+    uv_mutex_unlock(&loop->lock);
+    if (!ended)
+        uv_async_send(&loop->wake);
+}
+
+void ch_loop_free(ch_loop_t *loop)
+{
+    if (!loop)
+        return;
+    uv_loop_close(&loop->uv);
+    uv_mutex_destroy(&loop->lock);
+    uv_cond_destroy(&loop->cond);
+    free(loop->cmds.items);
+    free(loop->events.items);
+    free(loop->local_events.items);
+    free(loop);
+}
+
+/* Append a command for the loop thread; fails once the loop has ended. */
+int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd)
+{
+    uv_mutex_lock(&loop->lock);
+    if (loop->ended) {
+        uv_mutex_unlock(&loop->lock);
+        return CH_SHUTDOWN;
+    }
+    int was_empty = loop->cmds.len == loop->cmds.head;
+    int rc = ch__vec_push(&loop->cmds, cmd, sizeof(*cmd));
+    uv_mutex_unlock(&loop->lock);
+    if (rc != CH_SUCCESS)
+        return rc;
+    if (was_empty)
+        uv_async_send(&loop->wake);
+    return CH_SUCCESS;
+}
+
+void ch_loop_wake(ch_loop_t *loop, uint64_t token)
+{
+    ch_event_t ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = CH_EV_WAKE;
+    ev.token = token;
+    uv_mutex_lock(&loop->lock);
+    ch__vec_compact(&loop->events, sizeof(ev));
+    if (ch__vec_push(&loop->events, &ev, sizeof(ev)) == CH_SUCCESS && loop->waiting)
+        uv_cond_signal(&loop->cond);
+    uv_mutex_unlock(&loop->lock);
+}
+
+int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
+{
+    uint64_t deadline = 0;
+    if (timeout >= 0)
+        deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
+    uv_mutex_lock(&loop->lock);
+    while (loop->events.len == loop->events.head && !loop->ended) {
+        loop->waiting = 1;
+        if (timeout < 0) {
+            uv_cond_wait(&loop->cond, &loop->lock);
+        } else {
+            uint64_t now = uv_hrtime();
+            if (now >= deadline) {
+                loop->waiting = 0;
+                uv_mutex_unlock(&loop->lock);
+                return 0;
+            }
+            uv_cond_timedwait(&loop->cond, &loop->lock, deadline - now);
+        }
+        loop->waiting = 0;
+    }
+    size_t avail = loop->events.len - loop->events.head;
+    if (avail == 0) { /* ended and drained */
+        uv_mutex_unlock(&loop->lock);
+        return -1;
+    }
+    size_t n = avail < (size_t)max ? avail : (size_t)max;
+    memcpy(out, (ch_event_t *)loop->events.items + loop->events.head, n * sizeof(ch_event_t));
+    loop->events.head += n;
+    if (loop->events.head == loop->events.len)
+        loop->events.head = loop->events.len = 0;
+    uv_mutex_unlock(&loop->lock);
+    return (int)n;
+}

@@ -1,0 +1,420 @@
+/*
+ * node.c: one chirp node: its listeners, its garbage collector and the loop
+ * thread's side of the application commands.
+ *
+ * Application threads only allocate (ch_node_new, the message record in
+ * ch_node_send) and submit commands; everything else below runs on the loop
+ * thread. Lifecycle: NEW -> RUNNING (start succeeded) -> STOPPING (stop
+ * command: listeners, timers and connections are closing, every queued
+ * message fails with SHUTDOWN) -> STOPPED once the last handle of the node
+ * is closed; then the NODE_STOPPED event is posted and the application may
+ * free the node. A failed start goes back to NEW after its handles closed.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd);
+double ch__config_reuse(const ch_config_t *cfg);
+int ch__config_slots(const ch_config_t *cfg);
+
+uint64_t ch__node_now(ch_node_t *node) { return uv_now(&node->loop->uv); }
+
+static char *ch__strdup(const char *s)
+{
+    if (!s)
+        return NULL;
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
+int ch_node_new(ch_loop_t *loop, const ch_config_t *cfg, uint64_t node_token, ch_node_t **out)
+{
+    *out = NULL;
+    ch_node_t *node = calloc(1, sizeof(*node));
+    if (!node)
+        return CH_ENOMEM;
+    node->loop = loop;
+    node->cfg = *cfg;
+    node->cfg.cert_chain_pem = ch__strdup(cfg->cert_chain_pem);
+    node->cfg.dh_params_pem = ch__strdup(cfg->dh_params_pem);
+    node->token = node_token;
+    node->state = CH__NODE_NEW;
+    *out = node;
+    return CH_SUCCESS;
+}
+
+void ch_node_free(ch_node_t *node)
+{
+    if (!node)
+        return;
+    free((char *)node->cfg.cert_chain_pem);
+    free((char *)node->cfg.dh_params_pem);
+    free(node->buckets);
+    free(node);
+}
+
+void ch_node_identity(ch_node_t *node, uint8_t out[16]) { memcpy(out, node->identity, 16); }
+
+uint16_t ch_node_port(ch_node_t *node) { return node->cfg.port; }
+
+static int ch__submit(ch_node_t *node, int type, ch_message_t *m, uint64_t token)
+{
+    ch__cmd_t cmd = {type, node, m, token};
+    return ch__loop_submit(node->loop, &cmd);
+}
+
+int ch_node_start(ch_node_t *node, uint64_t token)
+{
+    return ch__submit(node, CH__CMD_START, NULL, token);
+}
+
+int ch_node_stop(ch_node_t *node, uint64_t token)
+{
+    return ch__submit(node, CH__CMD_STOP, NULL, token);
+}
+
+int ch_node_send(ch_node_t *node, uint64_t token, const uint8_t identity[16], int family,
+                 const uint8_t *addr, uint16_t port, const uint8_t *header, uint16_t header_len,
+                 const uint8_t *data, uint32_t data_len)
+{
+    if (family != 4 && family != 6)
+        return CH_VALUE_ERROR;
+    ch_message_t *m = calloc(1, sizeof(*m));
+    if (!m)
+        return CH_ENOMEM;
+    memcpy(m->identity, identity, CH_ID_SIZE);
+    m->family = family;
+    memcpy(m->addr, addr, family == 4 ? 4 : 16);
+    m->port = port;
+    m->header = header;
+    m->header_len = header_len;
+    m->data = data;
+    m->data_len = data_len;
+    m->token = token;
+    int rc = ch__submit(node, CH__CMD_SEND, m, token);
+    if (rc != CH_SUCCESS)
+        free(m);
+    return rc;
+}
+
+int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token)
+{
+    return ch__submit(node, CH__CMD_RELEASE, msg, token);
+}
+
+void ch_msg_info(const ch_message_t *m, ch_msg_info_t *out)
+{
+    memcpy(out->identity, m->identity, CH_ID_SIZE);
+    out->serial = m->serial;
+    out->type = m->type;
+    out->header = m->header;
+    out->header_len = m->header_len;
+    out->data = m->data;
+    out->data_len = m->data_len;
+    ch__format_addr(m->family, m->addr, out->address, sizeof(out->address));
+    out->port = m->port;
+    memcpy(out->remote_identity, m->remote_identity, CH_ID_SIZE);
+}
+
+/* ---- completions ------------------------------------------------------ */
+
+void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *text)
+{
+    ch_event_t ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = CH_EV_SEND_DONE;
+    ev.status = status;
+    ev.node = node;
+    ev.node_token = node->token;
+    ev.token = m->token;
+    if (text)
+        snprintf(ev.text, sizeof(ev.text), "%s", text);
+    ch__loop_post(node->loop, &ev);
+    free(m);
+}
+
+void ch__release_done(ch_node_t *node, ch_message_t *recv, int status)
+{
+    ch_event_t ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = CH_EV_RELEASE_DONE;
+    ev.status = status;
+    ev.node = node;
+    ev.node_token = node->token;
+    ev.token = recv->token;
+    memcpy(ev.identity, recv->identity, CH_ID_SIZE);
+    ev.serial = recv->serial;
+    ch__loop_post(node->loop, &ev);
+    ch_msg_free(recv);
+}
+
+static void ch__post_node_event(ch_node_t *node, int type, uint64_t token, int status,
+                                const char *text)
+{
+    ch_event_t ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = type;
+    ev.status = status;
+    ev.node = node;
+    ev.node_token = node->token;
+    ev.token = token;
+    if (text)
+        snprintf(ev.text, sizeof(ev.text), "%s", text);
+    ch__loop_post(node->loop, &ev);
+    ch__loop_flush(node->loop);
+}
+
+/* ---- handles ---------------------------------------------------------- */
+
+void ch__node_maybe_finish(ch_node_t *node)
+{
+    if (node->state != CH__NODE_STOPPING || node->handles > 0)
+        return;
+    node->state = CH__NODE_STOPPED;
+    ch__loop_node_gone(node->loop, node);
+    ch__post_node_event(node, CH_EV_NODE_STOPPED, node->stop_token, CH_SUCCESS, NULL);
+}
+
+void ch__node_handle_closed(ch_node_t *node)
+{
+    node->handles--;
+    ch__node_maybe_finish(node);
+}
+
+static void ch__node_close_cb(uv_handle_t *h) { ch__node_handle_closed(h->data); }
+
+/* ---- garbage collection ----------------------------------------------- */
+
+static void ch__node_gc_cb(uv_timer_t *t);
+
+static void ch__node_gc_arm(ch_node_t *node)
+{
+    /* Uniform in [R/2, R). */
+    double r_ms = node->reuse * 1000.0;
+    uint64_t lo = (uint64_t)(r_ms / 2);
+    uint64_t span = (uint64_t)(r_ms / 2);
+    uint64_t delay = lo + (span ? ch__loop_rand(node->loop) % span : 0);
+    uv_timer_start(&node->gc_timer, ch__node_gc_cb, delay ? delay : 1, 0);
+}
+
+static void ch__node_gc_cb(uv_timer_t *t)
+{
+    ch_node_t *node = t->data;
+    uint64_t now = ch__node_now(node);
+    uint64_t r_ms = (uint64_t)(node->reuse * 1000.0);
+    /* Connections idle longer than R (active and secondary). */
+    for (ch_conn_t *c = node->conns, *next; c; c = next) {
+        next = c->next;
+        if (c->flags & CH__CONNF_CLOSING)
+            continue;
+        if (c->state == CH__CONN_READY && now - c->activity > r_ms && c->slots_used == 0)
+            ch__conn_close(c, CH_SHUTDOWN, "connection to %s idle for more than %.1f s, closed",
+                           c->name, node->reuse);
+    }
+    /* Remotes idle longer than R, not in back-off, without connections. */
+    for (size_t b = 0; b < node->nbuckets; b++) {
+        for (ch_remote_t *r = node->buckets[b], *next; r; r = next) {
+            next = r->hnext;
+            if (!r->blocked && r->nconns == 0 && now - r->activity > r_ms)
+                ch__remote_delete(r, CH_SHUTDOWN, "remote removed by garbage collection");
+        }
+    }
+    ch__node_gc_arm(node);
+}
+
+/* ---- commands (loop thread) ------------------------------------------- */
+
+static void ch__node_accept_cb(uv_stream_t *server, int status)
+{
+    ch_node_t *node = server->data;
+    if (status < 0) {
+        ch__log(node, CH_LOG_WARNING, "accept failed: %s", uv_strerror(status));
+        return;
+    }
+    if (node->state != CH__NODE_RUNNING)
+        return;
+    ch__conn_accept(node, server);
+}
+
+static int ch__node_listen(ch_node_t *node, uv_tcp_t *tcp, const struct sockaddr *sa,
+                           unsigned flags, char *err, size_t errlen, const char *what)
+{
+    uv_tcp_init(&node->loop->uv, tcp);
+    tcp->data = node;
+    node->handles++;
+    int rc = uv_tcp_bind(tcp, sa, flags);
+    if (rc == 0)
+        rc = uv_tcp_nodelay(tcp, 1);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)tcp, node->cfg.backlog, ch__node_accept_cb);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot listen on %s port %u: %s", what, node->cfg.port,
+                 uv_strerror(rc));
+        return CH_EADDRINUSE;
+    }
+    return CH_SUCCESS;
+}
+
+/* A failed start answers only once its listeners are closed, so that the
+ * application may free the node right after the answer. */
+static void ch__node_fail_start_cb(uv_handle_t *h)
+{
+    ch_node_t *node = h->data;
+    if (--node->handles == 0) {
+        node->state = CH__NODE_NEW;
+        ch__post_node_event(node, CH_EV_NODE_STARTED, node->stop_token, node->start_rc,
+                            node->start_err);
+    }
+}
+
+void ch__node_do_start(ch_node_t *node, uint64_t token)
+{
+    char err[CH_EV_TEXT_LEN];
+    int rc = ch_config_check(&node->cfg, err, sizeof(err));
+    if (rc != CH_SUCCESS) {
+        ch__post_node_event(node, CH_EV_NODE_STARTED, token, rc, err);
+        return;
+    }
+    if (node->state != CH__NODE_NEW) {
+        ch__post_node_event(node, CH_EV_NODE_STARTED, token, CH_IN_PRORESS,
+                            "node was already started");
+        return;
+    }
+    static const uint8_t zero[16];
+    if (memcmp(node->cfg.identity, zero, 16) == 0) {
+        if (uv_random(NULL, NULL, node->identity, 16, 0, NULL) != 0) {
+            ch__post_node_event(node, CH_EV_NODE_STARTED, token, CH_FATAL,
+                                "no entropy for the node identity");
+            return;
+        }
+    } else {
+        memcpy(node->identity, node->cfg.identity, 16);
+    }
+    node->reuse = ch__config_reuse(&node->cfg);
+    node->max_slots = ch__config_slots(&node->cfg);
+    node->buffer_size = node->cfg.buffer_size ? node->cfg.buffer_size : 65536;
+    node->nbuckets = 64;
+    node->buckets = calloc(node->nbuckets, sizeof(*node->buckets));
+    if (!node->buckets) {
+        ch__post_node_event(node, CH_EV_NODE_STARTED, token, CH_ENOMEM, "out of memory");
+        return;
+    }
+
+    struct sockaddr_in a4;
+    struct sockaddr_in6 a6;
+    memset(&a4, 0, sizeof(a4));
+    memset(&a6, 0, sizeof(a6));
+    a4.sin_family = AF_INET;
+    a4.sin_port = htons(node->cfg.port);
+    memcpy(&a4.sin_addr, node->cfg.bind_v4, 4);
+    a6.sin6_family = AF_INET6;
+    a6.sin6_port = htons(node->cfg.port);
+    memcpy(&a6.sin6_addr, node->cfg.bind_v6, 16);
+
+    rc = ch__node_listen(node, &node->listen4, (struct sockaddr *)&a4, 0, err, sizeof(err), "IPv4");
+    if (rc == CH_SUCCESS)
+        rc = ch__node_listen(node, &node->listen6, (struct sockaddr *)&a6, UV_TCP_IPV6ONLY, err,
+                             sizeof(err), "IPv6");
+    if (rc != CH_SUCCESS) {
+        /* Close what was opened, then answer (ch__node_fail_start_cb). */
+        node->start_rc = rc;
+        snprintf(node->start_err, sizeof(node->start_err), "%s", err);
+        node->stop_token = token;
+        int opened = node->handles;
+        uv_close((uv_handle_t *)&node->listen4, ch__node_fail_start_cb);
+        if (opened == 2)
+            uv_close((uv_handle_t *)&node->listen6, ch__node_fail_start_cb);
+        free(node->buckets);
+        node->buckets = NULL;
+        node->nbuckets = 0;
+        return;
+    }
+    uv_timer_init(&node->loop->uv, &node->gc_timer);
+    node->gc_timer.data = node;
+    node->handles++;
+    node->state = CH__NODE_RUNNING;
+    node->next = node->loop->nodes;
+    node->loop->nodes = node;
+    ch__node_gc_arm(node);
+    ch__post_node_event(node, CH_EV_NODE_STARTED, token, CH_SUCCESS, NULL);
+}
+
+void ch__node_do_stop(ch_node_t *node, uint64_t token)
+{
+    if (node->state != CH__NODE_RUNNING) {
+        /* Never started (or failed): nothing is open. */
+        ch__post_node_event(node, CH_EV_NODE_STOPPED, token, CH_SUCCESS, NULL);
+        return;
+    }
+    node->state = CH__NODE_STOPPING;
+    node->stop_token = token;
+    uv_close((uv_handle_t *)&node->listen4, ch__node_close_cb);
+    uv_close((uv_handle_t *)&node->listen6, ch__node_close_cb);
+    uv_close((uv_handle_t *)&node->gc_timer, ch__node_close_cb);
+    for (size_t b = 0; b < node->nbuckets; b++) {
+        while (node->buckets[b])
+            ch__remote_delete(node->buckets[b], CH_SHUTDOWN, "node stopped");
+    }
+    for (ch_conn_t *c = node->conns, *next; c; c = next) {
+        next = c->next;
+        ch__conn_close(c, CH_SHUTDOWN, "node stopped");
+    }
+    ch__node_maybe_finish(node);
+}
+
+void ch__node_do_send(ch_node_t *node, ch_message_t *m)
+{
+    if (node->state != CH__NODE_RUNNING) {
+        ch__send_done(node, m, CH_SHUTDOWN, "node is not running");
+        return;
+    }
+    m->type = node->cfg.synchronous ? CH_MSG_REQ_ACK : 0;
+    ch_remote_t *r = ch__remote_get(node, m->family, m->addr, m->port, 1);
+    if (!r) {
+        ch__send_done(node, m, CH_ENOMEM, "out of memory");
+        return;
+    }
+    if (node->cfg.max_send_queue && r->data_q.len >= node->cfg.max_send_queue) {
+        char text[CH_EV_TEXT_LEN];
+        snprintf(text, sizeof(text), "send queue to this remote is full (MAX_SEND_QUEUE = %u)",
+                 node->cfg.max_send_queue);
+        ch__send_done(node, m, CH_ENOMEM, text);
+        return;
+    }
+    ch__remote_enqueue(r, m);
+}
+
+void ch__node_do_release(ch_node_t *node, ch_message_t *m, uint64_t token)
+{
+    m->token = token;
+    ch_conn_t *c = m->conn;
+    if (!c) {
+        ch__release_done(node, m, CH_SUCCESS);
+        return;
+    }
+    ch_msgq_remove(&c->held, m);
+    m->conn = NULL;
+    c->slots_used--;
+    int owed = (m->flags & CH_MSGF_ACK_OWED) && !(c->flags & CH__CONNF_CLOSING) && c->remote;
+    if (owed) {
+        ch_message_t *ack = calloc(1, sizeof(*ack));
+        if (!ack) {
+            ch__release_done(node, m, CH_ENOMEM);
+        } else {
+            memcpy(ack->identity, m->identity, CH_ID_SIZE);
+            ack->type = CH_MSG_ACK;
+            ack->flags = CH_MSGF_CONTROL;
+            ack->ack_of = m;
+            ch__remote_enqueue_ack(c->remote, ack);
+        }
+    } else {
+        ch__release_done(node, m, CH_SUCCESS);
+    }
+    ch__conn_slot_freed(c);
+}

@@ -1,0 +1,288 @@
+/*
+ * remote.c: remotes (peers keyed by family, IP and port), their queues and
+ * the writer scheduling of PROTOCOL.md 6.3. Loop thread only.
+ *
+ * A remote has a control queue (ACK, NOOP) and a data queue. Frames go out
+ * on the remote's active connection, one at a time: control first, then
+ * data; in synchronous mode a data frame is chosen only when no REQ_ACK
+ * message is outstanding. The outstanding message remembers the connection
+ * it was written on (msg->conn), so that closing some other connection of
+ * the remote does not fail it (fixes reference quirk 10.6), and every
+ * message that leaves a queue gets exactly one completion (10.9).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+static size_t ch__remote_hash(int family, const uint8_t *addr, uint16_t port)
+{
+    /* FNV-1a over the key. */
+    uint64_t h = 1469598103934665603ULL;
+    size_t n = family == 4 ? 4 : 16;
+    h = (h ^ (uint64_t)family) * 1099511628211ULL;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ addr[i]) * 1099511628211ULL;
+    h = (h ^ (port & 0xff)) * 1099511628211ULL;
+    h = (h ^ (port >> 8)) * 1099511628211ULL;
+    return (size_t)h;
+}
+
+static int ch__remote_key_eq(const ch_remote_t *r, int family, const uint8_t *addr, uint16_t port)
+{
+    return r->family == family && r->port == port &&
+           memcmp(r->addr, addr, family == 4 ? 4 : 16) == 0;
+}
+
+static void ch__remote_grow(ch_node_t *node)
+{
+    size_t n = node->nbuckets * 2;
+    ch_remote_t **b = calloc(n, sizeof(*b));
+    if (!b)
+        return; /* keep the longer chains */
+    for (size_t i = 0; i < node->nbuckets; i++) {
+        for (ch_remote_t *r = node->buckets[i], *next; r; r = next) {
+            next = r->hnext;
+            size_t k = ch__remote_hash(r->family, r->addr, r->port) & (n - 1);
+            r->hnext = b[k];
+            b[k] = r;
+        }
+    }
+    free(node->buckets);
+    node->buckets = b;
+    node->nbuckets = n;
+}
+
+static void ch__remote_timer_closed(uv_handle_t *h)
+{
+    ch_remote_t *r = h->data;
+    ch_node_t *node = r->node;
+    free(r);
+    ch__node_handle_closed(node);
+}
+
+ch_remote_t *ch__remote_get(ch_node_t *node, int family, const uint8_t *addr, uint16_t port,
+                            int create)
+{
+    size_t k = ch__remote_hash(family, addr, port) & (node->nbuckets - 1);
+    for (ch_remote_t *r = node->buckets[k]; r; r = r->hnext)
+        if (ch__remote_key_eq(r, family, addr, port))
+            return r;
+    if (!create)
+        return NULL;
+    ch_remote_t *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->node = node;
+    r->family = family;
+    memcpy(r->addr, addr, family == 4 ? 4 : 16);
+    r->port = port;
+    r->activity = ch__node_now(node);
+    if (uv_random(NULL, NULL, &r->serial, sizeof(r->serial), 0, NULL) != 0)
+        r->serial = (uint32_t)ch__loop_rand(node->loop);
+    uv_timer_init(&node->loop->uv, &r->timer);
+    r->timer.data = r;
+    node->handles++;
+    r->hnext = node->buckets[k];
+    node->buckets[k] = r;
+    node->nremotes++;
+    if (node->nremotes > node->nbuckets)
+        ch__remote_grow(node);
+    return r;
+}
+
+/* Fail (or, for control frames, finish) one message that will not be sent. */
+void ch__msg_fail(ch_node_t *node, ch_message_t *m, int status, const char *text)
+{
+    if (m->flags & CH_MSGF_CONTROL) {
+        if (m->type & CH_MSG_ACK) {
+            /* The release is done; the ACK is lost and the sender will time out. */
+            ch__release_done(node, m->ack_of, status);
+        }
+        free(m);
+        return;
+    }
+    ch__send_done(node, m, status, text);
+}
+
+static void ch__remote_queue_noop_if_idle(ch_remote_t *r)
+{
+    ch_node_t *node = r->node;
+    if (!r->conn || r->noop_queued)
+        return;
+    uint64_t idle = ch__node_now(node) - r->activity;
+    if ((double)idle <= 0.75 * node->reuse * 1000.0)
+        return;
+    ch_message_t *noop = calloc(1, sizeof(*noop));
+    if (!noop)
+        return;
+    noop->type = CH_MSG_NOOP;
+    noop->flags = CH_MSGF_CONTROL;
+    r->noop_queued = 1;
+    ch_msgq_push(&r->ctrl_q, noop);
+}
+
+static void ch__remote_kick(ch_remote_t *r)
+{
+    if (r->conn) {
+        ch__remote_flush(r);
+    } else if (!r->blocked && (r->data_q.len || r->ctrl_q.len)) {
+        ch__conn_connect(r);
+    }
+}
+
+void ch__remote_enqueue(ch_remote_t *r, ch_message_t *m)
+{
+    ch__remote_queue_noop_if_idle(r);
+    m->remote = r;
+    ch_msgq_push(&r->data_q, m);
+    ch__remote_kick(r);
+}
+
+void ch__remote_enqueue_ack(ch_remote_t *r, ch_message_t *ack)
+{
+    ch__remote_queue_noop_if_idle(r);
+    ack->remote = r;
+    ch_msgq_push(&r->ctrl_q, ack);
+    ch__remote_kick(r);
+}
+
+void ch__remote_flush(ch_remote_t *r)
+{
+    ch_conn_t *c = r->conn;
+    if (!c || c->state != CH__CONN_READY || c->writing || (c->flags & CH__CONNF_CLOSING))
+        return;
+    ch_message_t *m = NULL;
+    if (r->ctrl_q.head) {
+        m = ch_msgq_pop(&r->ctrl_q);
+        if (m->type & CH_MSG_NOOP)
+            r->noop_queued = 0;
+    } else if (r->data_q.head) {
+        if ((r->data_q.head->type & CH_MSG_REQ_ACK) && r->outstanding)
+            return;
+        m = ch_msgq_pop(&r->data_q);
+        if (m->type & CH_MSG_REQ_ACK)
+            r->outstanding = m;
+    }
+    if (!m)
+        return;
+    m->serial = ++r->serial;
+    ch__conn_write(c, m);
+}
+
+void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16])
+{
+    (void)c;
+    ch_message_t *m = r->outstanding;
+    if (!m || memcmp(m->identity, identity, CH_ID_SIZE) != 0)
+        return; /* unknown ACKs are ignored (PROTOCOL.md 4.3) */
+    r->outstanding = NULL;
+    ch_conn_t *wc = m->conn;
+    if (wc && wc->writing == m) {
+        /* The ACK overtook our write completion: finish in the write callback. */
+        m->flags |= CH_MSGF_RELEASED;
+        return;
+    }
+    m->conn = NULL;
+    ch__send_done(r->node, m, CH_SUCCESS, NULL);
+    if (wc)
+        ch__conn_arm_timer(wc);
+    ch__remote_flush(r);
+}
+
+static void ch__remote_unblock_cb(uv_timer_t *t)
+{
+    ch_remote_t *r = t->data;
+    r->blocked = 0;
+    if (r->node->state == CH__NODE_RUNNING)
+        ch__remote_kick(r);
+}
+
+/*
+ * A connection filed under this remote closed (PROTOCOL.md 6.7, with the
+ * in-flight state scoped to the connection that carried it).
+ */
+void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text)
+{
+    ch_node_t *node = r->node;
+    int failed = 0;
+    ch_message_t *w = c->writing;
+    if (r->outstanding && r->outstanding->conn == c) {
+        ch_message_t *m = r->outstanding;
+        r->outstanding = NULL;
+        if (m != w) {
+            m->conn = NULL;
+            ch__msg_fail(node, m, reason, text);
+        }
+        failed = 1;
+    }
+    if (w) {
+        c->writing = NULL;
+        w->conn = NULL;
+        if (!(w->flags & CH_MSGF_CONTROL))
+            failed = 1;
+        if (w->flags & CH_MSGF_RELEASED) /* acknowledged before its write completed */
+            ch__send_done(node, w, CH_SUCCESS, NULL);
+        else
+            ch__msg_fail(node, w, reason, text);
+    }
+    r->nconns--;
+    if (r->conn != c)
+        return; /* a secondary connection: the active one is not affected */
+    r->conn = NULL;
+    if (!failed) {
+        /* Guarantee progress when connecting keeps failing: fail one message. */
+        ch_message_t *m = ch_msgq_pop(&r->ctrl_q);
+        if (m) {
+            if (m->type & CH_MSG_NOOP)
+                r->noop_queued = 0;
+        } else {
+            m = ch_msgq_pop(&r->data_q);
+        }
+        if (m)
+            ch__msg_fail(node, m, reason, text);
+    }
+    /* Pending control frames belonged to the closed connection. */
+    ch_message_t *m;
+    while ((m = ch_msgq_pop(&r->ctrl_q)))
+        ch__msg_fail(node, m, reason, text);
+    r->noop_queued = 0;
+    if (node->state != CH__NODE_RUNNING || r->deleted)
+        return;
+    r->blocked = 1;
+    uv_timer_start(&r->timer, ch__remote_unblock_cb, 50 + ch__loop_rand(node->loop) % 500, 0);
+}
+
+void ch__remote_delete(ch_remote_t *r, int reason, const char *text)
+{
+    ch_node_t *node = r->node;
+    r->deleted = 1;
+    size_t k = ch__remote_hash(r->family, r->addr, r->port) & (node->nbuckets - 1);
+    for (ch_remote_t **pp = &node->buckets[k]; *pp; pp = &(*pp)->hnext) {
+        if (*pp == r) {
+            *pp = r->hnext;
+            break;
+        }
+    }
+    node->nremotes--;
+    /* Close every connection filed under it (their in-flight messages fail). */
+    for (ch_conn_t *c = node->conns, *next; c; c = next) {
+        next = c->next;
+        if (c->remote == r)
+            ch__conn_close(c, reason, "%s", text);
+    }
+    ch_message_t *m;
+    while ((m = ch_msgq_pop(&r->ctrl_q)))
+        ch__msg_fail(node, m, reason, text);
+    while ((m = ch_msgq_pop(&r->data_q)))
+        ch__msg_fail(node, m, reason, text);
+    if (r->outstanding) { /* written on a connection that is gone already */
+        m = r->outstanding;
+        r->outstanding = NULL;
+        m->conn = NULL;
+        ch__msg_fail(node, m, reason, text);
+    }
+    uv_timer_stop(&r->timer);
+    uv_close((uv_handle_t *)&r->timer, ch__remote_timer_closed);
+}

@@ -1,0 +1,11 @@
+/*
+ * writer.h: encodes the handshake and frame headers into caller buffers
+ * (big-endian, PROTOCOL.md 2.1 and 3.1). Declared in chirp_ffi.h:
+ * ch_writer_handshake(), ch_writer_header().
+ */
+#ifndef CH_WRITER_H
+#define CH_WRITER_H
+
+#include "chirp.h"
+
+#endif

@@ -1,0 +1,139 @@
+/*
+ * test_loop.c: the core end to end without Python. A loop runs on its own
+ * thread; this thread plays the dispatcher, polling events in batches. Two
+ * nodes on loopback exchange messages in synchronous and asynchronous mode;
+ * a send to a closed port fails with CANNOT_CONNECT; stopping nodes and the
+ * loop ends with ch_loop_poll() answering -1 (the loop closed cleanly).
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "chirp.h"
+#include "unit.h"
+
+static ch_loop_t *loop;
+static uv_thread_t loop_thread;
+
+static void run_loop(void *arg) { ch_loop_run(arg); }
+
+/* Events polled but not yet asked for. */
+static ch_event_t backlog[4096];
+static int nbacklog;
+
+/* Poll until an event of the wanted type (and token, if nonzero) arrives;
+ * other events are kept for later calls. Received messages are released at
+ * once (token 1000). Returns 0, -1 once the loop ended, -2 after 10 s. */
+static int wait_event(int type, uint64_t token, ch_event_t *out, int *recvd)
+{
+    uint64_t deadline = uv_hrtime() + 10ULL * 1000000000ULL;
+    for (;;) {
+        for (int i = 0; i < nbacklog; i++) {
+            if (backlog[i].type == type && (!token || backlog[i].token == token)) {
+                *out = backlog[i];
+                memmove(&backlog[i], &backlog[i + 1], (size_t)(nbacklog - i - 1) * sizeof(*out));
+                nbacklog--;
+                return 0;
+            }
+        }
+        if (uv_hrtime() > deadline)
+            return -2;
+        ch_event_t evs[64];
+        int n = ch_loop_poll(loop, evs, 64, 0.2);
+        if (n < 0)
+            return -1;
+        for (int i = 0; i < n; i++) {
+            if (getenv("CH_TEST_VERBOSE"))
+                fprintf(stderr, "ev %d tok %llu st %d %s\n", evs[i].type,
+                        (unsigned long long)evs[i].token, evs[i].status, evs[i].text);
+            if (evs[i].type == CH_EV_RECV) {
+                if (recvd)
+                    (*recvd)++;
+                ch_node_release(evs[i].node, evs[i].msg, 1000);
+            } else if (evs[i].type != CH_EV_LOG && nbacklog < 4096) {
+                backlog[nbacklog++] = evs[i];
+            }
+        }
+    }
+}
+
+static void config(ch_config_t *cfg, uint16_t port, int sync)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->reuse_time = 30;
+    cfg->timeout = 2;
+    cfg->port = port;
+    cfg->backlog = 100;
+    cfg->synchronous = (uint8_t)sync;
+    cfg->max_msg_size = 1 << 20;
+    cfg->disable_encryption = 1;
+}
+
+static ch_node_t *start_node(uint16_t port, int sync, uint64_t tok)
+{
+    ch_config_t cfg;
+    ch_node_t *node;
+    config(&cfg, port, sync);
+    CHECK_EQ(ch_node_new(loop, &cfg, tok, &node), CH_SUCCESS);
+    ch_node_start(node, tok);
+    ch_event_t ev;
+    CHECK_EQ(wait_event(CH_EV_NODE_STARTED, tok, &ev, NULL), 0);
+    CHECK_EQ(ev.status, CH_SUCCESS);
+    return node;
+}
+
+static void stop_node(ch_node_t *node, uint64_t tok)
+{
+    ch_event_t ev;
+    ch_node_stop(node, tok);
+    CHECK_EQ(wait_event(CH_EV_NODE_STOPPED, tok, &ev, NULL), 0);
+    ch_node_free(node);
+}
+
+static void test_exchange(int sync)
+{
+    uint16_t pa = (uint16_t)(31000 + (uv_hrtime() % 2000) * 2), pb = pa + 1;
+    ch_node_t *a = start_node(pa, sync, 1);
+    ch_node_t *b = start_node(pb, sync, 2);
+    static const uint8_t lo[4] = {127, 0, 0, 1};
+    static const uint8_t data[] = "hello";
+    uint8_t id[16] = {1};
+    int recvd = 0;
+    for (uint64_t i = 0; i < 50; i++) {
+        id[1] = (uint8_t)i;
+        CHECK_EQ(ch_node_send(a, 100 + i, id, 4, lo, pb, (const uint8_t *)"h", 1, data, 5),
+                 CH_SUCCESS);
+    }
+    for (uint64_t i = 0; i < 50; i++) {
+        ch_event_t ev;
+        CHECK_EQ(wait_event(CH_EV_SEND_DONE, 100 + i, &ev, &recvd), 0);
+        CHECK_EQ(ev.status, CH_SUCCESS);
+    }
+    /* A closed port: the send fails with CANNOT_CONNECT. */
+    ch_event_t ev;
+    CHECK_EQ(ch_node_send(a, 999, id, 4, lo, 1, NULL, 0, NULL, 0), CH_SUCCESS);
+    CHECK_EQ(wait_event(CH_EV_SEND_DONE, 999, &ev, &recvd), 0);
+    CHECK_EQ(ev.status, CH_CANNOT_CONNECT);
+    CHECK(strstr(ev.text, "cannot connect") != NULL);
+    stop_node(a, 3);
+    stop_node(b, 4);
+    if (sync)
+        CHECK_EQ(recvd, 50);
+}
+
+static void test_exchange_sync(void) { test_exchange(1); }
+static void test_exchange_async(void) { test_exchange(0); }
+
+int main(void)
+{
+    CHECK_EQ(ch_loop_new(&loop), CH_SUCCESS);
+    uv_thread_create(&loop_thread, run_loop, loop);
+    UNIT_RUN(test_exchange_sync);
+    UNIT_RUN(test_exchange_async);
+    ch_loop_stop(loop);
+    ch_event_t ev;
+    CHECK_EQ(wait_event(-1, 0, &ev, NULL), -1);
+    uv_thread_join(&loop_thread);
+    ch_loop_free(loop);
+    return unit_summary();
+}
