@@ -97,6 +97,9 @@ static void ch__conn_handle_closed(uv_handle_t *h)
         if (c->next)
             c->next->prev = c->prev;
         ch_reader_free(c->reader);
+        ch_tls_free(c->tls);
+        free(c->cbuf);
+        free(c->wbuf);
         free(c->rbuf);
         free(c);
     }
@@ -185,21 +188,33 @@ static void ch__conn_timer_cb(uv_timer_t *t)
 
 /* ---- reading ---------------------------------------------------------- */
 
+static int ch__conn_tls_flush(ch_conn_t *c, int frame_end);
+static int ch__conn_tls_input(ch_conn_t *c, size_t n);
+
+/* Buffers are allocated on first use, so idle connections stay small. */
+static int ch__conn_buffers(ch_conn_t *c)
+{
+    if (!c->rbuf) {
+        c->rbuf_cap = c->node->buffer_size;
+        c->rbuf = malloc(c->rbuf_cap);
+    }
+    if (c->tls && !c->cbuf)
+        c->cbuf = malloc(c->node->buffer_size);
+    return c->rbuf && (!c->tls || c->cbuf) ? 0 : -1;
+}
+
 static void ch__conn_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     (void)suggested;
     ch_conn_t *c = h->data;
-    if (!c->rbuf) {
-        c->rbuf_cap = c->node->buffer_size;
-        c->rbuf = malloc(c->rbuf_cap);
-        if (!c->rbuf) {
-            buf->base = NULL;
-            buf->len = 0;
-            return;
-        }
+    if (ch__conn_buffers(c) != 0) {
+        buf->base = NULL;
+        buf->len = 0;
+        return;
     }
-    buf->base = (char *)c->rbuf;
-    buf->len = c->rbuf_cap;
+    /* TLS connections read ciphertext into cbuf; plaintext goes to rbuf. */
+    buf->base = (char *)(c->tls ? c->cbuf : c->rbuf);
+    buf->len = c->tls ? c->node->buffer_size : c->rbuf_cap;
 }
 
 static void ch__conn_got_handshake(ch_conn_t *c)
@@ -267,6 +282,21 @@ static int ch__conn_process(ch_conn_t *c)
         switch (rc) {
         case CH_RD_MORE:
             c->rbuf_off = c->rbuf_len = 0;
+            if (c->tls) {
+                /* Pull the next plaintext the engine has buffered. */
+                size_t got = 0;
+                int trc = ch_tls_read(c->tls, c->rbuf, c->rbuf_cap, &got);
+                if (trc == 0 && got) {
+                    c->rbuf_len = got;
+                    continue;
+                }
+                if (trc < 0) {
+                    ch__conn_tls_flush(c, 0);
+                    ch__conn_close(c, CH_TLS_ERROR, "TLS error on the connection with %s: %s",
+                                   c->name, ch_tls_error(c->tls));
+                    return 1;
+                }
+            }
             return 0;
         case CH_RD_HANDSHAKE:
             ch__conn_got_handshake(c);
@@ -326,9 +356,18 @@ static void ch__conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
                            uv_strerror((int)nread));
         return;
     }
-    c->rbuf_off = 0;
-    c->rbuf_len = (size_t)nread;
-    if (ch__conn_process(c) && !(c->flags & CH__CONNF_CLOSING) && (c->flags & CH__CONNF_PAUSED)) {
+    if (c->tls) {
+        if (ch__conn_tls_input(c, (size_t)nread) != 0)
+            return;
+        c->rbuf_off = c->rbuf_len = 0;
+    } else {
+        c->rbuf_off = 0;
+        c->rbuf_len = (size_t)nread;
+    }
+    int stopped = ch__conn_process(c);
+    if (c->tls && !(c->flags & CH__CONNF_CLOSING))
+        ch__conn_tls_flush(c, 0);
+    if (stopped && !(c->flags & CH__CONNF_CLOSING) && (c->flags & CH__CONNF_PAUSED)) {
         uv_read_stop(s);
         c->flags &= ~CH__CONNF_READING;
     }
@@ -340,17 +379,145 @@ void ch__conn_slot_freed(ch_conn_t *c)
         return;
     if (!(c->flags & CH__CONNF_PAUSED) || c->slots_used >= c->node->max_slots)
         return;
-    if (ch__conn_process(c) == 0 && !(c->flags & CH__CONNF_READING)) {
+    int stopped = ch__conn_process(c);
+    if (c->tls && !(c->flags & CH__CONNF_CLOSING))
+        ch__conn_tls_flush(c, 0);
+    if (!stopped && !(c->flags & CH__CONNF_READING)) {
         c->flags |= CH__CONNF_READING;
         uv_read_start((uv_stream_t *)&c->tcp, ch__conn_alloc_cb, ch__conn_read_cb);
     }
 }
 
+/* ---- TLS -------------------------------------------------------------- */
+
+/* Ciphertext chunk on its way to the socket. */
+typedef struct ch__tls_chunk_s {
+    uv_write_t req;
+    ch_conn_t *conn;
+    int frame_end; /* the last chunk of the frame being written */
+    uint8_t data[];
+} ch__tls_chunk_t;
+
+static void ch__conn_frame_written(ch_conn_t *c, int status);
+
+static void ch__conn_tls_chunk_cb(uv_write_t *req, int status)
+{
+    ch__tls_chunk_t *k = (ch__tls_chunk_t *)req;
+    ch_conn_t *c = k->conn;
+    int frame_end = k->frame_end;
+    free(k);
+    if (c->flags & CH__CONNF_CLOSING)
+        return;
+    if (frame_end)
+        ch__conn_frame_written(c, status);
+    else if (status < 0)
+        ch__conn_close(c, CH_PROTOCOL_ERROR, "write to %s failed: %s", c->name,
+                       uv_strerror(status));
+}
+
+/* Send whatever ciphertext the engine has produced. frame_end marks the
+ * chunk whose completion completes the frame being written. */
+static int ch__conn_tls_flush(ch_conn_t *c, int frame_end)
+{
+    size_t n = ch_tls_pending_out(c->tls);
+    if (n == 0) {
+        if (frame_end)
+            ch__conn_frame_written(c, 0);
+        return 0;
+    }
+    ch__tls_chunk_t *k = malloc(sizeof(*k) + n);
+    if (!k) {
+        ch__conn_close(c, CH_ENOMEM, "out of memory writing to %s", c->name);
+        return -1;
+    }
+    k->conn = c;
+    k->frame_end = frame_end;
+    size_t got = ch_tls_take_out(c->tls, k->data, n);
+    uv_buf_t b = uv_buf_init((char *)k->data, (unsigned)got);
+    int rc = uv_write(&k->req, (uv_stream_t *)&c->tcp, &b, 1, ch__conn_tls_chunk_cb);
+    if (rc != 0) {
+        free(k);
+        ch__conn_close(c, CH_PROTOCOL_ERROR, "write to %s failed: %s", c->name, uv_strerror(rc));
+        return -1;
+    }
+    return 0;
+}
+
+/* Encrypt plaintext segments; small frames are coalesced into one record. */
+static int ch__conn_tls_write(ch_conn_t *c, const uv_buf_t *bufs, unsigned n)
+{
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++)
+        total += bufs[i].len;
+    uv_buf_t one;
+    if (total <= 16384 && n > 1) {
+        if (!c->wbuf && !(c->wbuf = malloc(16384))) {
+            ch__conn_close(c, CH_ENOMEM, "out of memory writing to %s", c->name);
+            return -1;
+        }
+        size_t off = 0;
+        for (unsigned i = 0; i < n; i++) {
+            memcpy(c->wbuf + off, bufs[i].base, bufs[i].len);
+            off += bufs[i].len;
+        }
+        one = uv_buf_init((char *)c->wbuf, (unsigned)total);
+        bufs = &one;
+        n = 1;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        const uint8_t *p = (const uint8_t *)bufs[i].base;
+        size_t left = bufs[i].len;
+        while (left) {
+            size_t taken = 0;
+            int rc = ch_tls_write(c->tls, p, left < 16384 ? left : 16384, &taken);
+            if (rc != 0) {
+                ch__conn_tls_flush(c, 0);
+                ch__conn_close(c, CH_TLS_ERROR, "TLS write to %s failed: %s", c->name,
+                               rc == CH_MORE ? "engine needs input" : ch_tls_error(c->tls));
+                return -1;
+            }
+            p += taken;
+            left -= taken;
+            if (ch_tls_pending_out(c->tls) >= CH_TLS_OUT_HIGH && ch__conn_tls_flush(c, 0) != 0)
+                return -1;
+        }
+    }
+    return ch__conn_tls_flush(c, 1);
+}
+
+static void ch__conn_send_handshake(ch_conn_t *c);
+
+/* Ciphertext arrived: feed the engine and drive its handshake. Returns 0 when
+ * plaintext processing may follow. */
+static int ch__conn_tls_input(ch_conn_t *c, size_t n)
+{
+    int rc = ch_tls_feed(c->tls, c->cbuf, n);
+    if (rc == 0 && c->state == CH__CONN_TLS) {
+        rc = ch_tls_handshake(c->tls);
+        if (rc == 0) {
+            ch__log(c->node, CH_LOG_DEBUG, "TLS with %s established (%s, %s)", c->name,
+                    ch_tls_version(c->tls), ch_tls_cipher(c->tls));
+            ch__conn_send_handshake(c);
+            if (c->flags & CH__CONNF_CLOSING)
+                return -1;
+        }
+    }
+    if (rc < 0) {
+        ch__conn_tls_flush(c, 0); /* the alert tells the peer why */
+        ch__conn_close(c, CH_TLS_ERROR, "TLS handshake with %s failed: %s", c->name,
+                       ch_tls_error(c->tls));
+        return -1;
+    }
+    if (ch__conn_tls_flush(c, 0) != 0)
+        return -1;
+    return c->state == CH__CONN_TLS ? -1 : 0;
+}
+
 /* ---- writing ---------------------------------------------------------- */
 
-static void ch__conn_write_cb(uv_write_t *req, int status)
+/* The frame being written has reached the socket (or failed). */
+static void ch__conn_frame_written(ch_conn_t *c, int status)
 {
-    ch_conn_t *c = req->data;
     ch_message_t *m = c->writing;
     if (!m || (c->flags & CH__CONNF_CLOSING))
         return; /* the close already completed the message */
@@ -382,6 +549,11 @@ static void ch__conn_write_cb(uv_write_t *req, int status)
         ch__remote_flush(r);
 }
 
+static void ch__conn_write_cb(uv_write_t *req, int status)
+{
+    ch__conn_frame_written(req->data, status);
+}
+
 void ch__conn_write(ch_conn_t *c, ch_message_t *m)
 {
     ch_node_t *node = c->node;
@@ -396,6 +568,11 @@ void ch__conn_write(ch_conn_t *c, ch_message_t *m)
         bufs[n++] = uv_buf_init((char *)m->header, m->header_len);
     if (m->data_len)
         bufs[n++] = uv_buf_init((char *)m->data, m->data_len);
+    if (c->tls) {
+        if (ch__conn_tls_write(c, bufs, n) == 0)
+            ch__conn_arm_timer(c);
+        return;
+    }
     int rc = uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, n, ch__conn_write_cb);
     if (rc != 0) {
         ch__conn_close(c, CH_PROTOCOL_ERROR, "write to %s failed: %s", c->name, uv_strerror(rc));
@@ -426,31 +603,62 @@ static int ch__conn_needs_tls(ch_conn_t *c)
     return memcmp(c->addr, v6_lo, 16) != 0;
 }
 
+/* Our 18 bytes, in one write (plain) or one record (TLS): PROTOCOL.md 2.2. */
+static void ch__conn_send_handshake(ch_conn_t *c)
+{
+    ch_node_t *node = c->node;
+    ch_writer_handshake(c->hs_out, node->cfg.port, node->identity);
+    c->state = CH__CONN_HANDSHAKE;
+    if (c->tls) {
+        size_t taken = 0;
+        int rc = ch_tls_write(c->tls, c->hs_out, CH_HANDSHAKE_SIZE, &taken);
+        if (rc != 0 || taken != CH_HANDSHAKE_SIZE) {
+            ch__conn_close(c, CH_WRITE_ERROR, "write of the handshake to %s failed: %s",
+                           c->name, ch_tls_error(c->tls));
+            return;
+        }
+        ch__conn_tls_flush(c, 0);
+        return;
+    }
+    uv_buf_t b = uv_buf_init((char *)c->hs_out, CH_HANDSHAKE_SIZE);
+    int rc = uv_write(&c->hs_req, (uv_stream_t *)&c->tcp, &b, 1, ch__conn_hs_write_cb);
+    if (rc != 0)
+        ch__conn_close(c, CH_WRITE_ERROR, "write of the handshake to %s failed: %s", c->name,
+                       uv_strerror(rc));
+}
+
 static void ch__conn_start(ch_conn_t *c)
 {
     ch_node_t *node = c->node;
     uv_tcp_nodelay(&c->tcp, 1);
     uv_tcp_keepalive(&c->tcp, 1, 60);
     if (ch__conn_needs_tls(c)) {
-        /* The TLS engine is not wired into connections yet: refuse rather
-         * than talk plaintext to a peer that must be authenticated. */
-        ch__conn_close(c, CH_TLS_ERROR,
-                       "connection to %s needs TLS, which this build cannot do yet "
-                       "(set DISABLE_ENCRYPTION for plaintext)",
-                       c->name);
-        return;
+        int rc = node->tls_ctx ? ch_tls_new(node->tls_ctx, !(c->flags & CH__CONNF_OUTGOING),
+                                            &c->tls)
+                               : -CH_TLS_ERROR;
+        if (rc != 0) {
+            ch__conn_close(c, CH_TLS_ERROR, "cannot set up TLS with %s", c->name);
+            return;
+        }
+        c->state = CH__CONN_TLS;
+        if (c->flags & CH__CONNF_OUTGOING) {
+            /* The connector starts the TLS handshake. */
+            rc = ch_tls_handshake(c->tls);
+            if (rc < 0) {
+                ch__conn_close(c, CH_TLS_ERROR, "TLS handshake with %s failed: %s", c->name,
+                               ch_tls_error(c->tls));
+                return;
+            }
+            if (ch__conn_tls_flush(c, 0) != 0)
+                return;
+        }
+    } else {
+        ch__conn_send_handshake(c);
     }
-    ch_writer_handshake(c->hs_out, node->cfg.port, node->identity);
-    uv_buf_t b = uv_buf_init((char *)c->hs_out, CH_HANDSHAKE_SIZE);
-    int rc = uv_write(&c->hs_req, (uv_stream_t *)&c->tcp, &b, 1, ch__conn_hs_write_cb);
-    if (rc != 0) {
-        ch__conn_close(c, CH_WRITE_ERROR, "write of the handshake to %s failed: %s", c->name,
-                       uv_strerror(rc));
+    if (c->flags & CH__CONNF_CLOSING)
         return;
-    }
-    c->state = CH__CONN_HANDSHAKE;
     c->flags |= CH__CONNF_READING;
-    rc = uv_read_start((uv_stream_t *)&c->tcp, ch__conn_alloc_cb, ch__conn_read_cb);
+    int rc = uv_read_start((uv_stream_t *)&c->tcp, ch__conn_alloc_cb, ch__conn_read_cb);
     if (rc != 0)
         ch__conn_close(c, CH_UV_ERROR, "cannot read from %s: %s", c->name, uv_strerror(rc));
 }

@@ -22,6 +22,7 @@
 
 #include "message.h"
 #include "reader.h"
+#include "tls.h"
 
 typedef struct ch_conn_s ch_conn_t;
 typedef struct ch_remote_s ch_remote_t;
@@ -99,6 +100,8 @@ struct ch_node_s {
     double reuse; /* effective R, seconds */
     int max_slots;
     uint32_t buffer_size;
+
+    SSL_CTX *tls_ctx; /* NULL when encryption is disabled */
 
     uv_tcp_t listen4;
     uv_tcp_t listen6;
@@ -186,7 +189,10 @@ struct ch_conn_s {
     char name[64]; /* "127.0.0.1:2998" for messages */
 
     ch_reader_t *reader;
-    uint8_t *rbuf;
+    ch_tls_t *tls;   /* NULL for plaintext connections */
+    uint8_t *cbuf;   /* TLS: ciphertext read buffer */
+    uint8_t *wbuf;   /* TLS: scratch to coalesce a small frame into one record */
+    uint8_t *rbuf;   /* plaintext bytes for the reader */
     size_t rbuf_cap;
     size_t rbuf_off; /* unconsumed bytes rbuf[rbuf_off, rbuf_len) while paused */
     size_t rbuf_len;

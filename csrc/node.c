@@ -56,6 +56,8 @@ void ch_node_free(ch_node_t *node)
     free((char *)node->cfg.cert_chain_pem);
     free((char *)node->cfg.dh_params_pem);
     free(node->buckets);
+    if (node->tls_ctx)
+        SSL_CTX_free(node->tls_ctx);
     free(node);
 }
 
@@ -304,6 +306,18 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     if (!node->buckets) {
         ch__post_node_event(node, CH_EV_NODE_STARTED, token, CH_ENOMEM, "out of memory");
         return;
+    }
+
+    if (!node->cfg.disable_encryption && !node->tls_ctx) {
+        rc = ch_tls_ctx_new(node->cfg.cert_chain_pem, node->cfg.dh_params_pem, &node->tls_ctx, err,
+                            sizeof(err));
+        if (rc != 0) {
+            free(node->buckets);
+            node->buckets = NULL;
+            node->nbuckets = 0;
+            ch__post_node_event(node, CH_EV_NODE_STARTED, token, -rc, err);
+            return;
+        }
     }
 
     struct sockaddr_in a4;
