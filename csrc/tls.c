@@ -133,7 +133,7 @@ static int ch__tls_slurp(const char *what, const char *path, char **data, size_t
     char *buf = malloc(cap);
     int rc = buf == NULL ? -CH_ENOMEM : 0;
     while (rc == 0) {
-        if (used == cap) {
+        if (used + 1 == cap) { /* keep room for a terminating NUL */
             char *bigger = cap < CH__TLS_MAX_FILE ? realloc(buf, cap * 2) : NULL;
             if (bigger == NULL && cap >= CH__TLS_MAX_FILE) {
                 ch__tls_msg(err, errlen, "%s %s: file larger than %d bytes", what, path,
@@ -148,7 +148,7 @@ static int ch__tls_slurp(const char *what, const char *path, char **data, size_t
             buf = bigger;
             cap *= 2;
         }
-        size_t n = fread(buf + used, 1, cap - used, f);
+        size_t n = fread(buf + used, 1, cap - used - 1, f);
         used += n;
         if (n == 0) {
             if (ferror(f)) {
@@ -165,12 +165,15 @@ static int ch__tls_slurp(const char *what, const char *path, char **data, size_t
         free(buf);
         return rc;
     }
+    buf[used] = '\0';
     *data = buf;
     *len = used;
     return 0;
 }
 
-/* Password callback: chirp keys are never encrypted; never prompt. */
+/* Password callback: encrypted keys are not supported (a node starts
+ * unattended), so refuse at once instead of prompting on a terminal, and
+ * note that a password was asked for. */
 static int ch__tls_no_password(char *buf, int size, int rwflag, void *u)
 {
     (void)buf;
@@ -185,6 +188,26 @@ static int ch__tls_pem_exhausted(void)
 {
     unsigned long e = ERR_peek_error();
     return ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE;
+}
+
+/* Does the NUL-terminated PEM text hold a "-----BEGIN <label>-----" line
+ * whose label ends with suffix ("PRIVATE KEY", "PARAMETERS")? OpenSSL 3's
+ * decoders do not say "nothing found" clearly, so we look ourselves. */
+static int ch__tls_has_block(const char *pem, const char *suffix)
+{
+    static const char begin[] = "-----BEGIN ";
+    size_t slen = strlen(suffix);
+    for (const char *p = strstr(pem, begin); p != NULL; p = strstr(p, begin)) {
+        p += sizeof(begin) - 1;
+        const char *end = strstr(p, "-----");
+        const char *nl = strchr(p, '\n');
+        if (end == NULL)
+            break;
+        if ((nl == NULL || end < nl) && (size_t)(end - p) >= slen &&
+            memcmp(end - slen, suffix, slen) == 0)
+            return 1;
+    }
+    return 0;
 }
 
 /* Certificates: trust all, first = leaf, the rest = chain. */
@@ -254,7 +277,7 @@ static int ch__tls_load_key(SSL_CTX *ctx, const char *path, const char *pem, siz
     EVP_PKEY *key = PEM_read_bio_PrivateKey(bio, NULL, ch__tls_no_password, &pw);
     BIO_free(bio);
     if (key == NULL) {
-        int none = ch__tls_pem_exhausted();
+        int none = !ch__tls_has_block(pem, "PRIVATE KEY");
         ch__tls_drain_errors(why, sizeof(why));
         if (pw)
             ch__tls_msg(err, errlen, "%s %s: the private key is encrypted (not supported)", what,
@@ -295,7 +318,7 @@ static int ch__tls_load_dh(SSL_CTX *ctx, const char *path, const char *pem, size
     EVP_PKEY *dh = PEM_read_bio_Parameters(bio, NULL);
     BIO_free(bio);
     if (dh == NULL) {
-        int none = ch__tls_pem_exhausted();
+        int none = !ch__tls_has_block(pem, "PARAMETERS");
         ch__tls_drain_errors(why, sizeof(why));
         if (none)
             ch__tls_msg(err, errlen, "%s %s: no DH parameters found", what, path);

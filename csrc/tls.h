@@ -39,17 +39,18 @@
  * unable to get local issuer certificate", "peer did not return a
  * certificate" or "wrong version number (peer speaks plaintext?)".
  * ch_tls_ctx_new() returns -CH_VALUE_ERROR for problems with the files
- * (missing, unreadable, no certificate or key, key not matching, bad DH
- * parameters) and -CH_TLS_ERROR when OpenSSL itself fails; its message names
+ * (unset, missing, unreadable, no certificate or key, encrypted key, key not
+ * matching, bad or too weak DH parameters), -CH_TLS_ERROR when OpenSSL itself
+ * refuses (for example no usable cipher) and -CH_ENOMEM; its message names
  * the file and the problem.
  *
  * EOF: the engine never sends close_notify (PROTOCOL.md 10.13) and has no
  * notion of the socket's EOF. A socket EOF is an ordinary close decided by
  * the connection code; it never needs to ask the engine.
  *
- * Threads: an engine is used by one thread at a time (the loop thread). A
- * SSL_CTX may be shared by engines on any number of threads; it must outlive
- * them. OpenSSL's error queue is per thread; the engine clears it before
+ * Threads: an engine is used by one thread at a time (the loop thread). An
+ * SSL_CTX is shared by all engines of a node; each engine holds a reference
+ * on it. OpenSSL's error queue is per thread; the engine clears it before
  * every operation and drains it after a failure.
  */
 #ifndef CH_TLS_H
@@ -67,15 +68,17 @@ typedef struct ch_tls_s ch_tls_t;
 
 /* Build the node's context from the chain file and the DH parameters file.
  * On success stores it in *out (free with SSL_CTX_free) and returns 0. On
- * failure returns -CH_VALUE_ERROR or -CH_TLS_ERROR and writes a one-line,
- * NUL-terminated message of at most errlen bytes into err, for example
- * "CERT_CHAIN_PEM /x/y.pem: no private key found". */
+ * failure stores NULL, returns -CH_VALUE_ERROR, -CH_TLS_ERROR or -CH_ENOMEM
+ * and writes a one-line, NUL-terminated message of at most errlen bytes
+ * into err (err may be NULL), for example "CERT_CHAIN_PEM /x/y.pem: no
+ * private key found". On success err holds "". */
 int ch_tls_ctx_new(const char *cert_chain_pem, const char *dh_params_pem, SSL_CTX **out,
                    char *err, size_t errlen);
 
 /* Create an engine for one connection: is_server != 0 for the accepting side
  * (TLS server), 0 for the connecting side (TLS client). The engine holds a
- * reference on ctx. Returns 0, -CH_ENOMEM or -CH_TLS_ERROR. */
+ * reference on ctx, so the node may drop its own reference (SSL_CTX_free)
+ * while engines still live. Returns 0 or -CH_ENOMEM. */
 int ch_tls_new(SSL_CTX *ctx, int is_server, ch_tls_t **out);
 void ch_tls_free(ch_tls_t *t); /* NULL is fine; sends nothing */
 
