@@ -1,0 +1,71 @@
+"""libchirp: message-passing between nodes over TCP/TLS, compatible with libchirp 1.x.
+
+A small C core on libuv does all networking on a background thread; this
+package drives it through CFFI (``libchirp._ffi``, wrapped by ``libchirp._core``).
+Interfaces: :mod:`libchirp.queue` (``get()`` received messages). See
+PROTOCOL.md for the wire protocol and docs/architecture.md for the threads.
+
+Importing this package fails with ``ImportError`` if the compiled core is
+missing or stale (rebuild with ``make build``).
+"""
+
+import logging as _logging
+
+from .chirp import ChirpBase, ChirpFuture
+from .config import Config
+from .errors import (
+    ChirpAddressInUseError,
+    ChirpCannotConnectError,
+    ChirpError,
+    ChirpFatalError,
+    ChirpInitFailError,
+    ChirpInProgressError,
+    ChirpInternalError,
+    ChirpMemoryError,
+    ChirpNotInitializedError,
+    ChirpProtocolError,
+    ChirpShutdown,
+    ChirpTimeoutError,
+    ChirpTLSError,
+    ChirpTypeError,
+    ChirpUsedError,
+    ChirpUVError,
+    ChirpValueError,
+    ChirpWriteError,
+    chirp_error_to_exception,
+)
+from .loop import Loop
+from .message import MessageBase, MessageThread
+
+__version__ = "2.0.0.dev0"
+
+__all__ = [
+    "__version__",
+    "Config",
+    "Loop",
+    "ChirpBase",
+    "ChirpFuture",
+    "MessageBase",
+    "MessageThread",
+    "chirp_error_to_exception",
+    "ChirpError",
+    "ChirpValueError",
+    "ChirpUVError",
+    "ChirpProtocolError",
+    "ChirpAddressInUseError",
+    "ChirpFatalError",
+    "ChirpTLSError",
+    "ChirpNotInitializedError",
+    "ChirpInProgressError",
+    "ChirpTimeoutError",
+    "ChirpMemoryError",
+    "ChirpShutdown",
+    "ChirpCannotConnectError",
+    "ChirpInternalError",
+    "ChirpUsedError",
+    "ChirpWriteError",
+    "ChirpInitFailError",
+    "ChirpTypeError",
+]
+
+_logging.getLogger("libchirp").addHandler(_logging.NullHandler())

@@ -1,0 +1,825 @@
+"""The one internal module that talks to the compiled core (``libchirp._ffi``).
+
+Theory of operation
+-------------------
+Everything that touches ``ffi``/``lib`` lives here; the public modules
+(``loop``, ``chirp``, ``queue``, ...) are thin shells over two classes:
+
+* :class:`LoopCore` owns a ``ch_loop_t`` and two daemon threads (see
+  docs/architecture.md): the **loop thread** runs ``ch_loop_run()`` (libuv; no
+  Python, the GIL is released for the whole call) and the **dispatcher thread**
+  blocks in ``ch_loop_poll()`` with the GIL released and handles the returned
+  events in batches of up to 256, so Python is entered once per batch, not once
+  per message. The dispatcher also runs ``call_soon()`` callbacks (queued in a
+  deque and announced with ``ch_loop_wake()``) and the request timers (a heap of
+  deadlines; the poll timeout is the time to the earliest deadline).
+
+* :class:`NodeCore` owns a ``ch_node_t``. Application threads submit sends and
+  releases under the node's lock; the lock also guards the "closing" and "stop
+  sent" flags, so that nothing is ever submitted after ``ch_node_stop()``. Every
+  submission carries a token (unique per loop); the matching completion event
+  carries it back and the dispatcher resolves the future stored under it.
+  Header and data ``bytes`` of a send are handed to C without copying
+  (``ffi.from_buffer``) and kept alive in the pending entry until SEND_DONE.
+
+Events carry ``node_token`` (given to ``ch_node_new``), which the dispatcher
+maps to the NodeCore. Public objects (``Loop``, ``ChirpBase``) are *not*
+referenced by the threads or by the cores, so a leaked public object is
+garbage-collected and can warn with ``ResourceWarning``.
+
+Threads: ``LoopCore.dispatch`` and every ``on_*`` method run on the dispatcher
+thread; everything else may run on any application thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import wait as _wait_futures
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+from .config import Config
+from .errors import ChirpShutdown, ChirpTimeoutError, chirp_error_to_exception
+from .message import MessageBase
+
+try:
+    from ._ffi import ffi, lib
+except ImportError as _exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "libchirp: the compiled core libchirp._ffi cannot be imported (%s); "
+        "build it with `make build`" % (_exc,)
+    ) from _exc
+
+#: The C API version this Python code was written against (CH_VERSION_STAMP).
+_EXPECTED_STAMP = 10001
+
+_stamp = lib.ch_version_stamp()
+if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "libchirp: the compiled core is stale (stamp %d, expected %d); rebuild with `make build`"
+        % (_stamp, _EXPECTED_STAMP)
+    )
+
+__all__ = ["ffi", "lib", "LoopCore", "NodeCore", "fill_config", "check_config", "logger"]
+
+logger = logging.getLogger("libchirp")
+
+#: Events per ch_loop_poll() batch.
+BATCH = 256
+#: Bound for starting a node (seconds).
+START_LIMIT = 30.0
+#: Bound for joining the loop's threads when the loop stops (seconds).
+JOIN_LIMIT = 10.0
+#: How many expired request identities are remembered (late replies are dropped).
+EXPIRED_MEMORY = 10000
+#: What happens to a reply that arrives after its request timed out: it is always
+#: counted (``late_replies``); PROTOCOL.md 8.3 delivers it as an ordinary message
+#: (False), True drops it (released at once, so the peer still gets its ACK).
+DROP_LATE_REPLIES = False
+#: call_soon() callbacks run per wake-up before yielding to other events.
+CALLS_PER_WAKE = 10000
+
+_EV_NODE_STARTED = lib.CH_EV_NODE_STARTED
+_EV_NODE_STOPPED = lib.CH_EV_NODE_STOPPED
+_EV_SEND_DONE = lib.CH_EV_SEND_DONE
+_EV_RECV = lib.CH_EV_RECV
+_EV_RELEASE_DONE = lib.CH_EV_RELEASE_DONE
+_EV_LOG = lib.CH_EV_LOG
+_EV_WAKE = lib.CH_EV_WAKE
+
+_WAKE_CALLS = 1  # token of the wake-up that announces call_soon() callbacks
+_WAKE_TIMERS = 0  # token of the wake-up that makes the dispatcher re-read the timer heap
+
+_monotonic = time.monotonic
+_from_buffer = ffi.from_buffer
+_buffer = ffi.buffer
+_string = ffi.string
+
+
+def _text(raw: Any) -> str:
+    return _string(raw).decode("utf-8", "replace")
+
+
+def _set_result(fut: Future, value: Any) -> None:
+    try:
+        fut.set_result(value)
+    except InvalidStateError:  # cancelled by the application
+        pass
+
+
+def _set_exception(fut: Future, exc: BaseException) -> None:
+    try:
+        fut.set_exception(exc)
+    except InvalidStateError:
+        pass
+
+
+def _shutdown_error(text: str = "node stopped") -> ChirpShutdown:
+    exc = chirp_error_to_exception(lib.CH_SHUTDOWN, text)
+    assert isinstance(exc, ChirpShutdown)
+    return exc
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def fill_config(config: Config) -> Tuple[Any, List[Any]]:
+    """Return a ``ch_config_t *`` filled from ``config`` and the objects it points into.
+
+    The second element keeps the path strings alive; ``ch_node_new`` copies them.
+    """
+    c = ffi.new("ch_config_t *")
+    c.reuse_time = config.REUSE_TIME
+    c.timeout = config.TIMEOUT
+    c.port = config.PORT
+    c.backlog = config.BACKLOG
+    c.max_slots = config.MAX_SLOTS
+    c.synchronous = 1 if config.SYNCHRONOUS else 0
+    c.disable_signals = 1 if config.DISABLE_SIGNALS else 0
+    c.buffer_size = config.BUFFER_SIZE
+    c.max_msg_size = config.MAX_MSG_SIZE
+    ffi.memmove(c.bind_v6, socket.inet_pton(socket.AF_INET6, config.BIND_V6), 16)
+    ffi.memmove(c.bind_v4, socket.inet_pton(socket.AF_INET, config.BIND_V4), 4)
+    ffi.memmove(c.identity, config.IDENTITY, 16)
+    keep: List[Any] = []
+    if config.CERT_CHAIN_PEM is not None:
+        s = ffi.new("char[]", os.fsencode(config.CERT_CHAIN_PEM))
+        keep.append(s)
+        c.cert_chain_pem = s
+    if config.DH_PARAMS_PEM is not None:
+        s = ffi.new("char[]", os.fsencode(config.DH_PARAMS_PEM))
+        keep.append(s)
+        c.dh_params_pem = s
+    c.disable_encryption = 1 if config.DISABLE_ENCRYPTION else 0
+    c.max_send_queue = config.MAX_SEND_QUEUE
+    return c, keep
+
+
+def check_config(ccfg: Any) -> None:
+    """Run ``ch_config_check`` (PROTOCOL.md 7.2); raise ValueError with its text."""
+    err = ffi.new("char[]", 512)
+    rc = lib.ch_config_check(ccfg, err, 512)
+    if rc != lib.CH_SUCCESS:
+        exc = chirp_error_to_exception(rc, _text(err))
+        assert exc is not None
+        raise exc
+
+
+# -- loop ----------------------------------------------------------------------------------------
+
+
+class LoopCore:
+    """A ``ch_loop_t`` with its loop and dispatcher threads (see the module docstring).
+
+    ``lock`` guards the life-cycle flags, the node table and the validity of
+    ``c`` (it is freed, and set to None, under the lock).
+    """
+
+    def __init__(self) -> None:
+        out = ffi.new("ch_loop_t **")
+        rc = lib.ch_loop_new(out)
+        if rc != lib.CH_SUCCESS:
+            exc = chirp_error_to_exception(rc, "cannot create the chirp loop")
+            assert exc is not None
+            raise exc
+        self.c: Any = out[0]
+        self.lock = threading.RLock()
+        self.nodes: Dict[int, NodeCore] = {}
+        self._tokens = itertools.count(2)  # 0 and 1 are wake-up tokens
+        self.started = False
+        self.stop_requested = False
+        self.c_stopped = False  # ch_loop_stop() was called
+        self.ended = False  # the dispatcher has finished (or the loop never ran)
+        self.calls: Deque[Tuple[Callable[..., Any], tuple, dict]] = deque()
+        self._timers: List[list] = []
+        self._timer_lock = threading.Lock()
+        self._timer_seq = itertools.count()
+        self._poll_deadline = float("inf")
+        self.uv_thread: Optional[threading.Thread] = None
+        self.disp_thread: Optional[threading.Thread] = None
+        self.disp_ident: Optional[int] = None
+        self.info = ffi.new("ch_msg_info_t *")  # dispatcher thread only
+
+    def next_token(self) -> int:
+        return next(self._tokens)
+
+    def in_dispatcher(self) -> bool:
+        return threading.get_ident() == self.disp_ident
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        with self.lock:
+            if self.stop_requested:
+                raise RuntimeError("Cannot restart loop")
+            if self.started:
+                return
+            self.started = True
+            self.uv_thread = threading.Thread(
+                target=self._run_uv, name="libchirp-loop", daemon=True
+            )
+            self.disp_thread = threading.Thread(
+                target=self._dispatch, name="libchirp-dispatcher", daemon=True
+            )
+            self.uv_thread.start()
+            self.disp_thread.start()
+
+    def _run_uv(self) -> None:
+        lib.ch_loop_run(self.c)  # releases the GIL until the loop has ended
+
+    def request_stop(self, join: bool = True) -> None:
+        """Mark the loop stopped; really stop it once no node uses it."""
+        with self.lock:
+            self.stop_requested = True
+        self.maybe_finish(join)
+
+    def maybe_finish(self, join: bool = True) -> None:
+        """Stop the C loop if a stop was requested and no node is left.
+
+        With ``join``, wait (bounded) for the dispatcher to finish, unless called
+        on the dispatcher thread itself. A loop that never ran is closed inline.
+        """
+        with self.lock:
+            if self.stop_requested and not self.nodes and self.c is not None and not self.c_stopped:
+                self.c_stopped = True
+                lib.ch_loop_stop(self.c)
+                if not self.started:
+                    # Never ran: let ch_loop_run close the handles here, then free.
+                    lib.ch_loop_run(self.c)
+                    lib.ch_loop_free(self.c)
+                    self.c = None
+                    self.ended = True
+                    self.calls.clear()
+                    return
+            if not (self.c_stopped and self.started):
+                return
+            disp = self.disp_thread
+        if not join or disp is None or self.in_dispatcher():
+            return
+        disp.join(JOIN_LIMIT)
+        if disp.is_alive():
+            logger.warning(
+                "libchirp: the dispatcher thread did not end within %.0f s "
+                "(a callback may be blocking it)",
+                JOIN_LIMIT,
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.started and not self.stop_requested
+
+    # -- nodes ---------------------------------------------------------------------------------
+
+    def register(self, node: NodeCore) -> None:
+        with self.lock:
+            if self.stop_requested:
+                raise RuntimeError("Loop is stopped")
+            if not self.started:
+                raise RuntimeError("Loop is not running; call run() first")
+            if self.in_dispatcher():
+                raise RuntimeError(
+                    "a node cannot be started on the loop's dispatcher thread "
+                    "(from a receive handler or a call_soon() callback)"
+                )
+            self.nodes[node.token] = node
+
+    def unregister(self, node: NodeCore, join: bool = True) -> None:
+        with self.lock:
+            self.nodes.pop(node.token, None)
+        self.maybe_finish(join)
+
+    # -- call_soon and timers ------------------------------------------------------------------
+
+    def call_soon(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        with self.lock:
+            if self.ended or self.c is None:
+                raise RuntimeError("Loop is stopped")
+            was_empty = not self.calls
+            self.calls.append((func, args, kwargs))
+            if was_empty:
+                lib.ch_loop_wake(self.c, _WAKE_CALLS)
+
+    def _run_calls(self) -> None:
+        calls = self.calls
+        for _ in range(CALLS_PER_WAKE):
+            try:
+                func, args, kwargs = calls.popleft()
+            except IndexError:
+                return
+            try:
+                func(*args, **kwargs)
+            except Exception:
+                logger.exception("libchirp: exception in a call_soon() callback %r", func)
+        with self.lock:  # more left: come back after other events
+            if calls and self.c is not None and not self.ended:
+                lib.ch_loop_wake(self.c, _WAKE_CALLS)
+
+    def add_timer(self, delay: float, func: Callable[..., Any], *args: Any) -> list:
+        """Run ``func(*args)`` on the dispatcher after ``delay`` s; returns a handle.
+
+        ``cancel_timer(handle)`` cancels it (lazily: the entry stays in the heap).
+        """
+        deadline = _monotonic() + delay
+        entry = [deadline, next(self._timer_seq), func, args]
+        with self._timer_lock:
+            heapq.heappush(self._timers, entry)
+            wake = deadline < self._poll_deadline
+        if wake and not self.in_dispatcher():
+            with self.lock:
+                if self.c is not None and not self.ended:
+                    lib.ch_loop_wake(self.c, _WAKE_TIMERS)
+        return entry
+
+    @staticmethod
+    def cancel_timer(entry: Optional[list]) -> None:
+        if entry is not None:
+            entry[2] = None
+
+    def _poll_timeout(self) -> float:
+        with self._timer_lock:
+            if not self._timers:
+                self._poll_deadline = float("inf")
+                return -1.0
+            deadline = self._timers[0][0]
+            self._poll_deadline = deadline
+        return max(0.0, deadline - _monotonic())
+
+    def _run_timers(self) -> None:
+        now = _monotonic()
+        due = []
+        with self._timer_lock:
+            timers = self._timers
+            while timers and timers[0][0] <= now:
+                due.append(heapq.heappop(timers))
+        for entry in due:
+            func = entry[2]
+            if func is None:
+                continue
+            try:
+                func(*entry[3])
+            except Exception:
+                logger.exception("libchirp: exception in a timer callback %r", func)
+
+    # -- the dispatcher ------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        self.disp_ident = threading.get_ident()
+        c = self.c
+        events = ffi.new("ch_event_t[]", BATCH)
+        poll = lib.ch_loop_poll
+        nodes = self.nodes
+        try:
+            while True:
+                timeout = self._poll_timeout() if self._timers else -1.0
+                n = poll(c, events, BATCH, timeout)  # GIL released while waiting
+                if n < 0:
+                    break
+                for i in range(n):
+                    ev = events[i]
+                    t = ev.type
+                    try:
+                        if t == _EV_RECV:
+                            node = nodes.get(ev.node_token)
+                            if node is not None:
+                                node.on_recv(ev.msg)
+                            else:
+                                logger.error("libchirp: message for an unknown node; dropped")
+                        elif t == _EV_SEND_DONE:
+                            node = nodes.get(ev.node_token)
+                            if node is not None:
+                                node.on_send_done(ev.token, ev.status, ev.text)
+                        elif t == _EV_RELEASE_DONE:
+                            node = nodes.get(ev.node_token)
+                            if node is not None:
+                                node.on_release_done(ev.token, ev.status, ev.text)
+                        elif t == _EV_LOG:
+                            level = ev.status
+                            if logger.isEnabledFor(level):
+                                logger.log(level, "%s", _text(ev.text))
+                        elif t == _EV_WAKE:
+                            if ev.token == _WAKE_CALLS:
+                                self._run_calls()
+                        elif t == _EV_NODE_STARTED:
+                            node = nodes.get(ev.node_token)
+                            if node is not None:
+                                node.on_started(ev.status, _text(ev.text))
+                        elif t == _EV_NODE_STOPPED:
+                            node = nodes.get(ev.node_token)
+                            if node is not None:
+                                node.on_stopped()
+                        else:
+                            logger.warning("libchirp: unknown event type %d", t)
+                    except Exception:
+                        logger.exception("libchirp: exception while handling event type %d", t)
+                if self._timers:
+                    self._run_timers()
+        finally:
+            self._dispatcher_ends()
+
+    def _dispatcher_ends(self) -> None:
+        uv = self.uv_thread
+        if uv is not None:
+            uv.join(JOIN_LIMIT)
+        with self.lock:
+            self.ended = True
+            if uv is not None and uv.is_alive():
+                logger.error("libchirp: the loop thread did not end; the loop is not freed")
+            elif self.c is not None:
+                lib.ch_loop_free(self.c)
+                self.c = None
+        # Callbacks queued before the end still run, here on the dispatcher thread.
+        while self.calls:
+            func, args, kwargs = self.calls.popleft()
+            try:
+                func(*args, **kwargs)
+            except Exception:
+                logger.exception("libchirp: exception in a call_soon() callback %r", func)
+
+
+# -- node ----------------------------------------------------------------------------------------
+
+
+class NodeCore:
+    """A ``ch_node_t`` and the Python state of its pending operations.
+
+    ``lock`` (reentrant, so that a ``__del__`` running during garbage collection
+    cannot deadlock) guards ``closing``, ``stop_sent``, ``c`` and every
+    submission to the C node.
+    """
+
+    def __init__(
+        self,
+        loop: LoopCore,
+        config: Config,
+        deliver: Optional[Callable[[MessageBase], None]],
+        message_class: type,
+    ) -> None:
+        self.loop = loop
+        self.timeout = config.TIMEOUT
+        self.deliver = deliver
+        self.message_class = message_class
+        self.lock = threading.RLock()
+        self.c: Any = None
+        self.token = loop.next_token()
+        self.closing = False  # new sends fail at once
+        self.stop_sent = False  # ch_node_stop() was called: submit nothing more
+        self.stopped = False  # NODE_STOPPED was handled
+        self.free_on_stop = False  # free the node when NODE_STOPPED arrives (abandoned)
+        self.done = False  # stop() finished
+        self.sends: Dict[int, list] = {}  # token -> [future, msg, header, data, request]
+        self.releases: Dict[int, Tuple[Future, bytes, int]] = {}
+        self.requests: Dict[bytes, Future] = {}
+        self.expired: OrderedDict[bytes, None] = OrderedDict()
+        self.late_replies = 0
+        self.held: Set[MessageBase] = set()
+        self.orphans: List[Any] = []  # C messages received after ch_node_stop()
+        self.start_future: Future = Future()
+        self.stop_future: Future = Future()
+        self.identity = bytes(16)
+        self.port = 0
+        self._stop_lock = threading.Lock()
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self, config: Config) -> None:
+        ccfg, keep = fill_config(config)
+        check_config(ccfg)
+        loop = self.loop
+        loop.register(self)
+        out = ffi.new("ch_node_t **")
+        rc = lib.ch_node_new(loop.c, ccfg, self.token, out)
+        del keep
+        if rc != lib.CH_SUCCESS:
+            loop.unregister(self)
+            raise chirp_error_to_exception(rc, "cannot create the node")  # type: ignore[misc]
+        self.c = out[0]
+        rc = lib.ch_node_start(self.c, loop.next_token())
+        if rc != lib.CH_SUCCESS:
+            self._free_c()
+            loop.unregister(self)
+            raise chirp_error_to_exception(rc, "cannot start the node")  # type: ignore[misc]
+        try:
+            status, text = self.start_future.result(START_LIMIT)
+        except TimeoutError:
+            self.abandon()
+            raise RuntimeError("the chirp node did not start within %.0f s" % START_LIMIT) from None
+        if status != lib.CH_SUCCESS:
+            # The core answers a failed start only after closing what it opened.
+            self._free_c()
+            loop.unregister(self)
+            exc = chirp_error_to_exception(status, text)
+            assert exc is not None
+            raise exc
+        ident = ffi.new("uint8_t[16]")
+        lib.ch_node_identity(self.c, ident)
+        self.identity = bytes(ident)
+        self.port = lib.ch_node_port(self.c)
+
+    def _free_c(self) -> None:
+        """Free the C node (after NODE_STOPPED, or after a failed start) and leftovers."""
+        with self.lock:
+            c, self.c = self.c, None
+            orphans, self.orphans = self.orphans, []
+            for msg in self.held:  # received after stop() looked, never released
+                if msg._c is not None:
+                    orphans.append(msg._c)
+                    msg._c = None
+            self.held.clear()
+        for cmsg in orphans:
+            lib.ch_msg_free(cmsg)
+        if c is not None:
+            lib.ch_node_free(c)
+
+    def on_started(self, status: int, text: str) -> None:
+        _set_result(self.start_future, (status, text))
+
+    # -- send ----------------------------------------------------------------------------------
+
+    def send(self, msg: MessageBase, request: Optional[Future] = None) -> Future:
+        family, addr = msg._target()
+        header = msg._header
+        data = msg._data
+        hbuf = _from_buffer("uint8_t[]", header)
+        dbuf = _from_buffer("uint8_t[]", data)
+        fut: Future = Future()
+        with self.lock:
+            if self.closing:
+                fut.set_exception(_shutdown_error("node is stopping"))
+                return fut
+            if msg._sending:
+                raise RuntimeError("Message is still being sent")
+            token = next(self.loop._tokens)
+            self.sends[token] = [fut, msg, hbuf, dbuf, request]
+            msg._sending = True
+            rc = lib.ch_node_send(
+                self.c, token, msg._identity, family, addr, msg._port,
+                hbuf, len(header), dbuf, len(data),
+            )  # fmt: skip
+            if rc != 0:
+                del self.sends[token]
+                msg._sending = False
+        if rc != 0:
+            fut.set_exception(chirp_error_to_exception(rc))  # type: ignore[arg-type]
+        return fut
+
+    def on_send_done(self, token: int, status: int, text: Any) -> None:
+        entry = self.sends.pop(token, None)
+        if entry is None:
+            return
+        fut = entry[0]
+        msg = entry[1]
+        msg._sending = False
+        if status == 0:
+            _set_result(fut, msg)
+            return
+        text = _text(text)
+        _set_exception(fut, chirp_error_to_exception(status, text))  # type: ignore[arg-type]
+        req = entry[4]
+        if req is not None and self.requests.get(msg._identity) is req:
+            del self.requests[msg._identity]
+            LoopCore.cancel_timer(req._timer)
+            self._remember_expired(msg._identity)
+            _set_exception(req, chirp_error_to_exception(status, text))  # type: ignore[arg-type]
+
+    # -- request -------------------------------------------------------------------------------
+
+    def request(self, msg: MessageBase, req: Any) -> None:
+        """Register ``req`` (a ChirpFuture) under msg.identity, arm its timer, send."""
+        identity = msg._identity
+        with self.lock:
+            if identity in self.requests:
+                raise RuntimeError("a request with this message identity is already pending")
+            self.requests[identity] = req
+            self.expired.pop(identity, None)
+        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req)
+        try:
+            send_future = self.send(msg, req)
+        except BaseException:
+            with self.lock:
+                if self.requests.get(identity) is req:
+                    del self.requests[identity]
+            LoopCore.cancel_timer(req._timer)
+            raise
+        req._send_future = send_future
+        if send_future.done() and send_future.exception() is not None:
+            with self.lock:
+                if self.requests.get(identity) is req:
+                    del self.requests[identity]
+            LoopCore.cancel_timer(req._timer)
+            _set_exception(req, send_future.exception())  # type: ignore[arg-type]
+
+    def _expire(self, identity: bytes, req: Future) -> None:
+        if self.requests.get(identity) is not req:
+            return
+        del self.requests[identity]
+        self._remember_expired(identity)
+        exc = ChirpTimeoutError("Chirp request timed out")
+        exc.ecode = lib.CH_TIMEOUT
+        _set_exception(req, exc)
+
+    def _remember_expired(self, identity: bytes) -> None:
+        expired = self.expired
+        expired[identity] = None
+        if len(expired) > EXPIRED_MEMORY:
+            expired.popitem(last=False)
+
+    # -- receive and release -------------------------------------------------------------------
+
+    def on_recv(self, cmsg: Any) -> None:
+        info = self.loop.info
+        lib.ch_msg_info(cmsg, info)
+        hl = info.header_len
+        dl = info.data_len
+        identity = _buffer(info.identity, 16)[:]
+        msg = self.message_class._received(
+            identity,
+            info.serial,
+            _buffer(info.header, hl)[:] if hl else b"",
+            _buffer(info.data, dl)[:] if dl else b"",
+            _string(info.address).decode("ascii"),
+            info.port,
+            _buffer(info.remote_identity, 16)[:],
+            cmsg,
+            self,
+        )
+        if self.stop_sent:
+            with self.lock:
+                msg._c = None
+                self.orphans.append(cmsg)
+            return
+        if self.requests:
+            req = self.requests.pop(identity, None)
+            if req is not None:
+                LoopCore.cancel_timer(req._timer)
+                self.held.add(msg)
+                if req.done():  # cancelled by the application
+                    self.release(msg)
+                else:
+                    _set_result(req, msg)
+                return
+        if self.expired and identity in self.expired:
+            del self.expired[identity]
+            self.late_replies += 1
+            if DROP_LATE_REPLIES:
+                self.release(msg)
+                return
+        deliver = self.deliver
+        if deliver is None or self.closing:
+            self.release(msg)
+            return
+        self.held.add(msg)
+        try:
+            deliver(msg)
+        except Exception:
+            logger.exception("libchirp: exception while delivering a message; released")
+            self.release(msg)
+
+    def release(self, msg: MessageBase) -> Future:
+        """Submit the release of ``msg``'s slot; see MessageBase.release_slot()."""
+        fut: Future = Future()
+        with self.lock:
+            cmsg = msg._c
+            if cmsg is None:
+                fut.set_result(None)
+                return fut
+            if msg._sending:
+                raise RuntimeError("Message is still being sent; release it when the send is done")
+            msg._c = None
+            self.held.discard(msg)
+            if self.stop_sent:  # cannot happen for held messages; be safe
+                self.orphans.append(cmsg)
+                fut.set_result(None)
+                return fut
+            token = next(self.loop._tokens)
+            self.releases[token] = (fut, msg._identity, msg._serial)
+            rc = lib.ch_node_release(self.c, cmsg, token)
+            if rc != 0:
+                del self.releases[token]
+                self.orphans.append(cmsg)
+        if rc != 0:
+            fut.set_exception(chirp_error_to_exception(rc))  # type: ignore[arg-type]
+        return fut
+
+    def on_release_done(self, token: int, status: int, text: Any) -> None:
+        entry = self.releases.pop(token, None)
+        if entry is None:
+            return
+        if status == 0:
+            _set_result(entry[0], (entry[1], entry[2]))
+        else:
+            exc = chirp_error_to_exception(status, _text(text))
+            assert exc is not None
+            _set_exception(entry[0], exc)
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the node (PROTOCOL.md 8.1); idempotent, bounded, see ChirpBase.stop()."""
+        if self.loop.in_dispatcher():
+            raise RuntimeError(
+                "stop() cannot be called on the loop's dispatcher thread (from a receive "
+                "handler or a call_soon() callback); call it from another thread"
+            )
+        with self._stop_lock:
+            if self.done:
+                return
+            with self.lock:
+                self.closing = True
+            # 1. Give the application TIMEOUT to release what it holds.
+            deadline = _monotonic() + self.timeout
+            while self.held and _monotonic() < deadline:
+                time.sleep(0.005)
+            with self.lock:
+                leaked = list(self.held)
+            releases = []
+            for msg in leaked:
+                try:
+                    releases.append(self.release(msg))
+                except RuntimeError:  # still being sent: its send completes below
+                    pass
+            if releases:  # let the owed ACKs go out before the connections close
+                _wait_futures(releases, timeout=self.timeout)
+            # 2. Stop the C node; the core fails queued sends with SHUTDOWN first.
+            with self.lock:
+                self.stop_sent = True
+                rc = lib.ch_node_stop(self.c, self.loop.next_token())
+            limit = 2 * self.timeout + 10.0
+            stopped = False
+            if rc == lib.CH_SUCCESS:
+                try:
+                    self.stop_future.result(limit)
+                    stopped = True
+                except TimeoutError:
+                    pass
+            if stopped:
+                self._free_c()
+            else:
+                with self.lock:
+                    if self.stopped:
+                        stopped = True
+                    else:
+                        self.free_on_stop = True
+                if stopped:
+                    self._free_c()
+            # 3. Every future completes.
+            self._fail_pending()
+            self.done = True
+            self.loop.unregister(self)
+        if not stopped:
+            raise RuntimeError("the chirp node did not stop within %.0f s (code %d)" % (limit, rc))
+        if leaked:
+            raise RuntimeError(
+                "Timeout waiting for released messages, maybe a message was not released."
+            )
+
+    def on_stopped(self) -> None:
+        with self.lock:
+            self.stopped = True
+            abandoned = self.free_on_stop
+        if abandoned:
+            self._free_c()
+            self._fail_pending()
+            self.done = True
+            self.loop.unregister(self, join=False)
+        else:
+            _set_result(self.stop_future, None)
+
+    def abandon(self) -> None:
+        """Stop without waiting (garbage collection, failed start); frees on NODE_STOPPED."""
+        with self.lock:
+            if self.stop_sent or self.c is None:
+                return
+            self.closing = True
+            leaked = list(self.held)
+        for msg in leaked:
+            try:
+                self.release(msg)
+            except RuntimeError:
+                pass
+        with self.lock:
+            self.stop_sent = True
+            self.free_on_stop = True
+            rc = lib.ch_node_stop(self.c, self.loop.next_token())
+        if rc != lib.CH_SUCCESS:
+            logger.error("libchirp: cannot stop an abandoned node (code %d)", rc)
+
+    def _fail_pending(self) -> None:
+        """Fail every operation still pending with SHUTDOWN (after the node stopped)."""
+        while self.sends:
+            _, entry = self.sends.popitem()
+            entry[1]._sending = False
+            _set_exception(entry[0], _shutdown_error())
+        while self.releases:
+            _, rel = self.releases.popitem()
+            _set_exception(rel[0], _shutdown_error())
+        while self.requests:
+            _, req = self.requests.popitem()
+            LoopCore.cancel_timer(req._timer)
+            _set_exception(req, _shutdown_error())

@@ -1,0 +1,227 @@
+"""The node base class and the request future (PROTOCOL.md 8.1, 8.3).
+
+Theory of operation
+-------------------
+:class:`ChirpBase` is the public face of one chirp node; the work is done by
+``libchirp._core.NodeCore``. The constructor seals the config, validates it with
+the C core (``ValueError`` with the reference message prefixes), starts the node
+on the loop and blocks (bounded) until the loop thread answered.
+
+Delivery: every received message is first matched against open requests by
+identity (8.3); otherwise it goes to the ``recv`` callable given to the
+constructor, on the dispatcher thread (the interfaces ``libchirp.queue``,
+``libchirp.pool`` and ``libchirp.asyncio`` pass their own). With ``recv=None``
+every message is released at once. Callables that are bound methods of the
+node itself are held weakly, so a node that is dropped without ``stop()`` can be
+garbage-collected, warns with ``ResourceWarning`` and stops in the background.
+
+``send()`` and ``request()`` are thread-safe and return futures that always
+complete: after ``stop()`` began they are already failed with
+:class:`~libchirp.errors.ChirpShutdown`. ``stop()`` is idempotent and bounded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+import weakref
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Callable, Optional, Type
+
+from ._core import NodeCore
+from .config import Config
+from .loop import Loop
+from .message import MessageBase, MessageThread
+
+__all__ = ["ChirpBase", "ChirpFuture"]
+
+
+class ChirpFuture(Future):
+    """The future of ``ChirpBase.request()``: resolves to the reply message.
+
+    ``result()`` releases the reply's slot when ``auto_release`` was True (the
+    ``request()`` argument, independent of ``Config.AUTO_RELEASE``).
+    ``send_result()`` waits for the underlying send and returns the sent message.
+    The future fails with ``TimeoutError("Chirp request timed out")`` when no
+    reply arrived within Config.TIMEOUT (send and queue time included).
+    """
+
+    def __init__(self, auto_release: bool = True) -> None:
+        super().__init__()
+        self._auto_release = auto_release
+        self._send_future: Optional[Future] = None
+        self._timer: Optional[list] = None
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        msg = super().result(timeout)
+        if self._auto_release and msg is not None:
+            msg.release_slot()
+        return msg
+
+    def send_result(self, timeout: Optional[float] = None) -> Any:
+        """Wait for the send of the request; return the sent message or raise."""
+        send_future = self._send_future
+        if send_future is None:  # request() raised before sending
+            raise RuntimeError("the request was not sent")
+        return send_future.result(timeout)
+
+
+def _weak_recv(recv: Callable[[MessageBase], Any], owner: object) -> Callable[[MessageBase], Any]:
+    """Hold ``recv`` weakly if it is a bound method of ``owner`` (avoids a cycle)."""
+    if not (inspect.ismethod(recv) and recv.__self__ is owner):
+        return recv
+    ref = weakref.WeakMethod(recv)
+
+    def deliver(msg: MessageBase) -> None:
+        func = ref()
+        if func is None:  # the node object is gone
+            msg.release_slot()
+            return
+        func(msg)
+
+    return deliver
+
+
+class ChirpBase:
+    """A chirp node on ``loop`` configured by ``config`` (see the module docstring).
+
+    Raises the mapped exception if the node cannot start (``ValueError`` for a
+    bad config, ``OSError`` for a port in use, ...).
+    """
+
+    #: The class of received messages.
+    _message_class: Type[MessageBase] = MessageThread
+
+    def __init__(
+        self,
+        loop: Loop,
+        config: Config,
+        recv: Optional[Callable[[MessageBase], Any]] = None,
+    ) -> None:
+        self._node: Optional[NodeCore] = None
+        self._stopped = False
+        if not isinstance(loop, Loop):
+            raise TypeError("loop must be a libchirp.Loop, not %s" % type(loop).__name__)
+        if not isinstance(config, Config):
+            raise TypeError("config must be a libchirp.Config, not %s" % type(config).__name__)
+        self._loop = loop
+        self._config = config
+        was_sealed = config.sealed
+        config._seal()
+        deliver = None if recv is None else _weak_recv(recv, self)
+        node = NodeCore(loop._core, config, deliver, self._message_class)
+        try:
+            node.start(config)
+        except BaseException:
+            if not was_sealed:
+                object.__setattr__(config, "_sealed", False)
+            raise
+        self._node = node
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> Loop:
+        """The Loop the node runs on."""
+        return self._loop
+
+    @property
+    def config(self) -> Config:
+        """The (sealed) Config the node was started with."""
+        return self._config
+
+    def identity(self) -> bytes:
+        """The node's 16-byte identity (a method, as in libchirp 1.x)."""
+        assert self._node is not None
+        return self._node.identity
+
+    @property
+    def port(self) -> int:
+        """The port the node listens on."""
+        assert self._node is not None
+        return self._node.port
+
+    @property
+    def late_replies(self) -> int:
+        """Replies that arrived after their request timed out (delivered as ordinary messages)."""
+        assert self._node is not None
+        return self._node.late_replies
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, msg: MessageBase) -> Future:
+        """Send ``msg``; the future resolves to ``msg`` (PROTOCOL.md 4.1) or fails.
+
+        Thread-safe. ``RuntimeError`` if ``msg`` is still being sent.
+        """
+        if not isinstance(msg, MessageBase):
+            raise TypeError("send() needs a libchirp message, not %s" % type(msg).__name__)
+        assert self._node is not None
+        return self._node.send(msg)
+
+    def request(self, msg: MessageBase, auto_release: bool = True) -> ChirpFuture:
+        """Send ``msg`` and return a :class:`ChirpFuture` for the reply (PROTOCOL.md 8.3)."""
+        if not isinstance(msg, MessageBase):
+            raise TypeError("request() needs a libchirp message, not %s" % type(msg).__name__)
+        assert self._node is not None
+        req = ChirpFuture(auto_release)
+        self._node.request(msg, req)
+        return req
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the node; idempotent and bounded (PROTOCOL.md 8.1).
+
+        Waits up to Config.TIMEOUT for delivered messages to be released; if some
+        are not, releases them itself and raises ``RuntimeError("Timeout waiting
+        for released messages, maybe a message was not released.")`` after the
+        node stopped. Queued sends fail with SHUTDOWN; every pending future
+        completes. If the loop was asked to stop and this was its last node, the
+        loop's threads end here.
+        """
+        node = self._node
+        if node is None:
+            return
+        try:
+            node.stop()
+        finally:
+            self._stopped = node.done
+
+    def __enter__(self) -> ChirpBase:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        node = getattr(self, "_node", None)
+        if node is None or node.done or node.stop_sent:
+            return
+        warnings.warn(
+            "libchirp node was not stopped; call stop() or use it as a context manager",
+            ResourceWarning,
+            stacklevel=2,
+        )
+        try:
+            node.abandon()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        node = self._node
+        if node is None:
+            return "<%s (not started)>" % type(self).__name__
+        state = "stopped" if node.done else ("stopping" if node.closing else "running")
+        return "<%s %s port=%d identity=%s>" % (
+            type(self).__name__,
+            state,
+            node.port,
+            node.identity.hex(),
+        )

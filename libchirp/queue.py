@@ -1,0 +1,62 @@
+"""Queue interface: received messages are taken with ``get()`` (PROTOCOL.md 8.2).
+
+Theory of operation
+-------------------
+:class:`Chirp` is both a :class:`~libchirp.chirp.ChirpBase` and a
+``queue.Queue``. The dispatcher thread puts every received message that does
+not answer a request into the queue; application threads take them with
+``get()`` / ``get_nowait()``. With ``Config.AUTO_RELEASE`` (default) the slot
+is released when ``get()`` hands the message out (as in libchirp 1.x), i.e.
+before the application processed it; with AUTO_RELEASE False the application
+calls ``msg.release_slot()`` itself. ``disable_queue = True`` releases such
+messages at once and never queues them (useful for a node that only sends and
+makes requests).
+"""
+
+from __future__ import annotations
+
+import queue as _queue
+from typing import Optional
+
+from .chirp import ChirpBase
+from .config import Config
+from .loop import Loop
+from .message import Message, MessageBase
+
+__all__ = ["Chirp", "Config", "Loop", "Message"]
+
+
+class Chirp(ChirpBase, _queue.Queue):
+    """A chirp node whose received messages are read with ``get()``."""
+
+    def __init__(self, loop: Loop, config: Config) -> None:
+        _queue.Queue.__init__(self)
+        self._disable_queue = False
+        self._auto_release = config.AUTO_RELEASE
+        ChirpBase.__init__(self, loop, config, recv=self._enqueue)
+
+    @property
+    def disable_queue(self) -> bool:
+        """When True, messages that do not answer a request are released, not queued."""
+        return self._disable_queue
+
+    @disable_queue.setter
+    def disable_queue(self, value: bool) -> None:
+        self._disable_queue = bool(value)
+
+    def _enqueue(self, msg: MessageBase) -> None:
+        # Dispatcher thread.
+        if self._disable_queue:
+            msg.release_slot()
+        else:
+            self.put_nowait(msg)
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> MessageBase:
+        """Remove and return a received message (``queue.Empty`` as usual).
+
+        With ``Config.AUTO_RELEASE`` the message's slot is released here.
+        """
+        msg: MessageBase = _queue.Queue.get(self, block, timeout)
+        if self._auto_release:
+            msg.release_slot()
+        return msg

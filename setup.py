@@ -1,0 +1,22 @@
+"""setuptools entry point; the C core is built by build_ffi.py (CFFI, API mode)."""
+
+from setuptools import setup
+
+setup(
+    name="libchirp",
+    version="2.0.0.dev0",
+    description="Message-passing for distributed systems, compatible with libchirp 1.x",
+    packages=["libchirp"],
+    package_data={"libchirp": ["py.typed"]},
+    python_requires=">=3.9",
+    setup_requires=["cffi>=1.15"],
+    install_requires=["cffi>=1.15"],
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "hypothesis", "cryptography>=38"]},
+    cffi_modules=["build_ffi.py:ffibuilder"],
+    zip_safe=False,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C",
+        "Operating System :: POSIX",
+    ],
+)
