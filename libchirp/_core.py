@@ -42,11 +42,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only from 3.11 on
 from concurrent.futures import wait as _wait_futures
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .config import Config
-from .errors import ChirpShutdown, ChirpTimeoutError, chirp_error_to_exception
+from .errors import ChirpError, ChirpShutdown, ChirpTimeoutError, chirp_error_to_exception
 from .message import MessageBase
 
 try:
@@ -121,6 +122,14 @@ def _set_exception(fut: Future, exc: BaseException) -> None:
         pass
 
 
+def _error(code: int, text: Optional[str] = None) -> ChirpError:
+    """chirp_error_to_exception() for a code known to be an error (not SUCCESS)."""
+    exc = chirp_error_to_exception(code, text)
+    if exc is None:  # pragma: no cover - the core never reports SUCCESS as a failure
+        exc = ChirpError("unexpected success code")
+    return exc
+
+
 def _shutdown_error(text: str = "node stopped") -> ChirpShutdown:
     exc = chirp_error_to_exception(lib.CH_SHUTDOWN, text)
     assert isinstance(exc, ChirpShutdown)
@@ -167,9 +176,7 @@ def check_config(ccfg: Any) -> None:
     err = ffi.new("char[]", 512)
     rc = lib.ch_config_check(ccfg, err, 512)
     if rc != lib.CH_SUCCESS:
-        exc = chirp_error_to_exception(rc, _text(err))
-        assert exc is not None
-        raise exc
+        raise _error(rc, _text(err))
 
 
 # -- loop ----------------------------------------------------------------------------------------
@@ -186,9 +193,7 @@ class LoopCore:
         out = ffi.new("ch_loop_t **")
         rc = lib.ch_loop_new(out)
         if rc != lib.CH_SUCCESS:
-            exc = chirp_error_to_exception(rc, "cannot create the chirp loop")
-            assert exc is not None
-            raise exc
+            raise _error(rc, "cannot create the chirp loop")
         self.c: Any = out[0]
         self.lock = threading.RLock()
         self.nodes: Dict[int, NodeCore] = {}
@@ -498,25 +503,23 @@ class NodeCore:
         del keep
         if rc != lib.CH_SUCCESS:
             loop.unregister(self)
-            raise chirp_error_to_exception(rc, "cannot create the node")  # type: ignore[misc]
+            raise _error(rc, "cannot create the node")
         self.c = out[0]
         rc = lib.ch_node_start(self.c, loop.next_token())
         if rc != lib.CH_SUCCESS:
             self._free_c()
             loop.unregister(self)
-            raise chirp_error_to_exception(rc, "cannot start the node")  # type: ignore[misc]
+            raise _error(rc, "cannot start the node")
         try:
             status, text = self.start_future.result(START_LIMIT)
-        except TimeoutError:
+        except _FutureTimeout:
             self.abandon()
             raise RuntimeError("the chirp node did not start within %.0f s" % START_LIMIT) from None
         if status != lib.CH_SUCCESS:
             # The core answers a failed start only after closing what it opened.
             self._free_c()
             loop.unregister(self)
-            exc = chirp_error_to_exception(status, text)
-            assert exc is not None
-            raise exc
+            raise _error(status, text)
         ident = ffi.new("uint8_t[16]")
         lib.ch_node_identity(self.c, ident)
         self.identity = bytes(ident)
@@ -566,7 +569,7 @@ class NodeCore:
                 del self.sends[token]
                 msg._sending = False
         if rc != 0:
-            fut.set_exception(chirp_error_to_exception(rc))  # type: ignore[arg-type]
+            fut.set_exception(_error(rc))
         return fut
 
     def on_send_done(self, token: int, status: int, text: Any) -> None:
@@ -580,13 +583,13 @@ class NodeCore:
             _set_result(fut, msg)
             return
         text = _text(text)
-        _set_exception(fut, chirp_error_to_exception(status, text))  # type: ignore[arg-type]
+        _set_exception(fut, _error(status, text))
         req = entry[4]
         if req is not None and self.requests.get(msg._identity) is req:
             del self.requests[msg._identity]
             LoopCore.cancel_timer(req._timer)
             self._remember_expired(msg._identity)
-            _set_exception(req, chirp_error_to_exception(status, text))  # type: ignore[arg-type]
+            _set_exception(req, _error(status, text))
 
     # -- request -------------------------------------------------------------------------------
 
@@ -613,7 +616,9 @@ class NodeCore:
                 if self.requests.get(identity) is req:
                     del self.requests[identity]
             LoopCore.cancel_timer(req._timer)
-            _set_exception(req, send_future.exception())  # type: ignore[arg-type]
+            exc = send_future.exception()
+            if exc is not None:
+                _set_exception(req, exc)
 
     def _expire(self, identity: bytes, req: Future) -> None:
         if self.requests.get(identity) is not req:
@@ -704,7 +709,7 @@ class NodeCore:
                 del self.releases[token]
                 self.orphans.append(cmsg)
         if rc != 0:
-            fut.set_exception(chirp_error_to_exception(rc))  # type: ignore[arg-type]
+            fut.set_exception(_error(rc))
         return fut
 
     def on_release_done(self, token: int, status: int, text: Any) -> None:
@@ -714,9 +719,7 @@ class NodeCore:
         if status == 0:
             _set_result(entry[0], (entry[1], entry[2]))
         else:
-            exc = chirp_error_to_exception(status, _text(text))
-            assert exc is not None
-            _set_exception(entry[0], exc)
+            _set_exception(entry[0], _error(status, _text(text)))
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -756,7 +759,7 @@ class NodeCore:
                 try:
                     self.stop_future.result(limit)
                     stopped = True
-                except TimeoutError:
+                except _FutureTimeout:
                     pass
             if stopped:
                 self._free_c()

@@ -239,3 +239,10 @@ def test_core_log_lines_reach_the_logger(make_node, caplog):
         b.get(timeout=10)
         fut.result(timeout=10)
     assert any(r.name == "libchirp" for r in caplog.records)
+
+
+def test_compiled_core_matches_the_python_code():
+    from libchirp import _core
+
+    assert _core.lib.ch_version_stamp() == _core._EXPECTED_STAMP
+    assert _core.lib.CH_VERSION_STAMP == _core._EXPECTED_STAMP
