@@ -78,10 +78,13 @@ typedef struct ch_message_s ch_message_t;
 #define CH_EV_SEND_DONE 3      /* node, token (of the send), status, text */
 #define CH_EV_RECV 4           /* node, msg (owned by the receiver until released) */
 #define CH_EV_RELEASE_DONE 5   /* node, token (of the release), msg info copied in id/serial */
-#define CH_EV_LOG 6            /* node (may be NULL), status = level (10 debug..40 error), text */
+#define CH_EV_LOG 6            /* node, status = level (10 debug..40 error), text */
 #define CH_EV_WAKE 7           /* ch_loop_wake() was called: token */
+#define CH_EV_STATS 8          /* node, token, stats (free with ch_stats_free) */
 
 #define CH_EV_TEXT_LEN 200
+
+typedef struct ch_stats_s ch_stats_t;
 
 typedef struct ch_event_s {
     int type;
@@ -90,6 +93,7 @@ typedef struct ch_event_s {
     uint64_t node_token;  /* token given to ch_node_new */
     uint64_t token;
     ch_message_t *msg;
+    ch_stats_t *stats;    /* STATS: the snapshot, owned by the receiver of the event */
     uint8_t identity[16]; /* RELEASE_DONE: identity of the released message */
     uint32_t serial;      /* RELEASE_DONE: serial of the released message */
     char text[200];       /* NUL terminated; empty when there is nothing to say */
@@ -129,6 +133,44 @@ int ch_node_send(ch_node_t *node, uint64_t token, const uint8_t identity[16], in
  * one RELEASE_DONE event for token; the message is freed by the core then and
  * must not be used afterwards. */
 int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token);
+
+/* Statistics: counters of one remote, and of the node as a whole. Counters of
+ * a remote start when the remote record is created (first send or first
+ * connection) and end with it (garbage collection); the node's totals keep
+ * counting. Errors are connection closes by reason. */
+typedef struct ch_counters_s {
+    uint64_t msgs_in;
+    uint64_t bytes_in;    /* header + data bytes of received messages */
+    uint64_t msgs_out;    /* data messages sent successfully */
+    uint64_t bytes_out;
+    uint64_t send_failures;
+    uint64_t timeouts;
+    uint64_t protocol_errors;
+    uint64_t tls_errors;
+    uint64_t connects;    /* connections opened (outgoing) or accepted */
+} ch_counters_t;
+
+typedef struct ch_remote_stats_s {
+    char address[46];
+    uint16_t port;
+    uint32_t connections;  /* open connections filed under the remote */
+    uint32_t slots_in_use; /* received messages not yet released */
+    uint32_t send_queue;   /* data messages waiting to be written */
+    uint32_t in_flight;    /* written, waiting for their ACK */
+    double idle;           /* seconds since the last activity */
+    ch_counters_t counters;
+} ch_remote_stats_t;
+
+struct ch_stats_s {
+    uint32_t connections; /* all open connections, incl. those before their handshake */
+    uint32_t nremotes;
+    ch_counters_t totals;
+    ch_remote_stats_t *remotes; /* nremotes entries */
+};
+
+/* Ask for a snapshot; answered with one CH_EV_STATS event for token. */
+int ch_node_stats(ch_node_t *node, uint64_t token);
+void ch_stats_free(ch_stats_t *stats);
 
 /* Read a received message (any thread, until its release was submitted). */
 typedef struct ch_msg_info_s {

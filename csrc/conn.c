@@ -78,6 +78,7 @@ static ch_conn_t *ch__conn_new(ch_node_t *node)
     c->handles = 2;
     node->handles += 2;
     c->activity = ch__node_now(node);
+    node->nconns++;
     c->next = node->conns;
     if (node->conns)
         node->conns->prev = c;
@@ -121,6 +122,11 @@ void ch__conn_close(ch_conn_t *c, int reason, const char *fmt, ...)
                                                                             : CH_LOG_WARNING;
     ch__log(c->node, level, "%s", text);
     ch_remote_t *r = c->remote;
+    c->node->nconns--;
+    if (reason == CH_TLS_ERROR)
+        CH__COUNT(c->node, r, tls_errors, 1);
+    else if (reason == CH_TIMEOUT)
+        CH__COUNT(c->node, r, timeouts, 1);
     c->remote = NULL;
     if (r)
         ch__remote_conn_closed(r, c, reason, text);
@@ -236,6 +242,7 @@ static void ch__conn_got_handshake(ch_conn_t *c)
     }
     /* The connection whose handshake completes last becomes active (6.5). */
     r->conn = c;
+    CH__COUNT(node, r, connects, 1);
     c->state = CH__CONN_READY;
     c->activity = r->activity = ch__node_now(node);
     ch__log(node, CH_LOG_DEBUG, "connection to %s ready (%s)", c->name,
@@ -252,6 +259,8 @@ static void ch__conn_got_message(ch_conn_t *c)
     m->port = c->port;
     memcpy(m->remote_identity, c->remote_identity, CH_ID_SIZE);
     m->conn = c;
+    CH__COUNT(c->node, c->remote, msgs_in, 1);
+    CH__COUNT(c->node, c->remote, bytes_in, (uint64_t)m->header_len + m->data_len);
     ch_msgq_push(&c->held, m);
     ch_event_t ev;
     memset(&ev, 0, sizeof(ev));
@@ -330,6 +339,7 @@ static int ch__conn_process(ch_conn_t *c)
             ch__conn_got_message(c);
             break;
         default:
+            CH__COUNT(node, c->remote, protocol_errors, 1);
             ch__conn_close(c, -rc, "closing connection to %s: %s", c->name,
                            ch_reader_error(c->reader));
             return 1;

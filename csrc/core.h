@@ -29,7 +29,7 @@ typedef struct ch_remote_s ch_remote_t;
 
 /* ---- loop ------------------------------------------------------------- */
 
-enum ch__cmd_type { CH__CMD_START = 1, CH__CMD_STOP, CH__CMD_SEND, CH__CMD_RELEASE };
+enum ch__cmd_type { CH__CMD_START = 1, CH__CMD_STOP, CH__CMD_SEND, CH__CMD_RELEASE, CH__CMD_STATS };
 
 typedef struct ch__cmd_s {
     int type;
@@ -114,6 +114,8 @@ struct ch_node_s {
     size_t nremotes;
 
     ch_conn_t *conns; /* all connections, doubly linked */
+    uint32_t nconns;
+    ch_counters_t totals;
     ch_node_t *next;  /* loop's list */
 };
 
@@ -142,6 +144,7 @@ struct ch_remote_s {
     int blocked; /* reconnect back-off running */
     int deleted;
     uv_timer_t timer; /* reconnect back-off */
+    ch_counters_t counters;
     ch_remote_t *hnext;
 };
 
@@ -154,6 +157,14 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16]);
 void ch__remote_delete(ch_remote_t *r, int reason, const char *text);
 void ch__msg_fail(ch_node_t *node, ch_message_t *m, int status, const char *text);
+
+/* Count into the remote (if any) and the node's totals. */
+#define CH__COUNT(node, remote, field, n)          \
+    do {                                            \
+        (node)->totals.field += (n);                \
+        if (remote)                                 \
+            (remote)->counters.field += (n);        \
+    } while (0)
 
 /* ---- connection ------------------------------------------------------- */
 

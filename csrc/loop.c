@@ -100,12 +100,14 @@ void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev)
 
 void ch__log(ch_node_t *node, int level, const char *fmt, ...)
 {
+    if (!node)
+        return; /* every log line belongs to a node: it names the loop to post on */
     ch_event_t ev;
     memset(&ev, 0, sizeof(ev));
     ev.type = CH_EV_LOG;
     ev.status = level;
     ev.node = node;
-    ev.node_token = node ? node->token : 0;
+    ev.node_token = node->token;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(ev.text, sizeof(ev.text), fmt, ap);
@@ -121,6 +123,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token);
 void ch__node_do_stop(ch_node_t *node, uint64_t token);
 void ch__node_do_send(ch_node_t *node, ch_message_t *m);
 void ch__node_do_release(ch_node_t *node, ch_message_t *m, uint64_t token);
+void ch__node_do_stats(ch_node_t *node, uint64_t token);
 
 static void ch__loop_close_handles(ch_loop_t *loop)
 {
@@ -163,6 +166,9 @@ static void ch__loop_wake_cb(uv_async_t *h)
                 break;
             case CH__CMD_RELEASE:
                 ch__node_do_release(c->node, c->msg, c->token);
+                break;
+            case CH__CMD_STATS:
+                ch__node_do_stats(c->node, c->token);
                 break;
             }
         }

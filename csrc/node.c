@@ -110,6 +110,75 @@ int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token)
     return ch__submit(node, CH__CMD_RELEASE, msg, token);
 }
 
+int ch_node_stats(ch_node_t *node, uint64_t token)
+{
+    return ch__submit(node, CH__CMD_STATS, NULL, token);
+}
+
+void ch_stats_free(ch_stats_t *stats)
+{
+    if (stats) {
+        free(stats->remotes);
+        free(stats);
+    }
+}
+
+static ch_remote_stats_t *ch__stats_find(ch_stats_t *st, ch_remote_t **order, ch_remote_t *r)
+{
+    for (uint32_t i = 0; i < st->nremotes; i++)
+        if (order[i] == r)
+            return &st->remotes[i];
+    return NULL;
+}
+
+void ch__node_do_stats(ch_node_t *node, uint64_t token)
+{
+    ch_event_t ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = CH_EV_STATS;
+    ev.node = node;
+    ev.node_token = node->token;
+    ev.token = token;
+    size_t n = node->nremotes;
+    ch_stats_t *st = calloc(1, sizeof(*st));
+    ch_remote_t **order = calloc(n ? n : 1, sizeof(*order));
+    if (st && n)
+        st->remotes = calloc(n, sizeof(*st->remotes));
+    if (!st || !order || (n && !st->remotes)) {
+        ch_stats_free(st);
+        free(order);
+        ev.status = CH_ENOMEM;
+        snprintf(ev.text, sizeof(ev.text), "out of memory for statistics");
+        ch__loop_post(node->loop, &ev);
+        return;
+    }
+    st->connections = node->nconns;
+    st->totals = node->totals;
+    uint64_t now = node->state == CH__NODE_RUNNING ? ch__node_now(node) : 0;
+    for (size_t b = 0; b < node->nbuckets; b++) {
+        for (ch_remote_t *r = node->buckets[b]; r && st->nremotes < n; r = r->hnext) {
+            ch_remote_stats_t *rs = &st->remotes[st->nremotes];
+            order[st->nremotes++] = r;
+            ch__format_addr(r->family, r->addr, rs->address, sizeof(rs->address));
+            rs->port = r->port;
+            rs->connections = (uint32_t)r->nconns;
+            rs->send_queue = (uint32_t)r->data_q.len;
+            rs->in_flight = r->outstanding ? 1 : 0;
+            rs->idle = now > r->activity ? (double)(now - r->activity) / 1000.0 : 0.0;
+            rs->counters = r->counters;
+        }
+    }
+    /* Slots are held per connection; add them to the connection's remote. */
+    for (ch_conn_t *c = node->conns; c; c = c->next) {
+        ch_remote_stats_t *rs = c->remote ? ch__stats_find(st, order, c->remote) : NULL;
+        if (rs)
+            rs->slots_in_use += (uint32_t)c->slots_used;
+    }
+    free(order);
+    ev.stats = st;
+    ch__loop_post(node->loop, &ev);
+}
+
 void ch_msg_info(const ch_message_t *m, ch_msg_info_t *out)
 {
     memcpy(out->identity, m->identity, CH_ID_SIZE);
@@ -128,6 +197,12 @@ void ch_msg_info(const ch_message_t *m, ch_msg_info_t *out)
 
 void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *text)
 {
+    if (status == CH_SUCCESS) {
+        CH__COUNT(node, m->remote, msgs_out, 1);
+        CH__COUNT(node, m->remote, bytes_out, (uint64_t)m->header_len + m->data_len);
+    } else {
+        CH__COUNT(node, m->remote, send_failures, 1);
+    }
     ch_event_t ev;
     memset(&ev, 0, sizeof(ev));
     ev.type = CH_EV_SEND_DONE;

@@ -4,6 +4,7 @@
 #
 #   make fuzz [FUZZ_SECONDS=60]  libFuzzer on the frame reader and the TLS engine,
 #                                each for FUZZ_SECONDS on a fresh copy of its seeds
+#   make fuzz-long [FUZZ_RUNS=10000000 FUZZ_JOBS=2]   the long run (not for CI)
 #   make ctest-asan              every C unit test under ASan + UBSan (and LSan)
 #   make ctest-valgrind          every C unit test under valgrind memcheck
 #
@@ -28,8 +29,8 @@ ASAN_TESTS := $(patsubst build/ctest/%,build/ctest-asan/%,$(CTESTS))
 VALGRIND := valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
 	--trace-children=no --suppressions=mk/valgrind.supp
 
-.PHONY: fuzz fuzz-deps fuzz-build fuzz-seeds ctest-asan ctest-valgrind valgrind-deps
-# fuzz-run-<name> are not .PHONY: make skips pattern rules for phony targets.
+.PHONY: fuzz fuzz-long fuzz-deps fuzz-build fuzz-seeds ctest-asan ctest-valgrind valgrind-deps
+# fuzz-run-<name> and fuzz-long-<name> are not .PHONY: make skips pattern rules for phony targets.
 
 # ---------------------------------------------------------------- fuzzing ---
 
@@ -69,8 +70,25 @@ fuzz-run-%: $(FUZZ_DIR)/fuzz_% $(FUZZ_DIR)/record_tls
 			-print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/crash-$*- $$c \
 			> $(FUZZ_DIR)/fuzz_$*.log 2>&1; then \
 		tail -n 60 $(FUZZ_DIR)/fuzz_$*.log; echo "fuzz_$* FAILED"; exit 1; fi; \
-	grep -E '^#[0-9]+ +DONE|^stat::(number_of_executed_units|average_exec_per_sec)' \
+	grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec)' \
 		$(FUZZ_DIR)/fuzz_$*.log
+
+# A long run outside CI: FUZZ_RUNS executions per harness, split over
+# FUZZ_JOBS processes that share build/fuzz/long-<name>/corpus (kept between
+# runs). Prints the total; fails when any job left a crash-* input.
+FUZZ_RUNS ?= 10000000
+FUZZ_JOBS ?= 2
+fuzz-long: $(addprefix fuzz-long-,$(FUZZ_TARGETS))
+
+fuzz-long-%: $(FUZZ_DIR)/fuzz_% $(FUZZ_DIR)/record_tls
+	@d=$(FUZZ_DIR)/long-$*; mkdir -p $$d/corpus; cp -n tests/fuzz/seeds/$*/* $$d/corpus/; \
+	rm -f $$d/fuzz-*.log; echo "== fuzz_$*: $(FUZZ_RUNS) runs in $(FUZZ_JOBS) jobs, logs $$d/fuzz-*.log"; \
+	cd $$d && ../fuzz_$* -jobs=$(FUZZ_JOBS) -workers=$(FUZZ_JOBS) \
+		-runs=$$(( $(FUZZ_RUNS) / $(FUZZ_JOBS) )) -max_len=$(FUZZ_MAX_LEN_$*) -timeout=25 \
+		-print_final_stats=1 -artifact_prefix=crash- corpus > main.log 2>&1; \
+	grep -h '^stat::number_of_executed_units' fuzz-*.log | \
+		awk '{ n += $$2 } END { print "fuzz_$*: " n " executions" }'; \
+	if ls crash-* >/dev/null 2>&1; then echo "fuzz_$*: CRASH in $$d"; exit 1; fi
 
 # Rewrite the checked-in seeds (deterministic; TLS seeds depend on OpenSSL).
 fuzz-seeds: $(FUZZ_DIR)/record_tls

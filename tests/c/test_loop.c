@@ -109,6 +109,28 @@ static void test_exchange(int sync)
         CHECK_EQ(wait_event(CH_EV_SEND_DONE, 100 + i, &ev, &recvd), 0);
         CHECK_EQ(ev.status, CH_SUCCESS);
     }
+    /* Statistics: a's counters for b, b's totals. */
+    ch_event_t sev;
+    CHECK_EQ(ch_node_stats(a, 500), CH_SUCCESS);
+    CHECK_EQ(wait_event(CH_EV_STATS, 500, &sev, &recvd), 0);
+    if (CHECK(sev.stats != NULL)) {
+        CHECK_EQ(sev.stats->totals.msgs_out, 50);
+        CHECK_EQ(sev.stats->totals.bytes_out, 50 * 6);
+        CHECK_EQ(sev.stats->nremotes, 1);
+        CHECK_EQ(sev.stats->remotes[0].port, pb);
+        CHECK(strcmp(sev.stats->remotes[0].address, "127.0.0.1") == 0);
+        CHECK_EQ(sev.stats->remotes[0].counters.msgs_out, 50);
+        CHECK_EQ(sev.stats->remotes[0].send_queue, 0);
+        CHECK(sev.stats->connections >= 1);
+        ch_stats_free(sev.stats);
+    }
+    CHECK_EQ(ch_node_stats(b, 501), CH_SUCCESS);
+    CHECK_EQ(wait_event(CH_EV_STATS, 501, &sev, &recvd), 0);
+    if (CHECK(sev.stats != NULL)) {
+        if (sync)
+            CHECK_EQ(sev.stats->totals.msgs_in, 50);
+        ch_stats_free(sev.stats);
+    }
     /* A closed port: the send fails with CANNOT_CONNECT. */
     ch_event_t ev;
     CHECK_EQ(ch_node_send(a, 999, id, 4, lo, 1, NULL, 0, NULL, 0), CH_SUCCESS);
