@@ -152,8 +152,8 @@ void ch__conn_arm_timer(ch_conn_t *c)
     if (c->state != CH__CONN_READY) {
         deadline = c->connect_deadline;
     } else {
-        if (c->writing)
-            deadline = c->writing->deadline;
+        if (c->writing.head)
+            deadline = c->writing.head->deadline;
         ch_remote_t *r = c->remote;
         if (r && r->outstanding && r->outstanding->conn == c &&
             (!deadline || r->outstanding->deadline < deadline))
@@ -180,7 +180,8 @@ static void ch__conn_timer_cb(uv_timer_t *t)
         }
     } else {
         ch_remote_t *r = c->remote;
-        int expired = (c->writing && c->writing->deadline && now >= c->writing->deadline) ||
+        ch_message_t *w = c->writing.head;
+        int expired = (w && w->deadline && now >= w->deadline) ||
                       (r && r->outstanding && r->outstanding->conn == c &&
                        now >= r->outstanding->deadline);
         if (expired) {
@@ -525,12 +526,11 @@ static int ch__conn_tls_input(ch_conn_t *c, size_t n)
 
 /* ---- writing ---------------------------------------------------------- */
 
-/* The frame being written has reached the socket (or failed). */
+/* The frames of the write in progress have reached the socket (or failed). */
 static void ch__conn_frame_written(ch_conn_t *c, int status)
 {
-    ch_message_t *m = c->writing;
-    if (!m || (c->flags & CH__CONNF_CLOSING))
-        return; /* the close already completed the message */
+    if (!c->writing.head || (c->flags & CH__CONNF_CLOSING))
+        return; /* the close already completed the messages */
     if (status < 0) {
         ch__conn_close(c, CH_PROTOCOL_ERROR, "write to %s failed: %s", c->name,
                        uv_strerror(status));
@@ -538,21 +538,24 @@ static void ch__conn_frame_written(ch_conn_t *c, int status)
     }
     ch_node_t *node = c->node;
     ch_remote_t *r = c->remote;
-    c->writing = NULL;
     uint64_t now = ch__node_now(node);
     c->activity = now;
     if (r)
         r->activity = now;
-    if (m->flags & CH_MSGF_CONTROL) {
-        if (m->type & CH_MSG_ACK)
-            ch__release_done(node, m->ack_of, CH_SUCCESS);
-        free(m);
-    } else if (m->flags & CH_MSGF_RELEASED) {
-        m->conn = NULL; /* its ACK arrived before this callback */
-        ch__send_done(node, m, CH_SUCCESS, NULL);
-    } else if (!(m->type & CH_MSG_REQ_ACK)) {
-        m->conn = NULL;
-        ch__send_done(node, m, CH_SUCCESS, NULL);
+    ch_message_t *m;
+    while ((m = ch_msgq_pop(&c->writing))) {
+        m->flags &= ~CH_MSGF_WRITING;
+        if (m->flags & CH_MSGF_CONTROL) {
+            if (m->type & CH_MSG_ACK)
+                ch__release_done(node, m->ack_of, CH_SUCCESS);
+            free(m);
+        } else if (m->flags & CH_MSGF_RELEASED) {
+            m->conn = NULL; /* its ACK arrived before this callback */
+            ch__send_done(node, m, CH_SUCCESS, NULL);
+        } else if (!(m->type & CH_MSG_REQ_ACK)) {
+            m->conn = NULL;
+            ch__send_done(node, m, CH_SUCCESS, NULL);
+        } /* else: stays outstanding until its ACK */
     }
     ch__conn_arm_timer(c);
     if (r)
@@ -564,20 +567,26 @@ static void ch__conn_write_cb(uv_write_t *req, int status)
     ch__conn_frame_written(req->data, status);
 }
 
-void ch__conn_write(ch_conn_t *c, ch_message_t *m)
+/* Write a batch of frames (taken over from *batch) with one uv_write. */
+void ch__conn_write(ch_conn_t *c, ch_msgq_t *batch)
 {
     ch_node_t *node = c->node;
-    c->writing = m;
-    m->conn = c;
-    m->deadline = ch__node_now(node) + (uint64_t)(node->cfg.timeout * 1000.0);
-    ch_writer_header(c->hdr_out, m->identity, m->serial, m->data_len, m->header_len, m->type);
-    uv_buf_t bufs[3];
+    uv_buf_t bufs[3 * CH__WRITE_FRAMES];
     unsigned n = 0;
-    bufs[n++] = uv_buf_init((char *)c->hdr_out, CH_HEADER_SIZE);
-    if (m->header_len)
-        bufs[n++] = uv_buf_init((char *)m->header, m->header_len);
-    if (m->data_len)
-        bufs[n++] = uv_buf_init((char *)m->data, m->data_len);
+    uint64_t deadline = ch__node_now(node) + (uint64_t)(node->cfg.timeout * 1000.0);
+    c->writing = *batch;
+    memset(batch, 0, sizeof(*batch));
+    for (ch_message_t *m = c->writing.head; m; m = m->next) {
+        m->conn = c;
+        m->flags |= CH_MSGF_WRITING;
+        m->deadline = deadline;
+        ch_writer_header(m->hdr, m->identity, m->serial, m->data_len, m->header_len, m->type);
+        bufs[n++] = uv_buf_init((char *)m->hdr, CH_HEADER_SIZE);
+        if (m->header_len)
+            bufs[n++] = uv_buf_init((char *)m->header, m->header_len);
+        if (m->data_len)
+            bufs[n++] = uv_buf_init((char *)m->data, m->data_len);
+    }
     if (c->tls) {
         if (ch__conn_tls_write(c, bufs, n) == 0)
             ch__conn_arm_timer(c);

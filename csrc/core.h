@@ -210,11 +210,10 @@ struct ch_conn_s {
 
     int slots_used;
     ch_msgq_t held;         /* received messages not yet released */
-    ch_message_t *writing;  /* frame being written */
+    ch_msgq_t writing;      /* frames of the write in progress (one uv_write) */
     uint64_t connect_deadline;
     uint64_t activity;
     uint8_t hs_out[CH_HANDSHAKE_SIZE];
-    uint8_t hdr_out[CH_HEADER_SIZE];
 
     ch_conn_t *prev, *next;
 };
@@ -223,7 +222,11 @@ int ch__conn_accept(ch_node_t *node, uv_stream_t *server);
 int ch__conn_connect(ch_remote_t *r);
 void ch__conn_close(ch_conn_t *c, int reason, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-void ch__conn_write(ch_conn_t *c, ch_message_t *m);
+void ch__conn_write(ch_conn_t *c, ch_msgq_t *batch);
+
+/* Limits of one write: frames and payload bytes gathered into one uv_write. */
+#define CH__WRITE_FRAMES 64
+#define CH__WRITE_BYTES (256 * 1024)
 void ch__conn_arm_timer(ch_conn_t *c);
 void ch__conn_slot_freed(ch_conn_t *c);
 void ch__format_addr(int family, const uint8_t *addr, char *out, size_t len);

@@ -151,24 +151,33 @@ void ch__remote_enqueue_ack(ch_remote_t *r, ch_message_t *ack)
 void ch__remote_flush(ch_remote_t *r)
 {
     ch_conn_t *c = r->conn;
-    if (!c || c->state != CH__CONN_READY || c->writing || (c->flags & CH__CONNF_CLOSING))
+    if (!c || c->state != CH__CONN_READY || c->writing.head || (c->flags & CH__CONNF_CLOSING))
         return;
-    ch_message_t *m = NULL;
-    if (r->ctrl_q.head) {
-        m = ch_msgq_pop(&r->ctrl_q);
-        if (m->type & CH_MSG_NOOP)
-            r->noop_queued = 0;
-    } else if (r->data_q.head) {
-        if ((r->data_q.head->type & CH_MSG_REQ_ACK) && r->outstanding)
-            return;
-        m = ch_msgq_pop(&r->data_q);
-        if (m->type & CH_MSG_REQ_ACK)
-            r->outstanding = m;
+    /* Gather frames into one write: control frames first, then data frames;
+     * a REQ_ACK frame only while none is outstanding (PROTOCOL.md 6.3). */
+    ch_msgq_t batch = {0};
+    size_t bytes = 0;
+    while (batch.len < CH__WRITE_FRAMES && bytes < CH__WRITE_BYTES) {
+        ch_message_t *m;
+        if (r->ctrl_q.head) {
+            m = ch_msgq_pop(&r->ctrl_q);
+            if (m->type & CH_MSG_NOOP)
+                r->noop_queued = 0;
+        } else if (r->data_q.head) {
+            if ((r->data_q.head->type & CH_MSG_REQ_ACK) && r->outstanding)
+                break;
+            m = ch_msgq_pop(&r->data_q);
+            if (m->type & CH_MSG_REQ_ACK)
+                r->outstanding = m;
+        } else {
+            break;
+        }
+        m->serial = ++r->serial;
+        bytes += CH_HEADER_SIZE + (size_t)m->header_len + m->data_len;
+        ch_msgq_push(&batch, m);
     }
-    if (!m)
-        return;
-    m->serial = ++r->serial;
-    ch__conn_write(c, m);
+    if (batch.head)
+        ch__conn_write(c, &batch);
 }
 
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16])
@@ -179,7 +188,7 @@ void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16])
         return; /* unknown ACKs are ignored (PROTOCOL.md 4.3) */
     r->outstanding = NULL;
     ch_conn_t *wc = m->conn;
-    if (wc && wc->writing == m) {
+    if (wc && (m->flags & CH_MSGF_WRITING)) {
         /* The ACK overtook our write completion: finish in the write callback. */
         m->flags |= CH_MSGF_RELEASED;
         return;
@@ -207,19 +216,19 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
 {
     ch_node_t *node = r->node;
     int failed = 0;
-    ch_message_t *w = c->writing;
     if (r->outstanding && r->outstanding->conn == c) {
         ch_message_t *m = r->outstanding;
         r->outstanding = NULL;
-        if (m != w) {
+        if (!(m->flags & CH_MSGF_WRITING)) { /* else: failed with the write below */
             m->conn = NULL;
             ch__msg_fail(node, m, reason, text);
         }
         failed = 1;
     }
-    if (w) {
-        c->writing = NULL;
+    ch_message_t *w;
+    while ((w = ch_msgq_pop(&c->writing))) {
         w->conn = NULL;
+        w->flags &= ~CH_MSGF_WRITING;
         if (!(w->flags & CH_MSGF_CONTROL))
             failed = 1;
         if (w->flags & CH_MSGF_RELEASED) /* acknowledged before its write completed */
