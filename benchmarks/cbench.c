@@ -47,6 +47,7 @@ static void start(bench_t *b, uint16_t port, int sync)
     cfg.port = port;
     cfg.backlog = 100;
     cfg.synchronous = (uint8_t)sync;
+    cfg.max_slots = (uint8_t)(getenv("CBENCH_SLOTS") ? atoi(getenv("CBENCH_SLOTS")) : 0);
     cfg.max_msg_size = 1 << 26;
     cfg.disable_encryption = 1;
     if (ch_loop_new(&b->loop) != 0)

@@ -39,9 +39,12 @@ double ch__config_reuse(const ch_config_t *cfg)
 
 int ch__config_slots(const ch_config_t *cfg)
 {
-    if (cfg->synchronous)
-        return 1;
-    return cfg->max_slots == 0 ? 16 : cfg->max_slots;
+    /* libchirp 1.x forces one slot in synchronous mode; we honour an explicit
+     * MAX_SLOTS there too (0 keeps the 1.x default of one), so a receiver can
+     * work on several acknowledged messages at once. */
+    if (cfg->max_slots == 0)
+        return cfg->synchronous ? 1 : 16;
+    return cfg->max_slots;
 }
 
 int ch_config_check(const ch_config_t *cfg, char *err, size_t errlen)

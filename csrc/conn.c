@@ -155,9 +155,9 @@ void ch__conn_arm_timer(ch_conn_t *c)
         if (c->writing.head)
             deadline = c->writing.head->deadline;
         ch_remote_t *r = c->remote;
-        if (r && r->outstanding && r->outstanding->conn == c &&
-            (!deadline || r->outstanding->deadline < deadline))
-            deadline = r->outstanding->deadline;
+        uint64_t d = r ? ch__remote_ack_deadline(r, c) : 0;
+        if (d && (!deadline || d < deadline))
+            deadline = d;
     }
     if (!deadline) {
         uv_timer_stop(&c->timer);
@@ -182,8 +182,7 @@ static void ch__conn_timer_cb(uv_timer_t *t)
         ch_remote_t *r = c->remote;
         ch_message_t *w = c->writing.head;
         int expired = (w && w->deadline && now >= w->deadline) ||
-                      (r && r->outstanding && r->outstanding->conn == c &&
-                       now >= r->outstanding->deadline);
+                      (r && ch__remote_ack_deadline(r, c) && now >= ch__remote_ack_deadline(r, c));
         if (expired) {
             ch__conn_close(c, CH_TIMEOUT, "send to %s timed out after %.1f s (TIMEOUT)", c->name,
                            c->node->cfg.timeout);
@@ -244,6 +243,8 @@ static void ch__conn_got_handshake(ch_conn_t *c)
     /* The connection whose handshake completes last becomes active (6.5). */
     r->conn = c;
     CH__COUNT(node, r, connects, 1);
+    if (c->flags & CH__CONNF_OUTGOING)
+        ch__remote_send_caps(r, c); /* the connector announces first */
     c->state = CH__CONN_READY;
     c->activity = r->activity = ch__node_now(node);
     ch__log(node, CH_LOG_DEBUG, "connection to %s ready (%s)", c->name,
@@ -321,11 +322,23 @@ static int ch__conn_process(ch_conn_t *c)
                 ch__remote_ack(c->remote, c, id);
             break;
         }
-        case CH_RD_NOOP:
+        case CH_RD_NOOP: {
+            uint8_t id[16];
+            uint32_t serial, dlen;
+            uint16_t hlen;
+            uint8_t type;
+            ch_reader_frame(c->reader, id, &serial, &dlen, &hlen, &type);
+            if ((type & CH_MSG_EXT) && memcmp(id, CH_EXT_MAGIC, 4) == 0 && c->remote) {
+                c->peer_window = (id[4] & CH_EXT_F_PIPELINE) ? (id[5] ? id[5] : 1) : 1;
+                if (!(c->flags & CH__CONNF_OUTGOING))
+                    ch__remote_send_caps(c->remote, c);
+                ch__remote_flush(c->remote);
+            }
             c->activity = now;
             if (c->remote)
                 c->remote->activity = now;
             break;
+        }
         case CH_RD_DATA_HEADER:
             c->activity = now;
             if (c->remote)

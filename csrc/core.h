@@ -137,7 +137,8 @@ struct ch_remote_s {
     int nconns;      /* connections filed under this remote */
     ch_msgq_t data_q;
     ch_msgq_t ctrl_q;
-    ch_message_t *outstanding; /* REQ_ACK message waiting for its ACK */
+    ch_message_t *outstanding; /* REQ_ACK messages waiting for their ACK, via ->onext */
+    int noutstanding;
     uint32_t serial;
     uint64_t activity; /* ms */
     int noop_queued;
@@ -155,6 +156,9 @@ void ch__remote_enqueue_ack(ch_remote_t *r, ch_message_t *ack);
 void ch__remote_flush(ch_remote_t *r);
 void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text);
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16]);
+void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c);
+/* Earliest deadline of the messages waiting for an ACK on c (0 if none). */
+uint64_t ch__remote_ack_deadline(ch_remote_t *r, ch_conn_t *c);
 void ch__remote_delete(ch_remote_t *r, int reason, const char *text);
 void ch__msg_fail(ch_node_t *node, ch_message_t *m, int status, const char *text);
 
@@ -208,6 +212,8 @@ struct ch_conn_s {
     size_t rbuf_off; /* unconsumed bytes rbuf[rbuf_off, rbuf_len) while paused */
     size_t rbuf_len;
 
+    int peer_window; /* REQ_ACK frames the peer accepts unacknowledged (0 = 1) */
+    int caps_sent;
     int slots_used;
     ch_msgq_t held;         /* received messages not yet released */
     ch_msgq_t writing;      /* frames of the write in progress (one uv_write) */

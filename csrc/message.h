@@ -42,6 +42,7 @@ struct ch_message_s {
     struct ch_conn_s *conn;     /* received: connection it arrived on */
     struct ch_remote_s *remote; /* outgoing: remote it is queued on */
     ch_message_t *next;         /* intrusive queue link */
+    ch_message_t *onext;        /* link in the remote's list of unacknowledged messages */
     ch_message_t *ack_of;       /* control ACK: the received message it acknowledges */
     uint8_t hdr[CH_HEADER_SIZE]; /* encoded frame header while being written */
 };

@@ -163,7 +163,7 @@ void ch__node_do_stats(ch_node_t *node, uint64_t token)
             rs->port = r->port;
             rs->connections = (uint32_t)r->nconns;
             rs->send_queue = (uint32_t)r->data_q.len;
-            rs->in_flight = r->outstanding ? 1 : 0;
+            rs->in_flight = (uint32_t)r->noutstanding;
             rs->idle = now > r->activity ? (double)(now - r->activity) / 1000.0 : 0.0;
             rs->counters = r->counters;
         }

@@ -161,14 +161,18 @@ void ch__remote_flush(ch_remote_t *r)
         ch_message_t *m;
         if (r->ctrl_q.head) {
             m = ch_msgq_pop(&r->ctrl_q);
-            if (m->type & CH_MSG_NOOP)
+            if ((m->type & CH_MSG_NOOP) && !(m->type & CH_MSG_EXT))
                 r->noop_queued = 0;
         } else if (r->data_q.head) {
-            if ((r->data_q.head->type & CH_MSG_REQ_ACK) && r->outstanding)
+            int window = c->peer_window > 0 ? c->peer_window : 1;
+            if ((r->data_q.head->type & CH_MSG_REQ_ACK) && r->noutstanding >= window)
                 break;
             m = ch_msgq_pop(&r->data_q);
-            if (m->type & CH_MSG_REQ_ACK)
+            if (m->type & CH_MSG_REQ_ACK) {
+                m->onext = r->outstanding;
                 r->outstanding = m;
+                r->noutstanding++;
+            }
         } else {
             break;
         }
@@ -180,13 +184,61 @@ void ch__remote_flush(ch_remote_t *r)
         ch__conn_write(c, &batch);
 }
 
+/* Remove m from the list of unacknowledged messages. */
+static void ch__remote_unlink(ch_remote_t *r, ch_message_t *m)
+{
+    for (ch_message_t **pp = &r->outstanding; *pp; pp = &(*pp)->onext) {
+        if (*pp == m) {
+            *pp = m->onext;
+            m->onext = NULL;
+            r->noutstanding--;
+            return;
+        }
+    }
+}
+
+uint64_t ch__remote_ack_deadline(ch_remote_t *r, ch_conn_t *c)
+{
+    uint64_t d = 0;
+    for (ch_message_t *m = r->outstanding; m; m = m->onext)
+        if (m->conn == c && (!d || m->deadline < d))
+            d = m->deadline;
+    return d;
+}
+
+/* Queue our capability NOOP for connection c (the extension in chirp.h). It
+ * must travel on c itself, so it is sent only while c is the active one. */
+void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c)
+{
+    if (c->caps_sent || r->conn != c)
+        return;
+    ch_message_t *caps = calloc(1, sizeof(*caps));
+    if (!caps)
+        return; /* without it the peer just keeps one REQ_ACK in flight */
+    c->caps_sent = 1;
+    memcpy(caps->identity, CH_EXT_MAGIC, 4);
+    caps->identity[4] = CH_EXT_F_PIPELINE;
+    caps->identity[5] = CH_EXT_WINDOW;
+    caps->type = CH_MSG_NOOP | CH_MSG_EXT;
+    caps->flags = CH_MSGF_CONTROL;
+    /* First in line: ahead of anything already queued. */
+    caps->next = r->ctrl_q.head;
+    r->ctrl_q.head = caps;
+    if (!r->ctrl_q.tail)
+        r->ctrl_q.tail = caps;
+    r->ctrl_q.len++;
+    ch__remote_flush(r);
+}
+
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16])
 {
     (void)c;
     ch_message_t *m = r->outstanding;
-    if (!m || memcmp(m->identity, identity, CH_ID_SIZE) != 0)
+    while (m && memcmp(m->identity, identity, CH_ID_SIZE) != 0)
+        m = m->onext;
+    if (!m)
         return; /* unknown ACKs are ignored (PROTOCOL.md 4.3) */
-    r->outstanding = NULL;
+    ch__remote_unlink(r, m);
     ch_conn_t *wc = m->conn;
     if (wc && (m->flags & CH_MSGF_WRITING)) {
         /* The ACK overtook our write completion: finish in the write callback. */
@@ -216,9 +268,11 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
 {
     ch_node_t *node = r->node;
     int failed = 0;
-    if (r->outstanding && r->outstanding->conn == c) {
-        ch_message_t *m = r->outstanding;
-        r->outstanding = NULL;
+    for (ch_message_t *m = r->outstanding, *next; m; m = next) {
+        next = m->onext;
+        if (m->conn != c)
+            continue;
+        ch__remote_unlink(r, m);
         if (!(m->flags & CH_MSGF_WRITING)) { /* else: failed with the write below */
             m->conn = NULL;
             ch__msg_fail(node, m, reason, text);
@@ -286,9 +340,8 @@ void ch__remote_delete(ch_remote_t *r, int reason, const char *text)
         ch__msg_fail(node, m, reason, text);
     while ((m = ch_msgq_pop(&r->data_q)))
         ch__msg_fail(node, m, reason, text);
-    if (r->outstanding) { /* written on a connection that is gone already */
-        m = r->outstanding;
-        r->outstanding = NULL;
+    while ((m = r->outstanding)) { /* written on a connection that is gone already */
+        ch__remote_unlink(r, m);
         m->conn = NULL;
         ch__msg_fail(node, m, reason, text);
     }

@@ -37,6 +37,21 @@ assert _HS.size == HANDSHAKE_LEN and _HDR.size == HEADER_LEN
 Handshake = collections.namedtuple("Handshake", "port identity")
 Frame = collections.namedtuple("Frame", "identity serial data_len header_len type header data raw")
 
+# Our capability NOOP (docs/protocol.md): NOOP | EXT, identity "chx1" + flags + window.
+EXT = 0x40
+CAPS_MAGIC = b"chx1"
+
+
+def is_caps(frame):
+    return bool(frame.type & NOOP) and bool(frame.type & EXT) and frame.identity[:4] == CAPS_MAGIC
+
+
+def pack_caps(serial, window=32, flags=0x01):
+    """A capability announcement as our nodes send it."""
+    identity = CAPS_MAGIC + bytes([flags, window]) + bytes(10)
+    return pack_header(identity, serial, 0, 0, NOOP | EXT)
+
+
 ZERO_ID = bytes(16)
 CLIENT_ID = bytes(range(0xA0, 0xB0))  # a0 a1 .. af, the 9.1 client identity
 
@@ -98,6 +113,7 @@ class RawPeer:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(None)
         self.closed_by_us = False
+        self.caps = []  # capability NOOPs skipped by recv_frame
 
     # -- sending
 
@@ -156,7 +172,20 @@ class RawPeer:
     def recv_handshake(self, timeout=5.0):
         return unpack_handshake(self.recv_exact(HANDSHAKE_LEN, timeout, "handshake bytes"))
 
-    def recv_frame(self, timeout=5.0):
+    def recv_frame(self, timeout=5.0, skip_caps=True):
+        """The next frame. Like a libchirp 1.x node, which takes it for a plain
+        NOOP, this skips our capability announcement (docs/protocol.md,
+        "Pipelined acknowledgements") unless skip_caps is False; skipped ones
+        are kept in self.caps."""
+        deadline = time.monotonic() + timeout
+        while True:
+            f = self._recv_frame_any(max(0.1, deadline - time.monotonic()))
+            if skip_caps and is_caps(f):
+                self.caps.append(f)
+                continue
+            return f
+
+    def _recv_frame_any(self, timeout):
         deadline = time.monotonic() + timeout
         raw = self.recv_exact(HEADER_LEN, timeout, "frame header bytes")
         identity, serial, data_len, header_len, type_ = unpack_header(raw)
