@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PKGS := libuv1-dev libssl-dev pkg-config iproute2
+APT_PKGS := build-essential python3-dev libuv1-dev libssl-dev pkg-config iproute2 openssl
 CC ?= cc
 CFLAGS_C := -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -g $(shell pkg-config --cflags libuv openssl 2>/dev/null)
 LIBS_C := $(shell pkg-config --libs libuv openssl 2>/dev/null)

@@ -24,7 +24,7 @@ sends; implies window 1), --tag NAME.
 
 Commands on stdin, one a line (every role); EOF stops the node and the process:
 
-    send IP PORT COUNT SIZE [WINDOW [TAG]]
+    send IP PORT COUNT SIZE [WINDOW [TAG [INTERVAL]]]
 
 Reports on stdout, one flushed line each:
 
@@ -134,13 +134,14 @@ def command_reader(node, stop, workers):
             words = line.split()
             if not words:
                 continue
-            if words[0] == "send" and 5 <= len(words) <= 7:
+            if words[0] == "send" and 5 <= len(words) <= 8:
                 ip, port, count, size = words[1], int(words[2]), int(words[3]), int(words[4])
                 window = int(words[5]) if len(words) > 5 else 16
                 tag = words[6] if len(words) > 6 else "cmd"
+                interval = float(words[7]) if len(words) > 7 else 0.0
                 t = threading.Thread(
                     target=send_batch,
-                    args=(node, ip, port, count, size, window, tag),
+                    args=(node, ip, port, count, size, window, tag, interval),
                     name="send-" + tag,
                 )
                 t.start()

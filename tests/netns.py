@@ -64,7 +64,11 @@ class NetnsUnavailable(RuntimeError):
 
 def _ip_tool() -> str:
     ip = shutil.which("ip") or next(
-        (p for p in ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip") if os.access(p, os.X_OK)),
+        (
+            p
+            for p in ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
+            if os.access(p, os.X_OK)
+        ),
         None,
     )
     if ip is None:
@@ -138,7 +142,9 @@ class Hosts:
                 timeout=_IP_TIMEOUT,
             )
         except subprocess.TimeoutExpired:
-            raise NetnsUnavailable("'ip %s' hung for %.0f s" % (" ".join(args), _IP_TIMEOUT))
+            raise NetnsUnavailable(
+                "'ip %s' hung for %.0f s" % (" ".join(args), _IP_TIMEOUT)
+            ) from None
         if res.returncode != 0:
             raise NetnsUnavailable(
                 "%s failed: 'ip %s' exited with %d: %s"
