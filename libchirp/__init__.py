@@ -2,8 +2,15 @@
 
 A small C core on libuv does all networking on a background thread; this
 package drives it through CFFI (``libchirp._ffi``, wrapped by ``libchirp._core``).
-Interfaces: :mod:`libchirp.queue` (``get()`` received messages). See
-PROTOCOL.md for the wire protocol and docs/architecture.md for the threads.
+Interfaces (each exports ``Chirp``, ``Config``, ``Loop`` and ``Message``):
+
+* :mod:`libchirp.queue`: ``get()`` received messages (a ``queue.Queue``);
+* :mod:`libchirp.pool`: override ``handler(msg)``, run on a thread pool;
+* :mod:`libchirp.asyncio`: override ``async def handler(msg)``; awaitable
+  ``send()``, ``request()`` and ``release_slot()``.
+
+Every node offers ``statistics()`` (see :mod:`libchirp.stats`). See PROTOCOL.md
+for the wire protocol and docs/architecture.md for the threads.
 
 Importing this package fails with ``ImportError`` if the compiled core is
 missing or stale (rebuild with ``make build``).
@@ -36,6 +43,7 @@ from .errors import (
 )
 from .loop import Loop
 from .message import MessageBase, MessageThread
+from .stats import CounterStats, NodeStats, RemoteStats
 
 __version__ = "2.0.0.dev0"
 
@@ -47,6 +55,9 @@ __all__ = [
     "ChirpFuture",
     "MessageBase",
     "MessageThread",
+    "NodeStats",
+    "RemoteStats",
+    "CounterStats",
     "chirp_error_to_exception",
     "ChirpError",
     "ChirpValueError",

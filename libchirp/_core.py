@@ -22,6 +22,21 @@ Everything that touches ``ffi``/``lib`` lives here; the public modules
   Header and data ``bytes`` of a send are handed to C without copying
   (``ffi.from_buffer``) and kept alive in the pending entry until SEND_DONE.
 
+Batches: after the dispatcher has handled one batch of events (and the timers
+that were due), it runs the *end-of-batch hooks* registered during that batch
+(:meth:`LoopCore.at_batch_end`). Interfaces that hand work to another event loop
+(``libchirp.asyncio``) collect what a batch produced and flush it there with one
+wake-up per batch instead of one per message.
+
+Requests (PROTOCOL.md 8.3, changed by issue 4): a reply that arrives after its
+request timed out is counted (``late_replies``) and dropped: its slot is
+released at once (so the peer still gets its ACK) and it is never delivered as
+an ordinary message (libchirp 1.x delivered it; see ``DROP_LATE_REPLIES``).
+
+Statistics: ``ch_node_stats()`` is answered by a STATS event carrying a C
+snapshot; the dispatcher copies it into plain dicts (``libchirp.stats``) and
+frees it with ``ch_stats_free()`` whatever happens.
+
 Events carry ``node_token`` (given to ``ch_node_new``), which the dispatcher
 maps to the NodeCore. Public objects (``Loop``, ``ChirpBase``) are *not*
 referenced by the threads or by the cores, so a leaked public object is
@@ -44,11 +59,12 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only from 3.11 on
 from concurrent.futures import wait as _wait_futures
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Type
 
 from .config import Config
 from .errors import ChirpError, ChirpShutdown, ChirpTimeoutError, chirp_error_to_exception
 from .message import MessageBase
+from .stats import CounterStats, NodeStats, RemoteStats, remote_key
 
 try:
     from ._ffi import ffi, lib
@@ -81,9 +97,10 @@ JOIN_LIMIT = 10.0
 #: How many expired request identities are remembered (late replies are dropped).
 EXPIRED_MEMORY = 10000
 #: What happens to a reply that arrives after its request timed out: it is always
-#: counted (``late_replies``); PROTOCOL.md 8.3 delivers it as an ordinary message
-#: (False), True drops it (released at once, so the peer still gets its ACK).
-DROP_LATE_REPLIES = False
+#: counted (``late_replies``). True (the default since issue 4) drops it: it is
+#: released at once, so the peer still gets its ACK, and never delivered. False
+#: restores libchirp 1.x (PROTOCOL.md 8.3): it is delivered as an ordinary message.
+DROP_LATE_REPLIES = True
 #: call_soon() callbacks run per wake-up before yielding to other events.
 CALLS_PER_WAKE = 10000
 
@@ -94,6 +111,8 @@ _EV_RECV = lib.CH_EV_RECV
 _EV_RELEASE_DONE = lib.CH_EV_RELEASE_DONE
 _EV_LOG = lib.CH_EV_LOG
 _EV_WAKE = lib.CH_EV_WAKE
+_EV_STATS = lib.CH_EV_STATS
+_NULL = ffi.NULL
 
 _WAKE_CALLS = 1  # token of the wake-up that announces call_soon() callbacks
 _WAKE_TIMERS = 0  # token of the wake-up that makes the dispatcher re-read the timer heap
@@ -211,6 +230,9 @@ class LoopCore:
         self.disp_thread: Optional[threading.Thread] = None
         self.disp_ident: Optional[int] = None
         self.info = ffi.new("ch_msg_info_t *")  # dispatcher thread only
+        self._batch_end: List[Callable[[], None]] = []  # dispatcher thread only
+        #: Objects shared by the nodes of this loop, by key (see :meth:`acquire_shared`).
+        self._shared: Dict[Any, List[Any]] = {}
 
     def next_token(self) -> int:
         return next(self._tokens)
@@ -342,6 +364,50 @@ class LoopCore:
                     lib.ch_loop_wake(self.c, _WAKE_TIMERS)
         return entry
 
+    # -- end-of-batch hooks and shared objects ------------------------------------------------
+
+    def at_batch_end(self, func: Callable[[], None]) -> None:
+        """Run ``func()`` once the dispatcher has handled the current batch.
+
+        Dispatcher thread only. Every registration runs once (register once per
+        batch if you want one call per batch). Hooks registered while the hooks
+        run are run in the same round. Exceptions are logged.
+        """
+        self._batch_end.append(func)
+
+    def _end_batch(self) -> None:
+        hooks = self._batch_end
+        while hooks:
+            self._batch_end = []
+            for func in hooks:
+                try:
+                    func()
+                except Exception:
+                    logger.exception("libchirp: exception in an end-of-batch hook %r", func)
+            hooks = self._batch_end
+
+    def acquire_shared(self, key: Any, factory: Callable[[], Any]) -> Any:
+        """Return the object shared under ``key``, made by ``factory()`` for the first user.
+
+        Every call must be paired with :meth:`release_shared`; the object is
+        forgotten when its last user released it.
+        """
+        with self.lock:
+            entry = self._shared.get(key)
+            if entry is None:
+                entry = self._shared[key] = [factory(), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release_shared(self, key: Any) -> None:
+        """Drop one use of the object shared under ``key``."""
+        with self.lock:
+            entry = self._shared.get(key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._shared[key]
+
     @staticmethod
     def cancel_timer(entry: Optional[list]) -> None:
         if entry is not None:
@@ -419,12 +485,23 @@ class LoopCore:
                             node = nodes.get(ev.node_token)
                             if node is not None:
                                 node.on_stopped()
+                        elif t == _EV_STATS:
+                            st = ev.stats
+                            try:
+                                node = nodes.get(ev.node_token)
+                                if node is not None:
+                                    node.on_stats(ev.token, ev.status, ev.text, st)
+                            finally:
+                                if st != _NULL:
+                                    lib.ch_stats_free(st)
                         else:
                             logger.warning("libchirp: unknown event type %d", t)
                     except Exception:
                         logger.exception("libchirp: exception while handling event type %d", t)
                 if self._timers:
                     self._run_timers()
+                if self._batch_end:
+                    self._end_batch()
         finally:
             self._dispatcher_ends()
 
@@ -446,6 +523,7 @@ class LoopCore:
                 func(*args, **kwargs)
             except Exception:
                 logger.exception("libchirp: exception in a call_soon() callback %r", func)
+        self._end_batch()
 
 
 # -- node ----------------------------------------------------------------------------------------
@@ -464,7 +542,7 @@ class NodeCore:
         loop: LoopCore,
         config: Config,
         deliver: Optional[Callable[[MessageBase], None]],
-        message_class: type,
+        message_class: Type[MessageBase],
     ) -> None:
         self.loop = loop
         self.timeout = config.TIMEOUT
@@ -480,9 +558,13 @@ class NodeCore:
         self.done = False  # stop() finished
         self.sends: Dict[int, list] = {}  # token -> [future, msg, header, data, request]
         self.releases: Dict[int, Tuple[Future, bytes, int]] = {}
-        self.requests: Dict[bytes, Future] = {}
+        self.requests: Dict[bytes, Any] = {}  # identity -> ChirpFuture (has ._timer)
         self.expired: OrderedDict[bytes, None] = OrderedDict()
         self.late_replies = 0
+        self.stats_pending: Dict[int, Future] = {}
+        self.release_after_send: Set[MessageBase] = set()  # see release_when_sent()
+        #: Data of the interface that owns the node (the asyncio bridge), or None.
+        self.context: Any = None
         self.held: Set[MessageBase] = set()
         self.orphans: List[Any] = []  # C messages received after ch_node_stop()
         self.start_future: Future = Future()
@@ -579,13 +661,18 @@ class NodeCore:
         fut = entry[0]
         msg = entry[1]
         msg._sending = False
+        if self.release_after_send:  # see release_when_sent() for the ordering
+            with self.lock:
+                if msg in self.release_after_send:
+                    self.release_after_send.discard(msg)
+                    self.release(msg)
         if status == 0:
             _set_result(fut, msg)
             return
         text = _text(text)
         _set_exception(fut, _error(status, text))
-        req = entry[4]
-        if req is not None and self.requests.get(msg._identity) is req:
+        req: Any = entry[4]
+        if req is not None and _pending_request(self.requests, msg._identity, req):
             del self.requests[msg._identity]
             LoopCore.cancel_timer(req._timer)
             self._remember_expired(msg._identity)
@@ -620,8 +707,8 @@ class NodeCore:
             if exc is not None:
                 _set_exception(req, exc)
 
-    def _expire(self, identity: bytes, req: Future) -> None:
-        if self.requests.get(identity) is not req:
+    def _expire(self, identity: bytes, req: Any) -> None:
+        if not _pending_request(self.requests, identity, req):
             return
         del self.requests[identity]
         self._remember_expired(identity)
@@ -712,6 +799,24 @@ class NodeCore:
             fut.set_exception(_error(rc))
         return fut
 
+    def release_when_sent(self, msg: MessageBase) -> None:
+        """Release ``msg``'s slot now, or as soon as its pending send completed.
+
+        Used for AUTO_RELEASE after a handler, which may have sent the message
+        back (an answer) without waiting for the send. No-op without a slot.
+        """
+        with self.lock:
+            if msg._c is None:
+                return
+            if msg._sending:
+                self.release_after_send.add(msg)
+                # on_send_done() clears _sending *before* it looks at the set; if it
+                # did so meanwhile, it may have missed the entry: release here.
+                if msg._sending:
+                    return
+                self.release_after_send.discard(msg)
+            self.release(msg)
+
     def on_release_done(self, token: int, status: int, text: Any) -> None:
         entry = self.releases.pop(token, None)
         if entry is None:
@@ -720,6 +825,63 @@ class NodeCore:
             _set_result(entry[0], (entry[1], entry[2]))
         else:
             _set_exception(entry[0], _error(status, _text(text)))
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def stats(self) -> Future:
+        """Ask the core for a snapshot; the future resolves to a :class:`NodeStats` dict.
+
+        Fails with ChirpShutdown once the node is stopping for good.
+        """
+        fut: Future = Future()
+        with self.lock:
+            if self.stop_sent or self.c is None:
+                fut.set_exception(_shutdown_error("node is stopped"))
+                return fut
+            token = next(self.loop._tokens)
+            self.stats_pending[token] = fut
+            rc = lib.ch_node_stats(self.c, token)
+            if rc != 0:
+                del self.stats_pending[token]
+        if rc != 0:
+            fut.set_exception(_error(rc, "cannot ask for statistics"))
+        return fut
+
+    def on_stats(self, token: int, status: int, text: Any, st: Any) -> None:
+        """Dispatcher: copy the snapshot ``st`` (the caller frees it) and resolve."""
+        with self.lock:
+            fut = self.stats_pending.pop(token, None)
+        if fut is None:
+            return
+        if status != 0 or st == _NULL:
+            _set_exception(fut, _error(status or lib.CH_ENOMEM, _text(text)))
+            return
+        remotes: Dict[str, RemoteStats] = {}
+        for i in range(st.nremotes):
+            r = st.remotes[i]
+            address = _string(r.address).decode("ascii")
+            remotes[remote_key(address, r.port)] = RemoteStats(
+                address=address,
+                port=r.port,
+                connections=r.connections,
+                slots_in_use=r.slots_in_use,
+                send_queue=r.send_queue,
+                in_flight=r.in_flight,
+                idle=r.idle,
+                counters=_counters(r.counters),
+            )
+        result = NodeStats(
+            port=self.port,
+            identity=self.identity.hex(),
+            connections=st.connections,
+            totals=_counters(st.totals),
+            late_replies=self.late_replies,
+            pending_requests=len(self.requests),
+            pending_sends=len(self.sends),
+            held_messages=len(self.held),
+            remotes=remotes,
+        )
+        _set_result(fut, result)
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -826,3 +988,28 @@ class NodeCore:
             _, req = self.requests.popitem()
             LoopCore.cancel_timer(req._timer)
             _set_exception(req, _shutdown_error())
+        with self.lock:
+            stats, self.stats_pending = self.stats_pending, {}
+            self.release_after_send.clear()
+        for fut in stats.values():
+            _set_exception(fut, _shutdown_error())
+
+
+def _pending_request(requests: Dict[bytes, Any], identity: bytes, req: Any) -> bool:
+    """True if ``req`` is the request registered under ``identity``."""
+    return identity in requests and requests[identity] is req
+
+
+def _counters(c: Any) -> CounterStats:
+    """Copy a ``ch_counters_t`` into a dict."""
+    return CounterStats(
+        messages_in=c.msgs_in,
+        bytes_in=c.bytes_in,
+        messages_out=c.msgs_out,
+        bytes_out=c.bytes_out,
+        send_failures=c.send_failures,
+        timeouts=c.timeouts,
+        protocol_errors=c.protocol_errors,
+        tls_errors=c.tls_errors,
+        connects=c.connects,
+    )

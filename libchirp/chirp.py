@@ -18,6 +18,14 @@ garbage-collected, warns with ``ResourceWarning`` and stops in the background.
 ``send()`` and ``request()`` are thread-safe and return futures that always
 complete: after ``stop()`` began they are already failed with
 :class:`~libchirp.errors.ChirpShutdown`. ``stop()`` is idempotent and bounded.
+
+Late replies (a change from libchirp 1.x, issue 4): a reply that arrives after
+its request timed out is released at once (its sender still gets its ACK),
+counted in ``late_replies`` / ``statistics()["late_replies"]`` and dropped; it
+is never delivered as an ordinary message.
+
+``statistics()`` returns a snapshot of the node (``libchirp.stats.NodeStats``):
+totals, open connections, late replies and one entry per remote.
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ import inspect
 import warnings
 import weakref
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only from 3.11 on
 from types import TracebackType
 from typing import Any, Callable, Optional, Type
 
-from ._core import NodeCore
+from ._core import START_LIMIT, NodeCore
 from .config import Config
 from .loop import Loop
 from .message import MessageBase, MessageThread
+from .stats import NodeStats
 
 __all__ = ["ChirpBase", "ChirpFuture"]
 
@@ -44,7 +54,8 @@ class ChirpFuture(Future):
     ``request()`` argument, independent of ``Config.AUTO_RELEASE``).
     ``send_result()`` waits for the underlying send and returns the sent message.
     The future fails with ``TimeoutError("Chirp request timed out")`` when no
-    reply arrived within Config.TIMEOUT (send and queue time included).
+    reply arrived within Config.TIMEOUT (send and queue time included); a reply
+    arriving after that is dropped and counted as a late reply.
     """
 
     def __init__(self, auto_release: bool = True) -> None:
@@ -111,6 +122,7 @@ class ChirpBase:
         config._seal()
         deliver = None if recv is None else _weak_recv(recv, self)
         node = NodeCore(loop._core, config, deliver, self._message_class)
+        self._prepare_node(node)
         try:
             node.start(config)
         except BaseException:
@@ -118,6 +130,9 @@ class ChirpBase:
                 object.__setattr__(config, "_sealed", False)
             raise
         self._node = node
+
+    def _prepare_node(self, node: NodeCore) -> None:
+        """Hook for interfaces: called with the NodeCore before the node starts."""
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -144,9 +159,37 @@ class ChirpBase:
 
     @property
     def late_replies(self) -> int:
-        """Replies that arrived after their request timed out (delivered as ordinary messages)."""
+        """Replies that arrived after their request timed out; they were dropped (released)."""
         assert self._node is not None
         return self._node.late_replies
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def statistics(self, timeout: Optional[float] = None) -> NodeStats:
+        """Return a snapshot of the node's statistics (see :mod:`libchirp.stats`).
+
+        Thread-safe; blocks until the loop thread answered, at most ``timeout``
+        seconds (None: 30 s), else raises ``TimeoutError``. Raises
+        :class:`~libchirp.errors.ChirpShutdown` (a ``ConnectionError``) once the
+        node is stopped. Cannot be called on the loop's dispatcher thread (from a
+        ``call_soon()`` callback); the asyncio interface has an awaitable variant.
+        """
+        node = self._node
+        assert node is not None
+        if node.loop.in_dispatcher():
+            raise RuntimeError("statistics() cannot wait on the loop's dispatcher thread")
+        limit = START_LIMIT if timeout is None else timeout
+        fut = node.stats()
+        try:
+            return fut.result(limit)
+        except _FutureTimeout:
+            raise TimeoutError("statistics were not answered within %.1f s" % limit) from None
+
+    def _release_after_handler(self, msg: MessageBase) -> None:
+        """AUTO_RELEASE after a handler: release now, or when the message's send is done."""
+        node = msg._node
+        if node is not None and msg._c is not None:
+            node.release_when_sent(msg)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -161,7 +204,13 @@ class ChirpBase:
         return self._node.send(msg)
 
     def request(self, msg: MessageBase, auto_release: bool = True) -> ChirpFuture:
-        """Send ``msg`` and return a :class:`ChirpFuture` for the reply (PROTOCOL.md 8.3)."""
+        """Send ``msg`` and return a :class:`ChirpFuture` for the reply (PROTOCOL.md 8.3).
+
+        The first received message carrying ``msg.identity`` resolves the future;
+        it is not delivered to the interface. Without a reply within
+        Config.TIMEOUT the future fails with ``TimeoutError``; a reply arriving
+        later is released, counted (``late_replies``) and dropped.
+        """
         if not isinstance(msg, MessageBase):
             raise TypeError("request() needs a libchirp message, not %s" % type(msg).__name__)
         assert self._node is not None

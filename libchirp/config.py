@@ -156,6 +156,7 @@ class Config:
     DISABLE_ENCRYPTION: bool
     MAX_SEND_QUEUE: int
     AUTO_RELEASE: bool
+    _sealed: bool
 
     def __init__(self) -> None:
         set_ = object.__setattr__

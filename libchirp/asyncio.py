@@ -1,0 +1,549 @@
+"""asyncio interface: ``async def handler(msg)``, awaitable send, request and release.
+
+Theory of operation
+-------------------
+:class:`Chirp` is a :class:`~libchirp.chirp.ChirpBase` bound to one asyncio
+event loop (the default policy's loop or uvloop). Its coroutine methods and
+futures belong to that loop: ``send()``, ``request()``, ``statistics()`` and
+``Message.release_slot()`` must be called on the asyncio loop's thread and
+return asyncio futures (or awaitables).
+
+Hand-off from the chirp dispatcher thread (no busy polling, no per-message
+wake-up): everything the dispatcher produces for an asyncio loop (a received
+message to handle, a completed send, release or request) is appended to that
+loop's :class:`_Bridge`. The first item of a dispatcher batch registers an
+end-of-batch hook with the core (``LoopCore.at_batch_end``); when the batch is
+handled the hook flushes the whole list with **one** ``call_soon_threadsafe``.
+Hand-overs also coalesce: while a hand-off is scheduled but not yet run by the
+asyncio loop, later batches are appended to it instead of scheduling another
+(at most one wake-up is outstanding per bridge, like libuv's ``uv_async_t``).
+One bridge serves every node of a chirp Loop on the same asyncio loop. Items
+produced on other threads (e.g. futures failed by ``stop()``) are handed over
+at once, through the same coalescing hand-off.
+
+Handlers: every received message that does not answer a request runs
+``handler(msg)`` in its own task. With ``Config.AUTO_RELEASE`` (default) the slot
+is released after the handler returns **or raises** (the exception is logged
+with its traceback through the ``libchirp`` logger; libchirp 1.x leaked the
+slot, PROTOCOL.md 10.14). If the handler started sending the message back
+without awaiting it, the release happens when that send completed. The default
+handler releases the message when AUTO_RELEASE is False.
+
+Stopping: ``await chirp.astop()`` (or ``async with``) on the asyncio loop; it
+waits (bounded by Config.TIMEOUT) for running handler tasks and then runs the
+blocking node stop on a helper thread, so handlers keep running meanwhile.
+``stop()`` is for other threads; on the asyncio loop's own thread it raises
+``RuntimeError`` (it would block the loop that must run the handlers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Callable, Dict, Generator, List, Optional, Tuple, Type
+
+from ._core import START_LIMIT, LoopCore, NodeCore, logger
+from .chirp import ChirpBase
+from .chirp import ChirpFuture as _ThreadChirpFuture
+from .config import Config
+from .loop import Loop
+from .message import MessageBase
+from .stats import NodeStats
+
+__all__ = ["Chirp", "ChirpFuture", "Config", "Loop", "Message"]
+
+
+# -- the hand-off ----------------------------------------------------------------------------------
+
+#: One piece of work for the asyncio loop: ``func(*args)``.
+_Item = Tuple[Callable[..., Any], Tuple[Any, ...]]
+
+
+class _Bridge:
+    """Batched hand-off from the chirp dispatcher thread to one asyncio loop."""
+
+    def __init__(self, core: LoopCore, aloop: asyncio.AbstractEventLoop) -> None:
+        self.core = core
+        self.aloop = aloop
+        self._items: List[_Item] = []  # dispatcher thread only
+        self._lock = threading.Lock()
+        #: Items handed over whose wake-up the asyncio loop has not run yet (under _lock).
+        self._scheduled: Optional[List[_Item]] = None
+        #: Number of call_soon_threadsafe() calls made (for tests and diagnostics).
+        self.wakeups = 0
+        #: The nodes using this bridge (told when the asyncio loop is found closed).
+        self.nodes: weakref.WeakSet[Chirp] = weakref.WeakSet()
+
+    def post(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run ``func(*args)`` on the asyncio loop; batched on the dispatcher thread."""
+        if self.core.in_dispatcher():
+            if not self._items:
+                self.core.at_batch_end(self._flush)
+            self._items.append((func, args))
+        else:
+            self._hand_over([(func, args)])
+
+    def _flush(self) -> None:
+        # Dispatcher thread, end of a batch.
+        items, self._items = self._items, []
+        if items:
+            self._hand_over(items)
+
+    def _hand_over(self, items: List[_Item]) -> None:
+        with self._lock:
+            schedule = self._scheduled is None
+            if schedule:
+                self._scheduled = items
+                self.wakeups += 1
+            else:  # a wake-up is on its way: ride along
+                self._scheduled.extend(items)  # type: ignore[union-attr]
+        if schedule:
+            try:
+                self.aloop.call_soon_threadsafe(self._run)
+                return
+            except RuntimeError:  # the asyncio loop is closed
+                pass
+        elif not self.aloop.is_closed():
+            return
+        # The asyncio loop is closed (perhaps with our wake-up still queued in it).
+        with self._lock:
+            items, self._scheduled = self._scheduled or [], None
+        self._orphaned(items)
+
+    def _run(self) -> None:
+        # asyncio loop thread.
+        with self._lock:
+            items, self._scheduled = self._scheduled or [], None
+        for func, args in items:
+            try:
+                func(*args)
+            except Exception:
+                logger.exception("libchirp: exception in an asyncio hand-off %r", func)
+
+    def _orphaned(self, items: List[_Item]) -> None:
+        """The asyncio loop is closed: release received messages, drop the rest."""
+        for node in list(self.nodes):
+            node._release_abandoned()
+        for func, args in items:
+            try:
+                if func is _start_handler:
+                    _release_quietly(args[1])
+                elif func is _copy and args[2]:  # a request's reply
+                    cf = args[0]
+                    if not cf.cancelled() and cf.exception() is None:
+                        _release_quietly(cf.result())
+            except Exception:  # pragma: no cover - best effort
+                logger.exception("libchirp: cannot release an orphaned message")
+        logger.warning("libchirp: the asyncio loop is closed; %d hand-off(s) dropped", len(items))
+
+    def wrap(self, cf: Future[Any], reply: bool = False) -> asyncio.Future[Any]:
+        """An asyncio future (of this loop) that follows ``cf``; call on the asyncio loop.
+
+        With ``reply``, ``cf`` resolves to a received message: if ``af`` was
+        cancelled by then, the message is released instead of leaked.
+        """
+        af = self.aloop.create_future()
+        if cf.done():
+            _copy(cf, af, reply)
+        else:
+            cf.add_done_callback(lambda f: self.post(_copy, f, af, reply))
+        return af
+
+
+def _copy(cf: Future[Any], af: asyncio.Future[Any], reply: bool = False) -> None:
+    """Copy the outcome of ``cf`` into ``af`` (asyncio loop thread)."""
+    if af.done():  # cancelled by the application
+        if reply and not cf.cancelled() and cf.exception() is None:
+            _release_quietly(cf.result())  # nobody will see this reply
+        return
+    if cf.cancelled():
+        af.cancel()
+        return
+    exc = cf.exception()
+    if exc is not None:
+        af.set_exception(exc)
+    else:
+        af.set_result(cf.result())
+
+
+def _release_quietly(msg: Any) -> None:
+    if isinstance(msg, MessageBase) and msg._c is not None:
+        try:
+            MessageBase.release_slot(msg)
+        except RuntimeError:  # still being sent
+            node = msg._node
+            if node is not None:
+                node.release_when_sent(msg)
+
+
+def _start_handler(chirp: Chirp, msg: MessageBase) -> None:
+    chirp._start_handler(msg)
+
+
+# -- messages and futures --------------------------------------------------------------------------
+
+
+class Message(MessageBase):
+    """A message whose ``release_slot()`` returns an asyncio future.
+
+    This is the class of messages received by :class:`Chirp`. Call
+    ``release_slot()`` on the asyncio loop's thread.
+    """
+
+    __slots__ = ()
+
+    def release_slot(self) -> asyncio.Future[Any]:  # type: ignore[override]
+        """Release the slot; returns an asyncio future of ``(identity, serial)`` or None.
+
+        The future resolves when the release is done (the owed ACK was handed to
+        the connection), or at once to None if the message has no slot.
+        """
+        cf = MessageBase.release_slot(self)
+        node = self._node
+        bridge = node.context if node is not None else None
+        if isinstance(bridge, _Bridge):
+            return bridge.wrap(cf)
+        af = asyncio.get_running_loop().create_future()
+        _copy(cf, af)
+        return af
+
+
+class ChirpFuture:
+    """The awaitable of ``Chirp.request()``: ``await`` it for the reply.
+
+    Awaiting returns the reply message and releases its slot when
+    ``auto_release`` was True. ``await fut.send_result()`` waits for the send
+    of the request and returns the sent message (or raises). Like an asyncio
+    future it offers ``done()``, ``cancel()``, ``result()``, ``exception()`` and
+    ``add_done_callback()``; cancelling it releases a reply that arrives later.
+    """
+
+    def __init__(
+        self,
+        reply: asyncio.Future[Any],
+        send: Future[Any],
+        bridge: _Bridge,
+        auto_release: bool = True,
+    ) -> None:
+        self._reply = reply
+        self._send = send  # the concurrent future of the send, wrapped on demand
+        self._bridge = bridge
+        self._auto_release = auto_release
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        msg = yield from self._reply.__await__()
+        if self._auto_release:
+            _release_quietly(msg)
+        return msg
+
+    async def send_result(self) -> MessageBase:
+        """Wait for the send of the request; return the sent message or raise."""
+        msg: MessageBase = await self._bridge.wrap(self._send)
+        return msg
+
+    def done(self) -> bool:
+        return self._reply.done()
+
+    def cancelled(self) -> bool:
+        return self._reply.cancelled()
+
+    def cancel(self) -> bool:
+        return self._reply.cancel()
+
+    def result(self) -> Any:
+        """The reply (released when ``auto_release``); raises like asyncio.Future.result()."""
+        msg = self._reply.result()
+        if self._auto_release:
+            _release_quietly(msg)
+        return msg
+
+    def exception(self) -> Optional[BaseException]:
+        return self._reply.exception()
+
+    def add_done_callback(self, fn: Callable[[asyncio.Future[Any]], Any]) -> None:
+        self._reply.add_done_callback(fn)
+
+    def __repr__(self) -> str:
+        return "<libchirp.asyncio.ChirpFuture %r>" % (self._reply,)
+
+
+# -- the node --------------------------------------------------------------------------------------
+
+
+class Chirp(ChirpBase):
+    """A chirp node bound to the asyncio loop ``asyncio_loop``; override ``handler()``.
+
+    ``Chirp(loop, config, asyncio_loop)``: ``loop`` is the libchirp.Loop that
+    carries the node, ``asyncio_loop`` the asyncio loop (default policy or
+    uvloop) that runs ``handler`` and owns every future this node returns.
+    """
+
+    _message_class = Message
+
+    def __init__(self, loop: Loop, config: Config, asyncio_loop: asyncio.AbstractEventLoop) -> None:
+        if not isinstance(asyncio_loop, asyncio.AbstractEventLoop):
+            raise TypeError(
+                "asyncio_loop must be an asyncio event loop, not %s" % type(asyncio_loop).__name__
+            )
+        if not isinstance(loop, Loop):
+            raise TypeError("loop must be a libchirp.Loop, not %s" % type(loop).__name__)
+        self._aloop = asyncio_loop
+        self._auto_release = config.AUTO_RELEASE
+        self._closing = False
+        #: Handler tasks not yet done, with their messages (asyncio loop thread).
+        self._tasks: Dict[asyncio.Task[None], MessageBase] = {}
+        core = loop._core
+        self._bridge_key = ("asyncio", id(asyncio_loop))
+        self._bridge: _Bridge = core.acquire_shared(
+            self._bridge_key, lambda: _Bridge(core, asyncio_loop)
+        )
+        self._bridge_held = True
+        self._bridge.nodes.add(self)
+        try:
+            ChirpBase.__init__(self, loop, config, recv=self._deliver)
+        except BaseException:
+            self._drop_bridge()
+            raise
+
+    def _prepare_node(self, node: NodeCore) -> None:
+        node.context = self._bridge
+
+    def _drop_bridge(self) -> None:
+        if self._bridge_held:
+            self._bridge_held = False
+            self._bridge.nodes.discard(self)
+            self._loop._core.release_shared(self._bridge_key)
+
+    @property
+    def asyncio_loop(self) -> asyncio.AbstractEventLoop:
+        """The asyncio loop the node is bound to."""
+        return self._aloop
+
+    def _check_thread(self, what: str) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._aloop:
+            raise RuntimeError(
+                "%s() must be called on the thread of the node's asyncio loop" % what
+            )
+
+    # -- handling ------------------------------------------------------------------------------
+
+    async def handler(self, msg: MessageBase) -> None:
+        """Handle one received message on the asyncio loop. Override this coroutine.
+
+        The default releases the message when AUTO_RELEASE is False (with
+        AUTO_RELEASE True the release happens after every handler anyway).
+        """
+        if not self._auto_release:
+            _release_quietly(msg)
+
+    def _deliver(self, msg: MessageBase) -> None:
+        # Dispatcher thread.
+        self._bridge.post(_start_handler, self, msg)
+
+    def _start_handler(self, msg: MessageBase) -> None:
+        # asyncio loop thread.
+        if self._closing:
+            _release_quietly(msg)
+            return
+        task = self._aloop.create_task(self._run_handler(msg))
+        self._tasks[task] = msg
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    def _release_abandoned(self) -> None:
+        """The asyncio loop is closed: release the messages of handlers that never finished."""
+        tasks, self._tasks = self._tasks, {}
+        for task, msg in tasks.items():
+            if task.done():
+                continue
+            try:  # the task can never run: silence asyncio's complaints about it
+                task._log_destroy_pending = False  # type: ignore[attr-defined]
+                task.get_coro().close()
+            except Exception:  # pragma: no cover - other Task implementations
+                pass
+            _release_quietly(msg)
+
+    async def _run_handler(self, msg: MessageBase) -> None:
+        try:
+            await self.handler(msg)
+        except Exception:
+            logger.exception(
+                "libchirp: exception in %s.handler()%s",
+                type(self).__name__,
+                "; the message is released" if self._auto_release else "",
+            )
+        finally:
+            if self._auto_release:
+                self._release_after_handler(msg)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, msg: MessageBase) -> asyncio.Future[Any]:  # type: ignore[override]
+        """Send ``msg``; returns an asyncio future resolving to ``msg`` (PROTOCOL.md 4.1).
+
+        Call on the asyncio loop's thread. ``RuntimeError`` if ``msg`` is still
+        being sent.
+        """
+        self._check_thread("send")
+        return self._bridge.wrap(ChirpBase.send(self, msg))
+
+    def request(  # type: ignore[override]
+        self, msg: MessageBase, auto_release: bool = True
+    ) -> ChirpFuture:
+        """Send ``msg`` and return an awaitable :class:`ChirpFuture` for the reply.
+
+        ``await chirp.request(msg)`` returns the reply (its slot released when
+        ``auto_release``); ``await fut.send_result()`` the sent message. Fails
+        with ``TimeoutError`` after Config.TIMEOUT without a reply; a reply that
+        arrives later is released, counted (``late_replies``) and dropped.
+        """
+        self._check_thread("request")
+        if not isinstance(msg, MessageBase):
+            raise TypeError("request() needs a libchirp message, not %s" % type(msg).__name__)
+        node = self._node
+        assert node is not None
+        req = _ThreadChirpFuture(auto_release=False)
+        node.request(msg, req)
+        send_cf = req._send_future
+        if send_cf is None:  # pragma: no cover - node.request raised instead
+            raise RuntimeError("the request was not sent")
+        reply = self._bridge.wrap(req, reply=True)
+        reply.add_done_callback(lambda af: req.cancel() if af.cancelled() else None)
+        return ChirpFuture(reply, send_cf, self._bridge, auto_release)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    async def statistics(  # type: ignore[override]
+        self, timeout: Optional[float] = None
+    ) -> NodeStats:
+        """Return a snapshot of the node's statistics (see :mod:`libchirp.stats`).
+
+        Awaitable; at most ``timeout`` seconds (None: 30 s), else ``TimeoutError``.
+        """
+        self._check_thread("statistics")
+        node = self._node
+        assert node is not None
+        limit = START_LIMIT if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(self._bridge.wrap(node.stats()), limit)
+        except asyncio.TimeoutError:
+            raise TimeoutError("statistics were not answered within %.1f s" % limit) from None
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    async def _wait_handlers(self, limit: float) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in list(self._tasks) if t is not current]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=limit)
+            if pending:
+                logger.warning(
+                    "libchirp: %d asyncio handler(s) still running after %.1f s; stopping the node",
+                    len(pending),
+                    limit,
+                )
+
+    async def astop(self) -> None:
+        """Stop the node from the asyncio loop without blocking it; idempotent.
+
+        Waits (at most Config.TIMEOUT) for running handlers, then stops the
+        node like ChirpBase.stop() on a helper thread while the asyncio loop
+        keeps running. Raises what ChirpBase.stop() raises. Awaited inside a
+        handler, it does not wait for that handler, but the handler's own message
+        is still held (AUTO_RELEASE happens when it returns): release it first or
+        stop from outside the handlers.
+        """
+        node = self._node
+        if node is None or node.done:
+            return
+        self._closing = True
+        await self._wait_handlers(self._config.TIMEOUT)
+        done = self._aloop.create_future()
+
+        def finish(exc: Optional[BaseException]) -> None:
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        def run() -> None:
+            exc: Optional[BaseException] = None
+            try:
+                self._stop_node()
+            except BaseException as e:  # handed to the awaiting coroutine
+                exc = e
+            try:
+                self._aloop.call_soon_threadsafe(finish, exc)
+            except RuntimeError:  # pragma: no cover - the asyncio loop was closed meanwhile
+                pass
+
+        threading.Thread(target=run, name="libchirp-astop", daemon=True).start()
+        await asyncio.shield(done)
+
+    def stop(self) -> None:
+        """Stop the node from a thread other than the asyncio loop's; idempotent.
+
+        If the asyncio loop is running, waits (at most Config.TIMEOUT) for
+        running handlers first. On the asyncio loop's own thread this raises
+        ``RuntimeError``: use ``await chirp.astop()`` there.
+        """
+        node = self._node
+        if node is None or node.done:
+            self._drop_bridge()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._aloop.is_closed():
+            self._release_abandoned()
+        elif running is self._aloop:
+            raise RuntimeError(
+                "stop() would block the asyncio loop that runs the handlers; "
+                "use 'await chirp.astop()' on the asyncio loop"
+            )
+        self._closing = True
+        limit = self._config.TIMEOUT
+        if self._aloop.is_running() and not self._aloop.is_closed():
+            try:
+                cf = asyncio.run_coroutine_threadsafe(self._wait_handlers(limit), self._aloop)
+                cf.result(limit + 5.0)
+            except Exception:  # the asyncio loop stopped meanwhile; the node stop is bounded
+                pass
+        self._stop_node()
+
+    def _stop_node(self) -> None:
+        try:
+            ChirpBase.stop(self)
+        finally:
+            node = self._node
+            if node is not None and node.done:
+                self._drop_bridge()
+
+    def __del__(self) -> None:
+        try:
+            self._drop_bridge()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+        ChirpBase.__del__(self)
+
+    async def __aenter__(self) -> Chirp:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        await self.astop()

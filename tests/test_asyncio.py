@@ -1,0 +1,527 @@
+"""libchirp.asyncio: coroutine handlers, awaitable send/request/release, batched wake-ups.
+
+Every test runs on the default asyncio event loop and on uvloop. The asyncio
+loop runs in its own thread (``AioThread``); tests are coroutines run on it
+with a bound, or drive it from the test thread. Shared behaviour (delivery,
+back-pressure, errors, request/answer, stop with in-flight messages) is in
+test_conformance.py.
+
+Wake-ups are counted by running the node on a subclass of the event loop whose
+``call_soon_threadsafe`` counts its calls.
+"""
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import time
+
+import pytest
+from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, find_free_port
+
+import libchirp
+import libchirp.asyncio
+import libchirp.queue
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in requirements-dev.txt
+    uvloop = None
+
+WAIT = 10.0
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """The default event loop, counting call_soon_threadsafe() calls."""
+
+    threadsafe_calls = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        self.threadsafe_calls += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+if uvloop is not None:
+
+    class CountingUVLoop(uvloop.Loop):
+        """uvloop, counting call_soon_threadsafe() calls."""
+
+        threadsafe_calls = 0
+
+        def call_soon_threadsafe(self, *args, **kwargs):
+            self.threadsafe_calls += 1
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+
+class AioThread:
+    """An asyncio loop running forever in a daemon thread."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.loop = CountingUVLoop() if kind == "uvloop" else CountingLoop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="aio", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, limit=30.0, what="test coroutine"):
+        cf = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return cf.result(limit)
+        except concurrent.futures.TimeoutError:
+            pytest.fail("%s did not finish within %.0f s" % (what, limit), pytrace=False)
+
+    def stop(self):
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def close(self):
+        self.stop()
+        if not self.thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
+
+
+KINDS = ["default"] + (["uvloop"] if uvloop is not None else [])
+
+
+@pytest.fixture(params=KINDS)
+def aio(request):
+    t = AioThread(request.param)
+    yield t
+    t.close()
+
+
+def config(**fields):
+    cfg = libchirp.Config()
+    cfg.PORT = find_free_port()
+    cfg.DISABLE_ENCRYPTION = True
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+@pytest.fixture
+def start(loop, aio):
+    """``start(cls=asyncio.Chirp, **config)`` from any thread; all stopped at teardown."""
+    nodes = []
+
+    def make(cls=libchirp.asyncio.Chirp, **fields):
+        node = call_bounded(
+            cls, NODE_START_LIMIT, "asyncio.Chirp()", loop, config(**fields), aio.loop
+        )
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in reversed(nodes):
+        try:
+            call_bounded(node.stop, NODE_STOP_LIMIT, "asyncio stop() in teardown")
+        except RuntimeError as exc:
+            assert "releas" in str(exc), repr(exc)
+
+
+@pytest.fixture
+def qnode(loop):
+    """Thread-interface (queue) peers; stopped at teardown."""
+    nodes = []
+
+    def make(**fields):
+        node = call_bounded(
+            libchirp.queue.Chirp, NODE_START_LIMIT, "queue.Chirp()", loop, config(**fields)
+        )
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in reversed(nodes):
+        try:
+            call_bounded(node.stop, NODE_STOP_LIMIT, "queue stop() in teardown")
+        except RuntimeError as exc:
+            assert "releas" in str(exc), repr(exc)
+
+
+def message(port, data=b"", cls=libchirp.asyncio.Message):
+    msg = cls()
+    msg.address = "127.0.0.1"
+    msg.port = port
+    msg.data = data
+    return msg
+
+
+class Inbox(libchirp.asyncio.Chirp):
+    """Puts every received message (with the running loop) into a thread-safe queue."""
+
+    def __init__(self, *args, **kwargs):
+        self.inbox = queue.Queue()
+        self.where = []  # (running asyncio loop, thread ident) per handler call
+        super().__init__(*args, **kwargs)
+
+    async def handler(self, msg):
+        self.where.append((asyncio.get_running_loop(), threading.get_ident()))
+        self.inbox.put(msg)
+
+    async def next(self, limit=WAIT):
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                return self.inbox.get_nowait()
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise AssertionError("no message within %.0f s" % limit) from None
+                await asyncio.sleep(0.01)
+
+
+# -- basics ----------------------------------------------------------------------------------------
+
+
+def test_exports():
+    for name in ("Chirp", "Config", "Loop", "Message"):
+        assert name in libchirp.asyncio.__all__
+    assert libchirp.asyncio.Config is libchirp.Config
+    assert libchirp.asyncio.Loop is libchirp.Loop
+    assert issubclass(libchirp.asyncio.Message, libchirp.MessageBase)
+
+
+@pytest.mark.timeout(60)
+def test_handler_send_and_release_on_the_asyncio_loop(aio, start):
+    receiver = start(Inbox, AUTO_RELEASE=False)
+    sender = start()
+
+    async def scenario():
+        msg = message(receiver.port, b"hello")
+        fut = sender.send(msg)
+        assert isinstance(fut, asyncio.Future)
+        got = await receiver.next()
+        await asyncio.sleep(0.3)
+        assert not fut.done(), "synchronous send done before the release"
+        assert isinstance(got, libchirp.asyncio.Message)
+        assert got.data == b"hello" and got.remote_identity == sender.identity()
+        rel = got.release_slot()
+        assert isinstance(rel, asyncio.Future)
+        assert await rel == (got.identity, got.serial)
+        assert await fut is msg
+        assert await got.release_slot() is None, "second release: nothing to do"
+        assert await message(1, b"new").release_slot() is None
+
+    aio.run(scenario())
+    assert receiver.where == [(aio.loop, aio.thread.ident)]
+
+
+@pytest.mark.timeout(60)
+def test_calls_off_the_asyncio_loop_are_rejected(aio, start):
+    node = start()
+    with pytest.raises(RuntimeError, match="asyncio loop"):
+        node.send(message(node.port))
+    with pytest.raises(RuntimeError, match="asyncio loop"):
+        node.request(message(node.port))
+    with pytest.raises(TypeError):
+        libchirp.asyncio.Chirp(libchirp.Loop(run_loop=False), config(), object())
+
+
+@pytest.mark.timeout(60)
+def test_request_awaitable_and_send_result(aio, start):
+    class Echo(libchirp.asyncio.Chirp):
+        async def handler(self, msg):
+            msg.data = b"re: " + msg.data
+            await self.send(msg)
+
+    responder = start(Echo)
+    requester = start(Inbox)
+
+    async def scenario():
+        msg = message(responder.port, b"q1")
+        req = requester.request(msg)
+        reply = await req
+        assert reply.data == b"re: q1" and reply.identity == msg.identity
+        assert not reply.has_slot, "auto_release=True releases the reply"
+        assert await req.send_result() is msg
+        assert req.done() and req.result() is reply
+
+        msg = message(responder.port, b"q2")
+        req = requester.request(msg, auto_release=False)
+        reply = await asyncio.wait_for(req, WAIT)  # works with asyncio helpers too
+        assert reply.has_slot
+        assert await reply.release_slot() == (reply.identity, reply.serial)
+        assert await req.send_result() is msg
+        assert requester.inbox.empty(), "replies are not delivered to the handler"
+        stats = await requester.statistics()
+        assert stats["pending_requests"] == 0 and stats["late_replies"] == 0
+
+    aio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_request_releases_a_later_reply(aio, start):
+    holder = start(Inbox, AUTO_RELEASE=False)
+    requester = start(Inbox, TIMEOUT=5.0)
+
+    async def scenario():
+        msg = message(holder.port, b"slow")
+        req = requester.request(msg)
+        question = await holder.next()
+        await question.release_slot()  # acknowledge, but answer only later
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(req, 0.3)
+        assert req.cancelled()
+        answer = holder.send(question)  # synchronous: done once the requester released it
+        assert await asyncio.wait_for(answer, WAIT) is question
+        await asyncio.sleep(0.2)
+        assert requester.inbox.empty()
+        stats = await requester.statistics()
+        assert stats["held_messages"] == 0 and stats["pending_requests"] == 0
+
+    aio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_handler_may_send_back_without_awaiting(aio, start):
+    class Echo(libchirp.asyncio.Chirp):
+        async def handler(self, msg):
+            self.send(msg)  # not awaited: AUTO_RELEASE waits for the send, then releases
+
+    responder = start(Echo)
+    requester = start()
+
+    async def scenario():
+        for i in range(5):
+            msg = message(responder.port, b"%d" % i)
+            req = requester.request(msg)
+            assert (await req).data == b"%d" % i
+            assert await asyncio.wait_for(req.send_result(), WAIT) is msg
+
+    aio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_default_handler_releases_without_auto_release(aio, start, qnode):
+    receiver = start(AUTO_RELEASE=False)
+    sender = qnode()
+    for i in range(3):
+        fut = sender.send(message(receiver.port, b"%d" % i, libchirp.queue.Message))
+        assert fut.result(WAIT) is not None
+
+
+# -- wake-ups --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_needs_far_fewer_wakeups_than_messages(aio, start, qnode):
+    total = 600
+    done = threading.Event()
+    count = [0]
+
+    class Counter(libchirp.asyncio.Chirp):
+        async def handler(self, msg):
+            count[0] += 1
+            if count[0] == total:
+                done.set()
+
+    receiver = start(Counter, SYNCHRONOUS=False, MAX_SLOTS=16)
+    sender = qnode(SYNCHRONOUS=False)
+    before = aio.loop.threadsafe_calls
+    futs = [
+        sender.send(message(receiver.port, b"%d" % i, libchirp.queue.Message)) for i in range(total)
+    ]
+    for f in futs:
+        assert f.result(WAIT) is not None
+    assert done.wait(WAIT), "only %d of %d messages handled" % (count[0], total)
+    calls = aio.loop.threadsafe_calls - before
+    # Typically one wake-up per 16-message slot window (about 40); never one per message.
+    assert calls <= total // 4, "%d call_soon_threadsafe calls for %d messages" % (calls, total)
+    assert calls >= 1
+
+
+@pytest.mark.timeout(60)
+def test_hand_offs_coalesce_while_the_asyncio_loop_is_busy(aio, start, qnode):
+    count = [0]
+
+    class Counter(libchirp.asyncio.Chirp):
+        async def handler(self, msg):
+            count[0] += 1
+
+    receiver = start(Counter, SYNCHRONOUS=False, MAX_SLOTS=16)
+    sender = qnode(SYNCHRONOUS=False)
+    # Warm up the connection, then block the asyncio loop for a while.
+    sender.send(message(receiver.port, b"warm-up", libchirp.queue.Message)).result(WAIT)
+    deadline = time.monotonic() + WAIT
+    while count[0] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    blocked, unblock = threading.Event(), threading.Event()
+    aio.loop.call_soon_threadsafe(lambda: (blocked.set(), unblock.wait(WAIT)))
+    assert blocked.wait(WAIT)
+    before = aio.loop.threadsafe_calls
+    try:
+        for i in range(10):  # ten separate dispatcher batches
+            sender.send(message(receiver.port, b"%d" % i, libchirp.queue.Message)).result(WAIT)
+            time.sleep(0.05)
+        calls = aio.loop.threadsafe_calls - before
+    finally:
+        unblock.set()
+    assert calls <= 1, "%d wake-ups queued for a busy asyncio loop" % calls
+    deadline = time.monotonic() + WAIT
+    while count[0] < 11 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert count[0] == 11
+
+
+@pytest.mark.timeout(30)
+def test_end_of_batch_hooks(loop, caplog):
+    core = loop._core
+    order = []
+    done = threading.Event()
+
+    def boom():
+        raise ValueError("hook failure")
+
+    def cb():
+        for i in range(3):
+            core.at_batch_end(lambda i=i: order.append(("hook", i)))
+        core.at_batch_end(boom)
+        core.at_batch_end(lambda: core.at_batch_end(done.set))  # registered while flushing
+        order.append("callback")
+
+    loop.call_soon(cb)
+    assert done.wait(WAIT)
+    assert order == ["callback", ("hook", 0), ("hook", 1), ("hook", 2)]
+    assert any(r.exc_info and r.exc_info[0] is ValueError for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+def test_nodes_on_one_asyncio_loop_share_the_hand_off(aio, start, loop):
+    a, b = start(), start()
+    assert a._bridge is b._bridge
+    # A second libchirp loop gets its own hand-off to the same asyncio loop.
+    with libchirp.Loop() as other:
+        c = call_bounded(
+            libchirp.asyncio.Chirp, NODE_START_LIMIT, "asyncio.Chirp()", other, config(), aio.loop
+        )
+        try:
+            assert c._bridge is not a._bridge
+        finally:
+            call_bounded(c.stop, NODE_STOP_LIMIT, "stop()")
+
+
+# -- stop ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_stop_on_the_loop_raises_and_astop_works(aio, start, qnode):
+    finished = []
+
+    class Slow(libchirp.asyncio.Chirp):
+        async def handler(self, msg):
+            await asyncio.sleep(0.5)
+            finished.append(msg.data)
+
+    node = start(Slow, SYNCHRONOUS=False)
+    sender = qnode(SYNCHRONOUS=False)
+    sender.send(message(node.port, b"slow", libchirp.queue.Message)).result(WAIT)
+
+    async def scenario():
+        deadline = time.monotonic() + WAIT
+        while not node._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert node._tasks, "the handler did not start"
+        with pytest.raises(RuntimeError, match="astop"):
+            node.stop()
+        await node.astop()
+        assert finished == [b"slow"], "astop() waits for running handlers"
+        await node.astop()  # idempotent
+        with pytest.raises(ConnectionError):
+            await node.statistics()
+
+    aio.run(scenario())
+    node.stop()  # idempotent from another thread as well
+
+
+@pytest.mark.timeout(60)
+def test_async_with(aio, loop):
+    async def scenario():
+        cfg = config()
+        async with libchirp.asyncio.Chirp(loop, cfg, asyncio.get_running_loop()) as node:
+            port = node.port
+            assert (await node.statistics())["port"] == port
+        return node
+
+    node = aio.run(scenario())
+    assert "stopped" in repr(node)
+
+
+@pytest.mark.timeout(60)
+def test_stop_completes_every_asyncio_future(aio, start, bounded):
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)  # accepts (in the backlog), never answers the handshake
+    try:
+        node = start(TIMEOUT=30.0)
+
+        async def send_all():
+            futs = [node.send(message(srv.getsockname()[1], b"%d" % i)) for i in range(10)]
+            req = node.request(message(srv.getsockname()[1], b"r"))
+            return futs, req
+
+        futs, req = aio.run(send_all())
+        bounded(node.stop, 20, "stop() with pending asyncio sends")
+
+        async def outcomes():
+            excs = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), WAIT)
+            try:
+                await asyncio.wait_for(req, WAIT)
+            except ConnectionError as exc:
+                excs.append(exc)
+            return excs
+
+        excs = aio.run(outcomes())
+        assert len(excs) == 11 and all(isinstance(e, ConnectionError) for e in excs), excs
+    finally:
+        srv.close()
+
+
+@pytest.mark.timeout(60)
+def test_stop_after_the_asyncio_loop_ended(aio, start, qnode, bounded):
+    node = start(Inbox)
+    sender = qnode()
+    sender.send(message(node.port, b"1", libchirp.queue.Message)).result(WAIT)
+    aio.close()
+    assert aio.loop.is_closed()
+    # The asyncio loop is gone: the message is released, not leaked.
+    fut = sender.send(message(node.port, b"2", libchirp.queue.Message))
+    assert fut.result(WAIT) is not None
+    bounded(node.stop, 20, "stop() after the asyncio loop closed")
+
+
+@pytest.mark.timeout(60)
+def test_asyncio_loop_closed_with_a_wakeup_queued(aio, start, qnode, bounded):
+    node = start(Inbox, SYNCHRONOUS=False, MAX_SLOTS=16)
+
+    def held(node):  # the thread-safe, blocking variant (the asyncio one is a coroutine)
+        return libchirp.ChirpBase.statistics(node, timeout=WAIT)["held_messages"]
+
+    sender = qnode(SYNCHRONOUS=False)
+    blocked, unblock = threading.Event(), threading.Event()
+
+    def block():
+        blocked.set()
+        unblock.wait(WAIT)
+        aio.loop.stop()  # the hand-off queued meanwhile never runs
+
+    aio.loop.call_soon_threadsafe(block)
+    assert blocked.wait(WAIT)
+    try:
+        sender.send(message(node.port, b"1", libchirp.queue.Message)).result(WAIT)
+        deadline = time.monotonic() + WAIT
+        while held(node) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        unblock.set()
+    aio.thread.join(WAIT)
+    aio.loop.close()
+    # The next hand-off notices the closed loop and releases both messages.
+    sender.send(message(node.port, b"2", libchirp.queue.Message)).result(WAIT)
+    deadline = time.monotonic() + WAIT
+    while held(node) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert held(node) == 0
+    assert node.inbox.empty(), "no handler can run on a closed asyncio loop"
+    bounded(node.stop, 20, "stop() after the asyncio loop closed")
