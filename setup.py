@@ -13,6 +13,7 @@ setup(
     install_requires=["cffi>=1.15"],
     extras_require={"test": ["pytest>=7", "pytest-timeout", "hypothesis", "cryptography>=38"]},
     cffi_modules=["build_ffi.py:ffibuilder"],
+    entry_points={"console_scripts": ["chirp = libchirp.cli:main"]},
     zip_safe=False,
     classifiers=[
         "Programming Language :: Python :: 3",
