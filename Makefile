@@ -32,14 +32,16 @@ $(VENV)/.deps: setup.py requirements-dev.txt | sysdeps
 
 venv: sysdeps $(VENV)/.deps
 
-# Build the CFFI extension in place (libchirp/_ffi*.so).
+# Build the CFFI extension in place (libchirp/_ffi*.so) and install the package
+# editable into .venv, which also puts the `chirp` command in .venv/bin.
 build: venv
 	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
 demo: build
 	$(PY) examples/demo.py
 
-test: build ctest
+test: build lint ctest
 	$(PY) -m pytest -q tests
 
 ctest: sysdeps $(CTESTS)
@@ -54,6 +56,9 @@ bench: build
 
 lint: venv
 	$(VENV)/bin/ruff check libchirp tests benchmarks examples
+	$(VENV)/bin/ruff format --check libchirp tests benchmarks examples
+
+include mk/docs.mk
 
 clean:
 	rm -rf build libchirp/_ffi*.so libchirp/_ffi.c *.egg-info

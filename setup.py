@@ -11,7 +11,10 @@ setup(
     python_requires=">=3.9",
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15"],
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "hypothesis", "cryptography>=38"]},
+    extras_require={
+        "tls": ["cryptography>=42"],  # certificate tooling: chirp pki / python -m libchirp.pki
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "cryptography>=42"],
+    },
     cffi_modules=["build_ffi.py:ffibuilder"],
     entry_points={"console_scripts": ["chirp = libchirp.cli:main"]},
     zip_safe=False,

@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         ("C core: one-way async stream, 64 B", ("stream", args.count, 1000, 64)),
         ("C core: one-way async stream, 64 KiB", ("stream", args.count // 20, 64, 65536)),
     ]
-    print(f"# libchirp benchmarks, {datetime.date.today()}, {platform.node()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"# libchirp benchmarks, {datetime.date.today()}, {platform.node()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     print("# command: make bench")
     print()
     print(f"| {'shape':<45} | {'rate (best of %d)' % args.repeat:>18} |")

@@ -47,9 +47,9 @@ from typing import NoReturn, Sequence, Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dh, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
@@ -398,10 +398,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     ca.add_argument(
         "--name", default="chirp CA", metavar="CN", help="common name (default: %(default)s)"
     )
-    ca.add_argument("--days", type=_positive_int, default=DEFAULT_DAYS, metavar="N",
-                    help="validity in days (default: %(default)s)")
-    ca.add_argument("--key-size", type=_positive_int, default=DEFAULT_KEY_SIZE, metavar="BITS",
-                    help="RSA key size (default: %(default)s)")
+    ca.add_argument(
+        "--days",
+        type=_positive_int,
+        default=DEFAULT_DAYS,
+        metavar="N",
+        help="validity in days (default: %(default)s)",
+    )
+    ca.add_argument(
+        "--key-size",
+        type=_positive_int,
+        default=DEFAULT_KEY_SIZE,
+        metavar="BITS",
+        help="RSA key size (default: %(default)s)",
+    )
     ca.add_argument("--force", action="store_true", help="replace an existing CA")
 
     node = sub.add_parser("node", help="issue a node certificate file (CERT_CHAIN_PEM)")
@@ -410,10 +420,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     node.add_argument(
         "--name", default="chirp node", metavar="CN", help="common name (default: %(default)s)"
     )
-    node.add_argument("--days", type=_positive_int, default=DEFAULT_DAYS, metavar="N",
-                      help="validity in days (default: %(default)s, capped by the CA's)")
-    node.add_argument("--key-size", type=_positive_int, default=DEFAULT_KEY_SIZE, metavar="BITS",
-                      help="RSA key size (default: %(default)s)")
+    node.add_argument(
+        "--days",
+        type=_positive_int,
+        default=DEFAULT_DAYS,
+        metavar="N",
+        help="validity in days (default: %(default)s, capped by the CA's)",
+    )
+    node.add_argument(
+        "--key-size",
+        type=_positive_int,
+        default=DEFAULT_KEY_SIZE,
+        metavar="BITS",
+        help="RSA key size (default: %(default)s)",
+    )
 
     dhp = sub.add_parser("dh", help="write DH parameters (DH_PARAMS_PEM), RFC 7919 ffdhe2048")
     dhp.add_argument("--out", required=True, metavar="FILE", help="file to write")

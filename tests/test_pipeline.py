@@ -12,7 +12,6 @@ pipelining pair, and pairs where one side does not announce.
 import time
 
 import pytest
-
 import rawpeer as rp
 
 pytestmark = pytest.mark.timeout(60)

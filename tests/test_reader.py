@@ -11,7 +11,6 @@ import struct
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from libchirp._ffi import ffi, lib
 
 HANDSHAKE = bytes.fromhex("0fa0a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")

@@ -29,21 +29,23 @@
  * run, and a recorded session replays in full: the fuzzer starts from whole
  * conversations (handshake, application data, key updates, close_notify,
  * TLS 1.2 with DHE, a HelloRetryRequest, an ffdhe key share) and mutates
- * records that decrypt, not only the unencrypted ClientHello. The recordings are made by this same
- * file built with -DFUZZ_TLS_RECORD (a main() that pumps the engine against a
- * plain OpenSSL peer and writes one seed file per scenario, then replays each
- * through the fuzz entry point to show it still completes the handshake).
- * The peer draws from a second, separate stream, so the engine's draws are
- * the same with or without it.
+ * records that decrypt, not only the unencrypted ClientHello. The recordings
+ * are made by this same file built with -DFUZZ_TLS_RECORD (a main() that
+ * pumps the engine against a plain OpenSSL peer and writes one seed file per
+ * scenario, then replays each through the fuzz entry point to show it still
+ * completes the handshake). The peer draws from a second, separate stream,
+ * so the engine's draws are the same with or without it.
  *
  * Checked on every call: return codes come only from the documented set
  * (0, CH_MORE, -CH_TLS_ERROR, -CH_PROTOCOL_ERROR, -CH_ENOMEM); ch_tls_read
  * returns 0 with 0 < got <= cap, CH_MORE or a failure with got == 0;
  * ch_tls_write takes at most len; ch_tls_take_out copies at most cap and
  * drains exactly ch_tls_pending_out(); once the handshake returned 0 it keeps
- * returning 0; the error text is "" before a failure and not "" after it; a
- * failure is sticky for feed, handshake, read and write with the same text;
- * a completed handshake names its version and cipher. Violations abort().
+ * returning 0; the error text is "" before a failure and not "" after it
+ * (except behind a read that returned the last plaintext in front of the
+ * failure, see note()); a failure is sticky for feed, handshake, read and
+ * write with the same text; a completed handshake names its version and
+ * cipher. Violations abort().
  */
 #define OPENSSL_SUPPRESS_DEPRECATED /* RAND_METHOD: the only way to make it repeatable */
 
