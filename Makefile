@@ -47,7 +47,7 @@ test: build lint ctest
 ctest: sysdeps $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; $$t; done
 
-build/ctest/%: tests/c/%.c $(CSRCS) $(wildcard csrc/*.h) tests/c/unit.h
+build/ctest/%: tests/c/%.c $(CSRCS) $(wildcard csrc/*.h) $(wildcard tests/c/*.h)
 	@mkdir -p build/ctest
 	$(CC) $(CFLAGS_C) -Icsrc -o $@ $< $(CSRCS) $(LIBS_C)
 

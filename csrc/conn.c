@@ -265,10 +265,7 @@ static void ch__conn_got_message(ch_conn_t *c)
     CH__COUNT(c->node, c->remote, bytes_in, (uint64_t)m->header_len + m->data_len);
     ch_msgq_push(&c->held, m);
     ch_event_t ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.type = CH_EV_RECV;
-    ev.node = c->node;
-    ev.node_token = c->node->token;
+    ch__event_init(&ev, CH_EV_RECV, c->node, 0, CH_SUCCESS);
     ev.msg = m;
     ch__loop_post(c->node->loop, &ev);
 }

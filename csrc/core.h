@@ -67,6 +67,8 @@ struct ch_loop_s {
 };
 
 void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev);
+/* Zero ev and fill the fields every event of a node carries. */
+void ch__event_init(ch_event_t *ev, int type, ch_node_t *node, uint64_t token, int status);
 void ch__loop_flush(ch_loop_t *loop);
 void ch__loop_node_gone(ch_loop_t *loop, ch_node_t *node);
 uint64_t ch__loop_rand(ch_loop_t *loop);

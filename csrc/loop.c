@@ -98,16 +98,22 @@ void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev)
         ch__loop_flush(loop);
 }
 
+void ch__event_init(ch_event_t *ev, int type, ch_node_t *node, uint64_t token, int status)
+{
+    memset(ev, 0, sizeof(*ev));
+    ev->type = type;
+    ev->status = status;
+    ev->node = node;
+    ev->node_token = node ? node->token : 0;
+    ev->token = token;
+}
+
 void ch__log(ch_node_t *node, int level, const char *fmt, ...)
 {
     if (!node)
         return; /* every log line belongs to a node: it names the loop to post on */
     ch_event_t ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.type = CH_EV_LOG;
-    ev.status = level;
-    ev.node = node;
-    ev.node_token = node->token;
+    ch__event_init(&ev, CH_EV_LOG, node, 0, level);
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(ev.text, sizeof(ev.text), fmt, ap);
@@ -285,9 +291,7 @@ int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd)
 void ch_loop_wake(ch_loop_t *loop, uint64_t token)
 {
     ch_event_t ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.type = CH_EV_WAKE;
-    ev.token = token;
+    ch__event_init(&ev, CH_EV_WAKE, NULL, token, 0);
     uv_mutex_lock(&loop->lock);
     ch__vec_compact(&loop->events, sizeof(ev));
     if (ch__vec_push(&loop->events, &ev, sizeof(ev)) == CH_SUCCESS && loop->waiting)

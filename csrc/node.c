@@ -134,11 +134,7 @@ static ch_remote_stats_t *ch__stats_find(ch_stats_t *st, ch_remote_t **order, ch
 void ch__node_do_stats(ch_node_t *node, uint64_t token)
 {
     ch_event_t ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.type = CH_EV_STATS;
-    ev.node = node;
-    ev.node_token = node->token;
-    ev.token = token;
+    ch__event_init(&ev, CH_EV_STATS, node, token, CH_SUCCESS);
     size_t n = node->nremotes;
     ch_stats_t *st = calloc(1, sizeof(*st));
     ch_remote_t **order = calloc(n ? n : 1, sizeof(*order));
@@ -204,12 +200,7 @@ void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *tex
         CH__COUNT(node, m->remote, send_failures, 1);
     }
     ch_event_t ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.type = CH_EV_SEND_DONE;
-    ev.status = status;
-    ev.node = node;
-    ev.node_token = node->token;
-    ev.token = m->token;
+    ch__event_init(&ev, CH_EV_SEND_DONE, node, m->token, status);
     if (text)
         snprintf(ev.text, sizeof(ev.text), "%s", text);
     ch__loop_post(node->loop, &ev);
@@ -219,12 +210,7 @@ void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *tex
 void ch__release_done(ch_node_t *node, ch_message_t *recv, int status)
 {
     ch_event_t ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.type = CH_EV_RELEASE_DONE;
-    ev.status = status;
-    ev.node = node;
-    ev.node_token = node->token;
-    ev.token = recv->token;
+    ch__event_init(&ev, CH_EV_RELEASE_DONE, node, recv->token, status);
     memcpy(ev.identity, recv->identity, CH_ID_SIZE);
     ev.serial = recv->serial;
     ch__loop_post(node->loop, &ev);
@@ -235,12 +221,7 @@ static void ch__post_node_event(ch_node_t *node, int type, uint64_t token, int s
                                 const char *text)
 {
     ch_event_t ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.type = type;
-    ev.status = status;
-    ev.node = node;
-    ev.node_token = node->token;
-    ev.token = token;
+    ch__event_init(&ev, type, node, token, status);
     if (text)
         snprintf(ev.text, sizeof(ev.text), "%s", text);
     ch__loop_post(node->loop, &ev);

@@ -5,57 +5,8 @@
  * a send to a closed port fails with CANNOT_CONNECT; stopping nodes and the
  * loop ends with ch_loop_poll() answering -1 (the loop closed cleanly).
  */
-#include <stdlib.h>
-#include <string.h>
-#include <uv.h>
-
-#include "chirp.h"
 #include "unit.h"
-
-static ch_loop_t *loop;
-static uv_thread_t loop_thread;
-
-static void run_loop(void *arg) { ch_loop_run(arg); }
-
-/* Events polled but not yet asked for. */
-static ch_event_t backlog[4096];
-static int nbacklog;
-
-/* Poll until an event of the wanted type (and token, if nonzero) arrives;
- * other events are kept for later calls. Received messages are released at
- * once (token 1000). Returns 0, -1 once the loop ended, -2 after 10 s. */
-static int wait_event(int type, uint64_t token, ch_event_t *out, int *recvd)
-{
-    uint64_t deadline = uv_hrtime() + 10ULL * 1000000000ULL;
-    for (;;) {
-        for (int i = 0; i < nbacklog; i++) {
-            if (backlog[i].type == type && (!token || backlog[i].token == token)) {
-                *out = backlog[i];
-                memmove(&backlog[i], &backlog[i + 1], (size_t)(nbacklog - i - 1) * sizeof(*out));
-                nbacklog--;
-                return 0;
-            }
-        }
-        if (uv_hrtime() > deadline)
-            return -2;
-        ch_event_t evs[64];
-        int n = ch_loop_poll(loop, evs, 64, 0.2);
-        if (n < 0)
-            return -1;
-        for (int i = 0; i < n; i++) {
-            if (getenv("CH_TEST_VERBOSE"))
-                fprintf(stderr, "ev %d tok %llu st %d %s\n", evs[i].type,
-                        (unsigned long long)evs[i].token, evs[i].status, evs[i].text);
-            if (evs[i].type == CH_EV_RECV) {
-                if (recvd)
-                    (*recvd)++;
-                ch_node_release(evs[i].node, evs[i].msg, 1000);
-            } else if (evs[i].type != CH_EV_LOG && nbacklog < 4096) {
-                backlog[nbacklog++] = evs[i];
-            }
-        }
-    }
-}
+#include "events.h"
 
 static void config(ch_config_t *cfg, uint16_t port, int sync)
 {
@@ -77,7 +28,7 @@ static ch_node_t *start_node(uint16_t port, int sync, uint64_t tok)
     CHECK_EQ(ch_node_new(loop, &cfg, tok, &node), CH_SUCCESS);
     ch_node_start(node, tok);
     ch_event_t ev;
-    CHECK_EQ(wait_event(CH_EV_NODE_STARTED, tok, &ev, NULL), 0);
+    CHECK_EQ(wait_event(CH_EV_NODE_STARTED, tok, &ev), 0);
     CHECK_EQ(ev.status, CH_SUCCESS);
     return node;
 }
@@ -86,7 +37,7 @@ static void stop_node(ch_node_t *node, uint64_t tok)
 {
     ch_event_t ev;
     ch_node_stop(node, tok);
-    CHECK_EQ(wait_event(CH_EV_NODE_STOPPED, tok, &ev, NULL), 0);
+    CHECK_EQ(wait_event(CH_EV_NODE_STOPPED, tok, &ev), 0);
     ch_node_free(node);
 }
 
@@ -98,7 +49,7 @@ static void test_exchange(int sync)
     static const uint8_t lo[4] = {127, 0, 0, 1};
     static const uint8_t data[] = "hello";
     uint8_t id[16] = {1};
-    int recvd = 0;
+    delivered = 0;
     for (uint64_t i = 0; i < 50; i++) {
         id[1] = (uint8_t)i;
         CHECK_EQ(ch_node_send(a, 100 + i, id, 4, lo, pb, (const uint8_t *)"h", 1, data, 5),
@@ -106,13 +57,13 @@ static void test_exchange(int sync)
     }
     for (uint64_t i = 0; i < 50; i++) {
         ch_event_t ev;
-        CHECK_EQ(wait_event(CH_EV_SEND_DONE, 100 + i, &ev, &recvd), 0);
+        CHECK_EQ(wait_event(CH_EV_SEND_DONE, 100 + i, &ev), 0);
         CHECK_EQ(ev.status, CH_SUCCESS);
     }
     /* Statistics: a's counters for b, b's totals. */
     ch_event_t sev;
     CHECK_EQ(ch_node_stats(a, 500), CH_SUCCESS);
-    CHECK_EQ(wait_event(CH_EV_STATS, 500, &sev, &recvd), 0);
+    CHECK_EQ(wait_event(CH_EV_STATS, 500, &sev), 0);
     if (CHECK(sev.stats != NULL)) {
         CHECK_EQ(sev.stats->totals.msgs_out, 50);
         CHECK_EQ(sev.stats->totals.bytes_out, 50 * 6);
@@ -125,7 +76,7 @@ static void test_exchange(int sync)
         ch_stats_free(sev.stats);
     }
     CHECK_EQ(ch_node_stats(b, 501), CH_SUCCESS);
-    CHECK_EQ(wait_event(CH_EV_STATS, 501, &sev, &recvd), 0);
+    CHECK_EQ(wait_event(CH_EV_STATS, 501, &sev), 0);
     if (CHECK(sev.stats != NULL)) {
         if (sync)
             CHECK_EQ(sev.stats->totals.msgs_in, 50);
@@ -134,13 +85,13 @@ static void test_exchange(int sync)
     /* A closed port: the send fails with CANNOT_CONNECT. */
     ch_event_t ev;
     CHECK_EQ(ch_node_send(a, 999, id, 4, lo, 1, NULL, 0, NULL, 0), CH_SUCCESS);
-    CHECK_EQ(wait_event(CH_EV_SEND_DONE, 999, &ev, &recvd), 0);
+    CHECK_EQ(wait_event(CH_EV_SEND_DONE, 999, &ev), 0);
     CHECK_EQ(ev.status, CH_CANNOT_CONNECT);
     CHECK(strstr(ev.text, "cannot connect") != NULL);
     stop_node(a, 3);
     stop_node(b, 4);
     if (sync)
-        CHECK_EQ(recvd, 50);
+        CHECK_EQ(delivered, 50);
 }
 
 static void test_exchange_sync(void) { test_exchange(1); }
@@ -154,7 +105,7 @@ int main(void)
     UNIT_RUN(test_exchange_async);
     ch_loop_stop(loop);
     ch_event_t ev;
-    CHECK_EQ(wait_event(-1, 0, &ev, NULL), -1);
+    CHECK_EQ(wait_event(-1, 0, &ev), -1);
     uv_thread_join(&loop_thread);
     ch_loop_free(loop);
     return unit_summary();

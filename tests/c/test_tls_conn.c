@@ -21,47 +21,9 @@
 
 #include "chirp.h"
 #include "unit.h"
+#include "events.h"
 
-static ch_loop_t *loop;
-static uv_thread_t loop_thread;
 static char dir[256];
-static ch_event_t backlog[4096];
-static int nbacklog;
-static int delivered;
-
-static void run_loop(void *arg) { ch_loop_run(arg); }
-
-static int wait_event(int type, uint64_t token, ch_event_t *out)
-{
-    uint64_t deadline = uv_hrtime() + 20ULL * 1000000000ULL;
-    for (;;) {
-        for (int i = 0; i < nbacklog; i++) {
-            if (backlog[i].type == type && (!token || backlog[i].token == token)) {
-                *out = backlog[i];
-                memmove(&backlog[i], &backlog[i + 1], (size_t)(nbacklog - i - 1) * sizeof(*out));
-                nbacklog--;
-                return 0;
-            }
-        }
-        if (uv_hrtime() > deadline)
-            return -2;
-        ch_event_t evs[64];
-        int n = ch_loop_poll(loop, evs, 64, 0.2);
-        if (n < 0)
-            return -1;
-        for (int i = 0; i < n; i++) {
-            if (evs[i].type == CH_EV_LOG) {
-                if (getenv("CH_TEST_VERBOSE"))
-                    fprintf(stderr, "log: %s\n", evs[i].text);
-            } else if (evs[i].type == CH_EV_RECV) {
-                delivered++;
-                ch_node_release(evs[i].node, evs[i].msg, 1000);
-            } else if (nbacklog < 4096) {
-                backlog[nbacklog++] = evs[i];
-            }
-        }
-    }
-}
 
 static char *path(const char *name)
 {
