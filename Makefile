@@ -58,7 +58,8 @@ lint: venv
 	$(VENV)/bin/ruff check libchirp tests benchmarks examples
 	$(VENV)/bin/ruff format --check libchirp tests benchmarks examples
 
-include mk/docs.mk
-
 clean:
 	rm -rf build libchirp/_ffi*.so libchirp/_ffi.c *.egg-info
+# docs (Sphinx) and hardening (fuzz, ctest-asan, ctest-valgrind) targets
+include mk/docs.mk
+include mk/hardening.mk

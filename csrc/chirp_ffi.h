@@ -114,7 +114,10 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
 /* Node. ch_node_new copies cfg and does no I/O. ch_node_start/stop are carried
  * out on the loop thread and answered with NODE_STARTED / NODE_STOPPED events.
  * After ch_node_stop() nothing else may be submitted for the node; after the
- * NODE_STOPPED event the caller frees it with ch_node_free(). */
+ * NODE_STOPPED event the caller frees it with ch_node_free(). Received
+ * messages not released before ch_node_stop() (including RECV events that
+ * still arrive until NODE_STOPPED) are detached from their connections by the
+ * stop; the caller frees them with ch_msg_free() after NODE_STOPPED. */
 int ch_node_new(ch_loop_t *loop, const ch_config_t *cfg, uint64_t node_token, ch_node_t **out);
 int ch_node_start(ch_node_t *node, uint64_t token);
 int ch_node_stop(ch_node_t *node, uint64_t token);

@@ -19,6 +19,9 @@ static uv_thread_t loop_thread;
 static ch_event_t backlog[4096];
 static int nbacklog;
 static int delivered;
+static ch_node_t *stopping; /* stop_node() in progress: nothing may be submitted */
+static ch_message_t *orphans[4096];
+static int norphans;
 
 static void run_loop(void *arg) { ch_loop_run(arg); }
 
@@ -46,7 +49,10 @@ static int wait_event(int type, uint64_t token, ch_event_t *out)
             if (getenv("CH_TEST_VERBOSE"))
                 fprintf(stderr, "ev %d tok %llu st %d %s\n", evs[i].type,
                         (unsigned long long)evs[i].token, evs[i].status, evs[i].text);
-            if (evs[i].type == CH_EV_RECV) {
+            if (evs[i].type == CH_EV_RECV && evs[i].node == stopping) {
+                if (norphans < 4096)
+                    orphans[norphans++] = evs[i].msg; /* freed after NODE_STOPPED */
+            } else if (evs[i].type == CH_EV_RECV) {
                 delivered++;
                 ch_node_release(evs[i].node, evs[i].msg, 1000);
             } else if (evs[i].type != CH_EV_LOG && nbacklog < 4096) {
@@ -54,6 +60,23 @@ static int wait_event(int type, uint64_t token, ch_event_t *out)
             }
         }
     }
+}
+
+/* Stop a node the way the API asks: submit nothing after ch_node_stop(); free
+ * messages that still arrived once NODE_STOPPED came, then the node. */
+static int stop_node(ch_node_t *node, uint64_t tok)
+{
+    ch_event_t ev;
+    stopping = node;
+    ch_node_stop(node, tok);
+    int rc = wait_event(CH_EV_NODE_STOPPED, tok, &ev);
+    stopping = NULL;
+    for (int i = 0; i < norphans; i++)
+        ch_msg_free(orphans[i]);
+    norphans = 0;
+    if (rc == 0)
+        ch_node_free(node);
+    return rc;
 }
 
 #endif

@@ -33,13 +33,6 @@ static ch_node_t *start_node(uint16_t port, int sync, uint64_t tok)
     return node;
 }
 
-static void stop_node(ch_node_t *node, uint64_t tok)
-{
-    ch_event_t ev;
-    ch_node_stop(node, tok);
-    CHECK_EQ(wait_event(CH_EV_NODE_STOPPED, tok, &ev), 0);
-    ch_node_free(node);
-}
 
 static void test_exchange(int sync)
 {
@@ -88,8 +81,8 @@ static void test_exchange(int sync)
     CHECK_EQ(wait_event(CH_EV_SEND_DONE, 999, &ev), 0);
     CHECK_EQ(ev.status, CH_CANNOT_CONNECT);
     CHECK(strstr(ev.text, "cannot connect") != NULL);
-    stop_node(a, 3);
-    stop_node(b, 4);
+    CHECK_EQ(stop_node(a, 3), 0);
+    CHECK_EQ(stop_node(b, 4), 0);
     if (sync)
         CHECK_EQ(delivered, 50);
 }

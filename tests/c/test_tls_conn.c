@@ -55,13 +55,7 @@ static int start(ch_node_t **node, uint16_t port, const char *chain, int plain, 
     return ev->status;
 }
 
-static void stop(ch_node_t *node, uint64_t tok)
-{
-    ch_event_t ev;
-    ch_node_stop(node, tok);
-    CHECK_EQ(wait_event(CH_EV_NODE_STOPPED, tok, &ev), 0);
-    ch_node_free(node);
-}
+static void stop(ch_node_t *node, uint64_t tok) { CHECK_EQ(stop_node(node, tok), 0); }
 
 static const uint8_t addr[4] = {10, 211, 0, 1};
 
