@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import errno
 import queue
+import select
 import socket
 import struct
 import threading
@@ -542,3 +543,57 @@ def assert_node_serves(h, node, port, what="node"):
     if m.has_slot:
         future_result(m.release_slot(), 5, "release of the fresh message")
     return c
+
+
+class SilentServer:
+    """A raw TCP server on 127.0.0.1 that accepts and never answers.
+
+    With ``handshake=True`` it sends a valid 18-byte chirp handshake on every
+    accepted connection and then reads and discards everything (so it never
+    acknowledges anything); otherwise it does not even read.
+    """
+
+    def __init__(self, handshake=False):
+        self.handshake = handshake
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.accepted = 0
+        self.received = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="silent-server", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+    def _run(self):
+        while not self._stop.is_set():
+            watch = [self.sock] + (self.conns if self.handshake else [])
+            readable, _, _ = select.select(watch, [], [], 0.05)
+            for s in readable:
+                if s is self.sock:
+                    conn, _ = self.sock.accept()
+                    self.conns.append(conn)
+                    self.accepted += 1
+                    if self.handshake:
+                        conn.sendall(struct.pack(">H", self.port) + b"\x5a" * 16)
+                else:
+                    try:
+                        chunk = s.recv(65536)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        self.conns.remove(s)
+                        s.close()
+                    self.received += len(chunk)

@@ -22,14 +22,12 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
-import select
-import socket
-import struct
 import threading
 import time
 
 import pytest
 from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, find_free_port
+from rawpeer import SilentServer
 
 import libchirp
 import libchirp.asyncio
@@ -313,49 +311,6 @@ def handler_kit(request, loop):
     k.close()
 
 
-class SilentServer:
-    """Accepts on 127.0.0.1, sends a chirp handshake, reads and never acknowledges."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        self.received = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="silent", daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-    def _run(self):
-        while not self._stop.is_set():
-            readable, _, _ = select.select([self.sock] + self.conns, [], [], 0.05)
-            for s in readable:
-                if s is self.sock:
-                    conn, _ = self.sock.accept()
-                    self.conns.append(conn)
-                    conn.sendall(struct.pack(">H", self.port) + b"\x5a" * 16)
-                    continue
-                try:
-                    chunk = s.recv(65536)
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    self.conns.remove(s)
-                    s.close()
-                self.received += len(chunk)
-
-
 def wait_for(pred, limit, what):
     deadline = time.monotonic() + limit
     while not pred():
@@ -506,7 +461,7 @@ def test_handler_exception_still_releases(handler_kit, caplog):
 
 @pytest.mark.timeout(90)
 def test_stop_with_in_flight_messages(kit, bounded):
-    with SilentServer() as srv:
+    with SilentServer(handshake=True) as srv:
         sender = kit.node(TIMEOUT=30.0)
         futs = [sender.send(sender.message(srv.port, b"%d" % i)) for i in range(20)]
         req = sender.request(sender.message(srv.port, b"request"))

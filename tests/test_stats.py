@@ -6,7 +6,6 @@ count more than once (connects, errors).
 """
 
 import concurrent.futures
-import select
 import socket
 import struct
 import threading
@@ -14,6 +13,7 @@ import time
 
 import pytest
 from conftest import HAS_IPV6, find_free_port
+from rawpeer import SilentServer
 
 import libchirp
 import libchirp.stats
@@ -37,47 +37,6 @@ def wait_stats(node, pred, what, limit=WAIT):
         if time.monotonic() > deadline:
             pytest.fail("%s not reached within %.0f s: %r" % (what, limit, stats), pytrace=False)
         time.sleep(0.02)
-
-
-class SilentServer:
-    """Accepts on 127.0.0.1, sends a chirp handshake, reads and never acknowledges."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="silent", daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-    def _run(self):
-        while not self._stop.is_set():
-            readable, _, _ = select.select([self.sock] + self.conns, [], [], 0.05)
-            for s in readable:
-                if s is self.sock:
-                    conn, _ = self.sock.accept()
-                    self.conns.append(conn)
-                    conn.sendall(struct.pack(">H", self.port) + b"\x5a" * 16)
-                    continue
-                try:
-                    chunk = s.recv(65536)
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    self.conns.remove(s)
-                    s.close()
 
 
 def check_shape(stats):
@@ -148,7 +107,7 @@ def test_slots_in_use_and_held_messages(make_node):
 
 @pytest.mark.timeout(60)
 def test_send_queue_and_in_flight(make_node, bounded):
-    with SilentServer() as srv:
+    with SilentServer(handshake=True) as srv:
         sender = make_node(TIMEOUT=30.0)
         futs = [sender.send(make_node.message(port=srv.port, data=b"%d" % i)) for i in range(5)]
         key = "127.0.0.1:%d" % srv.port
@@ -171,7 +130,7 @@ def test_failure_counters(make_node):
     exc = settle(node.send(make_node.message(port=find_free_port(), data=b"x")), 20)
     assert isinstance(exc, ConnectionError), repr(exc)
     s = wait_stats(node, lambda s: s["totals"]["send_failures"] >= 1, "send failure counted")
-    with SilentServer() as srv:
+    with SilentServer(handshake=True) as srv:
         exc = settle(node.send(make_node.message(port=srv.port, data=b"y")), 20)
         assert isinstance(exc, TimeoutError), repr(exc)
         s = wait_stats(node, lambda s: s["totals"]["timeouts"] >= 1, "timeout counted")
