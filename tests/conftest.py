@@ -27,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import rawpeer  # noqa: E402
+
 import libchirp  # noqa: E402
 import libchirp.queue  # noqa: E402
 
@@ -41,16 +43,19 @@ _ports_given = set()
 _ports_lock = threading.Lock()
 
 
-def _has_ipv6():
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
+HAS_IPV6 = rawpeer.ipv6_available()
 
 
-HAS_IPV6 = _has_ipv6()
+def require_ipv6():
+    """IPv6 is part of what libchirp promises, so a test that needs the IPv6
+    loopback fails (rather than skips) on a machine without it."""
+    if not HAS_IPV6:
+        pytest.fail("this test needs the IPv6 loopback ::1, which this machine lacks", False)
+
+
+@pytest.fixture
+def ipv6():
+    require_ipv6()
 
 
 def find_free_port():

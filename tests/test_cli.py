@@ -36,7 +36,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import netns  # noqa: E402
-from conftest import HAS_IPV6, find_free_port  # noqa: E402
+from conftest import find_free_port  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -271,7 +271,7 @@ def test_sync_send_completes_after_the_listener_printed(background):
     assert listener.finish() == 0
 
 
-@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback on this machine")
+@pytest.mark.usefixtures("ipv6")
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_request_echo_ipv6(background, mode):
     port = find_free_port()

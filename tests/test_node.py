@@ -14,7 +14,6 @@ import hashlib
 import os
 import queue
 import re
-import socket
 import threading
 import time
 
@@ -54,15 +53,6 @@ def digest(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def has_ipv6():
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def established_ports():
     """(local port, remote port) of every ESTABLISHED TCP socket (Linux /proc)."""
     pairs = []
@@ -80,11 +70,6 @@ def established_ports():
             remote = int(fields[2].rsplit(":", 1)[1], 16)
             pairs.append((local, remote))
     return pairs
-
-
-needs_proc = pytest.mark.skipif(
-    not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp"
-)
 
 
 def wait_for(pred, limit, what):
@@ -251,7 +236,6 @@ def test_answer_by_resend(make_node, sync, hold):
     assert settle(fut, 10, "original send") is None
 
 
-@needs_proc
 @pytest.mark.timeout(60)
 def test_answer_reuses_the_incoming_connection(make_node):
     a = make_node()
@@ -387,7 +371,7 @@ def test_port_out_of_range_rejected_when_set(value):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.usefixtures("ipv6")
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
 def test_ipv6_round_trip(make_node, sync):
     a = make_node(SYNCHRONOUS=sync)
@@ -545,7 +529,6 @@ def test_disable_queue_releases_at_once(make_node):
 # -- garbage collection ----------------------------------------------------------------------------
 
 
-@needs_proc
 @pytest.mark.timeout(60)
 def test_idle_connection_is_collected_and_reopened(make_node):
     receiver = make_node(SYNCHRONOUS=False, REUSE_TIME=1.0, TIMEOUT=0.3)

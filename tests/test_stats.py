@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import HAS_IPV6, find_free_port
+from conftest import find_free_port
 from rawpeer import SilentServer
 
 import libchirp
@@ -157,7 +157,7 @@ def test_protocol_error_counter(make_node):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not HAS_IPV6, reason="needs IPv6 loopback")
+@pytest.mark.usefixtures("ipv6")
 def test_ipv6_remote_key(make_node):
     receiver = make_node()
     sender = make_node()

@@ -7,6 +7,7 @@ Every test replays something PROTOCOL.md states about the bytes on the wire; the
 import time
 
 import pytest
+from conftest import require_ipv6
 
 try:
     from . import rawpeer as rp
@@ -482,8 +483,8 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_loopback_is_plaintext_with_encryption_enabled(h, tmp_path, host):
-    if ":" in host and not rp.ipv6_available():
-        pytest.skip("no IPv6 loopback")
+    if ":" in host:
+        require_ipv6()
     cert, dh = _write_cert_material(tmp_path)
     node, port = h.node(
         SYNCHRONOUS=True,
