@@ -46,6 +46,17 @@ _ports_lock = threading.Lock()
 HAS_IPV6 = rawpeer.ipv6_available()
 
 
+def make_config(**fields):
+    """A Config for a test node: a free port and plaintext (the tests talk over loopback),
+    then the given fields (Config attribute names) on top."""
+    cfg = libchirp.Config()
+    cfg.PORT = find_free_port()
+    cfg.DISABLE_ENCRYPTION = True
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
 def require_ipv6():
     """IPv6 is part of what libchirp promises, so a test that needs the IPv6
     loopback fails (rather than skips) on a machine without it."""
@@ -157,15 +168,9 @@ class NodeFactory:
         self._info = {}
 
     def __call__(self, **fields):
-        fixed_port = "PORT" in fields
-        fields.setdefault("DISABLE_ENCRYPTION", True)
-        attempts = 1 if fixed_port else 5
+        attempts = 1 if "PORT" in fields else 5
         for attempt in range(attempts):
-            cfg = libchirp.Config()
-            if not fixed_port:
-                cfg.PORT = find_free_port()
-            for name, value in fields.items():
-                setattr(cfg, name, value)
+            cfg = make_config(**fields)
             port = cfg.PORT
             try:
                 node = call_bounded(

@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, find_free_port
+from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, make_config
 
 import libchirp
 import libchirp.asyncio
@@ -90,13 +90,7 @@ def aio(request):
     t.close()
 
 
-def config(**fields):
-    cfg = libchirp.Config()
-    cfg.PORT = find_free_port()
-    cfg.DISABLE_ENCRYPTION = True
-    for name, value in fields.items():
-        setattr(cfg, name, value)
-    return cfg
+config = make_config
 
 
 @pytest.fixture

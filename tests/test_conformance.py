@@ -26,7 +26,13 @@ import threading
 import time
 
 import pytest
-from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, find_free_port
+from conftest import (
+    NODE_START_LIMIT,
+    NODE_STOP_LIMIT,
+    call_bounded,
+    find_free_port,
+    make_config,
+)
 from rawpeer import SilentServer
 
 import libchirp
@@ -202,11 +208,7 @@ class Kit:
 
     def node(self, behaviour="record", **fields):
         assert behaviour in ("record", "echo", "raise")
-        cfg = libchirp.Config()
-        cfg.PORT = find_free_port()
-        cfg.DISABLE_ENCRYPTION = True
-        for name, value in fields.items():
-            setattr(cfg, name, value)
+        cfg = make_config(**fields)
         inbox = queue.Queue()
         if self.kind == "queue":
             assert behaviour != "raise", "the queue interface has no handler"

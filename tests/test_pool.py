@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, find_free_port
+from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, make_config
 
 import libchirp
 import libchirp.pool
@@ -25,13 +25,7 @@ def settle(fut, limit=WAIT, what="future"):
     return fut.exception()
 
 
-def config(**fields):
-    cfg = libchirp.Config()
-    cfg.PORT = find_free_port()
-    cfg.DISABLE_ENCRYPTION = True
-    for name, value in fields.items():
-        setattr(cfg, name, value)
-    return cfg
+config = make_config
 
 
 @pytest.fixture
