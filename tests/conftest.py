@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 import pytest
 
@@ -44,6 +45,15 @@ _ports_lock = threading.Lock()
 
 
 HAS_IPV6 = rawpeer.ipv6_available()
+
+
+def wait_for(pred, limit, what):
+    """Poll pred() until it is true; fail the test after limit seconds."""
+    deadline = time.monotonic() + limit
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail("%s not reached within %.0f s" % (what, limit), pytrace=False)
+        time.sleep(0.02)
 
 
 def make_config(**fields):

@@ -32,6 +32,7 @@ from conftest import (
     call_bounded,
     find_free_port,
     make_config,
+    wait_for,
 )
 from rawpeer import SilentServer
 
@@ -311,14 +312,6 @@ def handler_kit(request, loop):
     k = Kit(request.param, loop)
     yield k
     k.close()
-
-
-def wait_for(pred, limit, what):
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail("%s not reached within %.0f s" % (what, limit), pytrace=False)
-        time.sleep(0.02)
 
 
 # -- delivery --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_for
 from rawpeer import SilentServer
 
 import libchirp
@@ -70,14 +71,6 @@ def established_ports():
             remote = int(fields[2].rsplit(":", 1)[1], 16)
             pairs.append((local, remote))
     return pairs
-
-
-def wait_for(pred, limit, what):
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail("%s not reached within %.0f s" % (what, limit), pytrace=False)
-        time.sleep(0.02)
 
 
 # -- modes -----------------------------------------------------------------------------------------
