@@ -8,6 +8,7 @@
  * fixed after the prefix. Effective values: R = max(REUSE_TIME, 3 * TIMEOUT);
  * synchronous mode forces one slot, asynchronous mode turns 0 into 16.
  */
+#include <stdarg.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -15,8 +16,6 @@
 
 static int ch__cfg_fail(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-
-#include <stdarg.h>
 
 static int ch__cfg_fail(char *err, size_t errlen, const char *fmt, ...)
 {

@@ -144,21 +144,25 @@ void ch__conn_close(ch_conn_t *c, int reason, const char *fmt, ...)
 
 static void ch__conn_timer_cb(uv_timer_t *t);
 
+/* The connection's next deadline (ms, loop time; 0 = none): the connect /
+ * handshake deadline until READY, then the earliest send deadline of the
+ * frames being written and of the messages waiting for their ACK on it. */
+static uint64_t ch__conn_deadline(ch_conn_t *c)
+{
+    if (c->state != CH__CONN_READY)
+        return c->connect_deadline;
+    uint64_t deadline = c->writing.head ? c->writing.head->deadline : 0;
+    uint64_t d = c->remote ? ch__remote_ack_deadline(c->remote, c) : 0;
+    if (d && (!deadline || d < deadline))
+        deadline = d;
+    return deadline;
+}
+
 void ch__conn_arm_timer(ch_conn_t *c)
 {
     if (c->flags & CH__CONNF_CLOSING)
         return;
-    uint64_t deadline = 0;
-    if (c->state != CH__CONN_READY) {
-        deadline = c->connect_deadline;
-    } else {
-        if (c->writing.head)
-            deadline = c->writing.head->deadline;
-        ch_remote_t *r = c->remote;
-        uint64_t d = r ? ch__remote_ack_deadline(r, c) : 0;
-        if (d && (!deadline || d < deadline))
-            deadline = d;
-    }
+    uint64_t deadline = ch__conn_deadline(c);
     if (!deadline) {
         uv_timer_stop(&c->timer);
         return;
@@ -170,26 +174,18 @@ void ch__conn_arm_timer(ch_conn_t *c)
 static void ch__conn_timer_cb(uv_timer_t *t)
 {
     ch_conn_t *c = t->data;
-    uint64_t now = ch__node_now(c->node);
-    if (c->state != CH__CONN_READY) {
-        if (now >= c->connect_deadline) {
-            ch__conn_close(c, CH_TIMEOUT,
-                           "connection to %s timed out after %.1f s before its handshake completed",
-                           c->name, ch__conn_connect_ms(c->node) / 1000.0);
-            return;
-        }
-    } else {
-        ch_remote_t *r = c->remote;
-        ch_message_t *w = c->writing.head;
-        int expired = (w && w->deadline && now >= w->deadline) ||
-                      (r && ch__remote_ack_deadline(r, c) && now >= ch__remote_ack_deadline(r, c));
-        if (expired) {
-            ch__conn_close(c, CH_TIMEOUT, "send to %s timed out after %.1f s (TIMEOUT)", c->name,
-                           c->node->cfg.timeout);
-            return;
-        }
+    uint64_t deadline = ch__conn_deadline(c);
+    if (!deadline || ch__node_now(c->node) < deadline) {
+        ch__conn_arm_timer(c);
+        return;
     }
-    ch__conn_arm_timer(c);
+    if (c->state != CH__CONN_READY)
+        ch__conn_close(c, CH_TIMEOUT,
+                       "connection to %s timed out after %.1f s before its handshake completed",
+                       c->name, ch__conn_connect_ms(c->node) / 1000.0);
+    else
+        ch__conn_close(c, CH_TIMEOUT, "send to %s timed out after %.1f s (TIMEOUT)", c->name,
+                       c->node->cfg.timeout);
 }
 
 /* ---- reading ---------------------------------------------------------- */
