@@ -12,7 +12,7 @@
  * batches. Nothing in the core ever calls back into Python.
  */
 
-#define CH_VERSION_STAMP 10001
+#define CH_VERSION_STAMP 10002
 
 /* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
 enum ch_error {
@@ -76,8 +76,11 @@ typedef struct ch_message_s ch_message_t;
 #define CH_EV_NODE_STARTED 1   /* node, token, status, text */
 #define CH_EV_NODE_STOPPED 2   /* node, token; node may now be freed */
 #define CH_EV_SEND_DONE 3      /* node, token (of the send), status, text */
-#define CH_EV_RECV 4           /* node, msg (owned by the receiver until released) */
-#define CH_EV_RELEASE_DONE 5   /* node, token (of the release), msg info copied in id/serial */
+#define CH_EV_RECV 4           /* node, msg (owned by the receiver until released) and its
+                                  fields: identity, serial, header, data, port,
+                                  remote_identity, text = peer address */
+#define CH_EV_RELEASE_DONE 5   /* node, token (of the release), msg info copied in id/serial;
+                                  not posted for releases submitted with token 0 */
 #define CH_EV_LOG 6            /* node, status = level (10 debug..40 error), text */
 #define CH_EV_WAKE 7           /* ch_loop_wake() was called: token */
 #define CH_EV_STATS 8          /* node, token, stats (free with ch_stats_free) */
@@ -94,9 +97,18 @@ typedef struct ch_event_s {
     uint64_t token;
     ch_message_t *msg;
     ch_stats_t *stats;    /* STATS: the snapshot, owned by the receiver of the event */
-    uint8_t identity[16]; /* RELEASE_DONE: identity of the released message */
-    uint32_t serial;      /* RELEASE_DONE: serial of the released message */
-    char text[200];       /* NUL terminated; empty when there is nothing to say */
+    uint8_t identity[16]; /* RECV, RELEASE_DONE: identity of the message */
+    uint32_t serial;      /* RECV, RELEASE_DONE: serial of the message */
+    /* RECV only: the message's fields (valid until its release is submitted),
+     * so that the receiver needs no further call per message. */
+    const uint8_t *header;
+    const uint8_t *data;
+    uint32_t data_len;
+    uint16_t header_len;
+    uint16_t port;        /* peer's public port from its handshake */
+    uint8_t remote_identity[16];
+    char text[200];       /* NUL terminated; empty when there is nothing to say;
+                             RECV: the peer's address, compressed text form */
 } ch_event_t;
 
 /* Loop: create, run on a dedicated thread, stop (thread-safe), free after run returned. */
@@ -126,15 +138,17 @@ void ch_node_identity(ch_node_t *node, uint8_t out[16]); /* valid after a succes
 uint16_t ch_node_port(ch_node_t *node);                  /* bound port */
 
 /* Send. header/data are NOT copied: the caller keeps them alive and unchanged
- * until the SEND_DONE event for token. family is 4 or 6, addr holds 4 or 16
- * bytes. Answered with one SEND_DONE event carrying the status. */
-int ch_node_send(ch_node_t *node, uint64_t token, const uint8_t identity[16], int family,
-                 const uint8_t *addr, uint16_t port, const uint8_t *header, uint16_t header_len,
-                 const uint8_t *data, uint32_t data_len);
+ * until the SEND_DONE event for token. identity holds 16 bytes; family is 4 or
+ * 6, addr holds 4 or 16 bytes. The buffers are declared char so that Python
+ * can pass bytes objects as they are. Answered with one SEND_DONE event
+ * carrying the status. */
+int ch_node_send(ch_node_t *node, uint64_t token, const char *identity, int family,
+                 const char *addr, uint16_t port, const char *header, uint16_t header_len,
+                 const char *data, uint32_t data_len);
 
 /* Release the slot of a received message (sends the owed ACK). Answered with
- * one RELEASE_DONE event for token; the message is freed by the core then and
- * must not be used afterwards. */
+ * one RELEASE_DONE event for token, or with none when token is 0; either way
+ * the message is freed by the core and must not be used after this call. */
 int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token);
 
 /* Statistics: counters of one remote, and of the node as a whole. Counters of

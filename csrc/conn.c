@@ -41,8 +41,8 @@ void ch__format_addr(int family, const uint8_t *addr, char *out, size_t len)
 
 static void ch__conn_set_name(ch_conn_t *c)
 {
-    char a[INET6_ADDRSTRLEN];
-    ch__format_addr(c->family, c->addr, a, sizeof(a));
+    char *a = c->addr_text;
+    ch__format_addr(c->family, c->addr, a, sizeof(c->addr_text));
     if (c->family == 6)
         snprintf(c->name, sizeof(c->name), "[%s]:%u", a, c->port);
     else
@@ -263,6 +263,15 @@ static void ch__conn_got_message(ch_conn_t *c)
     ch_event_t ev;
     ch__event_init(&ev, CH_EV_RECV, c->node, 0, CH_SUCCESS);
     ev.msg = m;
+    memcpy(ev.identity, m->identity, CH_ID_SIZE);
+    ev.serial = m->serial;
+    ev.header = m->header;
+    ev.header_len = m->header_len;
+    ev.data = m->data;
+    ev.data_len = m->data_len;
+    ev.port = m->port;
+    memcpy(ev.remote_identity, m->remote_identity, CH_ID_SIZE);
+    memcpy(ev.text, c->addr_text, sizeof(c->addr_text));
     ch__loop_post(c->node->loop, &ev);
 }
 

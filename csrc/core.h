@@ -204,6 +204,7 @@ struct ch_conn_s {
     uint16_t port; /* dialed port, then the peer's handshake port */
     uint8_t remote_identity[CH_ID_SIZE];
     char name[64]; /* "127.0.0.1:2998" for messages */
+    char addr_text[46]; /* "127.0.0.1": the address of received messages */
 
     ch_reader_t *reader;
     ch_tls_t *tls;   /* NULL for plaintext connections */

@@ -81,9 +81,9 @@ int ch_node_stop(ch_node_t *node, uint64_t token)
     return ch__submit(node, CH__CMD_STOP, NULL, token);
 }
 
-int ch_node_send(ch_node_t *node, uint64_t token, const uint8_t identity[16], int family,
-                 const uint8_t *addr, uint16_t port, const uint8_t *header, uint16_t header_len,
-                 const uint8_t *data, uint32_t data_len)
+int ch_node_send(ch_node_t *node, uint64_t token, const char *identity, int family,
+                 const char *addr, uint16_t port, const char *header, uint16_t header_len,
+                 const char *data, uint32_t data_len)
 {
     if (family != 4 && family != 6)
         return CH_VALUE_ERROR;
@@ -94,9 +94,9 @@ int ch_node_send(ch_node_t *node, uint64_t token, const uint8_t identity[16], in
     m->family = family;
     memcpy(m->addr, addr, family == 4 ? 4 : 16);
     m->port = port;
-    m->header = header;
+    m->header = (const uint8_t *)header;
     m->header_len = header_len;
-    m->data = data;
+    m->data = (const uint8_t *)data;
     m->data_len = data_len;
     m->token = token;
     int rc = ch__submit(node, CH__CMD_SEND, m, token);
@@ -209,11 +209,13 @@ void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *tex
 
 void ch__release_done(ch_node_t *node, ch_message_t *recv, int status)
 {
-    ch_event_t ev;
-    ch__event_init(&ev, CH_EV_RELEASE_DONE, node, recv->token, status);
-    memcpy(ev.identity, recv->identity, CH_ID_SIZE);
-    ev.serial = recv->serial;
-    ch__loop_post(node->loop, &ev);
+    if (recv->token != 0) {
+        ch_event_t ev;
+        ch__event_init(&ev, CH_EV_RELEASE_DONE, node, recv->token, status);
+        memcpy(ev.identity, recv->identity, CH_ID_SIZE);
+        ev.serial = recv->serial;
+        ch__loop_post(node->loop, &ev);
+    }
     ch_msg_free(recv);
 }
 

@@ -61,6 +61,7 @@ from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only fr
 from concurrent.futures import wait as _wait_futures
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Type
 
+from ._future import LightFuture
 from .config import Config
 from .errors import ChirpError, ChirpShutdown, ChirpTimeoutError, chirp_error_to_exception
 from .message import MessageBase
@@ -75,7 +76,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10001
+_EXPECTED_STAMP = 10002
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -118,7 +119,6 @@ _WAKE_CALLS = 1  # token of the wake-up that announces call_soon() callbacks
 _WAKE_TIMERS = 0  # token of the wake-up that makes the dispatcher re-read the timer heap
 
 _monotonic = time.monotonic
-_from_buffer = ffi.from_buffer
 _buffer = ffi.buffer
 _string = ffi.string
 
@@ -229,7 +229,6 @@ class LoopCore:
         self.uv_thread: Optional[threading.Thread] = None
         self.disp_thread: Optional[threading.Thread] = None
         self.disp_ident: Optional[int] = None
-        self.info = ffi.new("ch_msg_info_t *")  # dispatcher thread only
         self._batch_end: List[Callable[[], None]] = []  # dispatcher thread only
         #: Objects shared by the nodes of this loop, by key (see :meth:`acquire_shared`).
         self._shared: Dict[Any, List[Any]] = {}
@@ -459,7 +458,7 @@ class LoopCore:
                         if t == _EV_RECV:
                             node = nodes.get(ev.node_token)
                             if node is not None:
-                                node.on_recv(ev.msg)
+                                node.on_recv(ev)
                             else:
                                 logger.error("libchirp: message for an unknown node; dropped")
                         elif t == _EV_SEND_DONE:
@@ -628,31 +627,60 @@ class NodeCore:
     # -- send ----------------------------------------------------------------------------------
 
     def send(self, msg: MessageBase, request: Optional[Future] = None) -> Future:
+        fut = LightFuture()
+        with self.lock:
+            rc = self._submit_send(msg, fut, request)
+        if rc != 0:
+            fut.set_exception(_error(rc) if rc > 0 else _shutdown_error("node is stopping"))
+        return fut
+
+    def send_many(self, msgs: List[MessageBase]) -> List[Future]:
+        """send() for each message, under one lock acquisition; all or nothing on misuse."""
+        for msg in msgs:
+            if not isinstance(msg, MessageBase):
+                raise TypeError("send_many() needs libchirp messages, not %s" % type(msg).__name__)
+        if len(set(map(id, msgs))) != len(msgs):
+            raise RuntimeError("Message is still being sent (given twice to send_many())")
+        futs = [LightFuture() for _ in msgs]
+        failed = []
+        with self.lock:
+            for msg in msgs:
+                if msg._sending:
+                    raise RuntimeError("Message is still being sent")
+            submit = self._submit_send
+            for msg, fut in zip(msgs, futs):
+                rc = submit(msg, fut, None)
+                if rc != 0:
+                    failed.append((fut, rc))
+        for fut, rc in failed:
+            fut.set_exception(_error(rc) if rc > 0 else _shutdown_error("node is stopping"))
+        return futs
+
+    def _submit_send(self, msg: MessageBase, fut: Future, request: Optional[Future]) -> int:
+        """Hand one send to the core (caller holds the lock); 0, a core code, or -1 (closing).
+
+        header and data are ``bytes`` passed to C as they are (no copy); the
+        pending entry keeps them alive until SEND_DONE, even if the message's
+        attributes are replaced meanwhile.
+        """
+        if self.closing:
+            return -1
+        if msg._sending:
+            raise RuntimeError("Message is still being sent")
         family, addr = msg._target()
         header = msg._header
         data = msg._data
-        hbuf = _from_buffer("uint8_t[]", header)
-        dbuf = _from_buffer("uint8_t[]", data)
-        fut: Future = Future()
-        with self.lock:
-            if self.closing:
-                fut.set_exception(_shutdown_error("node is stopping"))
-                return fut
-            if msg._sending:
-                raise RuntimeError("Message is still being sent")
-            token = next(self.loop._tokens)
-            self.sends[token] = [fut, msg, hbuf, dbuf, request]
-            msg._sending = True
-            rc = lib.ch_node_send(
-                self.c, token, msg._identity, family, addr, msg._port,
-                hbuf, len(header), dbuf, len(data),
-            )  # fmt: skip
-            if rc != 0:
-                del self.sends[token]
-                msg._sending = False
+        token = next(self.loop._tokens)
+        self.sends[token] = [fut, msg, header, data, request]
+        msg._sending = True
+        rc = lib.ch_node_send(
+            self.c, token, msg._identity, family, addr, msg._port,
+            header, len(header), data, len(data),
+        )  # fmt: skip
         if rc != 0:
-            fut.set_exception(_error(rc))
-        return fut
+            del self.sends[token]
+            msg._sending = False
+        return rc
 
     def on_send_done(self, token: int, status: int, text: Any) -> None:
         entry = self.sends.pop(token, None)
@@ -724,20 +752,20 @@ class NodeCore:
 
     # -- receive and release -------------------------------------------------------------------
 
-    def on_recv(self, cmsg: Any) -> None:
-        info = self.loop.info
-        lib.ch_msg_info(cmsg, info)
-        hl = info.header_len
-        dl = info.data_len
-        identity = _buffer(info.identity, 16)[:]
+    def on_recv(self, ev: Any) -> None:
+        """Dispatcher: a RECV event; the event carries the message's fields."""
+        cmsg = ev.msg
+        hl = ev.header_len
+        dl = ev.data_len
+        identity = _buffer(ev.identity, 16)[:]
         msg = self.message_class._received(
             identity,
-            info.serial,
-            _buffer(info.header, hl)[:] if hl else b"",
-            _buffer(info.data, dl)[:] if dl else b"",
-            _string(info.address).decode("ascii"),
-            info.port,
-            _buffer(info.remote_identity, 16)[:],
+            ev.serial,
+            _buffer(ev.header, hl)[:] if hl else b"",
+            _buffer(ev.data, dl)[:] if dl else b"",
+            _string(ev.text).decode("ascii"),
+            ev.port,
+            _buffer(ev.remote_identity, 16)[:],
             cmsg,
             self,
         )
@@ -775,29 +803,64 @@ class NodeCore:
 
     def release(self, msg: MessageBase) -> Future:
         """Submit the release of ``msg``'s slot; see MessageBase.release_slot()."""
-        fut: Future = Future()
+        fut = LightFuture()
         with self.lock:
-            cmsg = msg._c
-            if cmsg is None:
-                fut.set_result(None)
-                return fut
-            if msg._sending:
-                raise RuntimeError("Message is still being sent; release it when the send is done")
-            msg._c = None
-            self.held.discard(msg)
-            if self.stop_sent:  # cannot happen for held messages; be safe
-                self.orphans.append(cmsg)
-                fut.set_result(None)
-                return fut
+            rc = self._submit_release(msg, fut)
+        if rc > 0:
+            fut.set_exception(_error(rc))
+        elif rc < 0:
+            fut.set_result(None)
+        return fut
+
+    def release_many(self, msgs: List[MessageBase]) -> None:
+        """Release the slots of ``msgs`` (those that have one) without futures.
+
+        One lock acquisition and no completion event per message: the cheap path
+        of ``get()``/``get_many()`` with AUTO_RELEASE, which discard the futures.
+        Raises RuntimeError (before releasing anything) if one is being sent.
+        """
+        failed = 0
+        with self.lock:
+            for msg in msgs:
+                if msg._sending and msg._c is not None:
+                    raise RuntimeError(
+                        "Message is still being sent; release it when the send is done"
+                    )
+            submit = self._submit_release
+            for msg in msgs:
+                if submit(msg, None) > 0:
+                    failed += 1
+        if failed:
+            logger.error("libchirp: %d slot release(s) could not be submitted", failed)
+
+    def _submit_release(self, msg: MessageBase, fut: Optional[Future]) -> int:
+        """Hand one release to the core (caller holds the lock).
+
+        Returns 0 (submitted), -1 (nothing to release: no slot, or the node is
+        stopping and frees it itself) or a core error code. Without ``fut`` the
+        release is submitted with token 0: the core posts no completion.
+        """
+        cmsg = msg._c
+        if cmsg is None:
+            return -1
+        if msg._sending:
+            raise RuntimeError("Message is still being sent; release it when the send is done")
+        msg._c = None
+        self.held.discard(msg)
+        if self.stop_sent:  # cannot happen for held messages; be safe
+            self.orphans.append(cmsg)
+            return -1
+        if fut is None:
+            token = 0
+        else:
             token = next(self.loop._tokens)
             self.releases[token] = (fut, msg._identity, msg._serial)
-            rc = lib.ch_node_release(self.c, cmsg, token)
-            if rc != 0:
-                del self.releases[token]
-                self.orphans.append(cmsg)
+        rc = lib.ch_node_release(self.c, cmsg, token)
         if rc != 0:
-            fut.set_exception(_error(rc))
-        return fut
+            if token:
+                del self.releases[token]
+            self.orphans.append(cmsg)
+        return rc
 
     def release_when_sent(self, msg: MessageBase) -> None:
         """Release ``msg``'s slot now, or as soon as its pending send completed.

@@ -36,9 +36,10 @@ import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only from 3.11 on
 from types import TracebackType
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Iterable, List, Optional, Type
 
 from ._core import START_LIMIT, NodeCore
+from ._future import LightFuture
 from .config import Config
 from .loop import Loop
 from .message import MessageBase, MessageThread
@@ -47,7 +48,7 @@ from .stats import NodeStats
 __all__ = ["ChirpBase", "ChirpFuture"]
 
 
-class ChirpFuture(Future):
+class ChirpFuture(LightFuture):
     """The future of ``ChirpBase.request()``: resolves to the reply message.
 
     ``result()`` releases the reply's slot when ``auto_release`` was True (the
@@ -202,6 +203,19 @@ class ChirpBase:
             raise TypeError("send() needs a libchirp message, not %s" % type(msg).__name__)
         assert self._node is not None
         return self._node.send(msg)
+
+    def send_many(self, msgs: Iterable[MessageBase]) -> List[Future]:
+        """Send several messages; returns one future per message, in order.
+
+        Equivalent to ``[send(m) for m in msgs]`` but hands them to the loop
+        thread under one lock acquisition, which is what makes long streams of
+        small messages fast. Raises (before sending any) ``TypeError`` for a
+        non-message and ``RuntimeError`` for a message that is being sent or is
+        given twice.
+        """
+        batch = list(msgs)
+        assert self._node is not None
+        return self._node.send_many(batch)
 
     def request(self, msg: MessageBase, auto_release: bool = True) -> ChirpFuture:
         """Send ``msg`` and return a :class:`ChirpFuture` for the reply (PROTOCOL.md 8.3).

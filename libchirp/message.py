@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 A message is a plain Python object: identity, serial, header and data bytes,
 the peer's address and port, and the peer's identity. A *new* message gets a
-random identity from the operating system's CSPRNG (``os.urandom``), serial 0,
+random identity from the operating system's CSPRNG (``os.urandom``, read 4 KiB
+at a time and cut into identities, since one system call per message is a
+measurable share of a stream's cost; a forked child starts a fresh pool), serial 0,
 empty header/data, address ``0.0.0.0``, port 0 and an all-zero remote identity.
 
 A *received* message is built by the node on the dispatcher thread from the C
@@ -22,7 +24,8 @@ that is being sent cannot be sent again or released (``RuntimeError``).
 
 The IP address is validated and packed when it is set (``socket.inet_pton``) so
 that sending needs no parsing; received messages pack it lazily, only when they
-are sent back.
+are sent back. Parsed addresses are remembered (a small bounded table), since a
+program usually talks to a handful of peers.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import os
 import socket
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .errors import ChirpTypeError
 
@@ -58,6 +61,42 @@ def _as_bytes(name: str, value: Any, limit: int) -> bytes:
     if len(value) > limit:
         raise ValueError("Message.%s is too long (%d bytes, limit %d)" % (name, len(value), limit))
     return value
+
+
+#: Identities not handed out yet (list.pop() is atomic, so threads need no lock).
+_id_pool: List[bytes] = []
+_ID_CHUNK = 4096
+
+
+def _new_identity() -> bytes:
+    """16 random bytes from the pool, refilled from os.urandom() when empty."""
+    try:
+        return _id_pool.pop()
+    except IndexError:
+        raw = os.urandom(_ID_CHUNK)
+        _id_pool.extend([raw[i : i + 16] for i in range(16, _ID_CHUNK, 16)])
+        return raw[:16]
+
+
+if hasattr(os, "register_at_fork"):  # a child must never reuse its parent's identities
+    os.register_at_fork(after_in_child=_id_pool.clear)
+
+#: Parsed addresses: text -> (family, packed, compressed text); bounded.
+_addresses: Dict[str, Tuple[int, bytes, str]] = {}
+_ADDRESS_MEMORY = 1024
+
+
+def _parse_address(value: str) -> Tuple[int, bytes, str]:
+    """(family, packed, compressed text) of an IP literal, or ValueError."""
+    known = _addresses.get(value)
+    if known is not None:
+        return known
+    family, packed = _pack_address(value)
+    text = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, packed)
+    if len(_addresses) >= _ADDRESS_MEMORY:
+        _addresses.clear()
+    _addresses[value] = known = (family, packed, text)
+    return known
 
 
 def _pack_address(value: str) -> Tuple[int, bytes]:
@@ -97,7 +136,7 @@ class MessageBase:
     )
 
     def __init__(self) -> None:
-        self._identity: bytes = os.urandom(16)
+        self._identity: bytes = _new_identity()
         self._serial: int = 0
         self._header: bytes = b""
         self._data: bytes = b""
@@ -190,10 +229,7 @@ class MessageBase:
     def address(self, value: str) -> None:
         if not isinstance(value, str):
             raise ChirpTypeError("Message.address must be a str, not %s" % type(value).__name__)
-        family, packed = _pack_address(value)
-        self._family = family
-        self._packed = packed
-        self._address = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, packed)
+        self._family, self._packed, self._address = _parse_address(value)
 
     @property
     def port(self) -> int:
@@ -214,7 +250,7 @@ class MessageBase:
         """(family, packed address) for sending; packs lazily for received messages."""
         packed = self._packed
         if packed is None:
-            self._family, packed = _pack_address(self._address)
+            self._family, packed, _ = _parse_address(self._address)
             self._packed = packed
         return self._family, packed
 

@@ -16,7 +16,8 @@ makes requests).
 from __future__ import annotations
 
 import queue as _queue
-from typing import Optional
+from time import monotonic as _monotonic
+from typing import List, Optional
 
 from .chirp import ChirpBase
 from .config import Config
@@ -58,5 +59,47 @@ class Chirp(ChirpBase, _queue.Queue):
         """
         msg: MessageBase = _queue.Queue.get(self, block, timeout)
         if self._auto_release:
-            msg.release_slot()
+            self._release_taken([msg])
         return msg
+
+    def get_many(
+        self, max_count: int = 1024, block: bool = True, timeout: Optional[float] = None
+    ) -> List[MessageBase]:
+        """Remove and return up to ``max_count`` received messages, at least one.
+
+        Waits like ``get()`` for the first message (``queue.Empty`` when
+        ``block`` is False or ``timeout`` passes without one), then takes what
+        else is queued without waiting. With ``Config.AUTO_RELEASE`` their slots
+        are released here, in one hand-over to the loop thread.
+        """
+        if max_count < 1:
+            raise ValueError("get_many(): max_count must be at least 1 (%r)" % (max_count,))
+        with self.not_empty:
+            if not block:
+                if not self._qsize():
+                    raise _queue.Empty
+            elif timeout is None:
+                while not self._qsize():
+                    self.not_empty.wait()
+            elif timeout < 0:
+                raise ValueError("'timeout' must be a non-negative number")
+            else:
+                end = _monotonic() + timeout
+                while not self._qsize():
+                    remaining = end - _monotonic()
+                    if remaining <= 0.0:
+                        raise _queue.Empty
+                    self.not_empty.wait(remaining)
+            items = self.queue
+            n = min(max_count, len(items))
+            msgs = [items.popleft() for _ in range(n)]
+            self.not_full.notify()
+        if self._auto_release:
+            self._release_taken(msgs)
+        return msgs
+
+    def _release_taken(self, msgs: List[MessageBase]) -> None:
+        """AUTO_RELEASE of messages handed out: no futures (nobody sees them)."""
+        node = self._node
+        if node is not None:
+            node.release_many(msgs)

@@ -1,0 +1,221 @@
+"""Batch forms and the cheap paths behind them (issue 5).
+
+``send_many()`` hands many sends over under one lock, ``get_many()`` takes all
+queued messages and releases them in one hand-over (AUTO_RELEASE releases are
+submitted without a completion event), send futures are LightFutures, new
+identities come from a pool that a forked child does not share, and received
+messages carry their fields in the RECV event.
+"""
+
+import asyncio
+import concurrent.futures
+import os
+import queue
+import threading
+
+import pytest
+
+import libchirp.queue
+from libchirp._future import LightFuture
+
+
+def _messages(make_node, node, count, header=b"b"):
+    return [make_node.message(node, data=b"%d" % i, header=header) for i in range(count)]
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_send_many_then_get_many_delivers_everything_in_order(make_node, sync):
+    fields = dict(SYNCHRONOUS=sync, MAX_SLOTS=16)
+    a = make_node(**fields)
+    b = make_node(**fields)
+    msgs = _messages(make_node, b, 500)
+    futs = a.send_many(msgs)
+    assert len(futs) == 500
+    assert all(isinstance(f, concurrent.futures.Future) for f in futs)
+    got = []
+    while len(got) < 500:
+        batch = b.get_many(max_count=64, timeout=10.0)
+        assert 1 <= len(batch) <= 64
+        assert not any(m.has_slot for m in batch)  # AUTO_RELEASE released them
+        got.extend(batch)
+    assert [m.data for m in got] == [b"%d" % i for i in range(500)]
+    assert [m.identity for m in got] == [m.identity for m in msgs]
+    for msg, fut in zip(msgs, futs):
+        assert fut.result(10.0) is msg
+    stats = b.statistics()
+    assert stats["held_messages"] == 0
+
+
+def test_get_many_without_auto_release_keeps_the_slots(make_node):
+    a = make_node(SYNCHRONOUS=True, MAX_SLOTS=4)
+    b = make_node(SYNCHRONOUS=True, MAX_SLOTS=4, AUTO_RELEASE=False)
+    futs = a.send_many(_messages(make_node, b, 4))
+    got = []
+    while len(got) < 4:
+        got.extend(b.get_many(timeout=10.0))
+    assert all(m.has_slot for m in got)
+    # Synchronous: nothing is acknowledged before the application releases.
+    assert not any(f.done() for f in futs)
+    releases = [m.release_slot() for m in got]
+    for r, m in zip(releases, got):
+        assert r.result(10.0) == (m.identity, m.serial)
+    for f in futs:
+        f.result(10.0)
+
+
+def test_get_many_empty_and_bad_arguments(make_node):
+    b = make_node()
+    with pytest.raises(queue.Empty):
+        b.get_many(block=False)
+    with pytest.raises(queue.Empty):
+        b.get_many(timeout=0.05)
+    with pytest.raises(ValueError, match="max_count"):
+        b.get_many(max_count=0)
+    with pytest.raises(ValueError, match="timeout"):
+        b.get_many(timeout=-1)
+
+
+def test_send_many_refuses_bad_batches_before_sending_anything(make_node):
+    a = make_node()
+    b = make_node()
+    msg = make_node.message(b, data=b"x")
+    with pytest.raises(TypeError, match="libchirp messages"):
+        a.send_many([msg, b"not a message"])
+    with pytest.raises(RuntimeError, match="given twice"):
+        a.send_many([msg, msg])
+    assert not msg._sending
+    # The refused batches sent nothing: the only message b sees is this one.
+    fut = a.send(msg)
+    assert b.get(timeout=10.0).data == b"x"
+    assert fut.result(10.0) is msg
+    with pytest.raises(queue.Empty):
+        b.get(timeout=0.2)
+
+
+def test_send_many_after_stop_fails_every_future(make_node):
+    a = make_node()
+    b = make_node()
+    msgs = _messages(make_node, b, 3)
+    a.stop()
+    futs = a.send_many(msgs)
+    for f in futs:
+        exc = f.exception(5.0)
+        assert isinstance(exc, ConnectionError)
+        assert "stopping" in str(exc)
+
+
+def test_received_message_fields_come_from_the_event(make_node):
+    a = make_node()
+    b = make_node()
+    msg = make_node.message(b, data=b"\0payload\xff" * 100, header=b"\1head")
+    fut = a.send(msg)
+    got = b.get(timeout=10.0)
+    fut.result(10.0)
+    assert got.identity == msg.identity
+    assert got.header == b"\1head"
+    assert got.data == b"\0payload\xff" * 100
+    assert got.address == "127.0.0.1"
+    assert got.port == make_node.port(a)
+    assert got.remote_identity == a.identity()
+    assert got.serial > 0
+
+
+# -- LightFuture ---------------------------------------------------------------------------------
+
+
+def test_light_future_behaves_like_a_future():
+    f = LightFuture()
+    assert not f.done()
+    f.set_result(7)
+    assert f.done() and f.result() == 7 and f.exception() is None
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        f.set_result(8)
+    g = LightFuture()
+    g.set_exception(KeyError("k"))
+    with pytest.raises(KeyError):
+        g.result()
+    assert isinstance(g.exception(), KeyError)
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        g.set_exception(KeyError("again"))
+    h = LightFuture()
+    assert h.cancel() and h.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        h.result()
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        h.set_result(1)
+    assert "finished" in repr(f) and "cancelled" in repr(h)
+
+
+def test_light_future_wakes_waiters_and_runs_callbacks():
+    f = LightFuture()
+    seen = []
+    f.add_done_callback(lambda fut: seen.append(fut.result()))
+    result = []
+    t = threading.Thread(target=lambda: result.append(f.result(10.0)))
+    t.start()
+    done, _ = concurrent.futures.wait([f], timeout=0.05)
+    assert not done
+    f.set_result("r")
+    t.join(10.0)
+    assert result == ["r"] and seen == ["r"]
+    assert list(concurrent.futures.as_completed([f], timeout=1.0)) == [f]
+    late = []
+    f.add_done_callback(lambda fut: late.append(1))  # already done: runs at once
+    assert late == [1]
+
+
+def test_light_future_many_threads_race_waiting_and_completing():
+    # Completion without a condition and lazy creation of the condition must
+    # never lose a wake-up: every waiter returns.
+    for _ in range(200):
+        f = LightFuture()
+        out = []
+        waiters = [
+            threading.Thread(target=lambda f=f, out=out: out.append(f.result(10.0)))
+            for _ in range(3)
+        ]
+        for t in waiters:
+            t.start()
+        f.set_result(1)
+        for t in waiters:
+            t.join(10.0)
+            assert not t.is_alive()
+        assert out == [1, 1, 1]
+
+
+def test_light_future_with_asyncio():
+    async def main():
+        f = LightFuture()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, f.set_result, 5)
+        return await asyncio.wrap_future(f)
+
+    assert asyncio.run(main()) == 5
+
+
+# -- identities ----------------------------------------------------------------------------------
+
+
+def test_new_identities_are_unique_and_differ_in_a_forked_child():
+    ids = {libchirp.queue.Message().identity for _ in range(5000)}
+    assert len(ids) == 5000
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report the next identities it makes
+        try:
+            os.write(w, b"".join(libchirp.queue.Message().identity for _ in range(8)))
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = b""
+    while len(child) < 128:
+        chunk = os.read(r, 128)
+        if not chunk:
+            break
+        child += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert len(child) == 128
+    mine = [libchirp.queue.Message().identity for _ in range(8)]
+    theirs = [child[i : i + 16] for i in range(0, 128, 16)]
+    assert not set(mine) & set(theirs)
