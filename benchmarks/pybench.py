@@ -52,6 +52,7 @@ LIMIT = 30.0
 ZMQ_NOCOPY_SIZE = 16384
 
 perf_counter = time.perf_counter
+_Message: Any = None  # libchirp.queue.Message, imported by chirp_node()
 
 
 def free_port() -> int:
@@ -116,6 +117,8 @@ def chirp_node(loop, port: int, sync: bool, cert: Optional[str], dh: Optional[st
     import libchirp
     import libchirp.queue
 
+    global _Message
+    _Message = libchirp.queue.Message  # no import in the hot path (chirp_message)
     cfg = libchirp.Config()
     cfg.PORT = port
     cfg.SYNCHRONOUS = sync
@@ -130,9 +133,7 @@ def chirp_node(loop, port: int, sync: bool, cert: Optional[str], dh: Optional[st
 
 
 def chirp_message(addr: str, port: int, header: bytes, data: bytes):
-    from libchirp.queue import Message
-
-    m = Message()
+    m = _Message()
     m.address = addr
     m.port = port
     m.header = header
