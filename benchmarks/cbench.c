@@ -95,14 +95,15 @@ static void echo_main(uint16_t port, uint16_t peer, int sync)
                     uint8_t id[16] = {0};
                     static uint64_t reply;
                     reply = stream_count;
-                    ch_node_send(b.node, 2, id, 4, lo, peer, (const uint8_t *)"R", 1,
-                                 (const uint8_t *)&reply, sizeof(reply));
+                    ch_node_send(b.node, 2, (const char *)id, 4, (const char *)lo, peer, "R", 1,
+                                 (const char *)&reply, sizeof(reply));
                     stream_count = 0;
                     ch_node_release(b.node, ev->msg, 0);
                     continue;
                 }
-                ch_node_send(b.node, (uint64_t)(uintptr_t)ev->msg, info.identity, 4, lo, peer,
-                             info.header, info.header_len, info.data, info.data_len);
+                ch_node_send(b.node, (uint64_t)(uintptr_t)ev->msg, (const char *)info.identity, 4,
+                             (const char *)lo, peer, (const char *)info.header,
+                             info.header_len, (const char *)info.data, info.data_len);
             } else if (ev->type == CH_EV_SEND_DONE && ev->token > 2) {
                 ch_node_release(b.node, (ch_message_t *)(uintptr_t)ev->token, 0);
             }
@@ -137,7 +138,8 @@ int main(int argc, char **argv)
         while (done < count) {
             while (sent < count && sent - done < window) {
                 memcpy(id, &sent, sizeof(sent));
-                ch_node_send(b.node, 10, id, 4, lo, pb, (const uint8_t *)"P", 1, data,
+                ch_node_send(b.node, 10, (const char *)id, 4, (const char *)lo, pb, "P", 1,
+                             (const char *)data,
                              (uint32_t)size);
                 sent++;
             }
@@ -161,12 +163,14 @@ int main(int argc, char **argv)
         int ended = 0;
         while (!ended) {
             while (sent < count && sent - acked < window) {
-                ch_node_send(b.node, 10, id, 4, lo, pb, (const uint8_t *)"S", 1, data,
+                ch_node_send(b.node, 10, (const char *)id, 4, (const char *)lo, pb, "S", 1,
+                             (const char *)data,
                              (uint32_t)size);
                 sent++;
             }
             if (sent == count && acked == count) {
-                ch_node_send(b.node, 11, id, 4, lo, pb, (const uint8_t *)"E", 1, NULL, 0);
+                ch_node_send(b.node, 11, (const char *)id, 4, (const char *)lo, pb, "E", 1,
+                             NULL, 0);
                 acked++;
             }
             int n = ch_loop_poll(b.loop, evs, 512, 10);

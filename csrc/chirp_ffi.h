@@ -12,7 +12,7 @@
  * batches. Nothing in the core ever calls back into Python.
  */
 
-#define CH_VERSION_STAMP 10002
+#define CH_VERSION_STAMP 10003
 
 /* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
 enum ch_error {
@@ -118,10 +118,30 @@ void ch_loop_stop(ch_loop_t *loop);   /* ask the loop to end once no node is ope
 void ch_loop_free(ch_loop_t *loop);   /* only after ch_loop_run returned and poll said -1 */
 void ch_loop_wake(ch_loop_t *loop, uint64_t token); /* post a CH_EV_WAKE event */
 
-/* Wait up to timeout seconds (< 0: forever) for events; copies at most max of
- * them into out. Returns the number copied (0 on timeout), or -1 once the loop
- * has ended and every event was handed out. */
+/* Taking events. Batches are handed out one at a time: whoever holds a
+ * batch (the "lease") handles it completely before anyone gets the next, so
+ * events are handled in order even when several threads poll.
+ *
+ * ch_loop_poll: the dispatcher's poll (one thread). Waits up to timeout
+ * seconds (< 0: forever) for events; copies at most max of them into out.
+ * Calling it again ends the dispatcher's previous batch. While an
+ * application thread waits in ch_loop_poll_app, events go to that thread
+ * instead. Returns the number copied, 0 on timeout or after ch_loop_kick()
+ * (the caller holds the lease either way, e.g. to run its timers), or -1
+ * once the loop has ended and every event was handed out. */
 int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
+
+/* ch_loop_poll_app: the same for an application thread that waits for a
+ * result anyway and handles the events itself instead of waking the
+ * dispatcher (one thread hop less). Returns n > 0 with the lease: the caller
+ * handles the events and then MUST call ch_loop_poll_done(). Returns 0
+ * without the lease on timeout, or when another thread ended a batch (the
+ * caller re-checks whether what it waits for happened); -1 once ended. */
+int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
+void ch_loop_poll_done(ch_loop_t *loop);
+
+/* Make a waiting ch_loop_poll() return 0 (e.g. to re-read its timers). */
+void ch_loop_kick(ch_loop_t *loop);
 
 /* Node. ch_node_new copies cfg and does no I/O. ch_node_start/stop are carried
  * out on the loop thread and answered with NODE_STARTED / NODE_STOPPED events.

@@ -51,13 +51,19 @@ struct ch_loop_s {
     uv_prepare_t prepare;
     uv_check_t check;
 
-    uv_mutex_t lock; /* guards cmds, events, stop_requested, ended, waiting */
-    uv_cond_t cond;
+    uv_mutex_t lock; /* guards everything from here to "loop thread only" */
+    uv_cond_t cond;      /* the dispatcher waits here (ch_loop_poll) */
+    uv_cond_t cond_app;  /* application threads wait here (ch_loop_poll_app) */
     ch__vec_t cmds;      /* ch__cmd_t */
-    ch__vec_t events;    /* ch_event_t, shared with the dispatcher */
+    ch__vec_t events;    /* ch_event_t, shared with the pollers */
     int stop_requested;
     int ended;
-    int waiting; /* dispatcher is waiting on cond */
+    int sleeping;     /* the loop thread is (about to be) blocked in the I/O poll */
+    int waiting;      /* the dispatcher is waiting on cond */
+    int app_waiting;  /* application threads waiting on cond_app */
+    int busy;         /* a batch is being handled: CH__BUSY_* */
+    int disp_kicked;  /* ch_loop_kick() since the dispatcher last returned */
+    uint64_t app_kick; /* bumped when a batch ends: app waiters re-check */
 
     /* loop thread only */
     ch__vec_t local_events; /* ch_event_t, not yet published */
@@ -65,6 +71,10 @@ struct ch_loop_s {
     int closing;
     uint64_t rng;
 };
+
+#define CH__BUSY_NONE 0
+#define CH__BUSY_DISPATCHER 1
+#define CH__BUSY_APP 2
 
 void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev);
 /* Zero ev and fill the fields every event of a node carries. */

@@ -2,16 +2,29 @@
  * loop.c: the loop object and the two hand-offs between threads.
  *
  * Application threads submit commands (ch_node_start/stop/send/release) into
- * loop->cmds under loop->lock and wake the loop thread with one uv_async_t;
- * libuv coalesces wake-ups, so a burst of sends costs one. The loop thread
- * drains at most CH__CMD_BATCH commands per wake-up and wakes itself again
- * when more are left, so other work is never starved.
+ * loop->cmds under loop->lock. They wake the loop thread (one uv_async_t, a
+ * system call) only when it is asleep in the I/O poll (loop->sleeping): the
+ * prepare handle drains the commands right before the loop thread would
+ * block and only then marks it asleep, and the check handle marks it awake
+ * after the poll returned. So while the loop thread is busy, sends cost no
+ * system call and no wake-up at all. The loop thread drains at most
+ * CH__CMD_BATCH commands at a time and wakes itself again when more are
+ * left, so other work is never starved.
  *
  * The loop thread produces events (completions, received messages, log
  * lines) into a loop-local buffer without locking. A prepare handle (before
  * libuv blocks for I/O) and a check handle (after I/O callbacks) publish the
- * buffer to loop->events under one lock and signal the dispatcher only if it
- * is waiting. The dispatcher takes events in batches with ch_loop_poll().
+ * buffer to loop->events under one lock and signal a poller only if one is
+ * waiting. The dispatcher takes events in batches with ch_loop_poll().
+ *
+ * Application threads that wait for a result (a queue get, a send future)
+ * may poll too (ch_loop_poll_app): they are preferred over the dispatcher,
+ * so a received message goes from the loop thread straight to the thread
+ * that wants it. One batch is handled at a time (loop->busy, the "lease"):
+ * nobody gets events while another thread handles a batch, which keeps the
+ * events in order. When a batch ends, waiting application threads are woken
+ * to re-check their condition (the batch may have been theirs), and the
+ * dispatcher gets events again once no application thread waits.
  *
  * Stopping: ch_loop_stop() sets stop_requested; the loop thread closes its
  * own handles once no node is open, uv_run() returns, and ch_loop_run()
@@ -64,6 +77,29 @@ uint64_t ch__loop_rand(ch_loop_t *loop)
     return x * 0x2545F4914F6CDD1DULL;
 }
 
+/* Wake the poller that should take pending events, if any (lock held). */
+static void ch__loop_signal_locked(ch_loop_t *loop)
+{
+    if (loop->busy != CH__BUSY_NONE || loop->events.len == loop->events.head)
+        return;
+    if (loop->app_waiting)
+        uv_cond_signal(&loop->cond_app);
+    else if (loop->waiting)
+        uv_cond_signal(&loop->cond);
+}
+
+/* A batch was handled: wake application waiters to re-check, then hand
+ * pending events on (lock held). */
+static void ch__loop_end_batch_locked(ch_loop_t *loop)
+{
+    loop->busy = CH__BUSY_NONE;
+    if (loop->app_waiting) {
+        loop->app_kick++;
+        uv_cond_broadcast(&loop->cond_app);
+    }
+    ch__loop_signal_locked(loop);
+}
+
 void ch__loop_flush(ch_loop_t *loop)
 {
     if (loop->local_events.len == 0)
@@ -85,8 +121,7 @@ void ch__loop_flush(ch_loop_t *loop)
            loop->local_events.len * sizeof(ch_event_t));
     loop->events.len += loop->local_events.len;
     loop->local_events.len = 0;
-    if (loop->waiting)
-        uv_cond_signal(&loop->cond);
+    ch__loop_signal_locked(loop);
     uv_mutex_unlock(&loop->lock);
 }
 
@@ -121,8 +156,31 @@ void ch__log(ch_node_t *node, int level, const char *fmt, ...)
     ch__loop_post(node->loop, &ev);
 }
 
-static void ch__loop_prepare_cb(uv_prepare_t *h) { ch__loop_flush(h->loop->data); }
-static void ch__loop_check_cb(uv_check_t *h) { ch__loop_flush(h->loop->data); }
+static void ch__loop_run_cmds(ch_loop_t *loop);
+
+/* Before blocking for I/O: take what was submitted meanwhile, publish the
+ * events, and only then go to sleep (submitters wake the loop from now on). */
+static void ch__loop_prepare_cb(uv_prepare_t *h)
+{
+    ch_loop_t *loop = h->loop->data;
+    ch__loop_run_cmds(loop);
+    ch__loop_flush(loop);
+    uv_mutex_lock(&loop->lock);
+    int more = loop->cmds.len != loop->cmds.head;
+    loop->sleeping = !more;
+    uv_mutex_unlock(&loop->lock);
+    if (more)
+        uv_async_send(&loop->wake); /* do not block: poll returns at once */
+}
+
+static void ch__loop_check_cb(uv_check_t *h)
+{
+    ch_loop_t *loop = h->loop->data;
+    uv_mutex_lock(&loop->lock);
+    loop->sleeping = 0;
+    uv_mutex_unlock(&loop->lock);
+    ch__loop_flush(loop);
+}
 
 /* Implemented in node.c: the loop thread's side of each command. */
 void ch__node_do_start(ch_node_t *node, uint64_t token);
@@ -141,9 +199,10 @@ static void ch__loop_close_handles(ch_loop_t *loop)
     uv_close((uv_handle_t *)&loop->check, NULL);
 }
 
-static void ch__loop_wake_cb(uv_async_t *h)
+static void ch__loop_wake_cb(uv_async_t *h) { ch__loop_run_cmds(h->data); }
+
+static void ch__loop_run_cmds(ch_loop_t *loop)
 {
-    ch_loop_t *loop = h->data;
     ch__cmd_t batch[256];
     size_t done = 0;
     int stop;
@@ -157,6 +216,7 @@ static void ch__loop_wake_cb(uv_async_t *h)
         if (loop->cmds.head == loop->cmds.len)
             loop->cmds.head = loop->cmds.len = 0;
         stop = loop->stop_requested;
+        loop->sleeping = 0;
         uv_mutex_unlock(&loop->lock);
         for (size_t i = 0; i < n; i++) {
             ch__cmd_t *c = &batch[i];
@@ -216,7 +276,13 @@ int ch_loop_new(ch_loop_t **out)
         return CH_UV_ERROR;
     }
     loop->uv.data = loop;
-    if (uv_mutex_init(&loop->lock) != 0 || uv_cond_init(&loop->cond) != 0) {
+    if (uv_mutex_init(&loop->lock) != 0) {
+        uv_loop_close(&loop->uv);
+        free(loop);
+        return CH_INIT_FAIL;
+    }
+    if (uv_cond_init(&loop->cond) != 0 || uv_cond_init(&loop->cond_app) != 0) {
+        uv_mutex_destroy(&loop->lock);
         uv_loop_close(&loop->uv);
         free(loop);
         return CH_INIT_FAIL;
@@ -229,6 +295,7 @@ int ch_loop_new(ch_loop_t **out)
     uv_check_init(&loop->uv, &loop->check);
     uv_check_start(&loop->check, ch__loop_check_cb);
     uv_unref((uv_handle_t *)&loop->check);
+    loop->sleeping = 1; /* not running yet: the first command wakes it */
     if (uv_random(NULL, NULL, &loop->rng, sizeof(loop->rng), 0, NULL) != 0 || loop->rng == 0)
         loop->rng = (uint64_t)uv_hrtime() | 1;
     *out = loop;
@@ -243,6 +310,7 @@ int ch_loop_run(ch_loop_t *loop)
     uv_mutex_lock(&loop->lock);
     loop->ended = 1;
     uv_cond_broadcast(&loop->cond);
+    uv_cond_broadcast(&loop->cond_app);
     uv_mutex_unlock(&loop->lock);
     return CH_SUCCESS;
 }
@@ -264,6 +332,7 @@ void ch_loop_free(ch_loop_t *loop)
     uv_loop_close(&loop->uv);
     uv_mutex_destroy(&loop->lock);
     uv_cond_destroy(&loop->cond);
+    uv_cond_destroy(&loop->cond_app);
     free(loop->cmds.items);
     free(loop->events.items);
     free(loop->local_events.items);
@@ -278,14 +347,14 @@ int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd)
         uv_mutex_unlock(&loop->lock);
         return CH_SHUTDOWN;
     }
-    int was_empty = loop->cmds.len == loop->cmds.head;
     int rc = ch__vec_push(&loop->cmds, cmd, sizeof(*cmd));
+    int wake = rc == CH_SUCCESS && loop->sleeping;
+    if (wake)
+        loop->sleeping = 0; /* one wake-up is enough */
     uv_mutex_unlock(&loop->lock);
-    if (rc != CH_SUCCESS)
-        return rc;
-    if (was_empty)
+    if (wake)
         uv_async_send(&loop->wake);
-    return CH_SUCCESS;
+    return rc;
 }
 
 void ch_loop_wake(ch_loop_t *loop, uint64_t token)
@@ -294,42 +363,120 @@ void ch_loop_wake(ch_loop_t *loop, uint64_t token)
     ch__event_init(&ev, CH_EV_WAKE, NULL, token, 0);
     uv_mutex_lock(&loop->lock);
     ch__vec_compact(&loop->events, sizeof(ev));
-    if (ch__vec_push(&loop->events, &ev, sizeof(ev)) == CH_SUCCESS && loop->waiting)
+    if (ch__vec_push(&loop->events, &ev, sizeof(ev)) == CH_SUCCESS)
+        ch__loop_signal_locked(loop);
+    uv_mutex_unlock(&loop->lock);
+}
+
+void ch_loop_kick(ch_loop_t *loop)
+{
+    uv_mutex_lock(&loop->lock);
+    loop->disp_kicked = 1;
+    if (loop->waiting)
         uv_cond_signal(&loop->cond);
     uv_mutex_unlock(&loop->lock);
 }
 
-int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
+/* Wait on cond until woken or deadline (0 = none); 1 if the deadline passed. */
+static int ch__loop_wait(uv_cond_t *cond, uv_mutex_t *lock, uint64_t deadline)
 {
-    uint64_t deadline = 0;
-    if (timeout >= 0)
-        deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
-    uv_mutex_lock(&loop->lock);
-    while (loop->events.len == loop->events.head && !loop->ended) {
-        loop->waiting = 1;
-        if (timeout < 0) {
-            uv_cond_wait(&loop->cond, &loop->lock);
-        } else {
-            uint64_t now = uv_hrtime();
-            if (now >= deadline) {
-                loop->waiting = 0;
-                uv_mutex_unlock(&loop->lock);
-                return 0;
-            }
-            uv_cond_timedwait(&loop->cond, &loop->lock, deadline - now);
-        }
-        loop->waiting = 0;
+    if (!deadline) {
+        uv_cond_wait(cond, lock);
+        return 0;
     }
+    uint64_t now = uv_hrtime();
+    if (now >= deadline)
+        return 1;
+    uv_cond_timedwait(cond, lock, deadline - now);
+    return 0;
+}
+
+static uint64_t ch__deadline(double timeout)
+{
+    return timeout >= 0 ? uv_hrtime() + (uint64_t)(timeout * 1e9) + 1 : 0;
+}
+
+/* Copy up to max events to out and take the lease (lock held, events pending). */
+static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
+{
     size_t avail = loop->events.len - loop->events.head;
-    if (avail == 0) { /* ended and drained */
-        uv_mutex_unlock(&loop->lock);
-        return -1;
-    }
     size_t n = avail < (size_t)max ? avail : (size_t)max;
     memcpy(out, (ch_event_t *)loop->events.items + loop->events.head, n * sizeof(ch_event_t));
     loop->events.head += n;
     if (loop->events.head == loop->events.len)
         loop->events.head = loop->events.len = 0;
-    uv_mutex_unlock(&loop->lock);
+    loop->busy = who;
     return (int)n;
+}
+
+int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
+{
+    uint64_t deadline = ch__deadline(timeout);
+    int timed_out = 0;
+    uv_mutex_lock(&loop->lock);
+    if (loop->busy == CH__BUSY_DISPATCHER)
+        ch__loop_end_batch_locked(loop);
+    for (;;) {
+        int pending = loop->events.len != loop->events.head;
+        if (loop->busy == CH__BUSY_NONE) {
+            if (pending && !loop->app_waiting) {
+                int n = ch__loop_take(loop, out, max, CH__BUSY_DISPATCHER);
+                uv_mutex_unlock(&loop->lock);
+                return n;
+            }
+            if (!pending && loop->ended) {
+                uv_mutex_unlock(&loop->lock);
+                return -1;
+            }
+            if (timed_out || loop->disp_kicked) {
+                loop->disp_kicked = 0;
+                loop->busy = CH__BUSY_DISPATCHER; /* the lease, for the timers */
+                uv_mutex_unlock(&loop->lock);
+                return 0;
+            }
+        }
+        loop->waiting = 1;
+        /* Past the deadline, wait (without one) only for the lease. */
+        if (ch__loop_wait(&loop->cond, &loop->lock, timed_out ? 0 : deadline))
+            timed_out = 1;
+        loop->waiting = 0;
+    }
+}
+
+int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
+{
+    uint64_t deadline = ch__deadline(timeout);
+    uv_mutex_lock(&loop->lock);
+    uint64_t kick = loop->app_kick;
+    int n = 0;
+    for (;;) {
+        int pending = loop->events.len != loop->events.head;
+        if (loop->busy == CH__BUSY_NONE && pending) {
+            n = ch__loop_take(loop, out, max, CH__BUSY_APP);
+            break;
+        }
+        if (!pending && loop->ended) {
+            n = -1;
+            break;
+        }
+        if (loop->app_kick != kick)
+            break;
+        loop->app_waiting++;
+        int expired = ch__loop_wait(&loop->cond_app, &loop->lock, deadline);
+        loop->app_waiting--;
+        if (expired)
+            break;
+    }
+    if (n <= 0) /* leaving without the lease: pending events may be the dispatcher's now */
+        ch__loop_signal_locked(loop);
+    uv_mutex_unlock(&loop->lock);
+    return n;
+}
+
+void ch_loop_poll_done(ch_loop_t *loop)
+{
+    uv_mutex_lock(&loop->lock);
+    if (loop->busy == CH__BUSY_APP)
+        ch__loop_end_batch_locked(loop);
+    uv_mutex_unlock(&loop->lock);
 }

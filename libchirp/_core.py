@@ -76,7 +76,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10002
+_EXPECTED_STAMP = 10003
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -116,7 +116,12 @@ _EV_STATS = lib.CH_EV_STATS
 _NULL = ffi.NULL
 
 _WAKE_CALLS = 1  # token of the wake-up that announces call_soon() callbacks
-_WAKE_TIMERS = 0  # token of the wake-up that makes the dispatcher re-read the timer heap
+#: Longest single wait of an application thread in ch_loop_poll_app() (seconds):
+#: it re-checks its condition at least this often, whatever woke it or not.
+LEAD_SLICE = 0.05
+#: Whether waiting application threads handle events themselves (lead_until());
+#: False sends every event through the dispatcher thread (for comparisons).
+LEAD_WAITERS = True
 
 _monotonic = time.monotonic
 _buffer = ffi.buffer
@@ -229,6 +234,11 @@ class LoopCore:
         self.uv_thread: Optional[threading.Thread] = None
         self.disp_thread: Optional[threading.Thread] = None
         self.disp_ident: Optional[int] = None
+        #: The application thread handling a batch right now (see lead_until()).
+        self.lead_ident: Optional[int] = None
+        self._app_polling = 0  # application threads inside ch_loop_poll_app (under lock)
+        self._app_idle = threading.Condition(self.lock)
+        self._lead_buffers = threading.local()
         self._batch_end: List[Callable[[], None]] = []  # dispatcher thread only
         #: Objects shared by the nodes of this loop, by key (see :meth:`acquire_shared`).
         self._shared: Dict[Any, List[Any]] = {}
@@ -237,7 +247,9 @@ class LoopCore:
         return next(self._tokens)
 
     def in_dispatcher(self) -> bool:
-        return threading.get_ident() == self.disp_ident
+        """True on the thread handling events now: the dispatcher, or a leading waiter."""
+        ident = threading.get_ident()
+        return ident == self.disp_ident or ident == self.lead_ident
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -357,10 +369,10 @@ class LoopCore:
         with self._timer_lock:
             heapq.heappush(self._timers, entry)
             wake = deadline < self._poll_deadline
-        if wake and not self.in_dispatcher():
+        if wake and threading.get_ident() != self.disp_ident:
             with self.lock:
                 if self.c is not None and not self.ended:
-                    lib.ch_loop_wake(self.c, _WAKE_TIMERS)
+                    lib.ch_loop_kick(self.c)
         return entry
 
     # -- end-of-batch hooks and shared objects ------------------------------------------------
@@ -444,65 +456,120 @@ class LoopCore:
         c = self.c
         events = ffi.new("ch_event_t[]", BATCH)
         poll = lib.ch_loop_poll
-        nodes = self.nodes
         try:
             while True:
                 timeout = self._poll_timeout() if self._timers else -1.0
                 n = poll(c, events, BATCH, timeout)  # GIL released while waiting
                 if n < 0:
                     break
-                for i in range(n):
-                    ev = events[i]
-                    t = ev.type
-                    try:
-                        if t == _EV_RECV:
-                            node = nodes.get(ev.node_token)
-                            if node is not None:
-                                node.on_recv(ev)
-                            else:
-                                logger.error("libchirp: message for an unknown node; dropped")
-                        elif t == _EV_SEND_DONE:
-                            node = nodes.get(ev.node_token)
-                            if node is not None:
-                                node.on_send_done(ev.token, ev.status, ev.text)
-                        elif t == _EV_RELEASE_DONE:
-                            node = nodes.get(ev.node_token)
-                            if node is not None:
-                                node.on_release_done(ev.token, ev.status, ev.text)
-                        elif t == _EV_LOG:
-                            level = ev.status
-                            if logger.isEnabledFor(level):
-                                logger.log(level, "%s", _text(ev.text))
-                        elif t == _EV_WAKE:
-                            if ev.token == _WAKE_CALLS:
-                                self._run_calls()
-                        elif t == _EV_NODE_STARTED:
-                            node = nodes.get(ev.node_token)
-                            if node is not None:
-                                node.on_started(ev.status, _text(ev.text))
-                        elif t == _EV_NODE_STOPPED:
-                            node = nodes.get(ev.node_token)
-                            if node is not None:
-                                node.on_stopped()
-                        elif t == _EV_STATS:
-                            st = ev.stats
-                            try:
-                                node = nodes.get(ev.node_token)
-                                if node is not None:
-                                    node.on_stats(ev.token, ev.status, ev.text, st)
-                            finally:
-                                if st != _NULL:
-                                    lib.ch_stats_free(st)
-                        else:
-                            logger.warning("libchirp: unknown event type %d", t)
-                    except Exception:
-                        logger.exception("libchirp: exception while handling event type %d", t)
-                if self._timers:
-                    self._run_timers()
-                if self._batch_end:
-                    self._end_batch()
+                self._handle(events, n)  # the next poll() ends this batch in C
         finally:
             self._dispatcher_ends()
+
+    def lead_until(self, ready: Callable[[], bool], timeout: Optional[float]) -> None:
+        """Application thread: handle events here until ``ready()`` or ``timeout``.
+
+        A thread that is going to wait for something the events bring (a
+        message in a queue, a send future) takes the events itself with
+        ``ch_loop_poll_app()`` instead of sleeping until the dispatcher thread
+        handled them and woke it: one thread hop less per message. The core
+        hands out one batch at a time, so events stay in order whichever thread
+        handles them. Returns early (the caller then waits the usual way) on the
+        dispatcher thread, inside a batch, or once the loop is ending.
+        """
+        ident = threading.get_ident()
+        if ident == self.disp_ident or self.lead_ident is not None and ident == self.lead_ident:
+            return
+        if not LEAD_WAITERS:
+            return
+        buffers = self._lead_buffers
+        events = getattr(buffers, "events", None)
+        if events is None:
+            events = buffers.events = ffi.new("ch_event_t[]", BATCH)
+        deadline = None if timeout is None else _monotonic() + timeout
+        poll_app = lib.ch_loop_poll_app
+        lock = self.lock
+        while not ready():
+            wait = LEAD_SLICE
+            if deadline is not None:
+                wait = min(wait, deadline - _monotonic())
+                if wait <= 0:
+                    return
+            with lock:
+                c = self.c
+                if c is None or self.ended or self.c_stopped:
+                    return
+                self._app_polling += 1
+            try:
+                n = poll_app(c, events, BATCH, wait)  # GIL released while waiting
+                if n > 0:
+                    self.lead_ident = ident
+                    try:
+                        self._handle(events, n)
+                    finally:
+                        self.lead_ident = None
+                        lib.ch_loop_poll_done(c)
+            finally:
+                with lock:
+                    self._app_polling -= 1
+                    if not self._app_polling:
+                        self._app_idle.notify_all()
+            if n < 0:
+                return
+
+    def _handle(self, events: Any, n: int) -> None:
+        """Handle one batch of events, then due timers and end-of-batch hooks."""
+        nodes = self.nodes
+        for i in range(n):
+            ev = events[i]
+            t = ev.type
+            try:
+                if t == _EV_RECV:
+                    node = nodes.get(ev.node_token)
+                    if node is not None:
+                        node.on_recv(ev)
+                    else:
+                        logger.error("libchirp: message for an unknown node; dropped")
+                elif t == _EV_SEND_DONE:
+                    node = nodes.get(ev.node_token)
+                    if node is not None:
+                        node.on_send_done(ev.token, ev.status, ev.text)
+                elif t == _EV_RELEASE_DONE:
+                    node = nodes.get(ev.node_token)
+                    if node is not None:
+                        node.on_release_done(ev.token, ev.status, ev.text)
+                elif t == _EV_LOG:
+                    level = ev.status
+                    if logger.isEnabledFor(level):
+                        logger.log(level, "%s", _text(ev.text))
+                elif t == _EV_WAKE:
+                    if ev.token == _WAKE_CALLS:
+                        self._run_calls()
+                elif t == _EV_NODE_STARTED:
+                    node = nodes.get(ev.node_token)
+                    if node is not None:
+                        node.on_started(ev.status, _text(ev.text))
+                elif t == _EV_NODE_STOPPED:
+                    node = nodes.get(ev.node_token)
+                    if node is not None:
+                        node.on_stopped()
+                elif t == _EV_STATS:
+                    st = ev.stats
+                    try:
+                        node = nodes.get(ev.node_token)
+                        if node is not None:
+                            node.on_stats(ev.token, ev.status, ev.text, st)
+                    finally:
+                        if st != _NULL:
+                            lib.ch_stats_free(st)
+                else:
+                    logger.warning("libchirp: unknown event type %d", t)
+            except Exception:
+                logger.exception("libchirp: exception while handling event type %d", t)
+        if self._timers:
+            self._run_timers()
+        if self._batch_end:
+            self._end_batch()
 
     def _dispatcher_ends(self) -> None:
         uv = self.uv_thread
@@ -510,6 +577,9 @@ class LoopCore:
             uv.join(JOIN_LIMIT)
         with self.lock:
             self.ended = True
+            # Application threads still inside ch_loop_poll_app() get -1 at once
+            # (the loop has ended); the loop is freed only after they left.
+            self._app_idle.wait_for(lambda: not self._app_polling, JOIN_LIMIT)
             if uv is not None and uv.is_alive():
                 logger.error("libchirp: the loop thread did not end; the loop is not freed")
             elif self.c is not None:
@@ -628,6 +698,7 @@ class NodeCore:
 
     def send(self, msg: MessageBase, request: Optional[Future] = None) -> Future:
         fut = LightFuture()
+        fut._leader = self.loop
         with self.lock:
             rc = self._submit_send(msg, fut, request)
         if rc != 0:
@@ -642,6 +713,9 @@ class NodeCore:
         if len(set(map(id, msgs))) != len(msgs):
             raise RuntimeError("Message is still being sent (given twice to send_many())")
         futs = [LightFuture() for _ in msgs]
+        loop = self.loop
+        for fut in futs:
+            fut._leader = loop
         failed = []
         with self.lock:
             for msg in msgs:
@@ -711,6 +785,7 @@ class NodeCore:
     def request(self, msg: MessageBase, req: Any) -> None:
         """Register ``req`` (a ChirpFuture) under msg.identity, arm its timer, send."""
         identity = msg._identity
+        req._leader = self.loop
         with self.lock:
             if identity in self.requests:
                 raise RuntimeError("a request with this message identity is already pending")
@@ -804,6 +879,7 @@ class NodeCore:
     def release(self, msg: MessageBase) -> Future:
         """Submit the release of ``msg``'s slot; see MessageBase.release_slot()."""
         fut = LightFuture()
+        fut._leader = self.loop
         with self.lock:
             rc = self._submit_release(msg, fut)
         if rc > 0:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
+from time import monotonic as _monotonic
 from typing import Any, Optional
 
 __all__ = ["LightFuture"]
@@ -42,7 +43,15 @@ _LAZY = frozenset(("_condition", "_waiters", "_done_callbacks"))
 
 
 class LightFuture(Future):
-    """A Future whose condition is created lazily (see the module docstring)."""
+    """A Future whose condition is created lazily (see the module docstring).
+
+    ``_leader`` (set by the node for its own futures) is the LoopCore whose
+    events complete the future: a thread about to wait in ``result()`` or
+    ``exception()`` handles those events itself (``LoopCore.lead_until``)
+    instead of sleeping until the dispatcher thread did.
+    """
+
+    _leader: Any = None
 
     def __init__(self) -> None:  # no super().__init__(): that would build the condition
         self._state = PENDING
@@ -66,6 +75,8 @@ class LightFuture(Future):
         return self._state in _DONE
 
     def result(self, timeout: Optional[float] = None) -> Any:
+        if self._state == PENDING and self._leader is not None:
+            timeout = self._lead(timeout)
         if self._state == FINISHED:
             exc = self._exception
             if exc is not None:
@@ -77,9 +88,20 @@ class LightFuture(Future):
         return super().result(timeout)
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if self._state == PENDING and self._leader is not None:
+            timeout = self._lead(timeout)
         if self._state == FINISHED:
             return self._exception
         return super().exception(timeout)
+
+    def _lead(self, timeout: Optional[float]) -> Optional[float]:
+        """Handle the loop's events until done; return what is left of ``timeout``."""
+        if timeout is None:
+            self._leader.lead_until(self.done, None)
+            return None
+        deadline = _monotonic() + timeout
+        self._leader.lead_until(self.done, timeout)
+        return max(0.0, deadline - _monotonic())
 
     def set_result(self, result: Any) -> None:
         with _LOCK:

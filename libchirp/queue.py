@@ -57,6 +57,8 @@ class Chirp(ChirpBase, _queue.Queue):
 
         With ``Config.AUTO_RELEASE`` the message's slot is released here.
         """
+        if block and not self._qsize():
+            timeout = self._lead(timeout)
         msg: MessageBase = _queue.Queue.get(self, block, timeout)
         if self._auto_release:
             self._release_taken([msg])
@@ -74,6 +76,10 @@ class Chirp(ChirpBase, _queue.Queue):
         """
         if max_count < 1:
             raise ValueError("get_many(): max_count must be at least 1 (%r)" % (max_count,))
+        if block and not self._qsize():
+            if timeout is not None and timeout < 0:
+                raise ValueError("'timeout' must be a non-negative number")
+            timeout = self._lead(timeout)
         with self.not_empty:
             if not block:
                 if not self._qsize():
@@ -97,6 +103,23 @@ class Chirp(ChirpBase, _queue.Queue):
         if self._auto_release:
             self._release_taken(msgs)
         return msgs
+
+    def _lead(self, timeout: Optional[float]) -> Optional[float]:
+        """Handle the loop's events on this thread until a message is queued.
+
+        Returns what is left of ``timeout`` for the ordinary wait that follows
+        (see ``LoopCore.lead_until``: the thread that waits for a message takes
+        the events itself instead of waiting for the dispatcher to hand it over).
+        """
+        node = self._node
+        if node is None or (timeout is not None and timeout < 0):
+            return timeout
+        if timeout is None:
+            node.loop.lead_until(self._qsize, None)
+            return None
+        deadline = _monotonic() + timeout
+        node.loop.lead_until(self._qsize, timeout)
+        return max(0.0, deadline - _monotonic())
 
     def _release_taken(self, msgs: List[MessageBase]) -> None:
         """AUTO_RELEASE of messages handed out: no futures (nobody sees them)."""

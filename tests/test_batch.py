@@ -219,3 +219,89 @@ def test_new_identities_are_unique_and_differ_in_a_forked_child():
     mine = [libchirp.queue.Message().identity for _ in range(8)]
     theirs = [child[i : i + 16] for i in range(0, 128, 16)]
     assert not set(mine) & set(theirs)
+
+
+# -- waiting threads handle the events themselves ------------------------------------------------
+
+
+def test_a_waiting_thread_handles_the_events_itself(make_node):
+    a = make_node(SYNCHRONOUS=False)
+    b = make_node(SYNCHRONOUS=False)
+    fut = a.send(make_node.message(b, data=b"x"))
+    ran_on = []
+    fut.add_done_callback(lambda f: ran_on.append(threading.get_ident()))
+    fut.result(10.0)
+    # The SEND_DONE event was handled by this thread, waiting in result(),
+    # unless the dispatcher had already handled it before result() was called.
+    assert len(ran_on) == 1
+    assert b.get(timeout=10.0).data == b"x"
+
+
+def test_several_consumer_threads_share_one_node(make_node):
+    a = make_node(SYNCHRONOUS=False, MAX_SLOTS=32)
+    b = make_node(SYNCHRONOUS=False, MAX_SLOTS=32)
+    total = 2000
+    got = []
+    lock = threading.Lock()
+
+    def consume():
+        while True:
+            try:
+                batch = b.get_many(max_count=7, timeout=2.0)
+            except queue.Empty:
+                return
+            with lock:
+                got.extend(m.data for m in batch)
+                if len(got) >= total:
+                    return
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    futs = a.send_many(_messages(make_node, b, total))
+    for t in threads:
+        t.join(60.0)
+        assert not t.is_alive()
+    assert sorted(got) == sorted(b"%d" % i for i in range(total))
+    for f in futs:
+        f.result(10.0)
+
+
+def test_request_timers_fire_while_a_thread_waits_in_get(make_node):
+    a = make_node(TIMEOUT=0.5)
+    silent = make_node(AUTO_RELEASE=False)  # never answers
+    errors = []
+
+    def waiter():  # leads the loop's events for a while
+        try:
+            a.get(timeout=3.0)
+        except queue.Empty:
+            pass
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    req = a.request(make_node.message(silent, data=b"q"))
+    exc = req.exception(20.0)
+    assert isinstance(exc, TimeoutError)
+    t.join(10.0)
+    assert not errors
+    silent.get(timeout=10.0).release_slot()
+
+
+def test_stop_while_a_thread_waits_in_get(make_node, bounded):
+    b = make_node()
+    out = []
+    t = threading.Thread(target=lambda: out.append(_get_or_empty(b, 3.0)))
+    t.start()
+    bounded(b.stop, 30.0, "stop() while a thread waits in get()")
+    t.join(40.0)
+    assert not t.is_alive()
+
+
+def _get_or_empty(node, timeout):
+    try:
+        return node.get(timeout=timeout)
+    except queue.Empty:
+        return None

@@ -45,7 +45,8 @@ static void test_exchange(int sync)
     delivered = 0;
     for (uint64_t i = 0; i < 50; i++) {
         id[1] = (uint8_t)i;
-        CHECK_EQ(ch_node_send(a, 100 + i, id, 4, lo, pb, (const uint8_t *)"h", 1, data, 5),
+        CHECK_EQ(ch_node_send(a, 100 + i, (const char *)id, 4, (const char *)lo, pb, "h", 1,
+                              (const char *)data, 5),
                  CH_SUCCESS);
     }
     for (uint64_t i = 0; i < 50; i++) {
@@ -77,7 +78,7 @@ static void test_exchange(int sync)
     }
     /* A closed port: the send fails with CANNOT_CONNECT. */
     ch_event_t ev;
-    CHECK_EQ(ch_node_send(a, 999, id, 4, lo, 1, NULL, 0, NULL, 0), CH_SUCCESS);
+    CHECK_EQ(ch_node_send(a, 999, (const char *)id, 4, (const char *)lo, 1, NULL, 0, NULL, 0), CH_SUCCESS);
     CHECK_EQ(wait_event(CH_EV_SEND_DONE, 999, &ev), 0);
     CHECK_EQ(ev.status, CH_CANNOT_CONNECT);
     CHECK(strstr(ev.text, "cannot connect") != NULL);

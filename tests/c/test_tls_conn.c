@@ -64,7 +64,8 @@ static int send_wait(ch_node_t *from, uint16_t port, const uint8_t *data, uint32
 {
     uint8_t id[16];
     memset(id, (int)tok, sizeof(id));
-    if (ch_node_send(from, tok, id, 4, addr, port, (const uint8_t *)"hd", 2, data, len) != 0)
+    if (ch_node_send(from, tok, (const char *)id, 4, (const char *)addr, port, "hd", 2,
+                     (const char *)data, len) != 0)
         return -1;
     if (wait_event(CH_EV_SEND_DONE, tok, ev) != 0)
         return -1;
