@@ -122,7 +122,10 @@ def chirp_node(loop, port: int, sync: bool, cert: Optional[str], dh: Optional[st
     cfg = libchirp.Config()
     cfg.PORT = port
     cfg.SYNCHRONOUS = sync
-    cfg.MAX_SLOTS = 32 if sync else 0  # sync: pipelined ACKs (docs/extensions.md)
+    # 32 slots, the most a connection may have: in sync mode that is the window
+    # of pipelined ACKs (docs/extensions.md), in async mode how far the reader
+    # may run ahead of the application (the default is 16).
+    cfg.MAX_SLOTS = 32
     cfg.TIMEOUT = LIMIT
     if cert is None:
         cfg.DISABLE_ENCRYPTION = True

@@ -447,7 +447,8 @@ def table(rows: List[Row], rounds: int, memory: Optional[str], argv: List[str]) 
         f"Medians of {rounds} round(s); each round measures every shape once per system, "
         "libchirp and pyzmq alternating. Two processes on loopback, plaintext, 64-byte "
         "messages unless stated; libchirp roundtrips and shape 4 are asynchronous "
-        "(SYNCHRONOUS=False). Ratio = libchirp / pyzmq."
+        "(SYNCHRONOUS=False), every libchirp node has MAX_SLOTS=32 and uses the batch "
+        "forms send_many()/get_many(). Ratio = libchirp / pyzmq."
     )
     out.append("")
     out.append("| shape | libchirp | pyzmq | ratio | target | met? |")
