@@ -135,9 +135,12 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
  * result anyway and handles the events itself instead of waking the
  * dispatcher (one thread hop less). Returns n > 0 with the lease: the caller
  * handles the events and then MUST call ch_loop_poll_done(). Returns 0
- * without the lease on timeout, or when another thread ended a batch (the
- * caller re-checks whether what it waits for happened); -1 once ended. */
-int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
+ * without the lease on timeout, or as soon as a batch ended after *seq was
+ * read (another thread may have brought what the caller waits for: it
+ * re-checks); -1 once ended. *seq is in/out: read it with ch_loop_batch_seq()
+ * BEFORE checking the condition the first time; every return updates it. */
+uint64_t ch_loop_batch_seq(ch_loop_t *loop);
+int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq);
 void ch_loop_poll_done(ch_loop_t *loop);
 
 /* Make a waiting ch_loop_poll() return 0 (e.g. to re-read its timers). */

@@ -63,7 +63,8 @@ struct ch_loop_s {
     int app_waiting;  /* application threads waiting on cond_app */
     int busy;         /* a batch is being handled: CH__BUSY_* */
     int disp_kicked;  /* ch_loop_kick() since the dispatcher last returned */
-    uint64_t app_kick; /* bumped when a batch ends: app waiters re-check */
+    int disp_needs_lease; /* the waiting dispatcher wants the lease (timers) */
+    uint64_t batch_seq; /* batches ended so far: app waiters re-check on change */
 
     /* loop thread only */
     ch__vec_t local_events; /* ch_event_t, not yet published */

@@ -88,16 +88,19 @@ static void ch__loop_signal_locked(ch_loop_t *loop)
         uv_cond_signal(&loop->cond);
 }
 
-/* A batch was handled: wake application waiters to re-check, then hand
- * pending events on (lock held). */
+/* A batch was handled: wake application waiters to re-check, wake the
+ * dispatcher if it waits for the lease, then hand pending events on (lock
+ * held). */
 static void ch__loop_end_batch_locked(ch_loop_t *loop)
 {
     loop->busy = CH__BUSY_NONE;
-    if (loop->app_waiting) {
-        loop->app_kick++;
+    loop->batch_seq++;
+    if (loop->app_waiting)
         uv_cond_broadcast(&loop->cond_app);
-    }
-    ch__loop_signal_locked(loop);
+    if (loop->waiting && loop->disp_needs_lease)
+        uv_cond_signal(&loop->cond);
+    else
+        ch__loop_signal_locked(loop);
 }
 
 void ch__loop_flush(ch_loop_t *loop)
@@ -418,17 +421,18 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
         ch__loop_end_batch_locked(loop);
     for (;;) {
         int pending = loop->events.len != loop->events.head;
+        if (!pending && loop->ended) {
+            uv_mutex_unlock(&loop->lock);
+            return -1;
+        }
+        int wants_lease = timed_out || loop->disp_kicked;
         if (loop->busy == CH__BUSY_NONE) {
             if (pending && !loop->app_waiting) {
                 int n = ch__loop_take(loop, out, max, CH__BUSY_DISPATCHER);
                 uv_mutex_unlock(&loop->lock);
                 return n;
             }
-            if (!pending && loop->ended) {
-                uv_mutex_unlock(&loop->lock);
-                return -1;
-            }
-            if (timed_out || loop->disp_kicked) {
+            if (wants_lease) {
                 loop->disp_kicked = 0;
                 loop->busy = CH__BUSY_DISPATCHER; /* the lease, for the timers */
                 uv_mutex_unlock(&loop->lock);
@@ -436,18 +440,27 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
             }
         }
         loop->waiting = 1;
+        loop->disp_needs_lease = wants_lease; /* the end of the batch wakes it */
         /* Past the deadline, wait (without one) only for the lease. */
         if (ch__loop_wait(&loop->cond, &loop->lock, timed_out ? 0 : deadline))
             timed_out = 1;
         loop->waiting = 0;
+        loop->disp_needs_lease = 0;
     }
 }
 
-int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
+uint64_t ch_loop_batch_seq(ch_loop_t *loop)
+{
+    uv_mutex_lock(&loop->lock);
+    uint64_t seq = loop->batch_seq;
+    uv_mutex_unlock(&loop->lock);
+    return seq;
+}
+
+int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq)
 {
     uint64_t deadline = ch__deadline(timeout);
     uv_mutex_lock(&loop->lock);
-    uint64_t kick = loop->app_kick;
     int n = 0;
     for (;;) {
         int pending = loop->events.len != loop->events.head;
@@ -459,8 +472,8 @@ int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
             n = -1;
             break;
         }
-        if (loop->app_kick != kick)
-            break;
+        if (loop->batch_seq != *seq)
+            break; /* a batch ended since the caller last looked */
         loop->app_waiting++;
         int expired = ch__loop_wait(&loop->cond_app, &loop->lock, deadline);
         loop->app_waiting--;
@@ -469,6 +482,7 @@ int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
     }
     if (n <= 0) /* leaving without the lease: pending events may be the dispatcher's now */
         ch__loop_signal_locked(loop);
+    *seq = loop->batch_seq;
     uv_mutex_unlock(&loop->lock);
     return n;
 }

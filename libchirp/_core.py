@@ -486,9 +486,18 @@ class LoopCore:
         events = getattr(buffers, "events", None)
         if events is None:
             events = buffers.events = ffi.new("ch_event_t[]", BATCH)
+            buffers.seq = ffi.new("uint64_t *")
+        seq = buffers.seq
         deadline = None if timeout is None else _monotonic() + timeout
         poll_app = lib.ch_loop_poll_app
         lock = self.lock
+        with lock:
+            c = self.c
+            if c is None or self.ended or self.c_stopped:
+                return
+            # Before the first look at ready(): a batch ending from now on (its
+            # result possibly missed by that look) makes poll_app() return.
+            seq[0] = lib.ch_loop_batch_seq(c)
         while not ready():
             wait = LEAD_SLICE
             if deadline is not None:
@@ -501,7 +510,7 @@ class LoopCore:
                     return
                 self._app_polling += 1
             try:
-                n = poll_app(c, events, BATCH, wait)  # GIL released while waiting
+                n = poll_app(c, events, BATCH, wait, seq)  # GIL released while waiting
                 if n > 0:
                     self.lead_ident = ident
                     try:
