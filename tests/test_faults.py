@@ -17,6 +17,10 @@ tests/rawpeer.py. Checked:
 3. a peer SIGKILLed and restarted on the same port: a send while it is down
    fails with a ConnectionError, the next sends reconnect and succeed (the
    echoes carry the new process's identity);
+4. raw clients that connect and stall (nothing, a partial handshake, a
+   partial frame header, a partial frame body) are closed after the connect
+   timeout min(2T, 60) or the idle timeout 2R, while a normal peer is served
+   meanwhile, each send well within the stall timeout;
 5. a peer that handshakes and then never reads, sent 1 MiB messages: the
    sends that cannot be written fail with TimeoutError within bounds, and the
    node keeps doing roundtrips with another peer meanwhile.
@@ -31,6 +35,7 @@ import concurrent.futures
 import json
 import os
 import sys
+import threading
 import time
 
 import pytest
@@ -327,6 +332,107 @@ def test_peer_restart_same_port(make_node, procs, free_ports, sync):
     print("remote counters: %s" % counters)
     assert counters["connects"] >= 2
     second.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Half-open and stalled peers
+# --------------------------------------------------------------------------------------------
+
+
+def test_stalled_peers_closed_while_serving(make_node):
+    timeout, reuse = 1.0, 0.5
+    node = make_node(TIMEOUT=timeout, REUSE_TIME=reuse)
+    port = make_node.port(node)
+    connect_timeout = min(2 * timeout, 60)
+    idle = max(reuse, 3 * timeout)  # R: an idle connection is closed within 2R
+    frame = rawpeer.pack_frame(bytes(16), 1, 0x00, b"stall", b"x" * 100)
+    # Stalled peers and what they send before they stall; the bound for the node to
+    # close them: the connect timeout before the handshake is through, else 2R.
+    kinds = {
+        "silent": (None, connect_timeout),
+        "partial-handshake": (rawpeer.pack_handshake(4000, rawpeer.CLIENT_ID)[:7], connect_timeout),
+        "partial-header": (frame[:10], 2 * idle),
+        "partial-body": (frame[:40], 2 * idle),
+    }
+    stallers = {}
+    for kind, (first, _) in kinds.items():
+        peer = rawpeer.connect(port, name=kind)
+        if kind != "silent":
+            peer.recv_handshake()
+        if kind.startswith("partial-") and kind != "partial-handshake":
+            peer.send_handshake(4001 + len(stallers), rawpeer.CLIENT_ID)
+        if first:
+            peer.send(first)
+        stallers[kind] = (peer, time.monotonic())
+
+    closed_after = {}
+
+    def watch(kind, peer, t0):
+        if peer.wait_closed(kinds[kind][1] + SLACK):
+            closed_after[kind] = time.monotonic() - t0
+
+    # A slow peer is not a stalled one: a frame trickling in for longer than 2R,
+    # a few bytes at a time, is received whole.
+    slow = rawpeer.connect(port, name="slow")
+    slow.recv_handshake()
+    slow.send_handshake(4100, rawpeer.CLIENT_ID)
+    slow_data = bytes(range(256)) * 2
+    slow_frame = rawpeer.pack_frame(bytes([7]) * 16, 1, 0x00, b"slow", slow_data)
+    trickle_secs = 2 * idle + 1
+    trickle_error = []
+
+    def trickle():
+        pause = trickle_secs / (len(slow_frame) // 16)
+        try:
+            for i in range(0, len(slow_frame), 16):
+                slow.send(slow_frame[i : i + 16])
+                time.sleep(pause)
+        except OSError as exc:
+            trickle_error.append(exc)
+
+    threads = [
+        threading.Thread(target=watch, args=(kind, peer, t0), daemon=True)
+        for kind, (peer, t0) in stallers.items()
+    ] + [threading.Thread(target=trickle, daemon=True)]
+    for t in threads:
+        t.start()
+
+    # Meanwhile a normal peer is served: every synchronous send (a roundtrip with the
+    # ACK) completes well within the stall timeout.
+    good = make_node(TIMEOUT=timeout)
+    spans = []
+    for i in range(10):
+        t0 = time.monotonic()
+        fut = good.send(rawpeer.make_msg(port, b"good", b"%d" % i))
+        got = rawpeer.get_msg(node, connect_timeout, "good message %d" % i)  # releases it
+        assert (got.header, got.data) == (b"good", b"%d" % i)
+        assert settle(fut, connect_timeout, "good send %d" % i) is None, repr(fut.exception())
+        spans.append(time.monotonic() - t0)
+        time.sleep(0.05)
+
+    got = rawpeer.get_msg(node, trickle_secs + SLACK, "slowly sent message")
+    assert (got.header, got.data) == (b"slow", slow_data)
+    for t in threads:
+        t.join(max(bound for _, bound in kinds.values()) + SLACK + 5)
+    for peer, _ in stallers.values():
+        peer.close()
+    slow.close()
+    print(
+        "stalled peers closed after %s s (bounds %s); good sends took at most %.3f s"
+        % (
+            {k: round(v, 2) for k, v in closed_after.items()},
+            {k: b for k, (_, b) in kinds.items()},
+            max(spans),
+        )
+    )
+    assert not trickle_error, "the node closed the slow peer: %r" % trickle_error
+    for kind, (_, bound) in kinds.items():
+        assert kind in closed_after, "stalled peer %r not closed within %.0f s" % (
+            kind,
+            bound + SLACK,
+        )
+    stats = node.statistics()
+    assert stats["totals"]["timeouts"] >= 2, stats["totals"]
 
 
 # --------------------------------------------------------------------------------------------
