@@ -382,6 +382,13 @@ static void ch__conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
                            uv_strerror((int)nread));
         return;
     }
+    if (c->slots_used > (int)c->held.len) {
+        /* More bytes of a data frame: activity (6.4), so that the garbage
+         * collector spares a long message still arriving. */
+        c->activity = ch__node_now(c->node);
+        if (c->remote)
+            c->remote->activity = c->activity;
+    }
     if (c->tls) {
         if (ch__conn_tls_input(c, (size_t)nread) != 0)
             return;

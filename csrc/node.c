@@ -268,12 +268,14 @@ static void ch__node_gc_cb(uv_timer_t *t)
     ch_node_t *node = t->data;
     uint64_t now = ch__node_now(node);
     uint64_t r_ms = (uint64_t)(node->reuse * 1000.0);
-    /* Connections idle longer than R (active and secondary). */
+    /* Connections idle longer than R (active and secondary), unless the
+     * application still holds messages received on them. A connection stuck
+     * in the middle of a frame is idle too (its slot is not held by anyone). */
     for (ch_conn_t *c = node->conns, *next; c; c = next) {
         next = c->next;
         if (c->flags & CH__CONNF_CLOSING)
             continue;
-        if (c->state == CH__CONN_READY && now - c->activity > r_ms && c->slots_used == 0)
+        if (c->state == CH__CONN_READY && now - c->activity > r_ms && c->held.len == 0)
             ch__conn_close(c, CH_SHUTDOWN, "connection to %s idle for more than %.1f s, closed",
                            c->name, node->reuse);
     }

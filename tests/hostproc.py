@@ -25,6 +25,7 @@ sends; implies window 1), --tag NAME.
 Commands on stdin, one a line (every role); EOF stops the node and the process:
 
     send IP PORT COUNT SIZE [WINDOW [TAG [INTERVAL]]]
+    stats                                 print the node's statistics() (STATS line)
 
 Reports on stdout, one flushed line each:
 
@@ -34,6 +35,7 @@ Reports on stdout, one flushed line each:
     SENT <tag> <i> OK <identity hex> <len> <sha256 hex> <secs>
     SENT <tag> <i> ERR <identity hex> <len> <sha256 hex> <secs> <exception class> <ecode> <text>
     DONE <tag> ok=<n> err=<n> secs=<seconds>
+    STATS <statistics() as one line of JSON>
     COUNT recv=<n> echoed=<n> echo_failed=<n>          at exit
     BYE                                                 node and loop stopped
 
@@ -45,6 +47,7 @@ import argparse
 import collections
 import concurrent.futures
 import hashlib
+import json
 import os
 import queue
 import sys
@@ -146,6 +149,8 @@ def command_reader(node, stop, workers):
                 )
                 t.start()
                 workers.append(t)
+            elif words == ["stats"]:
+                say("STATS", json.dumps(node.statistics(), sort_keys=True))
             else:
                 print("hostproc: unknown command %r" % line.strip(), file=sys.stderr)
     finally:

@@ -550,11 +550,14 @@ class SilentServer:
 
     With ``handshake=True`` it sends a valid 18-byte chirp handshake on every
     accepted connection and then reads and discards everything (so it never
-    acknowledges anything); otherwise it does not even read.
+    acknowledges anything); otherwise it does not even read. With
+    ``read=False`` it never reads, handshake or not, so the node's writes fill
+    the socket buffers and stall.
     """
 
-    def __init__(self, handshake=False):
+    def __init__(self, handshake=False, read=True):
         self.handshake = handshake
+        self.read = read
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -579,7 +582,7 @@ class SilentServer:
 
     def _run(self):
         while not self._stop.is_set():
-            watch = [self.sock] + (self.conns if self.handshake else [])
+            watch = [self.sock] + (self.conns if self.handshake and self.read else [])
             readable, _, _ = select.select(watch, [], [], 0.05)
             for s in readable:
                 if s is self.sock:
