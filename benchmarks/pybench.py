@@ -265,10 +265,13 @@ class ChirpClient:
 def chirp_server(args: argparse.Namespace) -> None:
     import libchirp
 
-    loop = libchirp.Loop()
+    # One Loop per node: each serving thread then handles its own node's events
+    # while it waits in get_many() (a thread waiting on one node of a shared
+    # loop would also be woken by every batch of the other node).
+    loops = {"async": libchirp.Loop(), "sync": libchirp.Loop()}
     nodes = {
-        "async": chirp_node(loop, free_port(), False, args.cert, args.dh),
-        "sync": chirp_node(loop, free_port(), True, args.cert, args.dh),
+        "async": chirp_node(loops["async"], free_port(), False, args.cert, args.dh),
+        "sync": chirp_node(loops["sync"], free_port(), True, args.cert, args.dh),
     }
     stop = stdin_closed()
     threads = [threading.Thread(target=chirp_serve, args=(n, stop)) for n in nodes.values()]
@@ -279,7 +282,8 @@ def chirp_server(args: argparse.Namespace) -> None:
         t.join()
     for node in nodes.values():
         node.stop()
-    loop.stop()
+    for loop in loops.values():
+        loop.stop()
 
 
 # ---------------------------------------------------------------------------------------------
