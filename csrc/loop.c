@@ -214,7 +214,8 @@ static void ch__loop_run_cmds(ch_loop_t *loop)
         uv_mutex_lock(&loop->lock);
         size_t avail = loop->cmds.len - loop->cmds.head;
         n = avail < 256 ? avail : 256;
-        memcpy(batch, (ch__cmd_t *)loop->cmds.items + loop->cmds.head, n * sizeof(ch__cmd_t));
+        if (n) /* items is NULL before the first command (memcpy from NULL is UB) */
+            memcpy(batch, (ch__cmd_t *)loop->cmds.items + loop->cmds.head, n * sizeof(ch__cmd_t));
         loop->cmds.head += n;
         if (loop->cmds.head == loop->cmds.len)
             loop->cmds.head = loop->cmds.len = 0;
