@@ -113,15 +113,9 @@ class Worker:
         return self.expect("RESULT", limit)
 
     def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
+        from tls_bench import end_worker
+
+        end_worker(self.proc)
 
 
 class Pair:

@@ -207,15 +207,20 @@ class Child:
         raise SystemExit("tls_bench: no %s line within %.0f s" % (prefix, limit))
 
     def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
+        end_worker(self.proc)
+
+
+def end_worker(proc: subprocess.Popen) -> None:
+    """Close a worker's stdin (its signal to stop), wait for it, kill it if it hangs."""
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
 
 
 def make_certs(base: str) -> dict:

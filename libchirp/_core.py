@@ -466,8 +466,11 @@ class LoopCore:
         finally:
             self._dispatcher_ends()
 
-    def lead_until(self, ready: Callable[[], bool], timeout: Optional[float]) -> None:
+    def lead_until(self, ready: Callable[[], bool], timeout: Optional[float]) -> Optional[float]:
         """Application thread: handle events here until ``ready()`` or ``timeout``.
+
+        Returns what is left of ``timeout`` (None for None) for the ordinary
+        wait the caller does next.
 
         A thread that is going to wait for something the events bring (a
         message in a queue, a send future) takes the events itself with
@@ -477,6 +480,11 @@ class LoopCore:
         handles them. Returns early (the caller then waits the usual way) on the
         dispatcher thread, inside a batch, or once the loop is ending.
         """
+        deadline = None if timeout is None else _monotonic() + timeout
+        self._lead(ready, deadline)
+        return None if deadline is None else max(0.0, deadline - _monotonic())
+
+    def _lead(self, ready: Callable[[], bool], deadline: Optional[float]) -> None:
         ident = threading.get_ident()
         if ident == self.disp_ident or self.lead_ident is not None and ident == self.lead_ident:
             return
@@ -488,7 +496,6 @@ class LoopCore:
             events = buffers.events = ffi.new("ch_event_t[]", BATCH)
             buffers.seq = ffi.new("uint64_t *")
         seq = buffers.seq
-        deadline = None if timeout is None else _monotonic() + timeout
         poll_app = lib.ch_loop_poll_app
         lock = self.lock
         with lock:

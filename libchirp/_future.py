@@ -32,7 +32,6 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
-from time import monotonic as _monotonic
 from typing import Any, Optional
 
 __all__ = ["LightFuture"]
@@ -76,7 +75,7 @@ class LightFuture(Future):
 
     def result(self, timeout: Optional[float] = None) -> Any:
         if self._state == PENDING and self._leader is not None:
-            timeout = self._lead(timeout)
+            timeout = self._leader.lead_until(self.done, timeout)
         if self._state == FINISHED:
             exc = self._exception
             if exc is not None:
@@ -89,19 +88,10 @@ class LightFuture(Future):
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         if self._state == PENDING and self._leader is not None:
-            timeout = self._lead(timeout)
+            timeout = self._leader.lead_until(self.done, timeout)
         if self._state == FINISHED:
             return self._exception
         return super().exception(timeout)
-
-    def _lead(self, timeout: Optional[float]) -> Optional[float]:
-        """Handle the loop's events until done; return what is left of ``timeout``."""
-        if timeout is None:
-            self._leader.lead_until(self.done, None)
-            return None
-        deadline = _monotonic() + timeout
-        self._leader.lead_until(self.done, timeout)
-        return max(0.0, deadline - _monotonic())
 
     def set_result(self, result: Any) -> None:
         with _LOCK:

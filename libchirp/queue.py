@@ -114,12 +114,7 @@ class Chirp(ChirpBase, _queue.Queue):
         node = self._node
         if node is None or (timeout is not None and timeout < 0):
             return timeout
-        if timeout is None:
-            node.loop.lead_until(self._qsize, None)
-            return None
-        deadline = _monotonic() + timeout
-        node.loop.lead_until(self._qsize, timeout)
-        return max(0.0, deadline - _monotonic())
+        return node.loop.lead_until(self._qsize, timeout)
 
     def _release_taken(self, msgs: List[MessageBase]) -> None:
         """AUTO_RELEASE of messages handed out: no futures (nobody sees them)."""
