@@ -282,7 +282,14 @@ static void ch__node_close_cb(uv_handle_t *h) { ch__node_handle_closed(h->data);
 
 /* ---- garbage collection ----------------------------------------------- */
 
+/* Closing a connection costs tens of microseconds (mostly the kernel's
+ * close), so one pass closes or deletes at most this many and the rest follow
+ * 1 ms later: when 10,000 connections expire together, the loop still
+ * serves the others between batches instead of pausing for half a second. */
+#define CH__GC_BATCH 1000
+
 static void ch__node_gc_cb(uv_timer_t *t);
+static void ch__node_gc_more_cb(uv_timer_t *t);
 
 static void ch__node_gc_arm(ch_node_t *node)
 {
@@ -294,30 +301,58 @@ static void ch__node_gc_arm(ch_node_t *node)
     uv_timer_start(&node->gc_timer, ch__node_gc_cb, delay ? delay : 1, 0);
 }
 
-static void ch__node_gc_cb(uv_timer_t *t)
+/* Close what is idle longer than R; returns 0 when done, 1 when the batch
+ * limit stopped it. */
+static int ch__node_gc_sweep(ch_node_t *node)
 {
-    ch_node_t *node = t->data;
     uint64_t now = ch__node_now(node);
     uint64_t r_ms = (uint64_t)(node->reuse * 1000.0);
-    ch__node_trim(node); /* what the previous pass closed is freed by now */
+    int budget = CH__GC_BATCH;
     /* Connections idle longer than R (active and secondary). */
     for (ch_conn_t *c = node->conns, *next; c; c = next) {
         next = c->next;
         if (c->flags & CH__CONNF_CLOSING)
             continue;
-        if (c->state == CH__CONN_READY && now - c->activity > r_ms && c->slots_used == 0)
+        if (c->state == CH__CONN_READY && now - c->activity > r_ms && c->slots_used == 0) {
+            if (budget-- == 0)
+                return 1;
             ch__conn_close(c, CH_SHUTDOWN, "connection to %s idle for more than %.1f s, closed",
                            c->name, node->reuse);
+        }
     }
     /* Remotes idle longer than R, not in back-off, without connections. */
     for (size_t b = 0; b < node->nbuckets; b++) {
         for (ch_remote_t *r = node->buckets[b], *next; r; r = next) {
             next = r->hnext;
-            if (!r->blocked && r->nconns == 0 && now - r->activity > r_ms)
+            if (!r->blocked && r->nconns == 0 && now - r->activity > r_ms) {
+                if (budget-- == 0)
+                    return 1;
                 ch__remote_delete(r, CH_SHUTDOWN, "remote removed by garbage collection");
+            }
         }
     }
-    ch__node_gc_arm(node);
+    return 0;
+}
+
+static void ch__node_gc_next(ch_node_t *node, int more)
+{
+    if (more)
+        uv_timer_start(&node->gc_timer, ch__node_gc_more_cb, 1, 0);
+    else
+        ch__node_gc_arm(node);
+}
+
+static void ch__node_gc_more_cb(uv_timer_t *t)
+{
+    ch_node_t *node = t->data;
+    ch__node_gc_next(node, ch__node_gc_sweep(node));
+}
+
+static void ch__node_gc_cb(uv_timer_t *t)
+{
+    ch_node_t *node = t->data;
+    ch__node_trim(node); /* what the previous pass closed is freed by now */
+    ch__node_gc_next(node, ch__node_gc_sweep(node));
 }
 
 /* ---- commands (loop thread) ------------------------------------------- */
