@@ -103,6 +103,7 @@ static void ch__conn_handle_closed(uv_handle_t *h)
         free(c->wbuf);
         free(c->rbuf);
         free(c);
+        node->nfreed++;
     }
     ch__node_handle_closed(node);
 }

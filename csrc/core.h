@@ -128,11 +128,14 @@ struct ch_node_s {
 
     ch_conn_t *conns; /* all connections, doubly linked */
     uint32_t nconns;
+    uint32_t nfreed; /* connections and remotes freed since the last ch__node_trim */
     ch_counters_t totals;
     ch_node_t *next;  /* loop's list */
 };
 
 void ch__node_handle_closed(ch_node_t *node);
+/* Give freed heap memory back to the system once many connections went away. */
+void ch__node_trim(ch_node_t *node);
 void ch__node_maybe_finish(ch_node_t *node);
 uint64_t ch__node_now(ch_node_t *node);
 void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *text);

@@ -16,6 +16,10 @@
 
 #include "core.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd);
 double ch__config_reuse(const ch_config_t *cfg);
 int ch__config_slots(const ch_config_t *cfg);
@@ -123,12 +127,18 @@ void ch_stats_free(ch_stats_t *stats)
     }
 }
 
+static int ch__ptr_cmp(const void *a, const void *b)
+{
+    uintptr_t x = (uintptr_t)*(ch_remote_t *const *)a, y = (uintptr_t)*(ch_remote_t *const *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* order[] is sorted by address, so finding a remote is O(log remotes) and the
+ * statistics of many connections are not O(remotes x connections). */
 static ch_remote_stats_t *ch__stats_find(ch_stats_t *st, ch_remote_t **order, ch_remote_t *r)
 {
-    for (uint32_t i = 0; i < st->nremotes; i++)
-        if (order[i] == r)
-            return &st->remotes[i];
-    return NULL;
+    ch_remote_t **p = bsearch(&r, order, st->nremotes, sizeof(*order), ch__ptr_cmp);
+    return p ? &st->remotes[p - order] : NULL;
 }
 
 void ch__node_do_stats(ch_node_t *node, uint64_t token)
@@ -151,18 +161,20 @@ void ch__node_do_stats(ch_node_t *node, uint64_t token)
     st->connections = node->nconns;
     st->totals = node->totals;
     uint64_t now = node->state == CH__NODE_RUNNING ? ch__node_now(node) : 0;
-    for (size_t b = 0; b < node->nbuckets; b++) {
-        for (ch_remote_t *r = node->buckets[b]; r && st->nremotes < n; r = r->hnext) {
-            ch_remote_stats_t *rs = &st->remotes[st->nremotes];
+    for (size_t b = 0; b < node->nbuckets; b++)
+        for (ch_remote_t *r = node->buckets[b]; r && st->nremotes < n; r = r->hnext)
             order[st->nremotes++] = r;
-            ch__format_addr(r->family, r->addr, rs->address, sizeof(rs->address));
-            rs->port = r->port;
-            rs->connections = (uint32_t)r->nconns;
-            rs->send_queue = (uint32_t)r->data_q.len;
-            rs->in_flight = (uint32_t)r->noutstanding;
-            rs->idle = now > r->activity ? (double)(now - r->activity) / 1000.0 : 0.0;
-            rs->counters = r->counters;
-        }
+    qsort(order, st->nremotes, sizeof(*order), ch__ptr_cmp);
+    for (uint32_t i = 0; i < st->nremotes; i++) {
+        ch_remote_t *r = order[i];
+        ch_remote_stats_t *rs = &st->remotes[i];
+        ch__format_addr(r->family, r->addr, rs->address, sizeof(rs->address));
+        rs->port = r->port;
+        rs->connections = (uint32_t)r->nconns;
+        rs->send_queue = (uint32_t)r->data_q.len;
+        rs->in_flight = (uint32_t)r->noutstanding;
+        rs->idle = now > r->activity ? (double)(now - r->activity) / 1000.0 : 0.0;
+        rs->counters = r->counters;
     }
     /* Slots are held per connection; add them to the connection's remote. */
     for (ch_conn_t *c = node->conns; c; c = c->next) {
@@ -232,11 +244,32 @@ static void ch__post_node_event(ch_node_t *node, int type, uint64_t token, int s
 
 /* ---- handles ---------------------------------------------------------- */
 
+/*
+ * Freed connections and remotes leave holes in the loop thread's malloc arena
+ * that glibc does not give back by itself (it only trims the top of a heap),
+ * so a node that once held 10,000 connections would keep their pages. After
+ * at least CH__TRIM_AFTER of them were freed, malloc_trim() returns the free
+ * pages (about 10 ms for a heap that held 10,000 connections); this runs at
+ * most once per garbage collection pass and once when the node stops.
+ */
+#define CH__TRIM_AFTER 256
+
+void ch__node_trim(ch_node_t *node)
+{
+    if (node->nfreed < CH__TRIM_AFTER)
+        return;
+    node->nfreed = 0;
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+}
+
 void ch__node_maybe_finish(ch_node_t *node)
 {
     if (node->state != CH__NODE_STOPPING || node->handles > 0)
         return;
     node->state = CH__NODE_STOPPED;
+    ch__node_trim(node);
     ch__loop_node_gone(node->loop, node);
     ch__post_node_event(node, CH_EV_NODE_STOPPED, node->stop_token, CH_SUCCESS, NULL);
 }
@@ -251,7 +284,14 @@ static void ch__node_close_cb(uv_handle_t *h) { ch__node_handle_closed(h->data);
 
 /* ---- garbage collection ----------------------------------------------- */
 
+/* Closing a connection costs tens of microseconds (mostly the kernel's
+ * close), so one pass closes or deletes at most this many and the rest follow
+ * 1 ms later: when 10,000 connections expire together, the loop still
+ * serves the others between batches instead of pausing for half a second. */
+#define CH__GC_BATCH 1000
+
 static void ch__node_gc_cb(uv_timer_t *t);
+static void ch__node_gc_more_cb(uv_timer_t *t);
 
 static void ch__node_gc_arm(ch_node_t *node)
 {
@@ -263,11 +303,13 @@ static void ch__node_gc_arm(ch_node_t *node)
     uv_timer_start(&node->gc_timer, ch__node_gc_cb, delay ? delay : 1, 0);
 }
 
-static void ch__node_gc_cb(uv_timer_t *t)
+/* Close what is idle longer than R; returns 0 when done, 1 when the batch
+ * limit stopped it. */
+static int ch__node_gc_sweep(ch_node_t *node)
 {
-    ch_node_t *node = t->data;
     uint64_t now = ch__node_now(node);
     uint64_t r_ms = (uint64_t)(node->reuse * 1000.0);
+    int budget = CH__GC_BATCH;
     /* Connections idle longer than R (active and secondary), unless the
      * application still holds messages received on them. A connection stuck
      * in the middle of a frame is idle too (its slot is not held by anyone). */
@@ -275,19 +317,46 @@ static void ch__node_gc_cb(uv_timer_t *t)
         next = c->next;
         if (c->flags & CH__CONNF_CLOSING)
             continue;
-        if (c->state == CH__CONN_READY && now - c->activity > r_ms && c->held.len == 0)
+        if (c->state == CH__CONN_READY && now - c->activity > r_ms && c->held.len == 0) {
+            if (budget-- == 0)
+                return 1;
             ch__conn_close(c, CH_SHUTDOWN, "connection to %s idle for more than %.1f s, closed",
                            c->name, node->reuse);
+        }
     }
     /* Remotes idle longer than R, not in back-off, without connections. */
     for (size_t b = 0; b < node->nbuckets; b++) {
         for (ch_remote_t *r = node->buckets[b], *next; r; r = next) {
             next = r->hnext;
-            if (!r->blocked && r->nconns == 0 && now - r->activity > r_ms)
+            if (!r->blocked && r->nconns == 0 && now - r->activity > r_ms) {
+                if (budget-- == 0)
+                    return 1;
                 ch__remote_delete(r, CH_SHUTDOWN, "remote removed by garbage collection");
+            }
         }
     }
-    ch__node_gc_arm(node);
+    return 0;
+}
+
+static void ch__node_gc_next(ch_node_t *node, int more)
+{
+    if (more)
+        uv_timer_start(&node->gc_timer, ch__node_gc_more_cb, 1, 0);
+    else
+        ch__node_gc_arm(node);
+}
+
+static void ch__node_gc_more_cb(uv_timer_t *t)
+{
+    ch_node_t *node = t->data;
+    ch__node_gc_next(node, ch__node_gc_sweep(node));
+}
+
+static void ch__node_gc_cb(uv_timer_t *t)
+{
+    ch_node_t *node = t->data;
+    ch__node_trim(node); /* what the previous pass closed is freed by now */
+    ch__node_gc_next(node, ch__node_gc_sweep(node));
 }
 
 /* ---- commands (loop thread) ------------------------------------------- */
@@ -431,13 +500,16 @@ void ch__node_do_stop(ch_node_t *node, uint64_t token)
     uv_close((uv_handle_t *)&node->listen4, ch__node_close_cb);
     uv_close((uv_handle_t *)&node->listen6, ch__node_close_cb);
     uv_close((uv_handle_t *)&node->gc_timer, ch__node_close_cb);
-    for (size_t b = 0; b < node->nbuckets; b++) {
-        while (node->buckets[b])
-            ch__remote_delete(node->buckets[b], CH_SHUTDOWN, "node stopped");
-    }
+    /* Connections first (their in-flight messages fail), then the remotes
+     * (their queues fail); with no connection left under a remote its delete
+     * does not scan the connection list. */
     for (ch_conn_t *c = node->conns, *next; c; c = next) {
         next = c->next;
         ch__conn_close(c, CH_SHUTDOWN, "node stopped");
+    }
+    for (size_t b = 0; b < node->nbuckets; b++) {
+        while (node->buckets[b])
+            ch__remote_delete(node->buckets[b], CH_SHUTDOWN, "node stopped");
     }
     ch__node_maybe_finish(node);
 }
@@ -455,9 +527,16 @@ void ch__node_do_send(ch_node_t *node, ch_message_t *m)
         return;
     }
     if (node->cfg.max_send_queue && r->data_q.len >= node->cfg.max_send_queue) {
-        char text[CH_EV_TEXT_LEN];
-        snprintf(text, sizeof(text), "send queue to this remote is full (MAX_SEND_QUEUE = %u)",
+        /* Policy: fail this send at once; never block, never drop a queued one.
+         * The text must name MAX_SEND_QUEUE (libchirp/errors.py keys on it). */
+        char addr[INET6_ADDRSTRLEN], text[CH_EV_TEXT_LEN];
+        ch__format_addr(r->family, r->addr, addr, sizeof(addr));
+        snprintf(text, sizeof(text),
+                 "send queue to %s%s%s:%u is full: MAX_SEND_QUEUE = %u messages wait to be "
+                 "written; this one was not queued",
+                 r->family == 6 ? "[" : "", addr, r->family == 6 ? "]" : "", r->port,
                  node->cfg.max_send_queue);
+        m->remote = r; /* counted as a send failure of that remote */
         ch__send_done(node, m, CH_ENOMEM, text);
         return;
     }

@@ -59,6 +59,7 @@ static void ch__remote_timer_closed(uv_handle_t *h)
     ch_remote_t *r = h->data;
     ch_node_t *node = r->node;
     free(r);
+    node->nfreed++;
     ch__node_handle_closed(node);
 }
 
@@ -329,8 +330,11 @@ void ch__remote_delete(ch_remote_t *r, int reason, const char *text)
         }
     }
     node->nremotes--;
-    /* Close every connection filed under it (their in-flight messages fail). */
-    for (ch_conn_t *c = node->conns, *next; c; c = next) {
+    /* Close every connection filed under it (their in-flight messages fail).
+     * Only a remote that still has some needs the scan over all connections:
+     * garbage collection deletes remotes without connections, and node stop
+     * closes the connections first, so neither is O(remotes x connections). */
+    for (ch_conn_t *c = r->nconns > 0 ? node->conns : NULL, *next; c; c = next) {
         next = c->next;
         if (c->remote == r)
             ch__conn_close(c, reason, "%s", text);

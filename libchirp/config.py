@@ -134,7 +134,14 @@ class Config:
     BUFFER_SIZE (0), MAX_MSG_SIZE (100 MiB), BIND_V6 ("::"), BIND_V4
     ("0.0.0.0"), IDENTITY (16 zero bytes = random), CERT_CHAIN_PEM (None),
     DH_PARAMS_PEM (None), DISABLE_ENCRYPTION (False), MAX_SEND_QUEUE (0 =
-    unbounded; sends beyond it fail with ENOMEM), AUTO_RELEASE (True).
+    unbounded), AUTO_RELEASE (True).
+
+    MAX_SEND_QUEUE = N bounds the messages waiting to be written to one peer.
+    Policy when full: the next ``send()``/``request()`` to that peer fails at
+    once with :class:`~libchirp.errors.ChirpSendQueueFull` (a ``MemoryError``,
+    code ENOMEM) naming the peer and the limit; it never blocks and never drops
+    a queued message, which are all still sent. New sends are accepted again as
+    soon as the queue has room (docs/config.md, "Bounded send queue").
     """
 
     __slots__ = tuple(_FIELDS) + ("_sealed",)

@@ -37,6 +37,7 @@ __all__ = [
     "ChirpInProgressError",
     "ChirpTimeoutError",
     "ChirpMemoryError",
+    "ChirpSendQueueFull",
     "ChirpShutdown",
     "ChirpCannotConnectError",
     "ChirpInternalError",
@@ -139,6 +140,17 @@ class ChirpMemoryError(ChirpError, MemoryError):
     ecode = 10
 
 
+class ChirpSendQueueFull(ChirpMemoryError):
+    """ENOMEM (10) from a full send queue: ``Config.MAX_SEND_QUEUE`` messages already
+    wait for that peer, so this one was not queued (and will not be sent).
+
+    The policy is to fail the send at once, never to block and never to drop a
+    queued message; the sends already queued are unaffected. Retry when some of
+    them completed. A ``MemoryError`` like every ENOMEM, so handlers written for
+    the documented ``MemoryError`` keep working.
+    """
+
+
 class ChirpShutdown(ChirpError, ConnectionError):
     """SHUTDOWN (11): closed by garbage collection or by node stop."""
 
@@ -204,6 +216,11 @@ _CLASSES: Dict[int, Type[ChirpError]] = {
 }
 
 
+#: The C core reports a full send queue as ENOMEM with a text naming the setting
+#: (csrc/node.c, ch__node_do_send); that text selects ChirpSendQueueFull.
+_QUEUE_FULL_MARK = "MAX_SEND_QUEUE"
+
+
 def error_text(code: int, text: Optional[str] = None) -> str:
     """The message for ``code``: ``text`` if given, else ``CH_<NAME>``, else "Unknown error"."""
     if text:
@@ -228,6 +245,8 @@ def chirp_error_to_exception(code: int, text: Optional[str] = None) -> Optional[
         text = bytes(text).decode("utf-8", "replace")
     message = error_text(code, text)
     cls = _CLASSES.get(code, ChirpError)
+    if cls is ChirpMemoryError and _QUEUE_FULL_MARK in message:
+        cls = ChirpSendQueueFull
     exc: ChirpError
     if cls is ChirpAddressInUseError:
         exc = cls(_errno.EADDRINUSE, message)
