@@ -10,21 +10,14 @@ Two child processes run on 127.0.0.1 (plaintext), each with two nodes:
   the server with up to 32 unfinished sends, paced to about --rate per second.
 
 Messages are 64 bytes, every 100th one 64 KiB. REUSE_TIME is small (effective R
-= 6 s with TIMEOUT = 2 s), and each kind of traffic pauses for 14 s every 45 s
-(the two half a period apart), so the garbage collector closes the idle
+= 6 s with TIMEOUT = 2 s), and each kind of traffic pauses for 14 s every
+minute (the two half a minute apart), so the garbage collector closes the idle
 connections and the next send opens new ones: connection churn throughout.
-
-Why 16 MiB: the client holds about rate x TIMEOUT finished requests (their
-timers are cancelled lazily, so ~2,600 requests with their replies, ~10 MiB)
-and its seven threads' malloc arenas settle around 64 KiB payloads; its RSS
-rises for the first ~5 minutes (64 -> 76 MiB in the reference run) and is flat
-after that (trend -0.1 MiB/min), while the server stays at 22 MiB throughout.
-A real leak of a single 300-byte object per request would add ~25 MiB a minute.
 
 This process samples VmRSS and the number of open fds of both children every
 --sample seconds and compares the averages of the first and of the last
 minute (the first and last third of the run if it is shorter than three
-minutes); the first minute starts after 15 s of warm-up, while the processes
+minutes); the first minute starts after 30 s of warm-up, while the processes
 still grow to their working size. It exits with status 1 if, in either child,
 the RSS grew by more than --rss-growth MiB (default 16) or the largest fd count
 of the last minute exceeds that of the first minute, or if any message was
@@ -32,6 +25,15 @@ lost (a one-way send that completed but never arrived, a request that neither
 completed nor failed) or traffic stopped. Failed sends are counted and
 reported, not fatal: a send that times out on a busy machine or meets a
 connection being closed fails (PROTOCOL.md 6.7) and its sender is told.
+
+Why 16 MiB: the client holds about rate x TIMEOUT finished requests (their
+timers are cancelled lazily, so ~2,600 requests with their replies, ~10 MiB),
+and its RSS swings by 10-20 MiB with the pauses; with pauses of a 45 s cycle the
+one-minute windows held different traffic and the client "grew" by 11-17 MiB
+between first and last minute while its RSS by minute was flat from minute 3
+on. With the one-minute cycle (reference run, 600 s, 2 shared cores): client
+61.5 -> 62.9 MiB (+1.4), server 22.7 -> 22.7 MiB, fds 16 -> 16. A real leak of a
+single 300-byte object per request would add ~30 MiB a minute.
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-CYCLE = 45.0  # seconds between the starts of two pauses of one kind of traffic
+# Every kind of traffic pauses once per minute, so that each one-minute window
+# holds the same mix of traffic and pauses and first and last minute compare
+# like with like.
+CYCLE = 60.0  # seconds between the starts of two pauses of one kind of traffic
 PAUSE = 14.0  # > 2 R: the collector certainly closes the idle connections
-WARMUP = 15.0  # seconds of traffic before the first sample that counts
+WARMUP = 30.0  # seconds of traffic before the first sample that counts
 MiB = 1 << 20
 
 
