@@ -60,6 +60,7 @@ lint: venv
 
 clean:
 	rm -rf build libchirp/_ffi*.so libchirp/_ffi.c *.egg-info
-# docs (Sphinx) and hardening (fuzz, ctest-asan, ctest-valgrind) targets
+# docs (Sphinx), hardening (fuzz, sanitizers, valgrind) and load (soak, memory) targets
 include mk/docs.mk
 include mk/hardening.mk
+include mk/load.mk

@@ -423,6 +423,7 @@ class LoopCore:
     def cancel_timer(entry: Optional[list]) -> None:
         if entry is not None:
             entry[2] = None
+            entry[3] = ()  # do not keep the request and its reply alive until the deadline
 
     def _poll_timeout(self) -> float:
         with self._timer_lock:
