@@ -40,6 +40,9 @@
 
 #define CH__CMD_BATCH 4096
 #define CH__FLUSH_AT 256
+/* A drained vector larger than this many items gives its memory back (a burst,
+ * e.g. 10,000 connections' log lines, must not pin it for the loop's life). */
+#define CH__VEC_KEEP 4096
 
 static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
 {
@@ -54,6 +57,17 @@ static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
     memcpy((char *)v->items + v->len * size, item, size);
     v->len++;
     return CH_SUCCESS;
+}
+
+/* Free the items of an empty vector that grew past CH__VEC_KEEP. */
+static void ch__vec_shrink(ch__vec_t *v)
+{
+    if (v->len == 0 && v->cap > CH__VEC_KEEP) {
+        free(v->items);
+        v->items = NULL;
+        v->cap = 0;
+        v->head = 0;
+    }
 }
 
 /* Drop consumed items at the front so the vector does not grow forever. */
@@ -124,6 +138,7 @@ void ch__loop_flush(ch_loop_t *loop)
            loop->local_events.len * sizeof(ch_event_t));
     loop->events.len += loop->local_events.len;
     loop->local_events.len = 0;
+    ch__vec_shrink(&loop->local_events);
     ch__loop_signal_locked(loop);
     uv_mutex_unlock(&loop->lock);
 }
@@ -407,8 +422,10 @@ static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
     size_t n = avail < (size_t)max ? avail : (size_t)max;
     memcpy(out, (ch_event_t *)loop->events.items + loop->events.head, n * sizeof(ch_event_t));
     loop->events.head += n;
-    if (loop->events.head == loop->events.len)
+    if (loop->events.head == loop->events.len) {
         loop->events.head = loop->events.len = 0;
+        ch__vec_shrink(&loop->events);
+    }
     loop->busy = who;
     return (int)n;
 }
