@@ -43,6 +43,7 @@ demo: build
 
 test: build lint ctest
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory hardening
 
 ctest: sysdeps $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; $$t; done
@@ -60,6 +61,6 @@ lint: venv
 
 clean:
 	rm -rf build libchirp/_ffi*.so libchirp/_ffi.c *.egg-info
-# docs (Sphinx) and hardening (fuzz, ctest-asan, ctest-valgrind) targets
+# docs (Sphinx) and hardening (fuzz, ctest-asan, ctest-valgrind, asan, tsan, hardening) targets
 include mk/docs.mk
 include mk/hardening.mk
