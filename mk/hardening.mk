@@ -166,7 +166,10 @@ ctest-valgrind: sysdeps valgrind-deps $(CTESTS)
 # Reports go to build/asan/reports/<asan|ubsan>.<pid> (log_path), so a report from
 # a child whose test tolerates its death still fails the target; the files are
 # printed. Bounds in the tests scale with CHIRP_TEST_TIMEOUT_SCALE
-# (tests/conftest.py, tests/c/unit.h).
+# (tests/conftest.py, tests/c/unit.h). CHIRP_SANITIZER (asan, tsan) tells tests
+# which figures a sanitizer distorts beyond scaling (conftest.SANITIZER): the
+# ASan allocator keeps freed memory in quarantine (256 MiB) and does not hand
+# it back, so RSS does not fall after frees.
 
 SAN_PY_CFLAGS := -O1 -g -UNDEBUG -fno-wrapv -fno-omit-frame-pointer
 PYTEST_ARGS ?= tests
@@ -184,7 +187,7 @@ SAN_LDFLAGS_asan := $(ASAN_PY_FLAGS)
 SAN_RUNTIME_asan := libclang_rt.asan-x86_64.so
 SAN_SYMBOL_asan := __asan_report_load
 SAN_TESTS_asan = $(PYTEST_ARGS)
-SAN_ENV_asan = PYTHONMALLOC=malloc CHIRP_TEST_TIMEOUT_SCALE=$(ASAN_SCALE) \
+SAN_ENV_asan = PYTHONMALLOC=malloc CHIRP_TEST_TIMEOUT_SCALE=$(ASAN_SCALE) CHIRP_SANITIZER=asan \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:log_path=$(CURDIR)/build/asan/reports/asan \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/build/asan/reports/ubsan
 
@@ -210,7 +213,7 @@ SAN_LDFLAGS_tsan := -fsanitize=thread
 SAN_RUNTIME_tsan := libtsan.so
 SAN_SYMBOL_tsan := __tsan_read
 SAN_TESTS_tsan = $(TSAN_TESTS)
-SAN_ENV_tsan = CHIRP_TEST_TIMEOUT_SCALE=$(TSAN_SCALE) \
+SAN_ENV_tsan = CHIRP_TEST_TIMEOUT_SCALE=$(TSAN_SCALE) CHIRP_SANITIZER=tsan \
 	TSAN_OPTIONS="halt_on_error=0 second_deadlock_stack=1 suppressions=$(CURDIR)/mk/tsan.supp log_path=$(CURDIR)/build/tsan/reports/tsan"
 
 .PHONY: asan tsan

@@ -14,6 +14,7 @@
   ``call_bounded``, the fixtures' limits) and every test's pytest-timeout are
   multiplied by it, so slowness alone does not fail a test. Lower bounds
   ("not before the timeout") are never scaled.
+* ``SANITIZER``: "asan" or "tsan" under ``make asan`` / ``make tsan``, else "".
 
 Nodes are configured with DISABLE_ENCRYPTION=True: the tests talk over loopback
 (where chirp never uses TLS anyway) and the node start-up would otherwise ask
@@ -42,6 +43,10 @@ import libchirp.queue  # noqa: E402
 TIMEOUT_SCALE = float(os.environ.get("CHIRP_TEST_TIMEOUT_SCALE") or 1)
 if not TIMEOUT_SCALE > 0:
     raise ValueError("CHIRP_TEST_TIMEOUT_SCALE must be positive")
+#: "asan" or "tsan" when the extension is a sanitizer build (make asan, make tsan), else "".
+#: Figures a sanitizer distorts beyond TIMEOUT_SCALE (RSS: ASan's allocator keeps
+#: freed memory in quarantine) are not meaningful then.
+SANITIZER = os.environ.get("CHIRP_SANITIZER", "")
 
 #: Upper bound for one node's stop() in teardown (seconds).
 NODE_STOP_LIMIT = 20.0
