@@ -44,7 +44,7 @@ VALGRIND := valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-k
 .PHONY: hardening fuzz fuzz-long fuzz-deps fuzz-build fuzz-seeds ctest-asan ctest-valgrind valgrind-deps
 
 # CI (`make test` runs this last). In order, cheapest first; on this 2-core
-# machine about 20 s + 2 min + 3.5-4.5 min (measured; make test in all about 10 min).
+# machine about 25 s + 2 min + 3.5-5 min (measured; make test in all 10-12 min).
 hardening: ctest-valgrind fuzz asan
 # fuzz-run-<name> and fuzz-long-<name> are not .PHONY: make skips pattern rules for phony targets.
 
