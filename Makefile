@@ -43,6 +43,7 @@ demo: build
 
 test: build lint ctest
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory hardening
 
 ctest: sysdeps $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; $$t; done
@@ -60,7 +61,8 @@ lint: venv
 
 clean:
 	rm -rf build libchirp/_ffi*.so libchirp/_ffi.c *.egg-info
-# docs (Sphinx), hardening (fuzz, sanitizers, valgrind) and load (soak, memory) targets
+# docs (Sphinx), hardening (fuzz, ctest-asan, ctest-valgrind, asan, tsan, hardening)
+# and load (soak, bench-memory) targets
 include mk/docs.mk
 include mk/hardening.mk
 include mk/load.mk

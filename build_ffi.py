@@ -3,6 +3,10 @@
 The cdef is csrc/chirp_ffi.h verbatim (a declarations-only header). Compiler
 and linker flags for libuv and OpenSSL come from pkg-config; CHIRP_CFLAGS and
 CHIRP_LDFLAGS add flags (e.g. ``-fsanitize=address``) for sanitizer builds.
+
+``python build_ffi.py --out DIR`` builds the extension outside the source tree
+(DIR/libchirp/_ffi.<suffix>.so, objects under DIR too) and prints the path of
+the .so; `make asan` and `make tsan` use it so the in-place build is untouched.
 """
 
 import glob
@@ -51,10 +55,15 @@ with open(os.path.join(CSRC, "chirp_ffi.h")) as f:
     ffibuilder.cdef(f.read())
 
 _include_dirs, _libraries, _library_dirs, _extra_compile, _extra_link = _flags()
+# setuptools wants sources relative to the source tree; ffibuilder.compile()
+# (the --out build below) runs the compiler in its build directory.
+_sources = sorted(glob.glob(os.path.join(CSRC, "*.c")))
+if __name__ != "__main__":
+    _sources = [os.path.relpath(p, HERE) for p in _sources]
 ffibuilder.set_source(
     "libchirp._ffi",
     '#include "chirp.h"',
-    sources=sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "*.c"))),
+    sources=_sources,
     include_dirs=_include_dirs,
     libraries=_libraries,
     library_dirs=_library_dirs,
@@ -63,4 +72,9 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="build libchirp._ffi")
+    parser.add_argument("--out", default=".", help="build directory (default: in place)")
+    out = os.path.abspath(parser.parse_args().out)
+    print(os.path.abspath(ffibuilder.compile(tmpdir=out, verbose=True)))

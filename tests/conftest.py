@@ -9,6 +9,12 @@
 * ``bounded``: run a blocking call in a helper thread and fail the test if it
   does not return in time (used for ``stop()`` and other calls that must not
   hang).
+* ``TIMEOUT_SCALE``: the environment's CHIRP_TEST_TIMEOUT_SCALE (default 1).
+  Slow runs (``make asan``) set it; the time limits here (``wait_for``,
+  ``call_bounded``, the fixtures' limits) and every test's pytest-timeout are
+  multiplied by it, so slowness alone does not fail a test. Lower bounds
+  ("not before the timeout") are never scaled.
+* ``SANITIZER``: "asan" or "tsan" under ``make asan`` / ``make tsan``, else "".
 
 Nodes are configured with DISABLE_ENCRYPTION=True: the tests talk over loopback
 (where chirp never uses TLS anyway) and the node start-up would otherwise ask
@@ -33,6 +39,15 @@ import rawpeer  # noqa: E402
 import libchirp  # noqa: E402
 import libchirp.queue  # noqa: E402
 
+#: Factor for the tests' time limits (CHIRP_TEST_TIMEOUT_SCALE; slow sanitizer runs).
+TIMEOUT_SCALE = float(os.environ.get("CHIRP_TEST_TIMEOUT_SCALE") or 1)
+if not TIMEOUT_SCALE > 0:
+    raise ValueError("CHIRP_TEST_TIMEOUT_SCALE must be positive")
+#: "asan" or "tsan" when the extension is a sanitizer build (make asan, make tsan), else "".
+#: Figures a sanitizer distorts beyond TIMEOUT_SCALE (RSS: ASan's allocator keeps
+#: freed memory in quarantine) are not meaningful then.
+SANITIZER = os.environ.get("CHIRP_SANITIZER", "")
+
 #: Upper bound for one node's stop() in teardown (seconds).
 NODE_STOP_LIMIT = 20.0
 #: Upper bound for starting a node (seconds).
@@ -48,7 +63,8 @@ HAS_IPV6 = rawpeer.ipv6_available()
 
 
 def wait_for(pred, limit, what):
-    """Poll pred() until it is true; fail the test after limit seconds."""
+    """Poll pred() until it is true; fail the test after limit seconds (scaled)."""
+    limit *= TIMEOUT_SCALE
     deadline = time.monotonic() + limit
     while not pred():
         if time.monotonic() > deadline:
@@ -119,7 +135,9 @@ def call_bounded(func, limit, what, *args, **kwargs):
     Returns the result or re-raises the exception. If the call has not returned
     in time the current test fails with a message naming ``what`` (the helper
     thread is left behind; it is a daemon and cannot block interpreter exit).
+    ``limit`` is multiplied by TIMEOUT_SCALE.
     """
+    limit *= TIMEOUT_SCALE
     box = {}
 
     def run():
@@ -237,3 +255,16 @@ def make_node(loop):
     factory = NodeFactory(loop)
     yield factory
     factory.stop_all()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multiply every test's pytest-timeout (its mark, else the ini value) by TIMEOUT_SCALE."""
+    if TIMEOUT_SCALE == 1:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        kwargs = dict(mark.kwargs) if mark else {}
+        seconds = mark.args[0] if mark and mark.args else kwargs.pop("timeout", default)
+        if seconds:
+            item.add_marker(pytest.mark.timeout(float(seconds) * TIMEOUT_SCALE, **kwargs), False)

@@ -26,10 +26,10 @@ static int norphans;
 static void run_loop(void *arg) { ch_loop_run(arg); }
 
 /* Wait for an event of this type (and token, if nonzero). Returns 0, -1 once
- * the loop ended, -2 after 20 s. CH_TEST_VERBOSE=1 prints every event. */
+ * the loop ended, -2 after unit_seconds(20). CH_TEST_VERBOSE=1 prints every event. */
 static int wait_event(int type, uint64_t token, ch_event_t *out)
 {
-    uint64_t deadline = uv_hrtime() + 20ULL * 1000000000ULL;
+    uint64_t deadline = uv_hrtime() + (uint64_t)(unit_seconds(20) * 1e9);
     for (;;) {
         for (int i = 0; i < nbacklog; i++) {
             if (backlog[i].type == type && (!token || backlog[i].token == token)) {

@@ -12,7 +12,7 @@ static void config(ch_config_t *cfg, uint16_t port, int sync)
 {
     memset(cfg, 0, sizeof(*cfg));
     cfg->reuse_time = 30;
-    cfg->timeout = 2;
+    cfg->timeout = unit_seconds(2);
     cfg->port = port;
     cfg->backlog = 100;
     cfg->synchronous = (uint8_t)sync;

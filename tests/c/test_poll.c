@@ -47,7 +47,7 @@ static void test_lease_and_preference(void)
     CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 0.01, &seq), 0);
 
     ch_loop_wake(loop, 7);
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 1.0, &seq), 1);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq), 1);
     CHECK_EQ(evs[0].type, CH_EV_WAKE);
     CHECK_EQ(evs[0].token, 7u);
 
@@ -60,17 +60,17 @@ static void test_lease_and_preference(void)
     /* The batch ends; then the next one can be had. */
     ch_loop_poll_done(loop);
     seq = ch_loop_batch_seq(loop);
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 1.0, &seq), 1);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq), 1);
     CHECK_EQ(evs[0].token, 8u);
     ch_loop_poll_done(loop);
 
     /* An application poller waiting gets the events, not the dispatcher. */
-    poller_t disp = {.app = 0, .timeout = 2.0};
-    poller_t app = {.app = 1, .timeout = 2.0};
+    poller_t disp = {.app = 0, .timeout = unit_seconds(2.0)};
+    poller_t app = {.app = 1, .timeout = unit_seconds(2.0)};
     uv_thread_create(&app.thread, poll_once, &app);
-    sleep_ms(50); /* let it wait first */
+    sleep_ms((unsigned)(unit_seconds(0.05) * 1000)); /* let it wait first */
     uv_thread_create(&disp.thread, poll_once, &disp);
-    sleep_ms(50);
+    sleep_ms((unsigned)(unit_seconds(0.05) * 1000));
     ch_loop_wake(loop, 9);
     uv_thread_join(&app.thread);
     CHECK_EQ(app.n, 1);
@@ -85,12 +85,12 @@ static void test_lease_and_preference(void)
     /* The dispatcher's next poll ends its batch; a kick makes it return 0
      * (holding the lease, e.g. for its timers). */
     ch_loop_kick(loop);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, 2.0), 0);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(2.0)), 0);
     /* ...which the next app poll cannot take before the dispatcher polls again. */
     ch_loop_wake(loop, 11);
     seq = ch_loop_batch_seq(loop);
     CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 0.1, &seq), 0);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, 1.0), 1); /* ends the lease, takes 11 */
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0)), 1); /* ends the lease, takes 11 */
     CHECK_EQ(evs[0].token, 11u);
 }
 
@@ -119,11 +119,11 @@ static void test_end(void)
     ch_loop_stop(loop);
     uv_thread_join(&t);
     /* Ended, one event left: it is still handed out, then -1 for everyone. */
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, 1.0), 1);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0)), 1);
     CHECK_EQ(evs[0].token, 12u);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, 1.0), -1);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0)), -1);
     uint64_t seq = ch_loop_batch_seq(loop);
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 1.0, &seq), -1);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq), -1);
 }
 
 int main(void)

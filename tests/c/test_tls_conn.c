@@ -40,7 +40,7 @@ static int start(ch_node_t **node, uint16_t port, const char *chain, int plain, 
     ch_config_t cfg;
     memset(&cfg, 0, sizeof(cfg));
     cfg.reuse_time = 30;
-    cfg.timeout = 2;
+    cfg.timeout = unit_seconds(2);
     cfg.port = port;
     cfg.backlog = 100;
     cfg.synchronous = 1;

@@ -7,11 +7,16 @@
  * run reports every failing check instead of stopping at the first. The
  * summary line reads "N passed, N failed"; the exit status is 1 when any
  * check failed. UNIT_RUN(fn) announces a test function before running it.
+ *
+ * unit_seconds(s) is a time limit of s seconds times CHIRP_TEST_TIMEOUT_SCALE
+ * (default 1), which slow runs set (valgrind, sanitizers: mk/hardening.mk),
+ * so a test that waits for something is not failed by the slowdown alone.
  */
 #ifndef CH_UNIT_H
 #define CH_UNIT_H
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static int unit_passed;
@@ -26,6 +31,13 @@ static inline int unit_check(int ok, const char *file, int line, const char *exp
         fprintf(stderr, "%s:%d: check failed: %s\n", file, line, expr);
     }
     return ok;
+}
+
+static inline double unit_seconds(double s)
+{
+    const char *env = getenv("CHIRP_TEST_TIMEOUT_SCALE");
+    double scale = env ? strtod(env, NULL) : 1.0;
+    return s * (scale > 0 ? scale : 1.0);
 }
 
 /* CHECK evaluates to the truth of cond, so a test can bail out after a
