@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, make_config
+from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, SANITIZER, call_bounded, make_config
 
 import libchirp
 import libchirp.asyncio
@@ -320,7 +320,9 @@ def test_a_burst_needs_far_fewer_wakeups_than_messages(aio, start, qnode):
     assert done.wait(WAIT), "only %d of %d messages handled" % (count[0], total)
     calls = aio.loop.threadsafe_calls - before
     # Typically one wake-up per 16-message slot window (about 40); never one per message.
-    assert calls <= total // 4, "%d call_soon_threadsafe calls for %d messages" % (calls, total)
+    # A sanitizer build handles events slower, so batches are smaller.
+    limit = total // (2 if SANITIZER else 4)
+    assert calls <= limit, "%d call_soon_threadsafe calls for %d messages" % (calls, total)
     assert calls >= 1
 
 

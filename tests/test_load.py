@@ -19,7 +19,7 @@ import statistics
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import SANITIZER, wait_for
 
 import libchirp.queue
 
@@ -129,7 +129,8 @@ def test_10k_connections_responsive_and_memory_released_after_gc(nofile, make_no
         assert max(loaded) < ROUNDTRIP_LIMIT, "roundtrips with %d connections: %r" % (N, loaded)
         peak = memory.rss_bytes()
         per_conn = (peak - base) / N
-        assert per_conn <= memory.TARGET_BYTES, "%.0f bytes RSS per connection" % per_conn
+        if not SANITIZER:  # under ASan, RSS measures its allocator (redzones, quarantine)
+            assert per_conn <= memory.TARGET_BYTES, "%.0f bytes RSS per connection" % per_conn
 
         # The garbage collector closes the idle ones; the peer keeps its own busy.
         client.idle()
@@ -180,7 +181,8 @@ def test_10k_connections_responsive_and_memory_released_after_gc(nofile, make_no
             R,
         )
     )
-    assert after <= base + RSS_SLACK, (
+    # ASan keeps freed memory (quarantine, its own allocator): not our figure.
+    assert SANITIZER or after <= base + RSS_SLACK, (
         "RSS after garbage collection %.1f MiB, baseline %.1f MiB, peak %.1f MiB (bound: +%d MiB)"
         % (after / MiB, base / MiB, peak / MiB, RSS_SLACK // MiB)
     )
@@ -211,4 +213,6 @@ def test_rss_per_idle_connection_1000():
     r = memory.measure(1000)
     print("\n" + memory.describe(r))
     assert r["connections"] == 1000
-    assert 0 < r["per_conn_bytes"] <= memory.TARGET_BYTES, memory.describe(r)
+    assert r["per_conn_bytes"] > 0, memory.describe(r)
+    if not SANITIZER:  # under ASan, RSS measures its allocator
+        assert r["per_conn_bytes"] <= memory.TARGET_BYTES, memory.describe(r)
