@@ -12,7 +12,7 @@
  * batches. Nothing in the core ever calls back into Python.
  */
 
-#define CH_VERSION_STAMP 10003
+#define CH_VERSION_STAMP 10004
 
 /* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
 enum ch_error {
@@ -75,7 +75,9 @@ typedef struct ch_message_s ch_message_t;
 /* Event types handed out by ch_loop_poll(). */
 #define CH_EV_NODE_STARTED 1   /* node, token, status, text */
 #define CH_EV_NODE_STOPPED 2   /* node, token; node may now be freed */
-#define CH_EV_SEND_DONE 3      /* node, token (of the send), status, text */
+#define CH_EV_SEND_DONE 3      /* node, token (of the send), status, text; count: the
+                                  sends token .. token+count-1 all completed so
+                                  (consecutive successes are coalesced) */
 #define CH_EV_RECV 4           /* node, msg (owned by the receiver until released) and its
                                   fields: identity, serial, header, data, port,
                                   remote_identity, text = peer address */
@@ -99,6 +101,7 @@ typedef struct ch_event_s {
     ch_stats_t *stats;    /* STATS: the snapshot, owned by the receiver of the event */
     uint8_t identity[16]; /* RECV, RELEASE_DONE: identity of the message */
     uint32_t serial;      /* RECV, RELEASE_DONE: serial of the message */
+    uint32_t count;       /* SEND_DONE: how many sends (consecutive tokens) */
     /* RECV only: the message's fields (valid until its release is submitted),
      * so that the receiver needs no further call per message. */
     const uint8_t *header;

@@ -78,6 +78,9 @@ struct ch_loop_s {
 #define CH__BUSY_APP 2
 
 void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev);
+/* Count one more successful send in the last unpublished event if that is a
+ * successful SEND_DONE of node for the tokens just before token; 1 if so. */
+int ch__loop_extend_send_done(ch_node_t *node, uint64_t token);
 /* Zero ev and fill the fields every event of a node carries. */
 void ch__event_init(ch_event_t *ev, int type, ch_node_t *node, uint64_t token, int status);
 void ch__loop_flush(ch_loop_t *loop);

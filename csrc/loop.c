@@ -151,6 +151,19 @@ void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev)
         ch__loop_flush(loop);
 }
 
+int ch__loop_extend_send_done(ch_node_t *node, uint64_t token)
+{
+    ch__vec_t *v = &node->loop->local_events;
+    if (v->len == 0)
+        return 0;
+    ch_event_t *last = (ch_event_t *)v->items + v->len - 1;
+    if (last->type != CH_EV_SEND_DONE || last->node != node || last->status != CH_SUCCESS ||
+        last->token + last->count != token || last->count == UINT32_MAX)
+        return 0;
+    last->count++;
+    return 1;
+}
+
 void ch__event_init(ch_event_t *ev, int type, ch_node_t *node, uint64_t token, int status)
 {
     memset(ev, 0, sizeof(*ev));

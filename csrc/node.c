@@ -211,8 +211,13 @@ void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *tex
     } else {
         CH__COUNT(node, m->remote, send_failures, 1);
     }
+    if (status == CH_SUCCESS && ch__loop_extend_send_done(node, m->token)) {
+        free(m);
+        return;
+    }
     ch_event_t ev;
     ch__event_init(&ev, CH_EV_SEND_DONE, node, m->token, status);
+    ev.count = 1;
     if (text)
         snprintf(ev.text, sizeof(ev.text), "%s", text);
     ch__loop_post(node->loop, &ev);

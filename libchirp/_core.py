@@ -76,7 +76,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10003
+_EXPECTED_STAMP = 10004
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -550,7 +550,11 @@ class LoopCore:
                 elif t == _EV_SEND_DONE:
                     node = nodes.get(ev.node_token)
                     if node is not None:
-                        node.on_send_done(ev.token, ev.status, ev.text)
+                        count = ev.count
+                        if count == 1:
+                            node.on_send_done(ev.token, ev.status, ev.text)
+                        else:
+                            node.on_sends_done(ev.token, count)
                 elif t == _EV_RELEASE_DONE:
                     node = nodes.get(ev.node_token)
                     if node is not None:
@@ -796,6 +800,23 @@ class NodeCore:
             LoopCore.cancel_timer(req._timer)
             self._remember_expired(msg._identity)
             _set_exception(req, _error(status, text))
+
+    def on_sends_done(self, token: int, count: int) -> None:
+        """Dispatcher: the sends ``token`` .. ``token + count - 1`` all succeeded."""
+        sends = self.sends
+        pop = sends.pop
+        for t in range(token, token + count):
+            entry = pop(t, None)
+            if entry is None:
+                continue
+            msg = entry[1]
+            msg._sending = False
+            if self.release_after_send:
+                with self.lock:
+                    if msg in self.release_after_send:
+                        self.release_after_send.discard(msg)
+                        self.release(msg)
+            _set_result(entry[0], msg)
 
     # -- request -------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 /*
  * events.h: the dispatcher's side for C tests that run a whole loop. The test
  * thread polls events in batches like the Python dispatcher does; events it
- * has not asked for yet wait in a backlog. Received messages are counted in
+ * has not asked for yet wait in a backlog. A SEND_DONE that covers several
+ * sends (count > 1) answers a wait for any of their tokens, one at a time. Received messages are counted in
  * `delivered` and released at once (token 1000). Include after unit.h.
  */
 #ifndef CH_TEST_EVENTS_H
@@ -32,8 +33,26 @@ static int wait_event(int type, uint64_t token, ch_event_t *out)
     uint64_t deadline = uv_hrtime() + (uint64_t)(unit_seconds(20) * 1e9);
     for (;;) {
         for (int i = 0; i < nbacklog; i++) {
-            if (backlog[i].type == type && (!token || backlog[i].token == token)) {
-                *out = backlog[i];
+            ch_event_t *b = &backlog[i];
+            if (b->type == CH_EV_SEND_DONE && b->count > 1 && type == b->type && token &&
+                token > b->token && token < b->token + b->count && nbacklog < 4096) {
+                /* A coalesced SEND_DONE covering token: split off what is before it. */
+                memmove(&backlog[i + 1], &backlog[i], (size_t)(nbacklog - i) * sizeof(*out));
+                nbacklog++;
+                backlog[i].count = (uint32_t)(token - b->token);
+                backlog[i + 1].token = token;
+                backlog[i + 1].count -= backlog[i].count;
+                continue; /* backlog[i + 1] starts with token now */
+            }
+            if (b->type == type && (!token || b->token == token)) {
+                *out = *b;
+                if (b->type == CH_EV_SEND_DONE && b->count > 1) {
+                    /* Hand out the first send of a coalesced event, keep the rest. */
+                    out->count = 1;
+                    b->token++;
+                    b->count--;
+                    return 0;
+                }
                 memmove(&backlog[i], &backlog[i + 1], (size_t)(nbacklog - i - 1) * sizeof(*out));
                 nbacklog--;
                 return 0;
