@@ -116,6 +116,9 @@ _EV_STATS = lib.CH_EV_STATS
 _NULL = ffi.NULL
 
 _WAKE_CALLS = 1  # token of the wake-up that announces call_soon() callbacks
+#: Token of releases nobody waits for (release_many): their completions are only
+#: counted, so that stop() can let the owed ACKs go out first. Real tokens start at 2.
+_QUIET_RELEASE = 1
 #: Longest single wait of an application thread in ch_loop_poll_app() (seconds):
 #: it re-checks its condition at least this often, whatever woke it or not.
 LEAD_SLICE = 0.05
@@ -648,6 +651,8 @@ class NodeCore:
         self.done = False  # stop() finished
         self.sends: Dict[int, list] = {}  # token -> [future, msg, header, data, request]
         self.releases: Dict[int, Tuple[Future, bytes, int]] = {}
+        self.quiet_submitted = 0  # releases without a future, submitted (under lock)
+        self.quiet_done = 0  # ... and completed (by the thread handling events)
         self.requests: Dict[bytes, Any] = {}  # identity -> ChirpFuture (has ._timer)
         self.expired: OrderedDict[bytes, None] = OrderedDict()
         self.late_replies = 0
@@ -929,8 +934,9 @@ class NodeCore:
     def release_many(self, msgs: List[MessageBase]) -> None:
         """Release the slots of ``msgs`` (those that have one) without futures.
 
-        One lock acquisition and no completion event per message: the cheap path
-        of ``get()``/``get_many()`` with AUTO_RELEASE, which discard the futures.
+        One lock acquisition and no future per message: the cheap path of
+        ``get()``/``get_many()`` with AUTO_RELEASE, which would discard the
+        futures. Their completions are only counted (see stop()).
         Raises RuntimeError (before releasing anything) if one is being sent.
         """
         failed = 0
@@ -952,7 +958,8 @@ class NodeCore:
 
         Returns 0 (submitted), -1 (nothing to release: no slot, or the node is
         stopping and frees it itself) or a core error code. Without ``fut`` the
-        release is submitted with token 0: the core posts no completion.
+        release is only counted (token _QUIET_RELEASE, no future), so that
+        stop() can wait until its ACK went out.
         """
         cmsg = msg._c
         if cmsg is None:
@@ -965,13 +972,16 @@ class NodeCore:
             self.orphans.append(cmsg)
             return -1
         if fut is None:
-            token = 0
+            token = _QUIET_RELEASE
+            self.quiet_submitted += 1
         else:
             token = next(self.loop._tokens)
             self.releases[token] = (fut, msg._identity, msg._serial)
         rc = lib.ch_node_release(self.c, cmsg, token)
         if rc != 0:
-            if token:
+            if fut is None:
+                self.quiet_submitted -= 1
+            else:
                 del self.releases[token]
             self.orphans.append(cmsg)
         return rc
@@ -995,6 +1005,11 @@ class NodeCore:
             self.release(msg)
 
     def on_release_done(self, token: int, status: int, text: Any) -> None:
+        if token == _QUIET_RELEASE:
+            self.quiet_done += 1  # only ever written by the thread handling events
+            if status != 0:
+                logger.warning("libchirp: a slot release failed: %s", _text(text))
+            return
         entry = self.releases.pop(token, None)
         if entry is None:
             return
@@ -1088,6 +1103,14 @@ class NodeCore:
                     pass
             if releases:  # let the owed ACKs go out before the connections close
                 _wait_futures(releases, timeout=self.timeout)
+            # The same for every release submitted earlier (with or without a
+            # future, e.g. release_slot() or get() with AUTO_RELEASE right
+            # before stop()): the core would drop an ACK still queued.
+            deadline = _monotonic() + self.timeout
+            while (
+                self.releases or self.quiet_done < self.quiet_submitted
+            ) and _monotonic() < deadline:
+                time.sleep(0.002)
             # 2. Stop the C node; the core fails queued sends with SHUTDOWN first.
             with self.lock:
                 self.stop_sent = True

@@ -305,3 +305,15 @@ def _get_or_empty(node, timeout):
         return node.get(timeout=timeout)
     except queue.Empty:
         return None
+
+
+def test_stop_right_after_get_still_lets_the_ack_out(make_node, bounded):
+    # get() releases without a future; stop() must still let the owed ACK go
+    # out before it closes the connection, or the sender's send would fail.
+    a = make_node(SYNCHRONOUS=True)
+    for i in range(8):
+        b = make_node(SYNCHRONOUS=True)
+        fut = a.send(make_node.message(b, data=b"%d" % i))
+        assert b.get(timeout=10.0).data == b"%d" % i
+        bounded(b.stop, 30.0, "stop() right after get()")
+        assert fut.result(10.0) is not None
