@@ -6,6 +6,7 @@
 * ``make_node``: factory for started ``libchirp.queue.Chirp`` nodes on ``loop``.
   Every node it makes is stopped at teardown; a stop that hangs fails the test
   with a clear message instead of hanging the run.
+* ``h``: a ``rawpeer.Harness`` for wire-level tests (raw peers), closed at teardown.
 * ``bounded``: run a blocking call in a helper thread and fail the test if it
   does not return in time (used for ``stop()`` and other calls that must not
   hang).
@@ -248,6 +249,16 @@ class NodeFactory:
         self.nodes.clear()
         if problems:
             pytest.fail("node.stop() failed in teardown: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def h():
+    """A ``rawpeer.Harness`` (raw wire-level peers around real nodes), closed at teardown."""
+    harness = rawpeer.Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()
 
 
 @pytest.fixture

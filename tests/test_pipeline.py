@@ -19,15 +19,6 @@ pytestmark = pytest.mark.timeout(60)
 SERVER_ID = bytes(range(0xB0, 0xC0))
 
 
-@pytest.fixture
-def h():
-    harness = rp.Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
-
-
 def test_connector_announces_and_pipelines_when_answered(h):
     """Our node dials; the peer answers the announcement; several REQ_ACK frames are then
     written before any ACK, and ACKs in any order complete the right sends."""

@@ -27,15 +27,6 @@ TIMEOUT = 9
 CANNOT_CONNECT = 12
 
 
-@pytest.fixture
-def h():
-    harness = rp.Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
-
-
 def ecode(exc):
     return getattr(exc, "ecode", None)
 

@@ -25,15 +25,6 @@ from libchirp.errors import ChirpMemoryError, ChirpSendQueueFull, chirp_error_to
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def h():
-    harness = rp.Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
-
-
 def remote_stats(node, port):
     return node.statistics()["remotes"].get("127.0.0.1:%d" % port)
 

@@ -32,15 +32,6 @@ VECTOR_9_1_FRAME = bytes.fromhex(
 VECTOR_9_1_CLIENT_HS = bytes.fromhex("0fa0a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
 
 
-@pytest.fixture
-def h():
-    harness = rp.Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
-
-
 # ------------------------------------------------------------------------------------------
 # 9.1 inbound
 
