@@ -157,6 +157,11 @@ def _error(code: int, text: Optional[str] = None) -> ChirpError:
     return exc
 
 
+def _submit_error(rc: int) -> ChirpError:
+    """The failure of a submission: a core code, or -1 when the node is stopping."""
+    return _error(rc) if rc > 0 else _shutdown_error("node is stopping")
+
+
 def _shutdown_error(text: str = "node stopped") -> ChirpShutdown:
     exc = chirp_error_to_exception(lib.CH_SHUTDOWN, text)
     assert isinstance(exc, ChirpShutdown)
@@ -489,11 +494,9 @@ class LoopCore:
         return None if deadline is None else max(0.0, deadline - _monotonic())
 
     def _lead(self, ready: Callable[[], bool], deadline: Optional[float]) -> None:
+        if not LEAD_WAITERS or self.in_dispatcher():
+            return
         ident = threading.get_ident()
-        if ident == self.disp_ident or self.lead_ident is not None and ident == self.lead_ident:
-            return
-        if not LEAD_WAITERS:
-            return
         buffers = self._lead_buffers
         events = getattr(buffers, "events", None)
         if events is None:
@@ -722,13 +725,18 @@ class NodeCore:
 
     # -- send ----------------------------------------------------------------------------------
 
-    def send(self, msg: MessageBase, request: Optional[Future] = None) -> Future:
+    def _future(self) -> LightFuture:
+        """A future completed by this loop's events (a waiter may handle them itself)."""
         fut = LightFuture()
         fut._leader = self.loop
+        return fut
+
+    def send(self, msg: MessageBase, request: Optional[Future] = None) -> Future:
+        fut = self._future()
         with self.lock:
             rc = self._submit_send(msg, fut, request)
         if rc != 0:
-            fut.set_exception(_error(rc) if rc > 0 else _shutdown_error("node is stopping"))
+            fut.set_exception(_submit_error(rc))
         return fut
 
     def send_many(self, msgs: List[MessageBase]) -> List[Future]:
@@ -738,10 +746,7 @@ class NodeCore:
                 raise TypeError("send_many() needs libchirp messages, not %s" % type(msg).__name__)
         if len(set(map(id, msgs))) != len(msgs):
             raise RuntimeError("Message is still being sent (given twice to send_many())")
-        futs = [LightFuture() for _ in msgs]
-        loop = self.loop
-        for fut in futs:
-            fut._leader = loop
+        futs = [self._future() for _ in msgs]
         failed = []
         with self.lock:
             for msg in msgs:
@@ -753,7 +758,7 @@ class NodeCore:
                 if rc != 0:
                     failed.append((fut, rc))
         for fut, rc in failed:
-            fut.set_exception(_error(rc) if rc > 0 else _shutdown_error("node is stopping"))
+            fut.set_exception(_submit_error(rc))
         return futs
 
     def _submit_send(self, msg: MessageBase, fut: Future, request: Optional[Future]) -> int:
@@ -782,11 +787,8 @@ class NodeCore:
             msg._sending = False
         return rc
 
-    def on_send_done(self, token: int, status: int, text: Any) -> None:
-        entry = self.sends.pop(token, None)
-        if entry is None:
-            return
-        fut = entry[0]
+    def _sent(self, entry: list) -> MessageBase:
+        """The send of ``entry`` is over: the message may be sent or released again."""
         msg = entry[1]
         msg._sending = False
         if self.release_after_send:  # see release_when_sent() for the ordering
@@ -794,6 +796,14 @@ class NodeCore:
                 if msg in self.release_after_send:
                     self.release_after_send.discard(msg)
                     self.release(msg)
+        return msg
+
+    def on_send_done(self, token: int, status: int, text: Any) -> None:
+        entry = self.sends.pop(token, None)
+        if entry is None:
+            return
+        fut = entry[0]
+        msg = self._sent(entry)
         if status == 0:
             _set_result(fut, msg)
             return
@@ -808,20 +818,12 @@ class NodeCore:
 
     def on_sends_done(self, token: int, count: int) -> None:
         """Dispatcher: the sends ``token`` .. ``token + count - 1`` all succeeded."""
-        sends = self.sends
-        pop = sends.pop
+        pop = self.sends.pop
+        sent = self._sent
         for t in range(token, token + count):
             entry = pop(t, None)
-            if entry is None:
-                continue
-            msg = entry[1]
-            msg._sending = False
-            if self.release_after_send:
-                with self.lock:
-                    if msg in self.release_after_send:
-                        self.release_after_send.discard(msg)
-                        self.release(msg)
-            _set_result(entry[0], msg)
+            if entry is not None:
+                _set_result(entry[0], sent(entry))
 
     # -- request -------------------------------------------------------------------------------
 
@@ -921,8 +923,7 @@ class NodeCore:
 
     def release(self, msg: MessageBase) -> Future:
         """Submit the release of ``msg``'s slot; see MessageBase.release_slot()."""
-        fut = LightFuture()
-        fut._leader = self.loop
+        fut = self._future()
         with self.lock:
             rc = self._submit_release(msg, fut)
         if rc > 0:
