@@ -25,6 +25,7 @@ for CERT_CHAIN_PEM and DH_PARAMS_PEM (PROTOCOL.md 7.2).
 import errno
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -128,6 +129,22 @@ def find_free_port():
             if s6 is not None:
                 s6.close()
     raise RuntimeError("could not find a free port")
+
+
+def end_process(proc):
+    """Kill a test's child process if it still runs, reap it, close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 def call_bounded(func, limit, what, *args, **kwargs):

@@ -51,7 +51,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import netns  # noqa: E402
-from conftest import NODE_START_LIMIT, call_bounded, find_free_port  # noqa: E402
+from conftest import NODE_START_LIMIT, call_bounded, end_process, find_free_port  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.multiprocess]
 
@@ -272,17 +272,7 @@ class HostProcess:
         return dict(w.split("=") for w in count[1:])
 
     def cleanup(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        end_process(self.proc)
 
 
 class Net:

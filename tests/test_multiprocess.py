@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+from conftest import end_process
 
 pytestmark = pytest.mark.multiprocess
 
@@ -122,17 +123,7 @@ class NodeProcess:
         self.proc.wait(30)
 
     def cleanup(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        end_process(self.proc)
 
 
 @pytest.fixture
