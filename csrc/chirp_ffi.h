@@ -12,7 +12,7 @@
  * batches. Nothing in the core ever calls back into Python.
  */
 
-#define CH_VERSION_STAMP 10004
+#define CH_VERSION_STAMP 10005
 
 /* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
 enum ch_error {
@@ -81,7 +81,7 @@ typedef struct ch_message_s ch_message_t;
 #define CH_EV_RECV 4           /* node, msg (owned by the receiver until released) and its
                                   fields: identity, serial, header, data, port,
                                   remote_identity, text = peer address */
-#define CH_EV_RELEASE_DONE 5   /* node, token (of the release), msg info copied in id/serial;
+#define CH_EV_RELEASE_DONE 5   /* node, token (of the release), status, count, msg info in id/serial;
                                   not posted for releases submitted with token 0 */
 #define CH_EV_LOG 6            /* node, status = level (10 debug..40 error), text */
 #define CH_EV_WAKE 7           /* ch_loop_wake() was called: token */
@@ -101,7 +101,8 @@ typedef struct ch_event_s {
     ch_stats_t *stats;    /* STATS: the snapshot, owned by the receiver of the event */
     uint8_t identity[16]; /* RECV, RELEASE_DONE: identity of the message */
     uint32_t serial;      /* RECV, RELEASE_DONE: serial of the message */
-    uint32_t count;       /* SEND_DONE: how many sends (consecutive tokens) */
+    uint32_t count;       /* SEND_DONE: how many sends (consecutive tokens);
+                             RELEASE_DONE: how many releases of this token */
     /* RECV only: the message's fields (valid until its release is submitted),
      * so that the receiver needs no further call per message. */
     const uint8_t *header;
@@ -141,9 +142,20 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
  * without the lease on timeout, or as soon as a batch ended after *seq was
  * read (another thread may have brought what the caller waits for: it
  * re-checks); -1 once ended. *seq is in/out: read it with ch_loop_batch_seq()
- * BEFORE checking the condition the first time; every return updates it. */
+ * BEFORE checking the condition the first time; every return updates it.
+ *
+ * flags CH_POLL_MESSAGES: the caller waits for received messages. Events that
+ * only complete something (a successful SEND_DONE or RELEASE_DONE) do not
+ * wake it: they wait for the next event of another kind, which takes them
+ * along, or at most CH_LAZY_MS milliseconds, after which they are handed out
+ * as usual. (A ping-pong thread is then woken once per answer, not also once
+ * for the completion of its own send.) Threads waiting with flags 0 and the
+ * dispatcher are woken for every event as before. */
+#define CH_POLL_MESSAGES 1
+#define CH_LAZY_MS 1
 uint64_t ch_loop_batch_seq(ch_loop_t *loop);
-int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq);
+int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
+                     int flags);
 void ch_loop_poll_done(ch_loop_t *loop);
 
 /* Make a waiting ch_loop_poll() return 0 (e.g. to re-read its timers). */
@@ -172,10 +184,41 @@ int ch_node_send(ch_node_t *node, uint64_t token, const char *identity, int fami
                  const char *addr, uint16_t port, const char *header, uint16_t header_len,
                  const char *data, uint32_t data_len);
 
+/* One message of ch_node_send_batch(), CH_SEND_SIZE bytes as Python's struct
+ * module packs it with the format "=QIHHB16s16s7x" (no padding before addr;
+ * addr holds 4 bytes for family 4, padded with zeros). */
+#define CH_SEND_SIZE 56
+typedef struct ch_send_s {
+    uint64_t token;
+    uint32_t data_len;
+    uint16_t header_len;
+    uint16_t port;
+    uint8_t family;
+    uint8_t identity[16];
+    uint8_t addr[16];
+} ch_send_t;
+
+/* Send n messages with one call: sends holds n packed ch_send_t records,
+ * payload the header then the data of each message, in order. Unlike
+ * ch_node_send the core copies header and data (each message becomes one
+ * block), so the caller's buffers may go at once. The batch is handed to the
+ * loop thread under one lock and with at most one wake-up, all or nothing:
+ * CH_SUCCESS, or CH_VALUE_ERROR (a family other than 4/6, payload shorter
+ * than the lengths), CH_ENOMEM or CH_SHUTDOWN with nothing submitted. Every
+ * message gets its SEND_DONE as with ch_node_send. */
+int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *payload,
+                       size_t payload_len);
+
 /* Release the slot of a received message (sends the owed ACK). Answered with
  * one RELEASE_DONE event for token, or with none when token is 0; either way
  * the message is freed by the core and must not be used after this call. */
 int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token);
+
+/* ch_node_release for n messages with the same token, under one lock, all or
+ * nothing (CH_SUCCESS, CH_ENOMEM, CH_SHUTDOWN). Successful RELEASE_DONE
+ * events of one token that follow each other are coalesced: count tells how
+ * many releases one event stands for. */
+int ch_node_release_batch(ch_node_t *node, ch_message_t **msgs, int n, uint64_t token);
 
 /* Statistics: counters of one remote, and of the node as a whole. Counters of
  * a remote start when the remote record is created (first send or first

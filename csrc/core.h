@@ -50,6 +50,7 @@ struct ch_loop_s {
     uv_async_t wake;
     uv_prepare_t prepare;
     uv_check_t check;
+    uv_timer_t lazy_timer; /* hands on completions parked for a message waiter */
 
     uv_mutex_t lock; /* guards everything from here to "loop thread only" */
     uv_cond_t cond;      /* the dispatcher waits here (ch_loop_poll) */
@@ -61,6 +62,9 @@ struct ch_loop_s {
     int sleeping;     /* the loop thread is (about to be) blocked in the I/O poll */
     int waiting;      /* the dispatcher is waiting on cond */
     int app_waiting;  /* application threads waiting on cond_app */
+    int app_waiting_any; /* ... of them waiting for any event (not CH_POLL_MESSAGES) */
+    int urgent;       /* a pending event is not a completion (see ch__event_is_lazy) */
+    uint64_t app_seen; /* uv_hrtime() when an application poller last left (ns) */
     int busy;         /* a batch is being handled: CH__BUSY_* */
     int disp_kicked;  /* ch_loop_kick() since the dispatcher last returned */
     int disp_needs_lease; /* the waiting dispatcher wants the lease (timers) */
@@ -81,6 +85,8 @@ void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev);
 /* Count one more successful send in the last unpublished event if that is a
  * successful SEND_DONE of node for the tokens just before token; 1 if so. */
 int ch__loop_extend_send_done(ch_node_t *node, uint64_t token);
+/* The same for a successful RELEASE_DONE of the same token (quiet releases). */
+int ch__loop_extend_release_done(ch_node_t *node, uint64_t token);
 /* Zero ev and fill the fields every event of a node carries. */
 void ch__event_init(ch_event_t *ev, int type, ch_node_t *node, uint64_t token, int status);
 void ch__loop_flush(ch_loop_t *loop);

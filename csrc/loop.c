@@ -59,6 +59,24 @@ static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
     return CH_SUCCESS;
 }
 
+/* Room for n more items (all or nothing). */
+static int ch__vec_reserve(ch__vec_t *v, size_t n, size_t size)
+{
+    if (n > SIZE_MAX / size - v->len)
+        return CH_ENOMEM;
+    if (v->len + n <= v->cap)
+        return CH_SUCCESS;
+    size_t ncap = v->cap ? v->cap : 64;
+    while (ncap < v->len + n)
+        ncap *= 2;
+    void *items = realloc(v->items, ncap * size);
+    if (!items)
+        return CH_ENOMEM;
+    v->items = items;
+    v->cap = ncap;
+    return CH_SUCCESS;
+}
+
 /* Free the items of an empty vector that grew past CH__VEC_KEEP. */
 static void ch__vec_shrink(ch__vec_t *v)
 {
@@ -117,10 +135,29 @@ static void ch__loop_end_batch_locked(ch_loop_t *loop)
         ch__loop_signal_locked(loop);
 }
 
+/* A completion nobody needs at once: a successful SEND_DONE or RELEASE_DONE. */
+static int ch__event_is_lazy(const ch_event_t *ev)
+{
+    return (ev->type == CH_EV_SEND_DONE || ev->type == CH_EV_RELEASE_DONE) &&
+           ev->status == CH_SUCCESS;
+}
+
+static void ch__loop_lazy_cb(uv_timer_t *t)
+{
+    ch_loop_t *loop = t->data;
+    uv_mutex_lock(&loop->lock);
+    ch__loop_signal_locked(loop);
+    uv_mutex_unlock(&loop->lock);
+}
+
 void ch__loop_flush(ch_loop_t *loop)
 {
     if (loop->local_events.len == 0)
         return;
+    int urgent = 0;
+    const ch_event_t *fresh = loop->local_events.items;
+    for (size_t i = 0; i < loop->local_events.len && !urgent; i++)
+        urgent = !ch__event_is_lazy(&fresh[i]);
     uv_mutex_lock(&loop->lock);
     ch__vec_compact(&loop->events, sizeof(ch_event_t));
     size_t need = loop->events.len + loop->local_events.len;
@@ -139,8 +176,21 @@ void ch__loop_flush(ch_loop_t *loop)
     loop->events.len += loop->local_events.len;
     loop->local_events.len = 0;
     ch__vec_shrink(&loop->local_events);
-    ch__loop_signal_locked(loop);
+    loop->urgent |= urgent;
+    /* Only completions, and nobody waits for one: the application threads
+     * waiting all wait for messages (CH_POLL_MESSAGES), or none waits but one
+     * polled a moment ago and is likely to come back (a ping-pong thread
+     * between its answer and its next wait), rather than the dispatcher
+     * taking them and competing with it for the GIL. Park them; the timer
+     * hands them on after CH_LAZY_MS if nobody took them meanwhile. */
+    int park = !loop->urgent && !loop->app_waiting_any && loop->busy == CH__BUSY_NONE &&
+               !loop->closing &&
+               (loop->app_waiting || uv_hrtime() - loop->app_seen < CH_LAZY_MS * 1000000ull);
+    if (!park)
+        ch__loop_signal_locked(loop);
     uv_mutex_unlock(&loop->lock);
+    if (park && !uv_is_active((uv_handle_t *)&loop->lazy_timer))
+        uv_timer_start(&loop->lazy_timer, ch__loop_lazy_cb, CH_LAZY_MS, 0);
 }
 
 void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev)
@@ -159,6 +209,19 @@ int ch__loop_extend_send_done(ch_node_t *node, uint64_t token)
     ch_event_t *last = (ch_event_t *)v->items + v->len - 1;
     if (last->type != CH_EV_SEND_DONE || last->node != node || last->status != CH_SUCCESS ||
         last->token + last->count != token || last->count == UINT32_MAX)
+        return 0;
+    last->count++;
+    return 1;
+}
+
+int ch__loop_extend_release_done(ch_node_t *node, uint64_t token)
+{
+    ch__vec_t *v = &node->loop->local_events;
+    if (v->len == 0)
+        return 0;
+    ch_event_t *last = (ch_event_t *)v->items + v->len - 1;
+    if (last->type != CH_EV_RELEASE_DONE || last->node != node ||
+        last->status != CH_SUCCESS || last->token != token || last->count == UINT32_MAX)
         return 0;
     last->count++;
     return 1;
@@ -228,6 +291,7 @@ static void ch__loop_close_handles(ch_loop_t *loop)
     uv_close((uv_handle_t *)&loop->wake, NULL);
     uv_close((uv_handle_t *)&loop->prepare, NULL);
     uv_close((uv_handle_t *)&loop->check, NULL);
+    uv_close((uv_handle_t *)&loop->lazy_timer, NULL);
 }
 
 static void ch__loop_wake_cb(uv_async_t *h) { ch__loop_run_cmds(h->data); }
@@ -327,6 +391,9 @@ int ch_loop_new(ch_loop_t **out)
     uv_check_init(&loop->uv, &loop->check);
     uv_check_start(&loop->check, ch__loop_check_cb);
     uv_unref((uv_handle_t *)&loop->check);
+    uv_timer_init(&loop->uv, &loop->lazy_timer);
+    loop->lazy_timer.data = loop;
+    uv_unref((uv_handle_t *)&loop->lazy_timer);
     loop->sleeping = 1; /* not running yet: the first command wakes it */
     if (uv_random(NULL, NULL, &loop->rng, sizeof(loop->rng), 0, NULL) != 0 || loop->rng == 0)
         loop->rng = (uint64_t)uv_hrtime() | 1;
@@ -371,6 +438,29 @@ void ch_loop_free(ch_loop_t *loop)
     free(loop);
 }
 
+/* Append n commands for the loop thread, all or none, under one lock and with
+ * at most one wake-up; fails once the loop has ended. */
+int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n)
+{
+    uv_mutex_lock(&loop->lock);
+    if (loop->ended) {
+        uv_mutex_unlock(&loop->lock);
+        return CH_SHUTDOWN;
+    }
+    int rc = ch__vec_reserve(&loop->cmds, n, sizeof(*cmds));
+    if (rc == CH_SUCCESS) {
+        memcpy((ch__cmd_t *)loop->cmds.items + loop->cmds.len, cmds, n * sizeof(*cmds));
+        loop->cmds.len += n;
+    }
+    int wake = rc == CH_SUCCESS && n > 0 && loop->sleeping;
+    if (wake)
+        loop->sleeping = 0; /* one wake-up is enough */
+    uv_mutex_unlock(&loop->lock);
+    if (wake)
+        uv_async_send(&loop->wake);
+    return rc;
+}
+
 /* Append a command for the loop thread; fails once the loop has ended. */
 int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd)
 {
@@ -395,8 +485,10 @@ void ch_loop_wake(ch_loop_t *loop, uint64_t token)
     ch__event_init(&ev, CH_EV_WAKE, NULL, token, 0);
     uv_mutex_lock(&loop->lock);
     ch__vec_compact(&loop->events, sizeof(ev));
-    if (ch__vec_push(&loop->events, &ev, sizeof(ev)) == CH_SUCCESS)
+    if (ch__vec_push(&loop->events, &ev, sizeof(ev)) == CH_SUCCESS) {
+        loop->urgent = 1;
         ch__loop_signal_locked(loop);
+    }
     uv_mutex_unlock(&loop->lock);
 }
 
@@ -437,6 +529,7 @@ static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
     loop->events.head += n;
     if (loop->events.head == loop->events.len) {
         loop->events.head = loop->events.len = 0;
+        loop->urgent = 0;
         ch__vec_shrink(&loop->events);
     }
     loop->busy = who;
@@ -488,8 +581,10 @@ uint64_t ch_loop_batch_seq(ch_loop_t *loop)
     return seq;
 }
 
-int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq)
+int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
+                     int flags)
 {
+    int any = !(flags & CH_POLL_MESSAGES);
     uint64_t deadline = ch__deadline(timeout);
     uv_mutex_lock(&loop->lock);
     int n = 0;
@@ -506,14 +601,17 @@ int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, 
         if (loop->batch_seq != *seq)
             break; /* a batch ended since the caller last looked */
         loop->app_waiting++;
+        loop->app_waiting_any += any;
         int expired = ch__loop_wait(&loop->cond_app, &loop->lock, deadline);
         loop->app_waiting--;
+        loop->app_waiting_any -= any;
         if (expired)
             break;
     }
     if (n <= 0) /* leaving without the lease: pending events may be the dispatcher's now */
         ch__loop_signal_locked(loop);
     *seq = loop->batch_seq;
+    loop->app_seen = uv_hrtime();
     uv_mutex_unlock(&loop->lock);
     return n;
 }
@@ -523,5 +621,6 @@ void ch_loop_poll_done(ch_loop_t *loop)
     uv_mutex_lock(&loop->lock);
     if (loop->busy == CH__BUSY_APP)
         ch__loop_end_batch_locked(loop);
+    loop->app_seen = uv_hrtime();
     uv_mutex_unlock(&loop->lock);
 }

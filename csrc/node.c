@@ -10,6 +10,7 @@
  * is closed; then the NODE_STOPPED event is posted and the application may
  * free the node. A failed start goes back to NEW after its handles closed.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,7 @@
 #endif
 
 int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd);
+int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n);
 double ch__config_reuse(const ch_config_t *cfg);
 int ch__config_slots(const ch_config_t *cfg);
 
@@ -109,9 +111,90 @@ int ch_node_send(ch_node_t *node, uint64_t token, const char *identity, int fami
     return rc;
 }
 
+_Static_assert(sizeof(ch_send_t) == CH_SEND_SIZE, "ch_send_t is packed by Python");
+_Static_assert(offsetof(ch_send_t, family) == 16 && offsetof(ch_send_t, identity) == 17 &&
+                   offsetof(ch_send_t, addr) == 33,
+               "ch_send_t is packed by Python");
+
+/* Commands of a batch: on the stack up to this many, else on the heap. */
+#define CH__BATCH_STACK 64
+
+int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *payload,
+                       size_t payload_len)
+{
+    if (n <= 0)
+        return n == 0 ? CH_SUCCESS : CH_VALUE_ERROR;
+    /* Check everything first: a batch is submitted whole or not at all. */
+    size_t need = 0;
+    for (int i = 0; i < n; i++) {
+        ch_send_t d;
+        memcpy(&d, sends + (size_t)i * CH_SEND_SIZE, sizeof(d));
+        if (d.family != 4 && d.family != 6)
+            return CH_VALUE_ERROR;
+        need += (size_t)d.header_len + d.data_len;
+        if (need > payload_len)
+            return CH_VALUE_ERROR;
+    }
+    ch__cmd_t stack[CH__BATCH_STACK];
+    ch__cmd_t *cmds = n <= CH__BATCH_STACK ? stack : malloc((size_t)n * sizeof(*cmds));
+    if (!cmds)
+        return CH_ENOMEM;
+    const char *p = payload;
+    int made = 0, rc = CH_SUCCESS;
+    for (; made < n; made++) {
+        ch_send_t d;
+        memcpy(&d, sends + (size_t)made * CH_SEND_SIZE, sizeof(d));
+        size_t len = (size_t)d.header_len + d.data_len;
+        /* One block: the record, then header and data (freed with it). */
+        ch_message_t *m = calloc(1, sizeof(*m) + len);
+        if (!m) {
+            rc = CH_ENOMEM;
+            break;
+        }
+        uint8_t *body = (uint8_t *)(m + 1);
+        memcpy(body, p, len);
+        p += len;
+        memcpy(m->identity, d.identity, CH_ID_SIZE);
+        m->family = d.family;
+        memcpy(m->addr, d.addr, d.family == 4 ? 4 : 16);
+        m->port = d.port;
+        m->header = body;
+        m->header_len = d.header_len;
+        m->data = body + d.header_len;
+        m->data_len = d.data_len;
+        m->token = d.token;
+        m->flags = CH_MSGF_INLINE;
+        cmds[made] = (ch__cmd_t){CH__CMD_SEND, node, m, d.token};
+    }
+    if (rc == CH_SUCCESS)
+        rc = ch__loop_submit_many(node->loop, cmds, (size_t)n);
+    if (rc != CH_SUCCESS)
+        for (int i = 0; i < made; i++)
+            free(cmds[i].msg);
+    if (cmds != stack)
+        free(cmds);
+    return rc;
+}
+
 int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token)
 {
     return ch__submit(node, CH__CMD_RELEASE, msg, token);
+}
+
+int ch_node_release_batch(ch_node_t *node, ch_message_t **msgs, int n, uint64_t token)
+{
+    if (n <= 0)
+        return n == 0 ? CH_SUCCESS : CH_VALUE_ERROR;
+    ch__cmd_t stack[CH__BATCH_STACK];
+    ch__cmd_t *cmds = n <= CH__BATCH_STACK ? stack : malloc((size_t)n * sizeof(*cmds));
+    if (!cmds)
+        return CH_ENOMEM;
+    for (int i = 0; i < n; i++)
+        cmds[i] = (ch__cmd_t){CH__CMD_RELEASE, node, msgs[i], token};
+    int rc = ch__loop_submit_many(node->loop, cmds, (size_t)n);
+    if (cmds != stack)
+        free(cmds);
+    return rc;
 }
 
 int ch_node_stats(ch_node_t *node, uint64_t token)
@@ -226,11 +309,13 @@ void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *tex
 
 void ch__release_done(ch_node_t *node, ch_message_t *recv, int status)
 {
-    if (recv->token != 0) {
+    if (recv->token != 0 &&
+        !(status == CH_SUCCESS && ch__loop_extend_release_done(node, recv->token))) {
         ch_event_t ev;
         ch__event_init(&ev, CH_EV_RELEASE_DONE, node, recv->token, status);
         memcpy(ev.identity, recv->identity, CH_ID_SIZE);
         ev.serial = recv->serial;
+        ev.count = 1;
         ch__loop_post(node->loop, &ev);
     }
     ch_msg_free(recv);

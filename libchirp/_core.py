@@ -53,6 +53,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections import OrderedDict, deque
@@ -76,7 +77,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10004
+_EXPECTED_STAMP = 10005
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -129,6 +130,15 @@ LEAD_WAITERS = True
 _monotonic = time.monotonic
 _buffer = ffi.buffer
 _string = ffi.string
+
+#: One message of ch_node_send_batch() (ch_send_t, CH_SEND_SIZE bytes):
+#: token, data_len, header_len, port, family, identity, addr.
+_SEND_RECORD = struct.Struct("=QIHHB16s16s7x")
+assert _SEND_RECORD.size == lib.CH_SEND_SIZE
+#: send_many() copies messages of up to this many header + data bytes into one
+#: batch (one call into the core, one lock, one wake-up); larger ones are handed
+#: over without a copy, one call each.
+SEND_COPY_LIMIT = 8192
 
 
 def _text(raw: Any) -> str:
@@ -475,7 +485,9 @@ class LoopCore:
         finally:
             self._dispatcher_ends()
 
-    def lead_until(self, ready: Callable[[], bool], timeout: Optional[float]) -> Optional[float]:
+    def lead_until(
+        self, ready: Callable[[], bool], timeout: Optional[float], messages: bool = False
+    ) -> Optional[float]:
         """Application thread: handle events here until ``ready()`` or ``timeout``.
 
         Returns what is left of ``timeout`` (None for None) for the ordinary
@@ -488,12 +500,16 @@ class LoopCore:
         hands out one batch at a time, so events stay in order whichever thread
         handles them. Returns early (the caller then waits the usual way) on the
         dispatcher thread, inside a batch, or once the loop is ending.
+
+        ``messages``: the caller waits for received messages (get()), so
+        batches of mere completions need not wake it (CH_POLL_MESSAGES: they
+        come along with the next message, or go on after CH_LAZY_MS).
         """
         deadline = None if timeout is None else _monotonic() + timeout
-        self._lead(ready, deadline)
+        self._lead(ready, deadline, lib.CH_POLL_MESSAGES if messages else 0)
         return None if deadline is None else max(0.0, deadline - _monotonic())
 
-    def _lead(self, ready: Callable[[], bool], deadline: Optional[float]) -> None:
+    def _lead(self, ready: Callable[[], bool], deadline: Optional[float], flags: int) -> None:
         if not LEAD_WAITERS or self.in_dispatcher():
             return
         ident = threading.get_ident()
@@ -524,7 +540,7 @@ class LoopCore:
                     return
                 self._app_polling += 1
             try:
-                n = poll_app(c, events, BATCH, wait, seq)  # GIL released while waiting
+                n = poll_app(c, events, BATCH, wait, seq, flags)  # GIL released while waiting
                 if n > 0:
                     self.lead_ident = ident
                     try:
@@ -564,7 +580,7 @@ class LoopCore:
                 elif t == _EV_RELEASE_DONE:
                     node = nodes.get(ev.node_token)
                     if node is not None:
-                        node.on_release_done(ev.token, ev.status, ev.text)
+                        node.on_release_done(ev.token, ev.status, ev.text, ev.count)
                 elif t == _EV_LOG:
                     level = ev.status
                     if logger.isEnabledFor(level):
@@ -639,10 +655,14 @@ class NodeCore:
         config: Config,
         deliver: Optional[Callable[[MessageBase], None]],
         message_class: Type[MessageBase],
+        deliver_many: Optional[Callable[[List[MessageBase]], None]] = None,
     ) -> None:
         self.loop = loop
         self.timeout = config.TIMEOUT
         self.deliver = deliver
+        #: Takes the messages of a batch at once (instead of deliver), if given.
+        self.deliver_many = deliver_many
+        self.inbox: List[MessageBase] = []  # deliver_many: received in the current batch
         self.message_class = message_class
         self.lock = threading.RLock()
         self.c: Any = None
@@ -740,26 +760,79 @@ class NodeCore:
         return fut
 
     def send_many(self, msgs: List[MessageBase]) -> List[Future]:
-        """send() for each message, under one lock acquisition; all or nothing on misuse."""
+        """send() for each message, in order; all or nothing on misuse.
+
+        Small messages (up to SEND_COPY_LIMIT bytes) go to the core in batches:
+        one ch_node_send_batch() call copies them, takes the loop's lock once
+        and wakes the loop thread at most once. Each C call releases the GIL,
+        so one call per message would also hand the GIL to any other thread
+        waiting for it (the dispatcher), once per message.
+        """
         for msg in msgs:
             if not isinstance(msg, MessageBase):
                 raise TypeError("send_many() needs libchirp messages, not %s" % type(msg).__name__)
         if len(set(map(id, msgs))) != len(msgs):
             raise RuntimeError("Message is still being sent (given twice to send_many())")
         futs = [self._future() for _ in msgs]
-        failed = []
+        failed: List[Tuple[Future, int]] = []
         with self.lock:
             for msg in msgs:
                 if msg._sending:
                     raise RuntimeError("Message is still being sent")
-            submit = self._submit_send
-            for msg, fut in zip(msgs, futs):
-                rc = submit(msg, fut, None)
-                if rc != 0:
-                    failed.append((fut, rc))
+                msg._target()  # parses a received message's address; raises before any send
+            if self.closing:
+                failed = [(fut, -1) for fut in futs]
+            else:
+                self._submit_many(msgs, futs, failed)
         for fut, rc in failed:
             fut.set_exception(_submit_error(rc))
         return futs
+
+    def _submit_many(self, msgs: List[MessageBase], futs: List[Future], failed: list) -> None:
+        """send_many()'s hand-over (caller holds the lock); failures go to ``failed``."""
+        sends = self.sends
+        tokens = self.loop._tokens
+        pack = _SEND_RECORD.pack
+        records: List[bytes] = []
+        parts: List[bytes] = []
+        batch: List[int] = []
+
+        def flush() -> None:
+            payload = b"".join(parts)
+            rc = lib.ch_node_send_batch(
+                self.c, b"".join(records), len(batch), payload, len(payload)
+            )
+            if rc != 0:
+                for token in batch:
+                    entry = sends.pop(token)
+                    entry[1]._sending = False
+                    failed.append((entry[0], rc))
+            records.clear()
+            parts.clear()
+            batch.clear()
+
+        for msg, fut in zip(msgs, futs):
+            header = msg._header
+            data = msg._data
+            if len(header) + len(data) > SEND_COPY_LIMIT:
+                if batch:
+                    flush()
+                rc = self._submit_send(msg, fut, None)
+                if rc != 0:
+                    failed.append((fut, rc))
+                continue
+            family, addr = msg._target()
+            token = next(tokens)
+            sends[token] = [fut, msg, header, data, None]
+            msg._sending = True
+            records.append(
+                pack(token, len(data), len(header), msg._port, family, msg._identity, addr)
+            )
+            parts.append(header)
+            parts.append(data)
+            batch.append(token)
+        if batch:
+            flush()
 
     def _submit_send(self, msg: MessageBase, fut: Future, request: Optional[Future]) -> int:
         """Hand one send to the core (caller holds the lock); 0, a core code, or -1 (closing).
@@ -910,16 +983,31 @@ class NodeCore:
             if DROP_LATE_REPLIES:
                 self.release(msg)
                 return
-        deliver = self.deliver
-        if deliver is None or self.closing:
+        if self.closing or (self.deliver is None and self.deliver_many is None):
             self.release(msg)
             return
         self.held.add(msg)
+        if self.deliver_many is not None:
+            inbox = self.inbox
+            if not inbox:
+                self.loop.at_batch_end(self._deliver_inbox)
+            inbox.append(msg)
+            return
         try:
-            deliver(msg)
+            self.deliver(msg)
         except Exception:
             logger.exception("libchirp: exception while delivering a message; released")
             self.release(msg)
+
+    def _deliver_inbox(self) -> None:
+        """End of a batch: hand the messages received in it over in one call."""
+        msgs = self.inbox
+        self.inbox = []
+        try:
+            self.deliver_many(msgs)
+        except Exception:
+            logger.exception("libchirp: exception while delivering messages; released")
+            self.release_many(msgs)
 
     def release(self, msg: MessageBase) -> Future:
         """Submit the release of ``msg``'s slot; see MessageBase.release_slot()."""
@@ -942,15 +1030,31 @@ class NodeCore:
         """
         failed = 0
         with self.lock:
+            cmsgs = []
             for msg in msgs:
-                if msg._sending and msg._c is not None:
-                    raise RuntimeError(
-                        "Message is still being sent; release it when the send is done"
-                    )
-            submit = self._submit_release
-            for msg in msgs:
-                if submit(msg, None) > 0:
-                    failed += 1
+                if msg._c is not None:
+                    if msg._sending:
+                        raise RuntimeError(
+                            "Message is still being sent; release it when the send is done"
+                        )
+                    cmsgs.append(msg)
+            if not cmsgs:
+                return
+            held = self.held
+            for i, msg in enumerate(cmsgs):
+                cmsgs[i] = msg._c
+                msg._c = None
+                held.discard(msg)
+            if self.stop_sent:  # cannot happen for held messages; be safe
+                self.orphans.extend(cmsgs)
+                return
+            n = len(cmsgs)
+            self.quiet_submitted += n
+            rc = lib.ch_node_release_batch(self.c, cmsgs, n, _QUIET_RELEASE)
+            if rc != 0:
+                self.quiet_submitted -= n
+                self.orphans.extend(cmsgs)
+                failed = n
         if failed:
             logger.error("libchirp: %d slot release(s) could not be submitted", failed)
 
@@ -1005,9 +1109,9 @@ class NodeCore:
                 self.release_after_send.discard(msg)
             self.release(msg)
 
-    def on_release_done(self, token: int, status: int, text: Any) -> None:
+    def on_release_done(self, token: int, status: int, text: Any, count: int = 1) -> None:
         if token == _QUIET_RELEASE:
-            self.quiet_done += 1  # only ever written by the thread handling events
+            self.quiet_done += count  # only ever written by the thread handling events
             if status != 0:
                 logger.warning("libchirp: a slot release failed: %s", _text(text))
             return

@@ -79,18 +79,24 @@ class ChirpFuture(LightFuture):
         return send_future.result(timeout)
 
 
-def _weak_recv(recv: Callable[[MessageBase], Any], owner: object) -> Callable[[MessageBase], Any]:
-    """Hold ``recv`` weakly if it is a bound method of ``owner`` (avoids a cycle)."""
+def _weak_recv(
+    recv: Callable[[Any], Any], owner: object, many: bool = False
+) -> Callable[[Any], Any]:
+    """Hold ``recv`` weakly if it is a bound method of ``owner`` (avoids a cycle).
+
+    ``recv`` takes one message, or with ``many`` a list of them.
+    """
     if not (inspect.ismethod(recv) and recv.__self__ is owner):
         return recv
     ref = weakref.WeakMethod(recv)
 
-    def deliver(msg: MessageBase) -> None:
+    def deliver(arg: Any) -> None:
         func = ref()
         if func is None:  # the node object is gone
-            msg.release_slot()
+            for msg in arg if many else (arg,):
+                msg.release_slot()
             return
-        func(msg)
+        func(arg)
 
     return deliver
 
@@ -110,6 +116,7 @@ class ChirpBase:
         loop: Loop,
         config: Config,
         recv: Optional[Callable[[MessageBase], Any]] = None,
+        recv_many: Optional[Callable[[List[MessageBase]], Any]] = None,
     ) -> None:
         self._node: Optional[NodeCore] = None
         self._stopped = False
@@ -122,7 +129,8 @@ class ChirpBase:
         was_sealed = config.sealed
         config._seal()
         deliver = None if recv is None else _weak_recv(recv, self)
-        node = NodeCore(loop._core, config, deliver, self._message_class)
+        deliver_many = None if recv_many is None else _weak_recv(recv_many, self, many=True)
+        node = NodeCore(loop._core, config, deliver, self._message_class, deliver_many)
         self._prepare_node(node)
         try:
             node.start(config)

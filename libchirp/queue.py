@@ -34,7 +34,7 @@ class Chirp(ChirpBase, _queue.Queue):
         _queue.Queue.__init__(self)
         self._disable_queue = False
         self._auto_release = config.AUTO_RELEASE
-        ChirpBase.__init__(self, loop, config, recv=self._enqueue)
+        ChirpBase.__init__(self, loop, config, recv_many=self._enqueue_many)
 
     @property
     def disable_queue(self) -> bool:
@@ -45,12 +45,18 @@ class Chirp(ChirpBase, _queue.Queue):
     def disable_queue(self, value: bool) -> None:
         self._disable_queue = bool(value)
 
-    def _enqueue(self, msg: MessageBase) -> None:
-        # Dispatcher thread.
+    def _enqueue_many(self, msgs: List[MessageBase]) -> None:
+        """Thread handling events: the messages of one batch (one lock, one wake-up)."""
         if self._disable_queue:
-            msg.release_slot()
-        else:
-            self.put_nowait(msg)
+            node = self._node
+            if node is not None:
+                node.release_many(msgs)
+            return
+        n = len(msgs)
+        with self.mutex:
+            self.queue.extend(msgs)
+            self.unfinished_tasks += n
+            self.not_empty.notify(n)
 
     def get(self, block: bool = True, timeout: Optional[float] = None) -> MessageBase:
         """Remove and return a received message (``queue.Empty`` as usual).
@@ -114,7 +120,7 @@ class Chirp(ChirpBase, _queue.Queue):
         node = self._node
         if node is None or (timeout is not None and timeout < 0):
             return timeout
-        return node.loop.lead_until(self._qsize, timeout)
+        return node.loop.lead_until(self._qsize, timeout, messages=True)
 
     def _release_taken(self, msgs: List[MessageBase]) -> None:
         """AUTO_RELEASE of messages handed out: no futures (nobody sees them)."""

@@ -4,7 +4,10 @@
 queued messages and releases them in one hand-over (AUTO_RELEASE releases are
 submitted without a completion event), send futures are LightFutures, new
 identities come from a pool that a forked child does not share, and received
-messages carry their fields in the RECV event.
+messages carry their fields in the RECV event. Small messages of a batch are
+copied into one ch_node_send_batch() call, large ones go singly, in order; a
+thread waiting in get() is not woken for mere completions, which still reach
+their futures.
 """
 
 import asyncio
@@ -14,8 +17,11 @@ import queue
 import threading
 
 import pytest
+from conftest import NodeFactory
 
+import libchirp
 import libchirp.queue
+from libchirp import _core
 from libchirp._future import LightFuture
 
 
@@ -317,3 +323,64 @@ def test_stop_right_after_get_still_lets_the_ack_out(make_node, bounded):
         assert b.get(timeout=10.0).data == b"%d" % i
         bounded(b.stop, 30.0, "stop() right after get()")
         assert fut.result(10.0) is not None
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_send_many_mixes_copied_and_large_messages_in_order(make_node, sync):
+    fields = dict(SYNCHRONOUS=sync, MAX_SLOTS=16)
+    a = make_node(**fields)
+    b = make_node(**fields)
+    limit = _core.SEND_COPY_LIMIT
+    # Around the limit (header + data), empty ones, and large ones in between.
+    sizes = [0, 1, limit - 1, limit, limit + 1, 3 * limit, 5, 0, limit + 7, 64] * 6
+    msgs = []
+    for i, size in enumerate(sizes):
+        header = b"h%d" % i
+        data = bytes([i % 251]) * max(0, size - len(header))
+        msgs.append(make_node.message(b, data=data, header=header))
+    futs = a.send_many(msgs)
+    got = []
+    while len(got) < len(msgs):
+        got.extend(b.get_many(timeout=10.0))
+    assert [(m.header, m.data) for m in got] == [(m.header, m.data) for m in msgs]
+    assert [m.identity for m in got] == [m.identity for m in msgs]
+    for msg, fut in zip(msgs, futs):
+        assert fut.result(10.0) is msg
+    # The copied messages may be changed or sent again at once afterwards.
+    again = a.send_many(msgs[:3])
+    resent = []
+    while len(resent) < 3:  # (synchronous: acknowledged once taken here)
+        resent.extend(b.get_many(max_count=3, timeout=10.0))
+    assert [m.data for m in resent] == [m.data for m in msgs[:3]]
+    assert [f.result(10.0) for f in again] == msgs[:3]
+
+
+def test_completions_reach_callbacks_while_a_thread_waits_for_messages(make_node):
+    """A thread in get() (CH_POLL_MESSAGES) is not woken for a send's completion
+    alone; the completion must still arrive (parked, then handed on)."""
+    other = libchirp.Loop()
+    far = NodeFactory(other)
+    try:
+        b = far(SYNCHRONOUS=False)  # on another loop: its RECV does not wake ours
+        a = make_node(SYNCHRONOUS=False)
+        idle = make_node(SYNCHRONOUS=False)
+        a.send(far.message(b, data=b"setup")).result(10.0)  # connection and its logs
+        assert b.get(timeout=10.0).data == b"setup"
+        waited = []
+        waiter = threading.Thread(target=lambda: waited.append(idle.get(timeout=20.0)))
+        waiter.start()
+        try:
+            for i in range(20):
+                fut = a.send(far.message(b, data=b"%d" % i))
+                done = threading.Event()
+                fut.add_done_callback(lambda f, done=done: done.set())
+                assert done.wait(10.0), "a send's completion was stranded"
+                assert fut.result(0) is not None
+                assert b.get(timeout=10.0).data == b"%d" % i
+        finally:
+            a.send(make_node.message(idle, data=b"end")).result(10.0)
+            waiter.join(30.0)
+        assert [m.data for m in waited] == [b"end"]
+    finally:
+        far.stop_all()
+        other.stop()

@@ -3,7 +3,8 @@
  * thread polls events in batches like the Python dispatcher does; events it
  * has not asked for yet wait in a backlog. A SEND_DONE that covers several
  * sends (count > 1) answers a wait for any of their tokens, one at a time. Received messages are counted in
- * `delivered` and released at once (token 1000). Include after unit.h.
+ * `delivered` and released at once (token 1000), or handed to `recv_hook` if a
+ * test sets one (it then owns them). Include after unit.h.
  */
 #ifndef CH_TEST_EVENTS_H
 #define CH_TEST_EVENTS_H
@@ -23,8 +24,11 @@ static int delivered;
 static ch_node_t *stopping; /* stop_node() in progress: nothing may be submitted */
 static ch_message_t *orphans[4096];
 static int norphans;
+static void (*recv_hook)(const ch_event_t *ev);
 
 static void run_loop(void *arg) { ch_loop_run(arg); }
+
+static int poll_once(void);
 
 /* Wait for an event of this type (and token, if nonzero). Returns 0, -1 once
  * the loop ended, -2 after unit_seconds(20). CH_TEST_VERBOSE=1 prints every event. */
@@ -60,25 +64,36 @@ static int wait_event(int type, uint64_t token, ch_event_t *out)
         }
         if (uv_hrtime() > deadline)
             return -2;
-        ch_event_t evs[64];
-        int n = ch_loop_poll(loop, evs, 64, 0.2);
-        if (n < 0)
+        if (poll_once() < 0)
             return -1;
-        for (int i = 0; i < n; i++) {
-            if (getenv("CH_TEST_VERBOSE"))
-                fprintf(stderr, "ev %d tok %llu st %d %s\n", evs[i].type,
-                        (unsigned long long)evs[i].token, evs[i].status, evs[i].text);
-            if (evs[i].type == CH_EV_RECV && evs[i].node == stopping) {
-                if (norphans < 4096)
-                    orphans[norphans++] = evs[i].msg; /* freed after NODE_STOPPED */
-            } else if (evs[i].type == CH_EV_RECV) {
-                delivered++;
+    }
+}
+
+/* One ch_loop_poll() (up to 0.2 s); its events handled or put in the backlog. */
+static int poll_once(void)
+{
+    ch_event_t evs[64];
+    int n = ch_loop_poll(loop, evs, 64, 0.2);
+    if (n < 0)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        if (getenv("CH_TEST_VERBOSE"))
+            fprintf(stderr, "ev %d tok %llu st %d %s\n", evs[i].type,
+                    (unsigned long long)evs[i].token, evs[i].status, evs[i].text);
+        if (evs[i].type == CH_EV_RECV && evs[i].node == stopping) {
+            if (norphans < 4096)
+                orphans[norphans++] = evs[i].msg; /* freed after NODE_STOPPED */
+        } else if (evs[i].type == CH_EV_RECV) {
+            delivered++;
+            if (recv_hook)
+                recv_hook(&evs[i]);
+            else
                 ch_node_release(evs[i].node, evs[i].msg, 1000);
-            } else if (evs[i].type != CH_EV_LOG && nbacklog < 4096) {
-                backlog[nbacklog++] = evs[i];
-            }
+        } else if (evs[i].type != CH_EV_LOG && nbacklog < 4096) {
+            backlog[nbacklog++] = evs[i];
         }
     }
+    return n;
 }
 
 /* Stop a node the way the API asks: submit nothing after ch_node_stop(); free
