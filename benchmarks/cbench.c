@@ -57,7 +57,7 @@ static void start(bench_t *b, uint16_t port, int sync)
     ch_node_start(b->node, 1);
     ch_event_t ev;
     for (;;) {
-        int n = ch_loop_poll(b->loop, &ev, 1, 5);
+        int n = ch_loop_poll(b->loop, &ev, 1, 5, NULL);
         if (n <= 0)
             die("no start answer");
         if (ev.type == CH_EV_NODE_STARTED) {
@@ -78,7 +78,7 @@ static void echo_main(uint16_t port, uint16_t peer, int sync)
     static ch_event_t evs[512];
     uint64_t stream_count = 0;
     for (;;) {
-        int n = ch_loop_poll(b.loop, evs, 512, -1);
+        int n = ch_loop_poll(b.loop, evs, 512, -1, NULL);
         if (n < 0)
             break;
         for (int i = 0; i < n; i++) {
@@ -143,7 +143,7 @@ int main(int argc, char **argv)
                              (uint32_t)size);
                 sent++;
             }
-            int n = ch_loop_poll(b.loop, evs, 512, 10);
+            int n = ch_loop_poll(b.loop, evs, 512, 10, NULL);
             if (n <= 0)
                 die("roundtrip stalled");
             for (int i = 0; i < n; i++) {
@@ -173,7 +173,7 @@ int main(int argc, char **argv)
                              NULL, 0);
                 acked++;
             }
-            int n = ch_loop_poll(b.loop, evs, 512, 10);
+            int n = ch_loop_poll(b.loop, evs, 512, 10, NULL);
             if (n <= 0)
                 die("stream stalled");
             for (int i = 0; i < n; i++) {

@@ -12,7 +12,7 @@
  * batches. Nothing in the core ever calls back into Python.
  */
 
-#define CH_VERSION_STAMP 10005
+#define CH_VERSION_STAMP 10006
 
 /* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
 enum ch_error {
@@ -122,6 +122,20 @@ void ch_loop_stop(ch_loop_t *loop);   /* ask the loop to end once no node is ope
 void ch_loop_free(ch_loop_t *loop);   /* only after ch_loop_run returned and poll said -1 */
 void ch_loop_wake(ch_loop_t *loop, uint64_t token); /* post a CH_EV_WAKE event */
 
+/* Where a poll copies the header and data of the small messages it hands out
+ * (NULL: nowhere). The caller owns buf (cap bytes); every poll sets len to
+ * what it used, and points the header/data of each RECV event whose header
+ * plus data (at most CH_ARENA_MSG_MAX bytes) still fitted at their copies in
+ * buf, in order. Others keep pointing into the message itself. Python then
+ * takes one bytes object per batch and slices it, instead of one foreign
+ * buffer per field. */
+#define CH_ARENA_MSG_MAX 4096
+typedef struct ch_arena_s {
+    char *buf;
+    size_t cap;
+    size_t len;
+} ch_arena_t;
+
 /* Taking events. Batches are handed out one at a time: whoever holds a
  * batch (the "lease") handles it completely before anyone gets the next, so
  * events are handled in order even when several threads poll.
@@ -133,7 +147,7 @@ void ch_loop_wake(ch_loop_t *loop, uint64_t token); /* post a CH_EV_WAKE event *
  * instead. Returns the number copied, 0 on timeout or after ch_loop_kick()
  * (the caller holds the lease either way, e.g. to run its timers), or -1
  * once the loop has ended and every event was handed out. */
-int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
+int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena);
 
 /* ch_loop_poll_app: the same for an application thread that waits for a
  * result anyway and handles the events itself instead of waking the
@@ -155,7 +169,7 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout);
 #define CH_LAZY_MS 1
 uint64_t ch_loop_batch_seq(ch_loop_t *loop);
 int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
-                     int flags);
+                     int flags, ch_arena_t *arena);
 void ch_loop_poll_done(ch_loop_t *loop);
 
 /* Make a waiting ch_loop_poll() return 0 (e.g. to re-read its timers). */

@@ -536,8 +536,34 @@ static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
     return (int)n;
 }
 
-int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
+/* Copy the payloads of small RECV events into arena (see ch_arena_t). The
+ * messages belong to the caller now; the lock is not needed. */
+static void ch__loop_fill_arena(ch_event_t *out, int n, ch_arena_t *arena)
 {
+    if (!arena)
+        return;
+    arena->len = 0;
+    for (int i = 0; i < n; i++) {
+        ch_event_t *ev = &out[i];
+        size_t hl = ev->header_len, dl = ev->data_len, len = hl + dl;
+        if (ev->type != CH_EV_RECV || len == 0 || len > CH_ARENA_MSG_MAX ||
+            arena->cap - arena->len < len)
+            continue;
+        char *p = arena->buf + arena->len;
+        if (hl)
+            memcpy(p, ev->header, hl);
+        if (dl)
+            memcpy(p + hl, ev->data, dl);
+        ev->header = (const uint8_t *)p;
+        ev->data = (const uint8_t *)p + hl;
+        arena->len += len;
+    }
+}
+
+int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena)
+{
+    if (arena)
+        arena->len = 0;
     uint64_t deadline = ch__deadline(timeout);
     int timed_out = 0;
     uv_mutex_lock(&loop->lock);
@@ -554,6 +580,7 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout)
             if (pending && !loop->app_waiting) {
                 int n = ch__loop_take(loop, out, max, CH__BUSY_DISPATCHER);
                 uv_mutex_unlock(&loop->lock);
+                ch__loop_fill_arena(out, n, arena);
                 return n;
             }
             if (wants_lease) {
@@ -582,8 +609,10 @@ uint64_t ch_loop_batch_seq(ch_loop_t *loop)
 }
 
 int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
-                     int flags)
+                     int flags, ch_arena_t *arena)
 {
+    if (arena)
+        arena->len = 0;
     int any = !(flags & CH_POLL_MESSAGES);
     uint64_t deadline = ch__deadline(timeout);
     uv_mutex_lock(&loop->lock);
@@ -613,6 +642,8 @@ int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, 
     *seq = loop->batch_seq;
     loop->app_seen = uv_hrtime();
     uv_mutex_unlock(&loop->lock);
+    if (n > 0)
+        ch__loop_fill_arena(out, n, arena);
     return n;
 }
 

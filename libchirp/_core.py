@@ -77,7 +77,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10005
+_EXPECTED_STAMP = 10006
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -130,6 +130,71 @@ LEAD_WAITERS = True
 _monotonic = time.monotonic
 _buffer = ffi.buffer
 _string = ffi.string
+
+
+def _event_struct() -> struct.Struct:
+    """A struct.Struct unpacking one ch_event_t (the fields Python reads).
+
+    Built from the compiled layout (ffi.offsetof), so it follows the header.
+    A batch is then one bytes copy and struct.iter_unpack() instead of one
+    cffi attribute access per field. Pointers come out as integers.
+    """
+    fields = [
+        ("type", "i"), ("status", "i"), ("node_token", "Q"), ("token", "Q"), ("msg", "Q"),
+        ("identity", "16s"), ("serial", "I"), ("count", "I"), ("header", "Q"), ("data", "Q"),
+        ("data_len", "I"), ("header_len", "H"), ("port", "H"), ("remote_identity", "16s"),
+        ("text", "46s"),  # RECV: the address (INET6_ADDRSTRLEN), NUL padded
+    ]  # fmt: skip
+    fmt, pos = "=", 0
+    for name, code in fields:
+        offset = ffi.offsetof("ch_event_t", name)
+        if offset > pos:
+            fmt += "%dx" % (offset - pos)
+        fmt += code
+        pos = offset + struct.calcsize("=" + code)
+    size = ffi.sizeof("ch_event_t")
+    return struct.Struct(fmt + "%dx" % (size - pos))
+
+
+_EVENT = _event_struct()
+_EVENT_SIZE = _EVENT.size
+#: Bytes per poll for copies of small payloads (ch_arena_t).
+ARENA_SIZE = 256 * 1024
+_cast = ffi.cast
+_MSG_P = ffi.typeof("ch_message_t *")
+_MSG_PP = ffi.typeof("ch_message_t **")
+_CHAR_P = ffi.typeof("char *")
+
+
+class _PollBuffers:
+    """What one polling thread hands to ch_loop_poll*(): events and an arena."""
+
+    __slots__ = ("events", "arena", "arena_buf", "arena_base", "seq")
+
+    def __init__(self) -> None:
+        self.events = ffi.new("ch_event_t[]", BATCH)
+        self.arena_buf = ffi.new("char[]", ARENA_SIZE)
+        self.arena = ffi.new("ch_arena_t *", {"buf": self.arena_buf, "cap": ARENA_SIZE})
+        self.arena_base = int(ffi.cast("uintptr_t", self.arena_buf))
+        self.seq = ffi.new("uint64_t *")
+
+
+def _addresses() -> Callable[[bytes], str]:
+    """Text of a RECV event's address field (NUL padded bytes), remembered."""
+    known: Dict[bytes, str] = {}
+
+    def address(raw: bytes) -> str:
+        text = known.get(raw)
+        if text is None:
+            text = raw.split(b"\0", 1)[0].decode("ascii")
+            if len(known) < 4096:
+                known[raw] = text
+        return text
+
+    return address
+
+
+_address = _addresses()
 
 #: One message of ch_node_send_batch() (ch_send_t, CH_SEND_SIZE bytes):
 #: token, data_len, header_len, port, family, identity, addr.
@@ -473,15 +538,16 @@ class LoopCore:
     def _dispatch(self) -> None:
         self.disp_ident = threading.get_ident()
         c = self.c
-        events = ffi.new("ch_event_t[]", BATCH)
+        bufs = _PollBuffers()
+        events, arena = bufs.events, bufs.arena
         poll = lib.ch_loop_poll
         try:
             while True:
                 timeout = self._poll_timeout() if self._timers else -1.0
-                n = poll(c, events, BATCH, timeout)  # GIL released while waiting
+                n = poll(c, events, BATCH, timeout, arena)  # GIL released while waiting
                 if n < 0:
                     break
-                self._handle(events, n)  # the next poll() ends this batch in C
+                self._handle(bufs, n)  # the next poll() ends this batch in C
         finally:
             self._dispatcher_ends()
 
@@ -513,12 +579,11 @@ class LoopCore:
         if not LEAD_WAITERS or self.in_dispatcher():
             return
         ident = threading.get_ident()
-        buffers = self._lead_buffers
-        events = getattr(buffers, "events", None)
-        if events is None:
-            events = buffers.events = ffi.new("ch_event_t[]", BATCH)
-            buffers.seq = ffi.new("uint64_t *")
-        seq = buffers.seq
+        local = self._lead_buffers
+        bufs = getattr(local, "bufs", None)
+        if bufs is None:
+            bufs = local.bufs = _PollBuffers()
+        events, arena, seq = bufs.events, bufs.arena, bufs.seq
         poll_app = lib.ch_loop_poll_app
         lock = self.lock
         with lock:
@@ -540,11 +605,11 @@ class LoopCore:
                     return
                 self._app_polling += 1
             try:
-                n = poll_app(c, events, BATCH, wait, seq, flags)  # GIL released while waiting
+                n = poll_app(c, events, BATCH, wait, seq, flags, arena)  # GIL released meanwhile
                 if n > 0:
                     self.lead_ident = ident
                     try:
-                        self._handle(events, n)
+                        self._handle(bufs, n)
                     finally:
                         self.lead_ident = None
                         lib.ch_loop_poll_done(c)
@@ -556,52 +621,74 @@ class LoopCore:
             if n < 0:
                 return
 
-    def _handle(self, events: Any, n: int) -> None:
-        """Handle one batch of events, then due timers and end-of-batch hooks."""
+    def _handle(self, bufs: _PollBuffers, n: int) -> None:
+        """Handle one batch of events, then due timers and end-of-batch hooks.
+
+        The batch is decoded with one bytes copy and struct.iter_unpack();
+        rare fields (texts of failures and logs, statistics) are read from
+        the cdata event. Payloads copied to the arena are sliced out of it.
+        """
         nodes = self.nodes
-        for i in range(n):
-            ev = events[i]
-            t = ev.type
+        events = bufs.events
+        used = bufs.arena[0].len
+        arena = _buffer(bufs.arena_buf, used) if used else None
+        base = bufs.arena_base
+        end = base + used
+        for i, rec in enumerate(_EVENT.iter_unpack(_buffer(events, n * _EVENT_SIZE))):
+            t = rec[0]
             try:
                 if t == _EV_RECV:
-                    node = nodes.get(ev.node_token)
+                    node = nodes.get(rec[2])
                     if node is not None:
-                        node.on_recv(ev)
+                        h = rec[8]
+                        if arena is not None and base <= h < end:
+                            off = h - base
+                            hl, dl = rec[11], rec[10]
+                            header = arena[off : off + hl] if hl else b""
+                            data = arena[off + hl : off + hl + dl] if dl else b""
+                        else:
+                            header = _buffer(_cast(_CHAR_P, h), rec[11])[:] if rec[11] else b""
+                            data = _buffer(_cast(_CHAR_P, rec[9]), rec[10])[:] if rec[10] else b""
+                        node.on_recv(rec, header, data)
                     else:
                         logger.error("libchirp: message for an unknown node; dropped")
                 elif t == _EV_SEND_DONE:
-                    node = nodes.get(ev.node_token)
+                    node = nodes.get(rec[2])
                     if node is not None:
-                        count = ev.count
+                        count = rec[7]
+                        status = rec[1]
                         if count == 1:
-                            node.on_send_done(ev.token, ev.status, ev.text)
+                            node.on_send_done(rec[3], status, events[i].text if status else b"")
                         else:
-                            node.on_sends_done(ev.token, count)
+                            node.on_sends_done(rec[3], count)
                 elif t == _EV_RELEASE_DONE:
-                    node = nodes.get(ev.node_token)
+                    node = nodes.get(rec[2])
                     if node is not None:
-                        node.on_release_done(ev.token, ev.status, ev.text, ev.count)
+                        status = rec[1]
+                        text = events[i].text if status else b""
+                        node.on_release_done(rec[3], status, text, rec[7])
                 elif t == _EV_LOG:
-                    level = ev.status
+                    level = rec[1]
                     if logger.isEnabledFor(level):
-                        logger.log(level, "%s", _text(ev.text))
+                        logger.log(level, "%s", _text(events[i].text))
                 elif t == _EV_WAKE:
-                    if ev.token == _WAKE_CALLS:
+                    if rec[3] == _WAKE_CALLS:
                         self._run_calls()
                 elif t == _EV_NODE_STARTED:
-                    node = nodes.get(ev.node_token)
+                    node = nodes.get(rec[2])
                     if node is not None:
-                        node.on_started(ev.status, _text(ev.text))
+                        node.on_started(rec[1], _text(events[i].text))
                 elif t == _EV_NODE_STOPPED:
-                    node = nodes.get(ev.node_token)
+                    node = nodes.get(rec[2])
                     if node is not None:
                         node.on_stopped()
                 elif t == _EV_STATS:
+                    ev = events[i]
                     st = ev.stats
                     try:
-                        node = nodes.get(ev.node_token)
+                        node = nodes.get(rec[2])
                         if node is not None:
-                            node.on_stats(ev.token, ev.status, ev.text, st)
+                            node.on_stats(rec[3], rec[1], ev.text, st)
                     finally:
                         if st != _NULL:
                             lib.ch_stats_free(st)
@@ -736,7 +823,7 @@ class NodeCore:
                     msg._c = None
             self.held.clear()
         for cmsg in orphans:
-            lib.ch_msg_free(cmsg)
+            lib.ch_msg_free(_cast(_MSG_P, cmsg))
         if c is not None:
             lib.ch_node_free(c)
 
@@ -945,22 +1032,16 @@ class NodeCore:
 
     # -- receive and release -------------------------------------------------------------------
 
-    def on_recv(self, ev: Any) -> None:
-        """Dispatcher: a RECV event; the event carries the message's fields."""
-        cmsg = ev.msg
-        hl = ev.header_len
-        dl = ev.data_len
-        identity = _buffer(ev.identity, 16)[:]
+    def on_recv(self, rec: tuple, header: bytes, data: bytes) -> None:
+        """Thread handling events: a RECV event, decoded (see LoopCore._handle).
+
+        The message keeps the C record's address (an int) in ``_c`` until
+        its release is submitted.
+        """
+        cmsg = rec[4]
+        identity = rec[5]
         msg = self.message_class._received(
-            identity,
-            ev.serial,
-            _buffer(ev.header, hl)[:] if hl else b"",
-            _buffer(ev.data, dl)[:] if dl else b"",
-            _string(ev.text).decode("ascii"),
-            ev.port,
-            _buffer(ev.remote_identity, 16)[:],
-            cmsg,
-            self,
+            identity, rec[6], header, data, _address(rec[14]), rec[12], rec[13], cmsg, self
         )
         if self.stop_sent:
             with self.lock:
@@ -1050,7 +1131,8 @@ class NodeCore:
                 return
             n = len(cmsgs)
             self.quiet_submitted += n
-            rc = lib.ch_node_release_batch(self.c, cmsgs, n, _QUIET_RELEASE)
+            addrs = ffi.new("uintptr_t[]", cmsgs)  # (the cast below does not keep it alive)
+            rc = lib.ch_node_release_batch(self.c, _cast(_MSG_PP, addrs), n, _QUIET_RELEASE)
             if rc != 0:
                 self.quiet_submitted -= n
                 self.orphans.extend(cmsgs)
@@ -1082,7 +1164,7 @@ class NodeCore:
         else:
             token = next(self.loop._tokens)
             self.releases[token] = (fut, msg._identity, msg._serial)
-        rc = lib.ch_node_release(self.c, cmsg, token)
+        rc = lib.ch_node_release(self.c, _cast(_MSG_P, cmsg), token)
         if rc != 0:
             if fut is None:
                 self.quiet_submitted -= 1

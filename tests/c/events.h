@@ -4,7 +4,8 @@
  * has not asked for yet wait in a backlog. A SEND_DONE that covers several
  * sends (count > 1) answers a wait for any of their tokens, one at a time. Received messages are counted in
  * `delivered` and released at once (token 1000), or handed to `recv_hook` if a
- * test sets one (it then owns them). Include after unit.h.
+ * test sets one (it then owns them; header and data may be copies in `arena`,
+ * valid until the next poll). Include after unit.h.
  */
 #ifndef CH_TEST_EVENTS_H
 #define CH_TEST_EVENTS_H
@@ -25,6 +26,9 @@ static ch_node_t *stopping; /* stop_node() in progress: nothing may be submitted
 static ch_message_t *orphans[4096];
 static int norphans;
 static void (*recv_hook)(const ch_event_t *ev);
+/* A small arena (ch_arena_t): some payloads of a batch are copied, some not. */
+static char arena_buf[2048];
+static ch_arena_t arena = {arena_buf, sizeof(arena_buf), 0};
 
 static void run_loop(void *arg) { ch_loop_run(arg); }
 
@@ -73,7 +77,7 @@ static int wait_event(int type, uint64_t token, ch_event_t *out)
 static int poll_once(void)
 {
     ch_event_t evs[64];
-    int n = ch_loop_poll(loop, evs, 64, 0.2);
+    int n = ch_loop_poll(loop, evs, 64, 0.2, &arena);
     if (n < 0)
         return -1;
     for (int i = 0; i < n; i++) {

@@ -3,7 +3,8 @@
  * thread; this thread plays the dispatcher, polling events in batches. Two
  * nodes on loopback exchange messages in synchronous and asynchronous mode;
  * a send to a closed port fails with CANNOT_CONNECT; a batch of sends
- * (ch_node_send_batch) arrives whole and in order, and its messages are
+ * (ch_node_send_batch) arrives whole and in order (payloads read from the
+ * poll's arena or from the message), and its messages are
  * released with one ch_node_release_batch (coalesced RELEASE_DONE events);
  * an application thread polling with CH_POLL_MESSAGES still gets the
  * completion of a send when no message comes (parked completions go on);
@@ -99,7 +100,7 @@ static void test_exchange_async(void) { test_exchange(0); }
 #define NBATCH 150 /* more than a batch of commands on the stack (64) */
 
 static ch_message_t *held[NBATCH];
-static int nheld, nkept, nbad;
+static int nheld, nkept, nbad, ncopied;
 
 /* RECV hook: check the message (the i-th received must be the i-th sent) and
  * keep it for a batch release. */
@@ -113,6 +114,8 @@ static void keep(const ch_event_t *ev)
     for (uint32_t k = 0; ok && k < ev->data_len; k++)
         ok = ev->data[k] == (uint8_t)i;
     nbad += !ok;
+    const char *d = (const char *)ev->data;
+    ncopied += ev->data_len && d >= arena_buf && d < arena_buf + sizeof(arena_buf);
     held[nheld++] = ev->msg;
 }
 
@@ -178,7 +181,7 @@ static void test_batch(int sync)
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, -1, payload, plen), CH_VALUE_ERROR);
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, 0, payload, 0), CH_SUCCESS);
 
-    nkept = nheld = nbad = 0;
+    nkept = nheld = nbad = ncopied = 0;
     recv_hook = keep;
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), CH_SUCCESS);
     memset(payload, 0, sizeof(payload)); /* the core copied it */
@@ -199,6 +202,9 @@ static void test_batch(int sync)
     recv_hook = NULL;
     CHECK_EQ(nkept, NBATCH);
     CHECK_EQ(nbad, 0); /* in order, each with its identity, header and data */
+    /* Both kinds were checked: payloads copied into the arena and not. */
+    CHECK(ncopied > 0);
+    CHECK(ncopied < NBATCH - 1);
     CHECK_EQ(submitted, NBATCH);
     for (int i = 0; i < NBATCH; i++) {
         CHECK_EQ(wait_event(CH_EV_SEND_DONE, 4000 + (uint64_t)i, &ev), 0);
@@ -230,7 +236,7 @@ static void dispatch2(void *arg)
     (void)arg;
     ch_event_t evs[16];
     int n;
-    while ((n = ch_loop_poll(loop2, evs, 16, -1)) >= 0)
+    while ((n = ch_loop_poll(loop2, evs, 16, -1, NULL)) >= 0)
         for (int i = 0; i < n; i++)
             if (evs[i].type == CH_EV_RECV)
                 ch_node_release(evs[i].node, evs[i].msg, 0);
@@ -251,7 +257,8 @@ static void app_poll(void *arg)
     uint64_t deadline = uv_hrtime() + (uint64_t)(unit_seconds(10) * 1e9);
     uint64_t seq = ch_loop_batch_seq(loop);
     do /* a batch ending elsewhere returns 0 at once: poll again */
-        p->n = ch_loop_poll_app(loop, p->evs, 8, unit_seconds(10), &seq, CH_POLL_MESSAGES);
+        p->n = ch_loop_poll_app(loop, p->evs, 8, unit_seconds(10), &seq, CH_POLL_MESSAGES,
+                                NULL);
     while (p->n == 0 && uv_hrtime() < deadline);
     if (p->n > 0)
         ch_loop_poll_done(loop);
@@ -266,7 +273,7 @@ static void dispatch1(void *arg)
     (void)arg;
     ch_event_t evs[8];
     while (!disp_stop) {
-        int n = ch_loop_poll(loop, evs, 8, 0.05);
+        int n = ch_loop_poll(loop, evs, 8, 0.05, NULL);
         if (n < 0)
             break;
         for (int i = 0; i < n; i++)

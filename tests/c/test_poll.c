@@ -30,9 +30,9 @@ static void poll_once(void *arg)
     ch_event_t evs[8];
     if (p->app) {
         p->seq = ch_loop_batch_seq(loop);
-        p->n = ch_loop_poll_app(loop, evs, 8, p->timeout, &p->seq, 0);
+        p->n = ch_loop_poll_app(loop, evs, 8, p->timeout, &p->seq, 0, NULL);
     } else {
-        p->n = ch_loop_poll(loop, evs, 8, p->timeout);
+        p->n = ch_loop_poll(loop, evs, 8, p->timeout, NULL);
     }
     p->token = p->n > 0 ? evs[0].token : 0;
 }
@@ -44,10 +44,10 @@ static void test_lease_and_preference(void)
     ch_event_t evs[8];
     uint64_t seq = ch_loop_batch_seq(loop);
     /* Nothing there: an application poll times out without the lease. */
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 0.01, &seq, 0), 0);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 0.01, &seq, 0, NULL), 0);
 
     ch_loop_wake(loop, 7);
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq, 0), 1);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq, 0, NULL), 1);
     CHECK_EQ(evs[0].type, CH_EV_WAKE);
     CHECK_EQ(evs[0].token, 7u);
 
@@ -60,7 +60,7 @@ static void test_lease_and_preference(void)
     /* The batch ends; then the next one can be had. */
     ch_loop_poll_done(loop);
     seq = ch_loop_batch_seq(loop);
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq, 0), 1);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq, 0, NULL), 1);
     CHECK_EQ(evs[0].token, 8u);
     ch_loop_poll_done(loop);
 
@@ -85,12 +85,12 @@ static void test_lease_and_preference(void)
     /* The dispatcher's next poll ends its batch; a kick makes it return 0
      * (holding the lease, e.g. for its timers). */
     ch_loop_kick(loop);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(2.0)), 0);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(2.0), NULL), 0);
     /* ...which the next app poll cannot take before the dispatcher polls again. */
     ch_loop_wake(loop, 11);
     seq = ch_loop_batch_seq(loop);
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 0.1, &seq, 0), 0);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0)), 1); /* ends the lease, takes 11 */
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 0.1, &seq, 0, NULL), 0);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), 1); /* ends the lease, takes 11 */
     CHECK_EQ(evs[0].token, 11u);
 }
 
@@ -99,13 +99,13 @@ static void test_stale_sequence_returns_at_once(void)
     ch_event_t evs[8];
     /* The dispatcher (this thread) still holds its batch from the last test. */
     uint64_t seq = ch_loop_batch_seq(loop);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, 0.01), 0); /* ends it; returns 0 with the lease */
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, 0.01, NULL), 0); /* ends it; returns 0 with the lease */
     uint64_t start = uv_hrtime();
     /* A batch ended after seq was read: the app poll returns 0 without waiting. */
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 5.0, &seq, 0), 0);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, 5.0, &seq, 0, NULL), 0);
     CHECK(uv_hrtime() - start < 4000000000ULL);
     CHECK_EQ(seq, ch_loop_batch_seq(loop));
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, 0.01), 0); /* end the lease taken above */
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, 0.01, NULL), 0); /* end the lease taken above */
 }
 
 static void run_loop(void *arg) { ch_loop_run(arg); }
@@ -119,11 +119,11 @@ static void test_end(void)
     ch_loop_stop(loop);
     uv_thread_join(&t);
     /* Ended, one event left: it is still handed out, then -1 for everyone. */
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0)), 1);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), 1);
     CHECK_EQ(evs[0].token, 12u);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0)), -1);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), -1);
     uint64_t seq = ch_loop_batch_seq(loop);
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq, 0), -1);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq, 0, NULL), -1);
 }
 
 int main(void)
