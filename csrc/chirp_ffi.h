@@ -160,9 +160,9 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_a
  *
  * flags CH_POLL_MESSAGES: the caller waits for received messages. Events that
  * only complete something (a successful SEND_DONE or RELEASE_DONE) do not
- * wake it: they wait for the next event of another kind, which takes them
- * along, or at most CH_LAZY_MS milliseconds, after which they are handed out
- * as usual. (A ping-pong thread is then woken once per answer, not also once
+ * wake it, nor does it take them when it starts to wait: they wait for the
+ * next event of another kind, which takes them along, or at most CH_LAZY_MS
+ * milliseconds, after which they are handed out as usual. (A ping-pong thread is then woken once per answer, not also once
  * for the completion of its own send.) Threads waiting with flags 0 and the
  * dispatcher are woken for every event as before. */
 #define CH_POLL_MESSAGES 1

@@ -146,6 +146,8 @@ static void ch__loop_lazy_cb(uv_timer_t *t)
 {
     ch_loop_t *loop = t->data;
     uv_mutex_lock(&loop->lock);
+    if (loop->events.len != loop->events.head)
+        loop->lazy_due = 1;
     ch__loop_signal_locked(loop);
     uv_mutex_unlock(&loop->lock);
 }
@@ -181,15 +183,16 @@ void ch__loop_flush(ch_loop_t *loop)
      * waiting all wait for messages (CH_POLL_MESSAGES), or none waits but one
      * polled a moment ago and is likely to come back (a ping-pong thread
      * between its answer and its next wait), rather than the dispatcher
-     * taking them and competing with it for the GIL. Park them; the timer
-     * hands them on after CH_LAZY_MS if nobody took them meanwhile. */
-    int park = !loop->urgent && !loop->app_waiting_any && loop->busy == CH__BUSY_NONE &&
-               !loop->closing &&
+     * taking them and competing with it for the GIL. Park them. Whenever only
+     * completions are pending the timer runs: after CH_LAZY_MS they are due
+     * and go to whoever polls. */
+    int lazy = !loop->urgent && !loop->closing;
+    int park = lazy && !loop->app_waiting_any && loop->busy == CH__BUSY_NONE &&
                (loop->app_waiting || uv_hrtime() - loop->app_seen < CH_LAZY_MS * 1000000ull);
     if (!park)
         ch__loop_signal_locked(loop);
     uv_mutex_unlock(&loop->lock);
-    if (park && !uv_is_active((uv_handle_t *)&loop->lazy_timer))
+    if (lazy && !uv_is_active((uv_handle_t *)&loop->lazy_timer))
         uv_timer_start(&loop->lazy_timer, ch__loop_lazy_cb, CH_LAZY_MS, 0);
 }
 
@@ -529,7 +532,7 @@ static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
     loop->events.head += n;
     if (loop->events.head == loop->events.len) {
         loop->events.head = loop->events.len = 0;
-        loop->urgent = 0;
+        loop->urgent = loop->lazy_due = 0;
         ch__vec_shrink(&loop->events);
     }
     loop->busy = who;
@@ -614,12 +617,14 @@ int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, 
     if (arena)
         arena->len = 0;
     int any = !(flags & CH_POLL_MESSAGES);
+    /* A message waiter leaves parked completions parked (they come along
+     * with the next message) unless they are due. */
     uint64_t deadline = ch__deadline(timeout);
     uv_mutex_lock(&loop->lock);
     int n = 0;
     for (;;) {
         int pending = loop->events.len != loop->events.head;
-        if (loop->busy == CH__BUSY_NONE && pending) {
+        if (loop->busy == CH__BUSY_NONE && pending && (any || loop->urgent || loop->lazy_due)) {
             n = ch__loop_take(loop, out, max, CH__BUSY_APP);
             break;
         }

@@ -616,7 +616,7 @@ class LoopCore:
             finally:
                 with lock:
                     self._app_polling -= 1
-                    if not self._app_polling:
+                    if not self._app_polling and self.ended:  # see _dispatcher_ends()
                         self._app_idle.notify_all()
             if n < 0:
                 return
