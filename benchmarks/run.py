@@ -516,7 +516,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small counts, 1 round: a smoke run")
-    ap.add_argument("--rounds", type=int, help="rounds per shape (default 5, --quick 1)")
+    ap.add_argument("--rounds", type=int, help="rounds per shape (default 9, --quick 1)")
     ap.add_argument("--shapes", default="1,2,3,4,5,6,7,mem", help="e.g. 1,4 (mem = memory line)")
     ap.add_argument("--duration", type=float, help="seconds per roundtrip measurement")
     ap.add_argument("--stream-count", type=int, help="messages of the shape-4 stream")
@@ -527,7 +527,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="also write the raw per-round figures to this file")
     args = ap.parse_args(argv)
     keys = selected(args.shapes)
-    rounds = args.rounds or (1 if args.quick else 5)
+    rounds = args.rounds or (1 if args.quick else 9)
     sz = Sizes(args)
     full = set(keys) == {"1", "2", "3", "4", "5", "6", "7", "mem"} and not args.quick
     write = args.write or (full and not args.no_write)
