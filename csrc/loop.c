@@ -467,19 +467,7 @@ int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n)
 /* Append a command for the loop thread; fails once the loop has ended. */
 int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd)
 {
-    uv_mutex_lock(&loop->lock);
-    if (loop->ended) {
-        uv_mutex_unlock(&loop->lock);
-        return CH_SHUTDOWN;
-    }
-    int rc = ch__vec_push(&loop->cmds, cmd, sizeof(*cmd));
-    int wake = rc == CH_SUCCESS && loop->sleeping;
-    if (wake)
-        loop->sleeping = 0; /* one wake-up is enough */
-    uv_mutex_unlock(&loop->lock);
-    if (wake)
-        uv_async_send(&loop->wake);
-    return rc;
+    return ch__loop_submit_many(loop, cmd, 1);
 }
 
 void ch_loop_wake(ch_loop_t *loop, uint64_t token)

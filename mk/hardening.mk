@@ -203,7 +203,8 @@ SAN_ENV_asan = PYTHONMALLOC=malloc CHIRP_TEST_TIMEOUT_SCALE=$(ASAN_SCALE) CHIRP_
 # loop thread (one long ch_loop_run call without the GIL) against the Python
 # threads, the hand-off that matters, is fully checked. Checked to find a race:
 # with the lock removed from ch__loop_submit, tests/test_node.py reports it.
-# mk/tsan.supp is for reports inside the interpreter only (none so far).
+# mk/tsan.supp is for reports inside libraries we do not build (libzmq of the
+# benchmark test so far).
 # Reports go to build/tsan/reports/tsan.<pid>.
 TSAN_TESTS ?= tests
 TSAN_SCALE ?= 5
