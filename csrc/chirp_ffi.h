@@ -231,7 +231,10 @@ int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token);
 /* ch_node_release for n messages with the same token, under one lock, all or
  * nothing (CH_SUCCESS, CH_ENOMEM, CH_SHUTDOWN). Successful RELEASE_DONE
  * events of one token that follow each other are coalesced: count tells how
- * many releases one event stands for. */
+ * many releases one event stands for. A batch that owes no ACK (messages sent
+ * asynchronously) only frees slots: it does not wake a sleeping loop thread
+ * that will poll again within CH_LAZY_MS anyway, and is carried out with the
+ * next command (a ping-pong's answer) or by then. */
 int ch_node_release_batch(ch_node_t *node, ch_message_t **msgs, int n, uint64_t token);
 
 /* Statistics: counters of one remote, and of the node as a whole. Counters of

@@ -65,6 +65,7 @@ struct ch_loop_s {
     int app_waiting_any; /* ... of them waiting for any event (not CH_POLL_MESSAGES) */
     int urgent;       /* a pending event is not a completion (see ch__event_is_lazy) */
     int lazy_due;     /* parked completions waited CH_LAZY_MS: hand them to anyone */
+    int timer_armed;  /* the lazy timer runs: the loop thread polls again within CH_LAZY_MS */
     uint64_t app_seen; /* uv_hrtime() when an application poller last left (ns) */
     int busy;         /* a batch is being handled: CH__BUSY_* */
     int disp_kicked;  /* ch_loop_kick() since the dispatcher last returned */

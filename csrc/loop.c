@@ -146,6 +146,7 @@ static void ch__loop_lazy_cb(uv_timer_t *t)
 {
     ch_loop_t *loop = t->data;
     uv_mutex_lock(&loop->lock);
+    loop->timer_armed = 0; /* lazy commands wake the loop again from now on */
     if (loop->events.len != loop->events.head)
         loop->lazy_due = 1;
     ch__loop_signal_locked(loop);
@@ -191,8 +192,11 @@ void ch__loop_flush(ch_loop_t *loop)
                (loop->app_waiting || uv_hrtime() - loop->app_seen < CH_LAZY_MS * 1000000ull);
     if (!park)
         ch__loop_signal_locked(loop);
+    int arm = lazy && !loop->timer_armed;
+    if (arm)
+        loop->timer_armed = 1;
     uv_mutex_unlock(&loop->lock);
-    if (lazy && !uv_is_active((uv_handle_t *)&loop->lazy_timer))
+    if (arm)
         uv_timer_start(&loop->lazy_timer, ch__loop_lazy_cb, CH_LAZY_MS, 0);
 }
 
@@ -442,8 +446,11 @@ void ch_loop_free(ch_loop_t *loop)
 }
 
 /* Append n commands for the loop thread, all or none, under one lock and with
- * at most one wake-up; fails once the loop has ended. */
-int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n)
+ * at most one wake-up; fails once the loop has ended. Lazy commands (nobody
+ * needs them at once) do not wake the loop thread while its lazy timer runs:
+ * it takes them with the next command or I/O, at the latest when the timer
+ * fires (CH_LAZY_MS), since every loop iteration runs the queued commands. */
+int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n, int lazy)
 {
     uv_mutex_lock(&loop->lock);
     if (loop->ended) {
@@ -455,7 +462,7 @@ int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n)
         memcpy((ch__cmd_t *)loop->cmds.items + loop->cmds.len, cmds, n * sizeof(*cmds));
         loop->cmds.len += n;
     }
-    int wake = rc == CH_SUCCESS && n > 0 && loop->sleeping;
+    int wake = rc == CH_SUCCESS && n > 0 && loop->sleeping && !(lazy && loop->timer_armed);
     if (wake)
         loop->sleeping = 0; /* one wake-up is enough */
     uv_mutex_unlock(&loop->lock);
@@ -467,7 +474,7 @@ int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n)
 /* Append a command for the loop thread; fails once the loop has ended. */
 int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd)
 {
-    return ch__loop_submit_many(loop, cmd, 1);
+    return ch__loop_submit_many(loop, cmd, 1, 0);
 }
 
 void ch_loop_wake(ch_loop_t *loop, uint64_t token)

@@ -22,7 +22,7 @@
 #endif
 
 int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd);
-int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n);
+int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n, int lazy);
 double ch__config_reuse(const ch_config_t *cfg);
 int ch__config_slots(const ch_config_t *cfg);
 
@@ -167,7 +167,7 @@ int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *pa
         cmds[made] = (ch__cmd_t){CH__CMD_SEND, node, m, d.token};
     }
     if (rc == CH_SUCCESS)
-        rc = ch__loop_submit_many(node->loop, cmds, (size_t)n);
+        rc = ch__loop_submit_many(node->loop, cmds, (size_t)n, 0);
     if (rc != CH_SUCCESS)
         for (int i = 0; i < made; i++)
             free(cmds[i].msg);
@@ -189,9 +189,15 @@ int ch_node_release_batch(ch_node_t *node, ch_message_t **msgs, int n, uint64_t 
     ch__cmd_t *cmds = n <= CH__BATCH_STACK ? stack : malloc((size_t)n * sizeof(*cmds));
     if (!cmds)
         return CH_ENOMEM;
-    for (int i = 0; i < n; i++)
+    /* Lazy unless an ACK is owed: then the peer waits for it. (The flags of a
+     * received message are not written after the reader posted it.) */
+    int lazy = 1;
+    for (int i = 0; i < n; i++) {
         cmds[i] = (ch__cmd_t){CH__CMD_RELEASE, node, msgs[i], token};
-    int rc = ch__loop_submit_many(node->loop, cmds, (size_t)n);
+        if (msgs[i]->flags & CH_MSGF_ACK_OWED)
+            lazy = 0;
+    }
+    int rc = ch__loop_submit_many(node->loop, cmds, (size_t)n, lazy);
     if (cmds != stack)
         free(cmds);
     return rc;

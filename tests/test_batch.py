@@ -384,3 +384,17 @@ def test_completions_reach_callbacks_while_a_thread_waits_for_messages(make_node
     finally:
         far.stop_all()
         other.stop()
+
+
+def test_releases_without_a_following_command_are_carried_out(make_node):
+    """AUTO_RELEASE releases that owe no ACK may wait for the loop thread's next
+    iteration (no wake-up of their own); with one slot, every further message
+    needs the previous release to have happened, and nothing else is sent."""
+    a = make_node(SYNCHRONOUS=False, MAX_SLOTS=1)
+    b = make_node(SYNCHRONOUS=False, MAX_SLOTS=1)
+    msgs = _messages(make_node, b, 200)
+    a.send_many(msgs)
+    got = [b.get(timeout=10.0).data for _ in msgs]
+    assert got == [m.data for m in msgs]
+    stats = b.statistics()
+    assert stats["held_messages"] == 0
