@@ -81,7 +81,8 @@ typedef struct ch_message_s ch_message_t;
 #define CH_EV_RECV 4           /* node, msg (owned by the receiver until released) and its
                                   fields: identity, serial, header, data, port,
                                   remote_identity, text = peer address */
-#define CH_EV_RELEASE_DONE 5   /* node, token (of the release), status, count, msg info in id/serial;
+#define CH_EV_RELEASE_DONE 5   /* node, token (of the release), status, count, id/serial
+                                  of the (first) message;
                                   not posted for releases submitted with token 0 */
 #define CH_EV_LOG 6            /* node, status = level (10 debug..40 error), text */
 #define CH_EV_WAKE 7           /* ch_loop_wake() was called: token */
@@ -162,9 +163,10 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_a
  * only complete something (a successful SEND_DONE or RELEASE_DONE) do not
  * wake it, nor does it take them when it starts to wait: they wait for the
  * next event of another kind, which takes them along, or at most CH_LAZY_MS
- * milliseconds, after which they are handed out as usual. (A ping-pong thread is then woken once per answer, not also once
- * for the completion of its own send.) Threads waiting with flags 0 and the
- * dispatcher are woken for every event as before. */
+ * milliseconds, after which they are handed out as usual. (A ping-pong thread
+ * is then woken once per answer, not also once for the completion of its own
+ * send.) Threads waiting with flags 0 and the dispatcher are woken for every
+ * event as before. */
 #define CH_POLL_MESSAGES 1
 #define CH_LAZY_MS 1
 uint64_t ch_loop_batch_seq(ch_loop_t *loop);

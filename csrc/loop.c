@@ -208,30 +208,32 @@ void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev)
         ch__loop_flush(loop);
 }
 
-int ch__loop_extend_send_done(ch_node_t *node, uint64_t token)
+/* Count one more completion in the last unpublished event if that is a
+ * successful one of this type for node whose next token is `next`; 1 if so. */
+static int ch__loop_extend_done(ch_node_t *node, int type, uint64_t next)
 {
     ch__vec_t *v = &node->loop->local_events;
     if (v->len == 0)
         return 0;
     ch_event_t *last = (ch_event_t *)v->items + v->len - 1;
-    if (last->type != CH_EV_SEND_DONE || last->node != node || last->status != CH_SUCCESS ||
-        last->token + last->count != token || last->count == UINT32_MAX)
+    if (last->type != type || last->node != node || last->status != CH_SUCCESS ||
+        last->count == UINT32_MAX)
+        return 0;
+    uint64_t expected = type == CH_EV_SEND_DONE ? last->token + last->count : last->token;
+    if (next != expected)
         return 0;
     last->count++;
     return 1;
 }
 
+int ch__loop_extend_send_done(ch_node_t *node, uint64_t token)
+{
+    return ch__loop_extend_done(node, CH_EV_SEND_DONE, token);
+}
+
 int ch__loop_extend_release_done(ch_node_t *node, uint64_t token)
 {
-    ch__vec_t *v = &node->loop->local_events;
-    if (v->len == 0)
-        return 0;
-    ch_event_t *last = (ch_event_t *)v->items + v->len - 1;
-    if (last->type != CH_EV_RELEASE_DONE || last->node != node ||
-        last->status != CH_SUCCESS || last->token != token || last->count == UINT32_MAX)
-        return 0;
-    last->count++;
-    return 1;
+    return ch__loop_extend_done(node, CH_EV_RELEASE_DONE, token);
 }
 
 void ch__event_init(ch_event_t *ev, int type, ch_node_t *node, uint64_t token, int status)
@@ -539,8 +541,7 @@ static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
 static void ch__loop_fill_arena(ch_event_t *out, int n, ch_arena_t *arena)
 {
     if (!arena)
-        return;
-    arena->len = 0;
+        return; /* arena->len was set to 0 when the poll began */
     for (int i = 0; i < n; i++) {
         ch_event_t *ev = &out[i];
         size_t hl = ev->header_len, dl = ev->data_len, len = hl + dl;

@@ -1140,13 +1140,12 @@ class NodeCore:
         if failed:
             logger.error("libchirp: %d slot release(s) could not be submitted", failed)
 
-    def _submit_release(self, msg: MessageBase, fut: Optional[Future]) -> int:
-        """Hand one release to the core (caller holds the lock).
+    def _submit_release(self, msg: MessageBase, fut: Future) -> int:
+        """Hand one release, completed by ``fut``, to the core (caller holds the lock).
 
         Returns 0 (submitted), -1 (nothing to release: no slot, or the node is
-        stopping and frees it itself) or a core error code. Without ``fut`` the
-        release is only counted (token _QUIET_RELEASE, no future), so that
-        stop() can wait until its ACK went out.
+        stopping and frees it itself) or a core error code. Releases without a
+        future go through release_many().
         """
         cmsg = msg._c
         if cmsg is None:
@@ -1158,18 +1157,11 @@ class NodeCore:
         if self.stop_sent:  # cannot happen for held messages; be safe
             self.orphans.append(cmsg)
             return -1
-        if fut is None:
-            token = _QUIET_RELEASE
-            self.quiet_submitted += 1
-        else:
-            token = next(self.loop._tokens)
-            self.releases[token] = (fut, msg._identity, msg._serial)
+        token = next(self.loop._tokens)
+        self.releases[token] = (fut, msg._identity, msg._serial)
         rc = lib.ch_node_release(self.c, _cast(_MSG_P, cmsg), token)
         if rc != 0:
-            if fut is None:
-                self.quiet_submitted -= 1
-            else:
-                del self.releases[token]
+            del self.releases[token]
             self.orphans.append(cmsg)
         return rc
 

@@ -48,9 +48,7 @@ class Chirp(ChirpBase, _queue.Queue):
     def _enqueue_many(self, msgs: List[MessageBase]) -> None:
         """Thread handling events: the messages of one batch (one lock, one wake-up)."""
         if self._disable_queue:
-            node = self._node
-            if node is not None:
-                node.release_many(msgs)
+            self._release_taken(msgs)
             return
         n = len(msgs)
         with self.mutex:
@@ -123,7 +121,8 @@ class Chirp(ChirpBase, _queue.Queue):
         return node.loop.lead_until(self._qsize, timeout, messages=True)
 
     def _release_taken(self, msgs: List[MessageBase]) -> None:
-        """AUTO_RELEASE of messages handed out: no futures (nobody sees them)."""
+        """Release without futures (nobody sees them): AUTO_RELEASE of messages
+        handed out, or messages not queued because of ``disable_queue``."""
         node = self._node
         if node is not None:
             node.release_many(msgs)
