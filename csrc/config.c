@@ -64,8 +64,10 @@ int ch_config_check(const ch_config_t *cfg, char *err, size_t errlen)
             return ch__cfg_fail(err, errlen, "Config: DH params %s does not exist. (DH_PARAMS_PEM)",
                                 cfg->dh_params_pem);
     }
-    if (cfg->port <= 1024)
-        return ch__cfg_fail(err, errlen, "Config: port must be > 1024. (PORT = %u)", cfg->port);
+    if (cfg->port != 0 && cfg->port <= 1024)
+        return ch__cfg_fail(err, errlen,
+                            "Config: port must be > 1024, or 0 for a free port. (PORT = %u)",
+                            cfg->port);
     if (cfg->backlog >= 128)
         return ch__cfg_fail(err, errlen, "Config: backlog must be < 128. (BACKLOG = %u)",
                             cfg->backlog);

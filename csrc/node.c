@@ -10,10 +10,14 @@
  * is closed; then the NODE_STOPPED event is posted and the application may
  * free the node. A failed start goes back to NEW after its handles closed.
  */
+#include <errno.h>
+#include <netinet/in.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "core.h"
 
@@ -469,13 +473,17 @@ static void ch__node_accept_cb(uv_stream_t *server, int status)
     ch__conn_accept(node, server);
 }
 
+/* Listen on sa, or on fd when it is >= 0 (a socket bound by ch__node_bind_free,
+ * which libuv adopts and from then on closes). */
 static int ch__node_listen(ch_node_t *node, uv_tcp_t *tcp, const struct sockaddr *sa,
-                           unsigned flags, char *err, size_t errlen, const char *what)
+                           unsigned flags, int fd, char *err, size_t errlen, const char *what)
 {
     uv_tcp_init(&node->loop->uv, tcp);
     tcp->data = node;
     node->handles++;
-    int rc = uv_tcp_bind(tcp, sa, flags);
+    int rc = fd >= 0 ? uv_tcp_open(tcp, fd) : uv_tcp_bind(tcp, sa, flags);
+    if (rc != 0 && fd >= 0)
+        close(fd);
     if (rc == 0)
         rc = uv_tcp_nodelay(tcp, 1);
     if (rc == 0)
@@ -486,6 +494,57 @@ static int ch__node_listen(ch_node_t *node, uv_tcp_t *tcp, const struct sockaddr
         return CH_EADDRINUSE;
     }
     return CH_SUCCESS;
+}
+
+static int ch__node_bound_socket(const struct sockaddr *sa, socklen_t len, int v6only)
+{
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (v6only)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (bind(fd, sa, len) != 0) {
+        int e = -errno;
+        close(fd);
+        return e;
+    }
+    return fd;
+}
+
+/* PORT = 0: let the system pick a free IPv4 port and bind IPv6 on the same
+ * number; if that number is taken on IPv6, try another. On success the node's
+ * port is the one picked (the handshake announces it, ch_node_port reports it). */
+static int ch__node_bind_free(ch_node_t *node, struct sockaddr_in *a4, struct sockaddr_in6 *a6,
+                              int *fd4, int *fd6, char *err, size_t errlen)
+{
+    int rc = 0;
+    for (int attempt = 0; attempt < 64; attempt++) {
+        a4->sin_port = 0;
+        *fd4 = ch__node_bound_socket((struct sockaddr *)a4, sizeof(*a4), 0);
+        if (*fd4 < 0) {
+            rc = *fd4;
+            break;
+        }
+        struct sockaddr_in got;
+        socklen_t glen = sizeof(got);
+        getsockname(*fd4, (struct sockaddr *)&got, &glen);
+        a6->sin6_port = got.sin_port;
+        *fd6 = ch__node_bound_socket((struct sockaddr *)a6, sizeof(*a6), 1);
+        if (*fd6 >= 0) {
+            node->cfg.port = ntohs(got.sin_port);
+            a4->sin_port = got.sin_port;
+            return CH_SUCCESS;
+        }
+        rc = *fd6;
+        close(*fd4);
+        if (rc != -EADDRINUSE)
+            break;
+    }
+    *fd4 = *fd6 = -1;
+    snprintf(err, errlen, "cannot find a free port (PORT = 0): %s", strerror(-rc));
+    return CH_EADDRINUSE;
 }
 
 /* A failed start answers only once its listeners are closed, so that the
@@ -556,10 +615,23 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     a6.sin6_port = htons(node->cfg.port);
     memcpy(&a6.sin6_addr, node->cfg.bind_v6, 16);
 
-    rc = ch__node_listen(node, &node->listen4, (struct sockaddr *)&a4, 0, err, sizeof(err), "IPv4");
+    int fd4 = -1, fd6 = -1;
+    rc = node->cfg.port == 0 ? ch__node_bind_free(node, &a4, &a6, &fd4, &fd6, err, sizeof(err))
+                             : CH_SUCCESS;
+    if (rc != CH_SUCCESS) {
+        free(node->buckets);
+        node->buckets = NULL;
+        node->nbuckets = 0;
+        ch__post_node_event(node, CH_EV_NODE_STARTED, token, rc, err);
+        return;
+    }
+    rc = ch__node_listen(node, &node->listen4, (struct sockaddr *)&a4, 0, fd4, err, sizeof(err),
+                         "IPv4");
     if (rc == CH_SUCCESS)
-        rc = ch__node_listen(node, &node->listen6, (struct sockaddr *)&a6, UV_TCP_IPV6ONLY, err,
-                             sizeof(err), "IPv6");
+        rc = ch__node_listen(node, &node->listen6, (struct sockaddr *)&a6, UV_TCP_IPV6ONLY, fd6,
+                             err, sizeof(err), "IPv6");
+    else if (fd6 >= 0)
+        close(fd6);
     if (rc != CH_SUCCESS) {
         /* Close what was opened, then answer (ch__node_fail_start_cb). */
         node->start_rc = rc;

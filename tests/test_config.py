@@ -172,7 +172,7 @@ def test_config_check_reference_prefixes():
 
     check()
     cases = [
-        ({"PORT": 1024}, "Config: port must be > 1024."),
+        ({"PORT": 1024}, "Config: port must be > 1024, or 0 for a free port."),
         ({"BACKLOG": 128}, "Config: backlog must be < 128."),
         ({"TIMEOUT": 1200.5}, "Config: timeout must be <= 1200."),
         ({"TIMEOUT": 0.05}, "Config: timeout must be >= 0.1."),
