@@ -48,20 +48,22 @@ int ch__config_slots(const ch_config_t *cfg)
     return cfg->max_slots;
 }
 
-/* The effective connection limit: MAX_CONNECTIONS, or with 0 the soft limit
- * of file descriptors less a reserve for listeners, the loop, outgoing
- * connections and the application (a quarter of the limit, at most 64). */
+/* The effective connection limit: the soft limit of file descriptors (at
+ * node start) less a reserve for listeners, the loop, outgoing connections
+ * and the application (a quarter of the limit, at most 64), or
+ * MAX_CONNECTIONS if that is lower. */
 uint32_t ch__config_max_conns(const ch_config_t *cfg)
 {
-    if (cfg->max_connections)
-        return cfg->max_connections;
+    uint32_t fds = CH__MAX_CONNECTIONS;
     struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY ||
-        rl.rlim_cur > CH__MAX_CONNECTIONS)
-        return CH__MAX_CONNECTIONS;
-    rlim_t reserve = rl.rlim_cur / 4 < 64 ? rl.rlim_cur / 4 : 64;
-    rlim_t n = rl.rlim_cur - reserve;
-    return n > 0 ? (uint32_t)n : 1;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur < CH__MAX_CONNECTIONS) {
+        rlim_t reserve = rl.rlim_cur / 4 < 64 ? rl.rlim_cur / 4 : 64;
+        fds = rl.rlim_cur > reserve ? (uint32_t)(rl.rlim_cur - reserve) : 1;
+    }
+    if (cfg->max_connections && cfg->max_connections < fds)
+        return cfg->max_connections;
+    return fds;
 }
 
 int ch_config_check(const ch_config_t *cfg, char *err, size_t errlen)

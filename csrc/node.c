@@ -488,14 +488,17 @@ static int ch__node_same_addr(const ch_conn_t *a, const ch_conn_t *b)
     return a->family == b->family && memcmp(a->addr, b->addr, a->family == 4 ? 4 : 16) == 0;
 }
 
-/* Closing c now loses nothing, and c carried no data frame for a while. */
+/* Closing c now loses nothing the node promised, and c carried no data for a
+ * while. A frame that stalled halfway for that long may go (its sender had
+ * no ACK for it); messages the application holds or frames being written
+ * may not. */
 static int ch__node_evictable(ch_conn_t *c, uint64_t now)
 {
     if (c->flags & CH__CONNF_CLOSING || c->state == CH__CONN_CONNECTING)
         return 0;
     if (now - c->data_activity < CH__EVICT_IDLE_MS)
         return 0;
-    if (c->held.len || c->slots_used || c->writing.head)
+    if (c->held.len || c->writing.head)
         return 0;
     ch_remote_t *r = c->remote;
     if (r && r->conn == c && (r->data_q.len || r->ctrl_q.len || r->acks_queued))
