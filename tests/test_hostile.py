@@ -414,8 +414,20 @@ def test_stalled_large_announcements_under_address_space_limit(node_process):
         peers.append(p)
     try:
         deadline = time.monotonic() + 10 * TIMEOUT_SCALE
-        while node.stats()["connections"] < 100:
-            assert time.monotonic() < deadline
+        while True:
+            st = node.stats()
+            if st["connections"] >= 100:
+                break
+            assert time.monotonic() < deadline, (
+                "%d of 100 stalled connections open, %d closed for a protocol error "
+                "(allocation failure), VmPeak %d MiB of %d MiB"
+                % (
+                    st["connections"],
+                    st["totals"]["protocol_errors"],
+                    st["memory"]["VmPeak"] // 1024,
+                    node.as_limit // MiB,
+                )
+            )
             time.sleep(0.1)
         time.sleep(0.5)
         took = good_roundtrip(node.port, bytes([0x55]) * 16)
