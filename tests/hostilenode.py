@@ -44,14 +44,18 @@ def say(*parts):
     sys.stdout.flush()
 
 
+#: Opened once, so that reading it needs no descriptor when they are all used up.
+_STATUS = open("/proc/self/status")  # noqa: SIM115
+
+
 def memory():
     """VmRSS, VmHWM, VmSize, VmPeak of this process in KiB."""
     out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "VmSize", "VmPeak"):
-                out[key] = int(value.split()[0])
+    _STATUS.seek(0)
+    for line in _STATUS.read().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "VmSize", "VmPeak"):
+            out[key] = int(value.split()[0])
     return out
 
 
