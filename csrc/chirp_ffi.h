@@ -12,7 +12,7 @@
  * batches. Nothing in the core ever calls back into Python.
  */
 
-#define CH_VERSION_STAMP 10006
+#define CH_VERSION_STAMP 10007
 
 /* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
 enum ch_error {
@@ -60,6 +60,8 @@ typedef struct ch_config_s {
     const char *dh_params_pem;  /* NULL when unset; copied */
     uint8_t disable_encryption;
     uint32_t max_send_queue;    /* 0 = unbounded (hardening issue) */
+    uint32_t max_connections;   /* 0 = from the fd limit (docs/config.md) */
+    uint32_t max_connections_per_address; /* 0 = only max_connections applies */
 } ch_config_t;
 
 /* Validate a config the way node start does (PROTOCOL.md 7.2, fixed wording).
@@ -253,6 +255,9 @@ typedef struct ch_counters_s {
     uint64_t protocol_errors;
     uint64_t tls_errors;
     uint64_t connects;    /* connections opened (outgoing) or accepted */
+    uint64_t conns_refused; /* accepted connections closed at once: a connection
+                               limit was reached or no file descriptor was left */
+    uint64_t conns_evicted; /* idle connections closed to make room for a new one */
 } ch_counters_t;
 
 typedef struct ch_remote_stats_s {

@@ -19,6 +19,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "core.h"
 
 #ifdef __GLIBC__
@@ -55,6 +58,7 @@ int ch_node_new(ch_loop_t *loop, const ch_config_t *cfg, uint64_t node_token, ch
     node->cfg.dh_params_pem = ch__strdup(cfg->dh_params_pem);
     node->token = node_token;
     node->state = CH__NODE_NEW;
+    node->reserve_fd = -1;
     *out = node;
     return CH_SUCCESS;
 }
@@ -68,6 +72,8 @@ void ch_node_free(ch_node_t *node)
     free(node->buckets);
     if (node->tls_ctx)
         SSL_CTX_free(node->tls_ctx);
+    if (node->reserve_fd >= 0)
+        close(node->reserve_fd);
     free(node);
 }
 
@@ -459,11 +465,154 @@ static void ch__node_gc_cb(uv_timer_t *t)
     ch__node_gc_next(node, ch__node_gc_sweep(node));
 }
 
+/* ---- connection limits ------------------------------------------------ */
+
+/*
+ * MAX_CONNECTIONS counts all open connections of the node, incoming and
+ * outgoing, including those still in their handshake; the per-address limit
+ * counts those with the new connection's IP address. At a limit the node
+ * closes the connection idle the longest (ch__node_evictable: nothing held,
+ * written or awaited on it and no data frame for CH__EVICT_IDLE_MS; NOOPs do
+ * not count, so a peer cannot hold a place with keep-alives alone) and keeps
+ * the new one; with none idle the new connection is refused: accepted and
+ * closed at once, before any byte is read or written. See
+ * docs/reliability.md.
+ *
+ * File descriptors: libuv answers EMFILE on accept() with a spare descriptor
+ * of its own (closes it, accepts and closes what waits, reopens it). Should
+ * that fail, libuv calls back with EMFILE and tries again at once; the node
+ * then gives up its own spare descriptor (reserve_fd) so that the next
+ * accept() succeeds, refuses that connection and reopens the spare; without
+ * a spare it closes the connection idle the longest. Each callback thus
+ * frees a descriptor and the loop does not spin.
+ */
+
+static int ch__node_same_addr(const ch_conn_t *a, const ch_conn_t *b)
+{
+    return a->family == b->family && memcmp(a->addr, b->addr, a->family == 4 ? 4 : 16) == 0;
+}
+
+/* Closing c now loses nothing the node promised, and c carried no data for a
+ * while. A frame that stalled halfway for that long may go (its sender had
+ * no ACK for it); messages the application holds or frames being written
+ * may not. */
+static int ch__node_evictable(ch_conn_t *c, uint64_t now)
+{
+    if (c->flags & CH__CONNF_CLOSING || c->state == CH__CONN_CONNECTING)
+        return 0;
+    if (now - c->data_activity < CH__EVICT_IDLE_MS)
+        return 0;
+    if (c->held.len || c->writing.head)
+        return 0;
+    ch_remote_t *r = c->remote;
+    if (r && r->conn == c && (r->data_q.len || r->ctrl_q.len || r->acks_queued))
+        return 0;
+    if (r && ch__remote_ack_deadline(r, c))
+        return 0;
+    return 1;
+}
+
+/* Close the idle connection (other than c; with same_addr: of c's address)
+ * whose last data frame is the oldest. Returns 1 if one was closed. */
+static int ch__node_evict(ch_node_t *node, ch_conn_t *c, int same_addr, const char *limit)
+{
+    uint64_t now = ch__node_now(node);
+    ch_conn_t *best = NULL;
+    for (ch_conn_t *o = node->conns; o; o = o->next) {
+        if (o == c || (same_addr && !ch__node_same_addr(o, c)) || !ch__node_evictable(o, now))
+            continue;
+        if (!best || o->data_activity < best->data_activity)
+            best = o;
+    }
+    if (!best)
+        return 0;
+    CH__COUNT(node, best->remote, conns_evicted, 1);
+    ch__conn_close(best, CH_SHUTDOWN,
+                   "connection to %s idle for %.1f s, closed to make room for a new one (%s)",
+                   best->name, (double)(now - best->data_activity) / 1000.0, limit);
+    return 1;
+}
+
+static void ch__node_refuse(ch_node_t *node, ch_conn_t *c, const char *why)
+{
+    node->totals.conns_refused++;
+    uint64_t now = ch__node_now(node);
+    if (!node->refuse_logged || now - node->refuse_logged >= 1000) {
+        node->refuse_logged = now;
+        ch__log(node, CH_LOG_WARNING,
+                "refused a connection from %s: %s (%llu refused so far; statistics: "
+                "connections_refused)",
+                c->name, why, (unsigned long long)node->totals.conns_refused);
+    }
+    ch__conn_close(c, CH_SHUTDOWN, "connection from %s refused", c->name);
+}
+
+static void ch__node_reserve(ch_node_t *node)
+{
+    if (node->reserve_fd < 0)
+        node->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+int ch__node_admit(ch_node_t *node, ch_conn_t *c)
+{
+    char why[128];
+    if (node->refuse_next) {
+        node->refuse_next = 0;
+        ch__node_refuse(node, c, "no file descriptor left (EMFILE)");
+        ch__node_reserve(node); /* the close above gave a descriptor back */
+        return -1;
+    }
+    uint32_t per = node->cfg.max_connections_per_address;
+    if (per) {
+        uint32_t n = 0;
+        for (ch_conn_t *o = node->conns; o; o = o->next)
+            if (o != c && !(o->flags & CH__CONNF_CLOSING) && ch__node_same_addr(o, c))
+                n++;
+        if (n >= per && !ch__node_evict(node, c, 1, "MAX_CONNECTIONS_PER_ADDRESS")) {
+            snprintf(why, sizeof(why),
+                     "MAX_CONNECTIONS_PER_ADDRESS = %u reached and none of them idle", per);
+            ch__node_refuse(node, c, why);
+            return -1;
+        }
+    }
+    if (node->nconns - 1 >= node->max_conns &&
+        !ch__node_evict(node, c, 0, "MAX_CONNECTIONS")) {
+        snprintf(why, sizeof(why), "MAX_CONNECTIONS = %u reached and none of them idle",
+                 node->max_conns);
+        ch__node_refuse(node, c, why);
+        return -1;
+    }
+    return 0;
+}
+
+/* accept() failed with EMFILE/ENFILE after libuv's own remedy. */
+static void ch__node_no_fd(ch_node_t *node, int status)
+{
+    if (node->reserve_fd >= 0) {
+        close(node->reserve_fd);
+        node->reserve_fd = -1;
+        node->refuse_next = 1;
+        return;
+    }
+    if (ch__node_evict(node, NULL, 0, "no file descriptor left"))
+        return;
+    uint64_t now = ch__node_now(node);
+    if (!node->refuse_logged || now - node->refuse_logged >= 1000) {
+        node->refuse_logged = now;
+        ch__log(node, CH_LOG_ERROR, "accept failed: %s, and no connection is idle",
+                uv_strerror(status));
+    }
+}
+
 /* ---- commands (loop thread) ------------------------------------------- */
 
 static void ch__node_accept_cb(uv_stream_t *server, int status)
 {
     ch_node_t *node = server->data;
+    if ((status == UV_EMFILE || status == UV_ENFILE) && node->state == CH__NODE_RUNNING) {
+        ch__node_no_fd(node, status);
+        return;
+    }
     if (status < 0) {
         ch__log(node, CH_LOG_WARNING, "accept failed: %s", uv_strerror(status));
         return;
@@ -584,6 +733,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     }
     node->reuse = ch__config_reuse(&node->cfg);
     node->max_slots = ch__config_slots(&node->cfg);
+    node->max_conns = ch__config_max_conns(&node->cfg);
     node->buffer_size = node->cfg.buffer_size ? node->cfg.buffer_size : 65536;
     node->nbuckets = 64;
     node->buckets = calloc(node->nbuckets, sizeof(*node->buckets));
@@ -650,6 +800,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     node->gc_timer.data = node;
     node->handles++;
     node->state = CH__NODE_RUNNING;
+    ch__node_reserve(node);
     node->next = node->loop->nodes;
     node->loop->nodes = node;
     ch__node_gc_arm(node);
@@ -665,6 +816,10 @@ void ch__node_do_stop(ch_node_t *node, uint64_t token)
     }
     node->state = CH__NODE_STOPPING;
     node->stop_token = token;
+    if (node->reserve_fd >= 0) {
+        close(node->reserve_fd);
+        node->reserve_fd = -1;
+    }
     uv_close((uv_handle_t *)&node->listen4, ch__node_close_cb);
     uv_close((uv_handle_t *)&node->listen6, ch__node_close_cb);
     uv_close((uv_handle_t *)&node->gc_timer, ch__node_close_cb);
@@ -728,6 +883,14 @@ void ch__node_do_release(ch_node_t *node, ch_message_t *m, uint64_t token)
         if (!ack) {
             ch__release_done(node, m, CH_ENOMEM);
         } else {
+            /* Until its ACK is written only the record is needed (token,
+             * identity, serial): give the body back. */
+            if ((m->flags & CH_MSGF_INLINE) && (m->header_len || m->data_len)) {
+                ch_message_t *small = realloc(m, sizeof(*m));
+                if (small)
+                    m = small;
+                m->header = m->data = NULL;
+            }
             memcpy(ack->identity, m->identity, CH_ID_SIZE);
             ack->type = CH_MSG_ACK;
             ack->flags = CH_MSGF_CONTROL;

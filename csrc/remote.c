@@ -100,6 +100,7 @@ void ch__msg_fail(ch_node_t *node, ch_message_t *m, int status, const char *text
         if (m->type & CH_MSG_ACK) {
             /* The release is done; the ACK is lost and the sender will time out. */
             ch__release_done(node, m->ack_of, status);
+            ch__remote_ack_done(m->remote);
         }
         free(m);
         return;
@@ -145,8 +146,15 @@ void ch__remote_enqueue_ack(ch_remote_t *r, ch_message_t *ack)
 {
     ch__remote_queue_noop_if_idle(r);
     ack->remote = r;
+    r->acks_queued++;
     ch_msgq_push(&r->ctrl_q, ack);
     ch__remote_kick(r);
+}
+
+void ch__remote_ack_done(ch_remote_t *r)
+{
+    if (r)
+        r->acks_queued--;
 }
 
 void ch__remote_flush(ch_remote_t *r)
@@ -314,6 +322,7 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
     r->noop_queued = 0;
     if (node->state != CH__NODE_RUNNING || r->deleted)
         return;
+    ch__conn_ack_drained(r); /* other connections may wait for those ACKs */
     r->blocked = 1;
     uv_timer_start(&r->timer, ch__remote_unblock_cb, 50 + ch__loop_rand(node->loop) % 500, 0);
 }

@@ -77,7 +77,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10006
+_EXPECTED_STAMP = 10007
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -275,6 +275,8 @@ def fill_config(config: Config) -> Tuple[Any, List[Any]]:
         c.dh_params_pem = s
     c.disable_encryption = 1 if config.DISABLE_ENCRYPTION else 0
     c.max_send_queue = config.MAX_SEND_QUEUE
+    c.max_connections = config.MAX_CONNECTIONS
+    c.max_connections_per_address = config.MAX_CONNECTIONS_PER_ADDRESS
     return c, keep
 
 
@@ -1391,4 +1393,6 @@ def _counters(c: Any) -> CounterStats:
         protocol_errors=c.protocol_errors,
         tls_errors=c.tls_errors,
         connects=c.connects,
+        connections_refused=c.conns_refused,
+        connections_evicted=c.conns_evicted,
     )

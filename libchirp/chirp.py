@@ -26,11 +26,16 @@ is never delivered as an ordinary message.
 
 ``statistics()`` returns a snapshot of the node (``libchirp.stats.NodeStats``):
 totals, open connections, late replies and one entry per remote.
+
+After ``os.fork()`` the node belongs to the parent: in the child, ``send()``,
+``request()``, ``statistics()``, ``stop()`` (and ``get()`` of the queue
+interface) raise ``libchirp.loop.ChirpForkError`` (a ``RuntimeError``) at once.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 import weakref
 from concurrent.futures import Future
@@ -166,6 +171,10 @@ class ChirpBase:
         assert self._node is not None
         return self._node.port
 
+    def _check_process(self) -> None:
+        """Raise ``ChirpForkError`` in a process forked after the node's Loop was made."""
+        self._loop._check_process()
+
     @property
     def late_replies(self) -> int:
         """Replies that arrived after their request timed out; they were dropped (released)."""
@@ -183,6 +192,7 @@ class ChirpBase:
         node is stopped. Cannot be called on the loop's dispatcher thread (from a
         ``call_soon()`` callback); the asyncio interface has an awaitable variant.
         """
+        self._check_process()
         node = self._node
         assert node is not None
         if node.loop.in_dispatcher():
@@ -209,6 +219,7 @@ class ChirpBase:
         """
         if not isinstance(msg, MessageBase):
             raise TypeError("send() needs a libchirp message, not %s" % type(msg).__name__)
+        self._check_process()
         assert self._node is not None
         return self._node.send(msg)
 
@@ -222,6 +233,7 @@ class ChirpBase:
         given twice.
         """
         batch = list(msgs)
+        self._check_process()
         assert self._node is not None
         return self._node.send_many(batch)
 
@@ -235,6 +247,7 @@ class ChirpBase:
         """
         if not isinstance(msg, MessageBase):
             raise TypeError("request() needs a libchirp message, not %s" % type(msg).__name__)
+        self._check_process()
         assert self._node is not None
         req = ChirpFuture(auto_release)
         self._node.request(msg, req)
@@ -255,6 +268,7 @@ class ChirpBase:
         node = self._node
         if node is None:
             return
+        self._check_process()
         try:
             node.stop()
         finally:
@@ -275,6 +289,9 @@ class ChirpBase:
         node = getattr(self, "_node", None)
         if node is None or node.done or node.stop_sent:
             return
+        loop = getattr(self, "_loop", None)
+        if loop is not None and getattr(loop, "_pid", None) != os.getpid():
+            return  # an inherited copy in a forked child: nothing of it runs here
         warnings.warn(
             "libchirp node was not stopped; call stop() or use it as a context manager",
             ResourceWarning,

@@ -123,6 +123,8 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[str, Any], Any]]] = {
     "DISABLE_ENCRYPTION": (False, _to_bool),
     "MAX_SEND_QUEUE": (0, _int_converter(_U32)),
     "AUTO_RELEASE": (True, _to_bool),
+    "MAX_CONNECTIONS": (0, _int_converter(_U32)),
+    "MAX_CONNECTIONS_PER_ADDRESS": (0, _int_converter(_U32)),
 }
 
 
@@ -134,7 +136,8 @@ class Config:
     BUFFER_SIZE (0), MAX_MSG_SIZE (100 MiB), BIND_V6 ("::"), BIND_V4
     ("0.0.0.0"), IDENTITY (16 zero bytes = random), CERT_CHAIN_PEM (None),
     DH_PARAMS_PEM (None), DISABLE_ENCRYPTION (False), MAX_SEND_QUEUE (0 =
-    unbounded), AUTO_RELEASE (True).
+    unbounded), AUTO_RELEASE (True), MAX_CONNECTIONS (0 = the file descriptor
+    limit less a reserve), MAX_CONNECTIONS_PER_ADDRESS (0 = no limit of its own).
 
     MAX_SEND_QUEUE = N bounds the messages waiting to be written to one peer.
     Policy when full: the next ``send()``/``request()`` to that peer fails at
@@ -142,6 +145,12 @@ class Config:
     code ENOMEM) naming the peer and the limit; it never blocks and never drops
     a queued message, which are all still sent. New sends are accepted again as
     soon as the queue has room (docs/config.md, "Bounded send queue").
+
+    MAX_CONNECTIONS and MAX_CONNECTIONS_PER_ADDRESS bound the open connections
+    (all of them, and the incoming ones from one IP address). When a new
+    connection would exceed a limit the node first closes the connection idle
+    the longest (no data frame for a second; NOOPs do not count), and refuses
+    the new one if none is idle (docs/config.md, "Connection limits").
     """
 
     __slots__ = tuple(_FIELDS) + ("_sealed",)
@@ -163,6 +172,8 @@ class Config:
     DISABLE_ENCRYPTION: bool
     MAX_SEND_QUEUE: int
     AUTO_RELEASE: bool
+    MAX_CONNECTIONS: int
+    MAX_CONNECTIONS_PER_ADDRESS: int
     _sealed: bool
 
     def __init__(self) -> None:
