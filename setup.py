@@ -14,6 +14,7 @@ setup(
     extras_require={
         "tls": ["cryptography>=42"],  # certificate tooling: chirp pki / python -m libchirp.pki
         "test": ["pytest>=7", "pytest-timeout", "hypothesis", "cryptography>=42"],
+        "kiwi": ["kiwipy>=0.8"],  # libchirp.kiwi: a kiwiPy Communicator without a broker
     },
     cffi_modules=["build_ffi.py:ffibuilder"],
     entry_points={"console_scripts": ["chirp = libchirp.cli:main"]},
