@@ -275,6 +275,7 @@ class _Consumer:
         self.pull_waiting = 0
         self.inbox: "_queue.Queue[ChirpIncomingTask]" = _queue.Queue()
         self.received: Dict[str, int] = {}  # tasks received per sender id
+        self.origins: Dict[str, Tuple[str, int]] = {}  # where those senders are
         self.starved: Set[Tuple[str, str, int]] = set()  # senders we turned away
 
     def capacity(self) -> int:
@@ -1097,6 +1098,7 @@ class ChirpCommunicator(kiwipy.Communicator):
         with self._lock:
             consumer = self._consumer(queue)
             consumer.received[sender] = consumer.received.get(sender, 0) + 1
+            consumer.origins[sender] = (address or "", port)
             if consumer.subscribers and consumer.running < consumer.prefetch:
                 consumer.running += 1
             elif consumer.pull_waiting > 0:
@@ -1140,11 +1142,18 @@ class ChirpCommunicator(kiwipy.Communicator):
             self._reply(meta, address, port, b"t", self._outcome_meta(meta, kind), out)
             self._relieve(meta["q"], consumer, meta["f"])
 
-    def _relieve(self, queue: str, consumer: _Consumer, skip: Optional[str] = None) -> None:
-        """A slot is free: give credit to the senders we turned away (lock held)."""
-        if not consumer.starved or consumer.free() <= 0:
+    def _relieve(
+        self, queue: str, consumer: _Consumer, skip: Optional[str] = None, everyone: bool = False
+    ) -> None:
+        """A slot is free: give credit to the senders we turned away (lock held).
+
+        With ``everyone`` (a pull waiter came) to every sender we ever had.
+        """
+        if consumer.free() <= 0 or not (consumer.starved or everyone):
             return
         starved, consumer.starved = consumer.starved, set()
+        if everyone:
+            starved |= {(mid, a, p) for mid, (a, p) in consumer.origins.items()}
         for sender, address, port in starved:
             if sender == skip:
                 continue
@@ -1197,7 +1206,7 @@ class ChirpCommunicator(kiwipy.Communicator):
                 pass
             consumer.pull_waiting += 1
             self._changed()
-            self._relieve(queue, consumer)
+            self._relieve(queue, consumer, everyone=True)
         try:
             return consumer.inbox.get(timeout=timeout)
         except _queue.Empty:
@@ -1466,13 +1475,13 @@ class AsyncChirpCommunicator:
         self._comm.remove_task_subscriber(identifier)
 
     async def add_broadcast_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
-        adapted = self._adapt(subscriber)
         if isinstance(subscriber, kiwipy.BroadcastFilter):
-            # keep the filters visible to the mesh; call through the loop
-            flt = kiwipy.BroadcastFilter(adapted)
-            flt._subject_filters = subscriber._subject_filters
-            flt._sender_filters = subscriber._sender_filters
-            adapted = flt
+            # the filters stay visible to the mesh; what they pass runs on the loop
+            adapted: Callable = kiwipy.BroadcastFilter(self._adapt(subscriber._subscriber))
+            adapted._subject_filters = subscriber._subject_filters
+            adapted._sender_filters = subscriber._sender_filters
+        else:
+            adapted = self._adapt(subscriber)
         return self._comm.add_broadcast_subscriber(adapted, identifier)
 
     async def remove_broadcast_subscriber(self, identifier: Any) -> None:
