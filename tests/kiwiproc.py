@@ -67,6 +67,7 @@ def main() -> int:
     ap.add_argument("--outbox")
     ap.add_argument("--send-tasks", type=int, default=0)
     ap.add_argument("--client", help="call this RPC identifier, send a task, print, exit")
+    ap.add_argument("--client-wait", type=float, default=30.0)
     ap.add_argument("--cert")
     ap.add_argument("--dh")
     args = ap.parse_args()
@@ -121,7 +122,7 @@ def main() -> int:
             comm.task_send({"n": i})
         print("SENT", flush=True)
     if args.client:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + args.client_wait
         while time.monotonic() < deadline:
             try:
                 answer = comm.rpc_send(args.client, "hello").result(timeout=10)

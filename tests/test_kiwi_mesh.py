@@ -44,7 +44,7 @@ WAIT = 10.0
 class Member:
     """tests/kiwiproc.py in a process; ``port`` and ``id`` from its READY line."""
 
-    def __init__(self, *options, log=None, argv_prefix=()):
+    def __init__(self, *options, log=None, wrap=None):
         argv = [sys.executable, KIWIPROC, *[str(o) for o in options]]
         if log is not None:
             argv += ["--log", str(log)]
@@ -52,7 +52,7 @@ class Member:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
         self.log = log
         self.proc = subprocess.Popen(
-            [*argv_prefix, *argv],
+            wrap(argv) if wrap is not None else argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
