@@ -602,6 +602,23 @@ class ChirpCommunicator(kiwipy.Communicator):
                 for m in self._members.values()
             }
 
+    def wait_for_members(self, count: int = 1, timeout: Optional[float] = None) -> bool:
+        """Wait until this member knows ``count`` others; False on timeout."""
+        return self._wait(lambda: len(self._members) >= count, timeout)
+
+    def wait_for_rpc(self, identifier: Any, timeout: Optional[float] = None) -> bool:
+        """Wait until some member of the mesh subscribed ``identifier``; False on timeout."""
+        return self._wait(lambda: _freeze(identifier) in self._rpc_route, timeout)
+
+    def _wait(self, pred: Callable[[], bool], timeout: Optional[float]) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not pred():
+            self._ensure_open()
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def info(self) -> Dict[str, Any]:
         """What this member announces: RPC identifiers, task capacities, broadcast filters."""
         with self._lock:
