@@ -393,6 +393,7 @@ class ChirpCommunicator(kiwipy.Communicator):
         self._members: Dict[str, _Member] = {}
         self._tombstones: Dict[str, float] = {}
         self._digest = 0
+        self._push_queued = False
         # local subscribers
         self._rpc_subs: Dict[Any, Callable] = {}
         self._bcast_subs: "OrderedDict[Any, Callable]" = OrderedDict()
@@ -707,16 +708,25 @@ class ChirpCommunicator(kiwipy.Communicator):
         """Our info changed: new version, new routes, tell everybody."""
         self._version += 1
         self._refresh_routes()
-        view = self._view(False)
-        for m in list(self._members.values()):
-            self._send_addr(m.address, m.port, b"G", view, b"", m.id)
+        if not self._push_queued:  # one push for a burst of changes
+            self._push_queued = True
+            self._local.put((b"P", {}, b""))
         for queue in list(self._pending):
             self._dispatch(queue)
 
-    def _view(self, want: bool) -> Dict[str, Any]:
+    def _push_view(self) -> None:
+        """Send our view to every member (the local thread, after changes)."""
+        with self._lock:
+            self._push_queued = False
+            view = self._view(False)
+            for m in list(self._members.values()):
+                self._send_addr(m.address, m.port, b"G", *view, m.id)
+
+    def _view(self, want: bool) -> Tuple[Dict[str, Any], bytes]:
+        """Gossip: our view of the mesh (in the data, which has no size limit to speak of)."""
         entries = [[self.id, None, self.port, self._version, self._info()]]
         entries.extend([m.id, m.address, m.port, m.version, m.info] for m in self._members.values())
-        return {"f": self.id, "m": entries, "w": want}
+        return {"f": self.id, "w": want}, encode(entries)
 
     def _refresh_routes(self) -> None:
         everyone: List[Tuple[str, Dict]] = [(m.id, m.info) for m in self._members.values()]
@@ -783,9 +793,9 @@ class ChirpCommunicator(kiwipy.Communicator):
         if new or view.get("w"):
             mine = self._view(False)
             for member in new:
-                self._send_addr(member.address, member.port, b"G", mine, b"", member.id)
+                self._send_addr(member.address, member.port, b"G", *mine, member.id)
             if view.get("w") and sender not in {m.id for m in new}:
-                self._send_addr(address, port, b"G", mine, b"", sender)
+                self._send_addr(address, port, b"G", *mine, sender)
 
     def _forget(self, mid: str, refresh: bool = True) -> None:
         member = self._members.pop(mid, None)
@@ -817,7 +827,7 @@ class ChirpCommunicator(kiwipy.Communicator):
             view = self._view(True)
         for address, port in self._seeds:
             if (address, port) not in known and not (port == self.port and self._is_me(address)):
-                self._send_addr(address, port, b"G", view, b"")
+                self._send_addr(address, port, b"G", *view)
 
     @staticmethod
     def _is_me(address: str) -> bool:
@@ -875,6 +885,9 @@ class ChirpCommunicator(kiwipy.Communicator):
             if item is None:
                 return
             try:
+                if item[0] == b"P":
+                    self._push_view()
+                    continue
                 self._handle(item[0], item[1], item[2], None, 0)
             except Exception:
                 _LOG.exception("local message failed")
@@ -902,12 +915,13 @@ class ChirpCommunicator(kiwipy.Communicator):
                 # a member we forgot (or never knew) speaks: exchange views
                 with self._lock:
                     self._tombstones.pop(sender, None)
-                    self._send_addr(address, port, b"G", self._view(True), b"")
+                    self._send_addr(address, port, b"G", *self._view(True))
         if kind == b"H":
             if meta.get("d") != self._digest:
                 with self._lock:
-                    self._send_addr(address, port, b"G", self._view(True), b"")
+                    self._send_addr(address, port, b"G", *self._view(True))
         elif kind == b"G":
+            meta["m"] = decode(data)
             with self._lock:
                 self._merge(meta, address or "127.0.0.1", port)
         elif kind == b"X":
@@ -1441,7 +1455,10 @@ class AsyncChirpCommunicator:
     """
 
     def __init__(self, port: int = 0, peers: Iterable[Tuple[str, int]] = (), **kwargs: Any) -> None:
-        self._loop = asyncio.get_event_loop()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = asyncio.get_event_loop()
         self._comm = ChirpCommunicator(port, peers, **kwargs)
         self.port = self._comm.port
 

@@ -155,6 +155,15 @@ def test_rpc_between_members(pair):
         b.rpc_send("on-a", 7).result(WAIT)
 
 
+def test_many_rpc_identifiers_travel(pair):
+    """Thousands of identifiers (one per running process, as workflow engines have)."""
+    a, b = pair
+    for i in range(2000):
+        a.add_rpc_subscriber(lambda _c, _m, i=i: i, "process-%d-with-a-long-identifier" % i)
+    assert b.wait_for_rpc("process-1999-with-a-long-identifier", timeout=WAIT)
+    assert b.rpc_send("process-1234-with-a-long-identifier", None).result(WAIT) == 1234
+
+
 # -- tasks ---------------------------------------------------------------------------------
 
 
