@@ -911,14 +911,12 @@ class ChirpCommunicator(kiwipy.Communicator):
             member = self._members.get(sender) if sender is not None else None
             if member is not None:
                 member.last_seen = time.monotonic()
-            elif kind == b"H" and sender is not None:
-                # a member we forgot (or never knew) speaks: exchange views
-                with self._lock:
-                    self._tombstones.pop(sender, None)
-                    self._send_addr(address, port, b"G", *self._view(True))
         if kind == b"H":
-            if meta.get("d") != self._digest:
+            stranger = address is not None and meta.get("f") not in self._members
+            if stranger or meta.get("d") != self._digest:
+                # views differ, or a member we forgot (or never knew) speaks: exchange views
                 with self._lock:
+                    self._tombstones.pop(meta.get("f"), None)
                     self._send_addr(address, port, b"G", *self._view(True))
         elif kind == b"G":
             meta["m"] = decode(data)
