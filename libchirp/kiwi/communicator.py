@@ -48,18 +48,12 @@ user callback runs.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import concurrent.futures
 import contextlib
-import inspect
-import json
 import logging
-import os
 import queue as _queue
 import random
 import re
-import sqlite3
 import threading
 import time
 import traceback
@@ -75,25 +69,22 @@ from typing import (
     Iterator,
     List,
     Optional,
-    Sequence,
     Set,
     Tuple,
 )
 
 import kiwipy
 
-from .config import Config
-from .loop import Loop
-from .queue import Chirp, Message
+from ..config import Config
+from ..loop import Loop
+from ..queue import Chirp, Message
+from .codec import _freeze, decode, encode
+from .outbox import Outbox
 
 __all__ = [
     "ChirpCommunicator",
-    "AsyncChirpCommunicator",
     "ChirpTaskQueue",
     "ChirpIncomingTask",
-    "Outbox",
-    "encode",
-    "decode",
     "DEFAULT_TASK_QUEUE",
 ]
 
@@ -104,112 +95,6 @@ DEFAULT_TASK_QUEUE = "kiwipy.tasks"
 
 Encoder = Callable[[Any], bytes]
 Decoder = Callable[[bytes], Any]
-
-# ---------------------------------------------------------------------------
-# The safe codec: JSON plus tagged bytes, tuples, sets and non-string keys.
-# ---------------------------------------------------------------------------
-
-_TAG = "__chirp__"
-_SCALARS = (str, int, float, bool, type(None))
-
-
-def _pack(obj: Any) -> Any:
-    if isinstance(obj, _SCALARS):
-        return obj
-    if isinstance(obj, list):
-        return [_pack(x) for x in obj]
-    if isinstance(obj, dict):
-        if all(type(k) is str for k in obj) and _TAG not in obj:
-            return {k: _pack(v) for k, v in obj.items()}
-        return {_TAG: "d", "v": [[_pack(k), _pack(v)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {_TAG: "t", "v": [_pack(x) for x in obj]}
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {_TAG: "b", "v": base64.b64encode(bytes(obj)).decode("ascii")}
-    if isinstance(obj, (set, frozenset)):
-        return {_TAG: "s", "v": [_pack(x) for x in obj]}
-    raise TypeError(
-        "libchirp.kiwi.encode cannot encode %s (allowed: None, bool, int, float, str, bytes, "
-        "list, tuple, set, dict; pass encoder=/decoder= for more)" % type(obj).__name__
-    )
-
-
-def _hook(obj: Dict[str, Any]) -> Any:
-    tag = obj.get(_TAG)
-    if tag is None:
-        return obj
-    value = obj["v"]
-    if tag == "b":
-        return base64.b64decode(value)
-    if tag == "t":
-        return tuple(value)
-    if tag == "s":
-        return set(value)
-    if tag == "d":
-        return {_freeze(k): v for k, v in value}
-    raise ValueError("unknown tag %r" % tag)
-
-
-def _freeze(key: Any) -> Any:
-    return tuple(_freeze(x) for x in key) if isinstance(key, list) else key
-
-
-def encode(obj: Any) -> bytes:
-    """Encode a message body (the default ``encoder``; the type set is in docs/kiwi.md)."""
-    return json.dumps(_pack(obj), separators=(",", ":"), allow_nan=True).encode()
-
-
-def decode(data: bytes) -> Any:
-    """Decode what :func:`encode` made; never runs code from the message."""
-    return json.loads(data, object_hook=_hook)
-
-
-# ---------------------------------------------------------------------------
-# The durable outbox.
-# ---------------------------------------------------------------------------
-
-
-class Outbox:
-    """Tasks not yet done, in an SQLite file (WAL): they survive a crash of the sender.
-
-    A task is written before it is first sent and deleted when its outcome
-    arrives; a communicator started with the same file sends the rest again.
-    One communicator at a time should use a file.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = os.fspath(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, queue TEXT NOT NULL,"
-            " body BLOB NOT NULL, no_reply INTEGER NOT NULL, created REAL NOT NULL)"
-        )
-
-    def add(self, task_id: str, queue: str, body: bytes, no_reply: bool) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?)",
-                (task_id, queue, body, int(no_reply), time.time()),
-            )
-
-    def remove(self, task_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
-
-    def pending(self) -> List[Tuple[str, str, bytes, bool]]:
-        """The tasks not done, oldest first: (id, queue, encoded body, no_reply)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, queue, body, no_reply FROM tasks ORDER BY created"
-            ).fetchall()
-        return [(r[0], r[1], bytes(r[2]), bool(r[3])) for r in rows]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1412,130 +1297,3 @@ class ChirpTaskQueue:
             for task in taken:
                 if task.state == TASK_PENDING:
                     task.requeue()
-
-
-# ---------------------------------------------------------------------------
-# The asyncio flavour.
-# ---------------------------------------------------------------------------
-
-
-def _wrap(future: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-    """An asyncio future of ``loop`` following a kiwipy future (results that are futures too)."""
-    out = loop.create_future()
-
-    def copy(f: concurrent.futures.Future) -> None:
-        if out.done():
-            return
-        if f.cancelled():
-            out.cancel()
-            return
-        exc = f.exception()
-        if exc is not None:
-            out.set_exception(exc)
-            return
-        result = f.result()
-        if isinstance(result, concurrent.futures.Future):
-            result = _wrap(result, loop)
-        out.set_result(result)
-
-    future.add_done_callback(lambda f: loop.call_soon_threadsafe(copy, f))
-    return out
-
-
-class AsyncChirpCommunicator:
-    """The coroutine flavour (kiwiPy's ``RmqCommunicator`` is the model).
-
-    Methods are coroutines to be awaited on the asyncio loop that created the
-    communicator; ``rpc_send`` and ``task_send`` return asyncio futures.
-    Subscribers may be plain functions or coroutine functions (run on that
-    loop). The mesh and its guarantees are those of :class:`ChirpCommunicator`,
-    which does the work on its own threads.
-    """
-
-    def __init__(self, port: int = 0, peers: Iterable[Tuple[str, int]] = (), **kwargs: Any) -> None:
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = asyncio.get_event_loop()
-        self._comm = ChirpCommunicator(port, peers, **kwargs)
-        self.port = self._comm.port
-
-    @property
-    def threaded(self) -> ChirpCommunicator:
-        """The threaded communicator underneath."""
-        return self._comm
-
-    def is_closed(self) -> bool:
-        return self._comm.is_closed()
-
-    async def close(self) -> None:
-        await self._loop.run_in_executor(None, self._comm.close)
-
-    async def __aenter__(self) -> "AsyncChirpCommunicator":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
-
-    def _adapt(self, subscriber: Callable) -> Callable:
-        if not _is_coroutine(subscriber):
-
-            def plain(*args: Any, **kwargs: Any) -> Any:
-                return asyncio.run_coroutine_threadsafe(
-                    _call(subscriber, args, kwargs), self._loop
-                ).result()
-
-            return plain
-
-        def coro(*args: Any, **kwargs: Any) -> Any:
-            return _Deferred(
-                asyncio.run_coroutine_threadsafe(subscriber(*args, **kwargs), self._loop)
-            )
-
-        return coro
-
-    async def add_rpc_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
-        return self._comm.add_rpc_subscriber(self._adapt(subscriber), identifier)
-
-    async def remove_rpc_subscriber(self, identifier: Any) -> None:
-        self._comm.remove_rpc_subscriber(identifier)
-
-    async def add_task_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
-        return self._comm.add_task_subscriber(self._adapt(subscriber), identifier)
-
-    async def remove_task_subscriber(self, identifier: Any) -> None:
-        self._comm.remove_task_subscriber(identifier)
-
-    async def add_broadcast_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
-        if isinstance(subscriber, kiwipy.BroadcastFilter):
-            # the filters stay visible to the mesh; what they pass runs on the loop
-            adapted: Callable = kiwipy.BroadcastFilter(self._adapt(subscriber._subscriber))
-            adapted._subject_filters = subscriber._subject_filters
-            adapted._sender_filters = subscriber._sender_filters
-        else:
-            adapted = self._adapt(subscriber)
-        return self._comm.add_broadcast_subscriber(adapted, identifier)
-
-    async def remove_broadcast_subscriber(self, identifier: Any) -> None:
-        self._comm.remove_broadcast_subscriber(identifier)
-
-    async def rpc_send(self, recipient_id: Any, msg: Any) -> asyncio.Future:
-        return _wrap(self._comm.rpc_send(recipient_id, msg), self._loop)
-
-    async def task_send(self, task: Any, no_reply: bool = False) -> Optional[asyncio.Future]:
-        future = self._comm.task_send(task, no_reply)
-        return None if future is None else _wrap(future, self._loop)
-
-    async def broadcast_send(
-        self, body: Any, sender: Any = None, subject: Any = None, correlation_id: Any = None
-    ) -> bool:
-        return self._comm.broadcast_send(body, sender, subject, correlation_id)
-
-
-def _is_coroutine(func: Any) -> bool:
-    call = type(func).__call__ if callable(func) else None
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
-
-
-async def _call(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
-    return func(*args, **kwargs)
