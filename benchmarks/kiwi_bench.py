@@ -355,6 +355,30 @@ def measure(sys_: System, seconds: float, tasks: int, bcasts: int) -> Dict[str, 
     return out
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def kiwipy_version() -> str:
+    import kiwipy
+
+    return kiwipy.__version__
+
+
+def rabbitmq_version() -> str:
+    done = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or "unknown"
+
+
 def table(chirp: Dict[str, Any], rmq: Dict[str, Any], command: str) -> str:
     rows: List[Tuple[str, Callable[[Dict[str, Any]], float], str, str, bool]] = [
         ("RPC roundtrips/s, 1 in flight", lambda r: r["rpc1"][0], "%.0f", "≥ 10×", True),
@@ -368,19 +392,22 @@ def table(chirp: Dict[str, Any], rmq: Dict[str, Any], command: str) -> str:
         ("broadcasts/s to each of 4 subscribers", lambda r: r["bcast"], "%.0f", "≥ 10×", True),
     ]
     lines = [
-        "Machine: `%s`, %d cores; %s; command: `%s`; Python %s."
+        "Machine: `%s`, %s, %d cores; %s; command: `%s`; Python %s, kiwiPy %s, RabbitMQ %s."
         % (
             platform.node(),
+            cpu_model(),
             os.cpu_count() or 0,
             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             command,
             platform.python_version(),
+            kiwipy_version(),
+            rabbitmq_version(),
         ),
         "",
         "| shape | libchirp.kiwi | kiwiPy + RabbitMQ | ratio | goal | met? |",
         "|---|---:|---:|---:|---|---|",
     ]
-    for label, get, fmt, goal, higher in rows:
+    for label, get, fmt, goal, _higher in rows:
         c, r = get(chirp), get(rmq)
         ratio = c / r if r else float("nan")
         if goal == "≥ 10×":
@@ -392,7 +419,6 @@ def table(chirp: Dict[str, Any], rmq: Dict[str, Any], command: str) -> str:
         lines.append(
             "| %s | %s | %s | %.2f× | %s | %s |" % (label, fmt % c, fmt % r, ratio, goal, met)
         )
-        del higher
     return "\n".join(lines)
 
 
