@@ -11,7 +11,7 @@ LIBS_C := $(shell pkg-config --libs libuv openssl 2>/dev/null)
 CSRCS := $(filter-out csrc/chirp_ffi.h,$(wildcard csrc/*.c))
 CTESTS := $(patsubst tests/c/%.c,build/ctest/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all sysdeps venv build demo test ctest pytest bench clean lint
+.PHONY: all sysdeps venv build demo test ctest pytest bench bench-kiwi clean lint
 
 all: build
 
@@ -54,6 +54,9 @@ build/ctest/%: tests/c/%.c $(CSRCS) $(wildcard csrc/*.h) $(wildcard tests/c/*.h)
 
 bench: build
 	$(PY) benchmarks/run.py
+
+bench-kiwi: build  # libchirp.kiwi against kiwiPy on a private loopback RabbitMQ (docs/kiwi.md)
+	$(PY) benchmarks/kiwi_bench.py
 
 lint: venv
 	$(VENV)/bin/ruff check libchirp tests benchmarks examples
