@@ -53,6 +53,7 @@ lock, requeue and send. Sends are issued outside the lock.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import itertools
 import logging
 import os
@@ -79,6 +80,7 @@ __all__ = [
     "SimpleQueue",
     "Pipe",
     "Connection",
+    "attach",
     "Empty",
     "Full",
 ]
@@ -128,7 +130,7 @@ _TLS = Tuple[Optional[str], Optional[str], bool, str, str]
 
 _reqids = itertools.count(1)
 _registry_lock = threading.Lock()
-_hosts: Dict[_TLS, "_Host"] = {}
+_hosts: Dict[Tuple[_TLS, int], "_Host"] = {}
 _runtimes: Dict[_TLS, "_Runtime"] = {}
 #: chirp objects inherited through fork: kept alive, never touched.
 _graveyard: List[Any] = []
@@ -154,9 +156,9 @@ def _tls_of(config: Optional[Config]) -> _TLS:
     return (c.CERT_CHAIN_PEM, c.DH_PARAMS_PEM, c.DISABLE_ENCRYPTION, c.BIND_V4, c.BIND_V6)
 
 
-def _node_config(tls: _TLS) -> Config:
+def _node_config(tls: _TLS, port: int = 0) -> Config:
     cfg = Config()
-    cfg.PORT = 0
+    cfg.PORT = port
     cfg.SYNCHRONOUS = True
     cfg.AUTO_RELEASE = False
     cfg.MAX_SLOTS = SLOTS
@@ -228,11 +230,11 @@ _Send = Tuple[MessageBase, Optional[Tuple["_Box", List[bytes], _Key, bool]]]
 class _Host:
     """The boxes hosted by this process for one TLS setting, and their node."""
 
-    def __init__(self, tls: _TLS) -> None:
+    def __init__(self, tls: _TLS, port: int = 0) -> None:
         self.tls = tls
         self.loop = Loop()
         try:
-            self.node = Chirp(self.loop, _node_config(tls))
+            self.node = Chirp(self.loop, _node_config(tls, port))
         except BaseException:
             self.loop.stop()
             raise
@@ -243,8 +245,12 @@ class _Host:
         self.thread = threading.Thread(target=self._run, name="libchirp.mp host", daemon=True)
         self.thread.start()
 
-    def new_box(self, maxsize: int) -> int:
+    def new_box(self, maxsize: int, qid: int = 0) -> int:
         with self.cond:
+            if qid:
+                if qid not in self.boxes:
+                    self.boxes[qid] = _Box(qid, maxsize)
+                return qid
             while True:
                 qid = int.from_bytes(os.urandom(8), "big") or 1
                 if qid not in self.boxes:
@@ -438,7 +444,9 @@ class _Host:
             self.cond.notify_all()
         self._flush(sends, release)
 
-    def get_local(self, qid: int, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
+    def get_local(
+        self, qid: int, n: int, block: bool, timeout: Optional[float], ep: Any = None
+    ) -> List[bytes]:
         sends: List[_Send] = []
         release: List[MessageBase] = []
         with self.cond:
@@ -454,6 +462,8 @@ class _Host:
                         raise EOFError
                     if self.stopping:
                         raise OSError("the host of this queue stopped")
+                    if ep is not None and ep.closed:
+                        raise ValueError("closed while waiting in get()")
                     left = None if end is None else end - time.monotonic()
                     if left is not None and left <= 0:
                         raise Empty
@@ -503,13 +513,17 @@ class _Host:
             self.loop.stop()
 
 
-def _host(tls: _TLS) -> _Host:
+def _host(tls: _TLS, port: int = 0) -> _Host:
     with _registry_lock:
-        host = _hosts.get(tls)
+        host = _hosts.get((tls, port))
         if host is None:
             _register_finalizer()
-            host = _hosts[tls] = _Host(tls)
+            host = _hosts[(tls, port)] = _Host(tls, port)
         return host
+
+
+def _name_qid(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") or 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -711,6 +725,7 @@ class _Local:
     def __init__(self, host: _Host, qid: int) -> None:
         self.host = host
         self.qid = qid
+        self.closed = False
 
     def put(self, item: bytes, block: bool, timeout: Optional[float]) -> None:
         self.host.put_local(self.qid, [item], block, timeout)
@@ -719,7 +734,7 @@ class _Local:
         self.host.put_local(self.qid, items, True, None)
 
     def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
-        return self.host.get_local(self.qid, n, block, timeout)
+        return self.host.get_local(self.qid, n, block, timeout, self)
 
     def poll(self, timeout: Optional[float]) -> bool:
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -742,7 +757,9 @@ class _Local:
         self.host.close_local(self.qid)
 
     def close(self, flush_limit: Optional[float] = None) -> None:
-        pass
+        self.closed = True
+        with self.host.cond:
+            self.host.cond.notify_all()
 
 
 class _Remote:
@@ -764,6 +781,7 @@ class _Remote:
         self.error: Optional[BaseException] = None
         self.lost = 0
         self.closed = False
+        self.no_flush = False
         rt.endpoints.add(self)
 
     # -- producing -------------------------------------------------------------------------
@@ -880,6 +898,8 @@ class _Remote:
         if self.push:
             return self._get_pushed(n, block, end)
         while True:
+            if self.closed:
+                raise ValueError("closed while waiting in get()")
             left = None if end is None else end - time.monotonic()
             wait = 0.0 if not block else min(CHUNK, left) if left is not None else CHUNK
             wait = max(0.0, wait)
@@ -919,6 +939,8 @@ class _Remote:
                     if out:
                         return out
                     now = time.monotonic()
+                    if self.closed:
+                        raise ValueError("closed while waiting in get()")
                     if not block or (end is not None and now >= end):
                         raise Empty
                     if now >= probe_at:
@@ -959,7 +981,8 @@ class _Remote:
         self.closed = True
         rt = self.rt
         try:
-            self.flush(flush_limit)
+            if not self.no_flush:
+                self.flush(flush_limit)
         finally:
             if self.subscribed:
                 rt.node.send(_to_msg(self.key, _header(_U, self.qid)))
@@ -1050,7 +1073,9 @@ class Queue(_Handle):
     a consumer gets an item only when it asks; ``mode="push"``: the host sends
     items to consumers ahead of demand. ``address`` is what other processes
     connect to (default :data:`ADDRESS`); ``config`` supplies the TLS files
-    (default :data:`CONFIG`). See docs/mp.md.
+    (default :data:`CONFIG`). ``port`` fixes the port of the hosting node (0:
+    a free one) and ``name`` makes the queue reachable with :func:`attach`
+    from processes that were not handed it. See docs/mp.md.
     """
 
     def __init__(
@@ -1060,11 +1085,13 @@ class Queue(_Handle):
         *,
         address: Optional[str] = None,
         config: Optional[Config] = None,
+        port: int = 0,
+        name: Optional[str] = None,
     ) -> None:
         if maxsize < 0:
             maxsize = 0
-        host = _host(_tls_of(config))
-        qid = host.new_box(maxsize)
+        host = _host(_tls_of(config), port)
+        qid = host.new_box(maxsize, _name_qid(name) if name else 0)
         self._setup(_make_spec([qid], host, address, _check_mode(mode), maxsize), host)
 
     @property
@@ -1140,7 +1167,12 @@ class Queue(_Handle):
             ep.flush(timeout)
 
     def cancel_join_thread(self) -> None:
-        """Accepted for compatibility; items are still flushed at close and at exit."""
+        """Do not wait at close or exit for the host to confirm this process's puts
+        (unconfirmed items may then be lost, as with ``multiprocessing``)."""
+        if self._pid == os.getpid():
+            ep = self._ep(self._qid)
+            if isinstance(ep, _Remote):
+                ep.no_flush = True
 
     def close(self) -> None:
         """This process will use the queue no more: flush puts, give back unread items."""
@@ -1168,6 +1200,35 @@ class Queue(_Handle):
         )
 
 
+def attach(
+    address: str,
+    port: int,
+    name: str,
+    *,
+    mode: str = "pull",
+    maxsize: int = 0,
+    config: Optional[Config] = None,
+    simple: bool = False,
+) -> Queue:
+    """A handle of the queue called ``name`` hosted at ``address``:``port``.
+
+    For processes that were not handed the queue (for example on another
+    machine, started on their own). ``maxsize`` only bounds this handle's
+    unconfirmed puts; the host enforces its own. ``config`` supplies the TLS
+    files (default :data:`CONFIG`).
+    """
+    cls = SimpleQueue if simple else Queue
+    spec = {
+        "qids": [_name_qid(name)],
+        "address": address,
+        "port": int(port),
+        "tls": list(_tls_of(config)),
+        "mode": _check_mode(mode),
+        "maxsize": maxsize,
+    }
+    return _rebuild(cls, spec)
+
+
 class SimpleQueue(Queue):
     """An unbounded queue (``multiprocessing.SimpleQueue``'s interface)."""
 
@@ -1177,8 +1238,10 @@ class SimpleQueue(Queue):
         *,
         address: Optional[str] = None,
         config: Optional[Config] = None,
+        port: int = 0,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(0, mode, address=address, config=config)
+        super().__init__(0, mode, address=address, config=config, port=port, name=name)
 
 
 class Connection(_Handle):
