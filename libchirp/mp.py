@@ -376,7 +376,8 @@ class _Host:
                     idle += 1
                     continue
                 idle = 0
-                k = min(PUSH_BATCH, len(items))
+                # an even share of what is there now, for each subscriber in turn
+                k = min(PUSH_BATCH, -(-len(items) // len(keys)))
                 batch = [items.popleft() for _ in range(k)]
                 sub[0] += 1
                 msg = _to_msg(key, _header(_D, box.qid, sub[1], k, 0, _F_PUSH), _pack(batch))
@@ -1126,7 +1127,13 @@ class Queue(_Handle):
         self.put(obj, False)
 
     def put_many(self, objs: Iterable[Any]) -> None:
-        """Put several objects (blocking while the queue is full)."""
+        """Put several objects (blocking while the queue is full); in the hosting
+        process they enter the queue at once."""
+        self._check_open()
+        ep = self._ep(self._qid)
+        if isinstance(ep, _Local):
+            ep.put_many([_dumps(o) for o in objs])
+            return
         for obj in objs:
             self.put(obj)
 

@@ -108,8 +108,7 @@ def run_balance(mode: str, n_items: int, fast_delay: float = 0.002):
     for i in range(4):
         q.put((99, -1 - i))
     time.sleep(1.0)
-    for i in range(n_items):
-        q.put((0, i))
+    q.put_many([(0, i) for i in range(n_items)])
     for _ in cons:
         q.put(None)
     try:
@@ -132,7 +131,8 @@ def test_pull_balances_push_does_not():
     assert ratio_pull < 0.25, (slow_pull, fast_pull)
     slow_push, fast_push = run_balance("push", 600)
     ratio_push = slow_push / fast_push
-    assert ratio_push > 2 * ratio_pull and ratio_push > 0.3, (slow_push, fast_push, ratio_pull)
+    # push: each consumer gets an even share of what is queued, whatever its speed
+    assert ratio_push > 0.6, (slow_push, fast_push, ratio_pull)
 
 
 def read_records(path):
