@@ -319,3 +319,26 @@ def test_close_wakes_blocked_get():
     assert isinstance(errors[0], ValueError)
     with pytest.raises(ValueError):
         q.put(1)
+
+
+@pytest.mark.timeout(90)
+def test_example_two_hosts_on_one_host():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    example = os.path.join(root, "examples", "mp_two_hosts.py")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    res = subprocess.run(
+        [sys.executable, example, "demo", "--port", str(free), "--tasks", "500"],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        cwd=root,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "RESULT OK tasks=500" in res.stdout, res.stdout
