@@ -17,7 +17,7 @@ import multiprocessing
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 from libchirp import mp as cmp
 
@@ -89,7 +89,7 @@ def pingpong(pipe: Callable[[], Tuple[Any, Any]], n: int) -> float:
     p = ctx.Process(target=echo, args=(b, n + 50))
     p.start()
     msg = {"seq": 0, "name": "ping", "values": [1, 2, 3]}
-    for i in range(50):  # warm up (connections)
+    for _ in range(50):  # warm up (connections)
         a.send(msg)
         a.recv()
     t0 = time.perf_counter()
