@@ -106,12 +106,13 @@ TIMEOUT: float = 1200.0
 PUT_WINDOW = 4
 #: Items and bytes per put batch at most.
 PUT_BATCH = 4096
-PUT_BATCH_BYTES = 4 << 20
+PUT_BATCH_BYTES = 1 << 20
 #: Items a producer handle holds unacknowledged before put() blocks.
 PUT_LIMIT = 65536
 #: Pushed batches in flight per subscriber, and items per pushed batch.
 PUSH_WINDOW = 4
 PUSH_BATCH = 256
+PUSH_BATCH_BYTES = 1 << 20
 #: Slots per connection of this module's nodes.
 SLOTS = 16
 #: Longest wait of one pull request; longer waits are repeated (liveness).
@@ -378,7 +379,13 @@ class _Host:
                 idle = 0
                 # an even share of what is there now, for each subscriber in turn
                 k = min(PUSH_BATCH, -(-len(items) // len(keys)))
-                batch = [items.popleft() for _ in range(k)]
+                batch = []
+                size = 0
+                while len(batch) < k and size < PUSH_BATCH_BYTES:
+                    item = items.popleft()
+                    batch.append(item)
+                    size += len(item)
+                k = len(batch)
                 sub[0] += 1
                 msg = _to_msg(key, _header(_D, box.qid, sub[1], k, 0, _F_PUSH), _pack(batch))
                 sends.append((msg, (box, batch, key, True)))
