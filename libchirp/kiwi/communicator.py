@@ -370,22 +370,33 @@ class ChirpCommunicator(kiwipy.Communicator):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def add_rpc_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+    def _add_subscriber(
+        self, table: Dict[Any, Callable], subscriber: Callable, identifier: Any, kind: str
+    ) -> Any:
+        """Enter an RPC or broadcast subscriber under its (or a new) identifier."""
         with self._lock:
             self._ensure_open()
             identifier = identifier or uuid.uuid4().hex
-            if identifier in self._rpc_subs:
-                raise kiwipy.DuplicateSubscriberIdentifier("RPC identifier '%s'" % identifier)
-            self._rpc_subs[identifier] = subscriber
+            if identifier in table:
+                text = "%s identifier '%s'" % (kind, identifier)
+                raise kiwipy.DuplicateSubscriberIdentifier(text)
+            table[identifier] = subscriber
             self._changed()
         return identifier
 
-    def remove_rpc_subscriber(self, identifier: Any) -> None:
+    def _remove_subscriber(self, table: Dict[Any, Callable], identifier: Any, text: str) -> None:
+        """Remove an RPC or broadcast subscriber; ``text`` is the error's %-format."""
         with self._lock:
             self._ensure_open()
-            if self._rpc_subs.pop(identifier, None) is None:
-                raise ValueError("Unknown subscriber '%s'" % identifier)
+            if table.pop(identifier, None) is None:
+                raise ValueError(text % identifier)
             self._changed()
+
+    def add_rpc_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+        return self._add_subscriber(self._rpc_subs, subscriber, identifier, "RPC")
+
+    def remove_rpc_subscriber(self, identifier: Any) -> None:
+        self._remove_subscriber(self._rpc_subs, identifier, "Unknown subscriber '%s'")
 
     def add_task_subscriber(
         self, subscriber: Callable, identifier: Any = None, queue: str = DEFAULT_TASK_QUEUE
@@ -412,21 +423,10 @@ class ChirpCommunicator(kiwipy.Communicator):
             self._changed()
 
     def add_broadcast_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
-        with self._lock:
-            self._ensure_open()
-            identifier = identifier or uuid.uuid4().hex
-            if identifier in self._bcast_subs:
-                raise kiwipy.DuplicateSubscriberIdentifier("Broadcast identifier '%s'" % identifier)
-            self._bcast_subs[identifier] = subscriber
-            self._changed()
-        return identifier
+        return self._add_subscriber(self._bcast_subs, subscriber, identifier, "Broadcast")
 
     def remove_broadcast_subscriber(self, identifier: Any) -> None:
-        with self._lock:
-            self._ensure_open()
-            if self._bcast_subs.pop(identifier, None) is None:
-                raise ValueError("Broadcast subscriber '%s' unknown" % identifier)
-            self._changed()
+        self._remove_subscriber(self._bcast_subs, identifier, "Broadcast subscriber '%s' unknown")
 
     def rpc_send(self, recipient_id: Any, msg: Any) -> kiwipy.Future:
         """Call the member that subscribed ``recipient_id``; a future for the answer."""
