@@ -66,6 +66,13 @@ def exchange(loop):
         b.stop()
 
 
+def assert_link_works(node, peer, data):
+    """A synchronous send from node reaches peer and completes."""
+    sent = node.send(message(peer.port, data))
+    assert peer.get(timeout=10).data == data
+    sent.result(10)
+
+
 @pytest.mark.timeout(60)
 def test_fork_inherited_loop_and_node_fail_at_once_new_loop_works():
     parent = os.getpid()
@@ -102,9 +109,7 @@ def test_fork_inherited_loop_and_node_fail_at_once_new_loop_works():
 
         assert run_in_child(child) == 0
         # The parent's loop and nodes are untouched by the child.
-        sent = node.send(message(peer.port, b"parent still works"))
-        assert peer.get(timeout=10).data == b"parent still works"
-        sent.result(10)
+        assert_link_works(node, peer, b"parent still works")
     finally:
         node.stop()
         peer.stop()
@@ -133,9 +138,7 @@ def test_fork_child_that_drops_inherited_objects_exits_cleanly():
                 assert exchange(own) == b"from the child"
 
         assert run_in_child(child) == 0
-        sent = node.send(message(peer.port, b"after the child left"))
-        assert peer.get(timeout=10).data == b"after the child left"
-        sent.result(10)
+        assert_link_works(node, peer, b"after the child left")
     finally:
         node.stop()
         peer.stop()
