@@ -12,9 +12,10 @@
  * batches. Nothing in the core ever calls back into Python.
  */
 
-#define CH_VERSION_STAMP 10006
+#define CH_VERSION_STAMP 10007
 
-/* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
+/* Error codes; values 0-19 are those of libchirp 1.x (PROTOCOL.md 7.3), later ones are
+ * appended. See csrc/error.h for the sign convention. */
 enum ch_error {
     CH_SUCCESS = 0,
     CH_VALUE_ERROR = 1,
@@ -35,7 +36,8 @@ enum ch_error {
     CH_BUSY = 16,
     CH_EMPTY = 17,
     CH_WRITE_ERROR = 18,
-    CH_INIT_FAIL = 19
+    CH_INIT_FAIL = 19,
+    CH_SEND_QUEUE_FULL = 20 /* not in 1.x: MAX_SEND_QUEUE messages already wait for the peer */
 };
 
 const char *ch_strerror(int code);   /* human text, "Unknown error: n" style for others */

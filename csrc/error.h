@@ -28,6 +28,7 @@
     X(BUSY, 16, "busy")                                                         \
     X(EMPTY, 17, "empty")                                                       \
     X(WRITE_ERROR, 18, "write of the chirp handshake failed")                   \
-    X(INIT_FAIL, 19, "resource initialization failed")
+    X(INIT_FAIL, 19, "resource initialization failed")                         \
+    X(SEND_QUEUE_FULL, 20, "send queue full (MAX_SEND_QUEUE)")
 
 #endif

@@ -695,8 +695,7 @@ void ch__node_do_send(ch_node_t *node, ch_message_t *m)
         return;
     }
     if (node->cfg.max_send_queue && r->data_q.len >= node->cfg.max_send_queue) {
-        /* Policy: fail this send at once; never block, never drop a queued one.
-         * The text must name MAX_SEND_QUEUE (libchirp/errors.py keys on it). */
+        /* Policy: fail this send at once; never block, never drop a queued one. */
         char addr[INET6_ADDRSTRLEN], text[CH_EV_TEXT_LEN];
         ch__format_addr(r->family, r->addr, addr, sizeof(addr));
         snprintf(text, sizeof(text),
@@ -705,7 +704,7 @@ void ch__node_do_send(ch_node_t *node, ch_message_t *m)
                  r->family == 6 ? "[" : "", addr, r->family == 6 ? "]" : "", r->port,
                  node->cfg.max_send_queue);
         m->remote = r; /* counted as a send failure of that remote */
-        ch__send_done(node, m, CH_ENOMEM, text);
+        ch__send_done(node, m, CH_SEND_QUEUE_FULL, text);
         return;
     }
     ch__remote_enqueue(r, m);

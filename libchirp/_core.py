@@ -77,7 +77,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10006
+_EXPECTED_STAMP = 10007
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -996,7 +996,7 @@ class NodeCore:
                 raise RuntimeError("a request with this message identity is already pending")
             self.requests[identity] = req
             self.expired.pop(identity, None)
-        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req)
+        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req, msg)
         try:
             send_future = self.send(msg, req)
         except BaseException:
@@ -1015,12 +1015,17 @@ class NodeCore:
             if exc is not None:
                 _set_exception(req, exc)
 
-    def _expire(self, identity: bytes, req: Any) -> None:
+    def _expire(self, identity: bytes, req: Any, msg: MessageBase) -> None:
         if not _pending_request(self.requests, identity, req):
             return
         del self.requests[identity]
         self._remember_expired(identity)
-        exc = ChirpTimeoutError("Chirp request timed out")
+        address = msg.address
+        peer = ("[%s]:%d" if ":" in address else "%s:%d") % (address, msg.port)
+        exc = ChirpTimeoutError(
+            "Chirp request timed out: no answer from %s within %.1f s (TIMEOUT)"
+            % (peer, self.timeout)
+        )
         exc.ecode = lib.CH_TIMEOUT
         _set_exception(req, exc)
 

@@ -5,8 +5,9 @@ Theory of operation
 :class:`Chirp` is a :class:`~libchirp.chirp.ChirpBase` bound to one asyncio
 event loop (the default policy's loop or uvloop). Its coroutine methods and
 futures belong to that loop: ``send()``, ``request()``, ``statistics()`` and
-``Message.release_slot()`` must be called on the asyncio loop's thread and
-return asyncio futures (or awaitables).
+``Message.release_slot()`` must be called on the asyncio loop's thread (or,
+as libchirp 1.x allows, before that loop runs) and return asyncio futures (or
+awaitables).
 
 Hand-off from the chirp dispatcher thread (no busy polling, no per-message
 wake-up): everything the dispatcher produces for an asyncio loop (a received
@@ -327,6 +328,8 @@ class Chirp(ChirpBase):
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        if running is None and not self._aloop.is_running() and not self._aloop.is_closed():
+            return  # before the asyncio loop runs (as libchirp 1.x allows): its futures wait for it
         if running is not self._aloop:
             raise RuntimeError(
                 "%s() must be called on the thread of the node's asyncio loop" % what
@@ -390,8 +393,9 @@ class Chirp(ChirpBase):
     def send(self, msg: MessageBase) -> asyncio.Future[Any]:  # type: ignore[override]
         """Send ``msg``; returns an asyncio future resolving to ``msg`` (PROTOCOL.md 4.1).
 
-        Call on the asyncio loop's thread. ``RuntimeError`` if ``msg`` is still
-        being sent.
+        Call on the asyncio loop's thread, or before that loop runs (as in
+        libchirp 1.x; the future completes once it runs). ``RuntimeError`` if
+        ``msg`` is still being sent.
         """
         self._check_thread("send")
         return self._bridge.wrap(ChirpBase.send(self, msg))

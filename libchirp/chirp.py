@@ -42,7 +42,7 @@ from ._core import START_LIMIT, NodeCore
 from ._future import LightFuture
 from .config import Config
 from .loop import Loop
-from .message import MessageBase, MessageThread
+from .message import Message, MessageBase
 from .stats import NodeStats
 
 __all__ = ["ChirpBase", "ChirpFuture"]
@@ -54,8 +54,9 @@ class ChirpFuture(LightFuture):
     ``result()`` releases the reply's slot when ``auto_release`` was True (the
     ``request()`` argument, independent of ``Config.AUTO_RELEASE``).
     ``send_result()`` waits for the underlying send and returns the sent message.
-    The future fails with ``TimeoutError("Chirp request timed out")`` when no
-    reply arrived within Config.TIMEOUT (send and queue time included); a reply
+    The future fails with ``TimeoutError`` ("Chirp request timed out: no answer
+    from 127.0.0.1:3000 within 5.0 s (TIMEOUT)") when no reply arrived within
+    Config.TIMEOUT (send and queue time included); a reply
     arriving after that is dropped and counted as a late reply.
     """
 
@@ -109,7 +110,7 @@ class ChirpBase:
     """
 
     #: The class of received messages.
-    _message_class: Type[MessageBase] = MessageThread
+    _message_class: Type[MessageBase] = Message
 
     def __init__(
         self,
@@ -124,6 +125,7 @@ class ChirpBase:
             raise TypeError("loop must be a libchirp.Loop, not %s" % type(loop).__name__)
         if not isinstance(config, Config):
             raise TypeError("config must be a libchirp.Config, not %s" % type(config).__name__)
+        config._check_start()  # the cross-field rules, with texts naming the fields
         self._loop = loop
         self._config = config
         was_sealed = config.sealed

@@ -7,7 +7,9 @@ loop and two daemon threads, the libuv **loop thread** (never runs Python) and
 the **dispatcher thread** (runs every Python callback: future resolution,
 message delivery, ``call_soon()``). See docs/architecture.md.
 
-``stop()`` marks the loop stopped at once (``running`` becomes False, ``run()``
+``stop()`` before ``run()`` does nothing (libchirp 1.x programs call it in
+cleanup paths that may run before the loop was started). After ``run()``, it
+marks the loop stopped at once (``running`` becomes False, ``run()``
 raises ``Cannot restart loop``); the threads end as soon as no node uses the
 loop: at once if none, otherwise inside the last node's ``stop()``. Stopping
 never hangs: the threads are joined with a bound.
@@ -23,7 +25,7 @@ import warnings
 from types import TracebackType
 from typing import Any, Callable, Optional, Type
 
-from ._core import LoopCore
+from ._core import LoopCore, logger
 
 __all__ = ["Loop"]
 
@@ -38,11 +40,29 @@ class Loop:
 
     def run(self) -> None:
         """Start the threads; no-op if started; ``RuntimeError`` after ``stop()``."""
-        self._core.run()
+        core = self._core
+        started = core.started
+        core.run()
+        if not started:
+            logger.debug("libchirp: loop started")
 
     def stop(self) -> None:
-        """Mark the loop stopped; its threads end once no node uses it (bounded wait)."""
-        self._core.request_stop(join=True)
+        """Mark the loop stopped; its threads end once no node uses it (bounded wait).
+
+        Before ``run()`` this does nothing (as in libchirp 1.x): a later ``run()``
+        starts the loop.
+        """
+        core = self._core
+        if not core.started:
+            return
+        again = core.stop_requested
+        core.request_stop(join=True)
+        if again:
+            return
+        if core.nodes:
+            logger.debug("libchirp: loop stop requested; it ends with its last node")
+        else:
+            logger.debug("libchirp: loop stopped")
 
     @property
     def running(self) -> bool:
