@@ -333,6 +333,7 @@ static int ch__conn_process(ch_conn_t *c)
             ch_reader_frame(c->reader, id, &serial, &dlen, &hlen, &type);
             if ((type & CH_MSG_EXT) && memcmp(id, CH_EXT_MAGIC, 4) == 0 && c->remote) {
                 c->peer_window = (id[4] & CH_EXT_F_PIPELINE) ? (id[5] ? id[5] : 1) : 1;
+                c->peer_max_msg = ch__remote_caps_max_msg(id);
                 if (!(c->flags & CH__CONNF_OUTGOING))
                     ch__remote_send_caps(c->remote, c);
                 ch__remote_flush(c->remote);

@@ -166,8 +166,9 @@ def test_send_over_the_peers_max_msg_size_fails_before_it_leaves(make_node):
     small = make_node(MAX_MSG_SIZE=1000)
     node = make_node()
     first = make_node.message(small, b"x" * 10)
-    assert node.send(first).result(10) is first  # the connection and the announcement
-    small.get(timeout=10)
+    sent = node.send(first)
+    small.get(timeout=10)  # AUTO_RELEASE: the ACK follows the announcement on the connection
+    assert sent.result(10) is first
     start = time.monotonic()
     big = make_node.message(small, b"y" * 2000, header=b"h" * 10)
     with pytest.raises(ValueError) as info:
@@ -176,5 +177,31 @@ def test_send_over_the_peers_max_msg_size_fails_before_it_leaves(make_node):
     assert "2010" in text and "1000" in text and "MAX_MSG_SIZE" in text, text
     assert time.monotonic() - start < 5
     again = make_node.message(small, b"z" * 990)  # the connection is still open
-    assert node.send(again).result(10) is again
+    sent = node.send(again)
     assert small.get(timeout=10).data == b"z" * 990
+    assert sent.result(10) is again
+    counters = node.statistics()["remotes"]["127.0.0.1:%d" % small.port]["counters"]
+    assert counters["connects"] == 1 and counters["protocol_errors"] == 0
+
+
+def test_peer_closing_on_a_large_message_says_it_may_exceed_max_msg_size(h):
+    """A 1.x peer announces nothing; when it closes on a message, the error says why that may be."""
+    import rawpeer as rp
+
+    node, _ = h.node(SYNCHRONOUS=True, TIMEOUT=5.0)
+    server = h.server(name="1.x peer with a small MAX_MSG_SIZE")
+    fut = node.send(rp.make_msg(server.port, b"", b"q" * 5000))
+    conn = h.track(server.accept())
+    conn.recv_handshake()
+    conn.send_handshake(server.port, bytes(range(0xB0, 0xC0)))
+    while True:  # our capability NOOP first (a 1.x peer ignores it), then the data frame
+        _, _, data_len, _, type_ = rp.unpack_header(conn.recv_exact(rp.HEADER_LEN, 5.0, "header"))
+        if not type_ & rp.NOOP:
+            break
+    assert data_len == 5000  # a 1.x reader over its MAX_MSG_SIZE closes here
+    conn.abort()
+    exc = rp.future_error(fut, 10.0, "send to the closing peer")
+    text = str(exc)
+    assert isinstance(exc, ConnectionError), repr(exc)
+    assert "peer closed the connection" in text and "5000 bytes" in text, text
+    assert "may exceed its MAX_MSG_SIZE" in text, text
