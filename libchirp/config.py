@@ -212,19 +212,19 @@ def _check_range(name: str, value: Union[int, float]) -> None:
 def _to_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError("Config.%s must be a number, not %s" % (name, type(value).__name__))
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError("Config.%s must be a number (%r)" % (name, value))
-    _check_range(name, value)
-    return value
+    number = float(value)
+    if math.isnan(number):
+        raise ValueError("Config.%s must be a number (%r)" % (name, number))
+    _check_range(name, number)
+    return number
 
 
 def _to_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("Config.%s must be an int, not %s" % (name, type(value).__name__))
-    value = int(value)
-    _check_range(name, value)
-    return value
+    number = int(value)
+    _check_range(name, number)
+    return number
 
 
 def _to_bool(name: str, value: Any) -> bool:
@@ -258,10 +258,10 @@ def _ip_converter(family: int) -> Callable[[str, Any], str]:
 def _to_identity(name: str, value: Any) -> bytes:
     if isinstance(value, str) or not isinstance(value, (bytes, bytearray, memoryview)):
         raise TypeError("Config.%s must be bytes, not %s" % (name, type(value).__name__))
-    value = bytes(value)
-    if len(value) != 16:
-        raise ValueError("Config.%s must be exactly 16 bytes (got %d)" % (name, len(value)))
-    return value
+    identity = bytes(value)
+    if len(identity) != 16:
+        raise ValueError("Config.%s must be exactly 16 bytes (got %d)" % (name, len(identity)))
+    return identity
 
 
 def _to_path(name: str, value: Any) -> Optional[str]:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import warnings
 from types import TracebackType
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Optional, Type, TypeVar
 
 from ._core import LoopCore, logger
 
 __all__ = ["Loop"]
+
+_Self = TypeVar("_Self", bound="Loop")
 
 
 class Loop:
@@ -77,7 +79,7 @@ class Loop:
         """
         self._core.call_soon(func, args, kwargs)
 
-    def __enter__(self) -> Loop:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(

@@ -64,7 +64,8 @@ def _as_bytes(name: str, value: Any, limit: int) -> bytes:
             ) from None
     if len(value) > limit:
         raise ValueError("Message.%s is too long (%d bytes, limit %d)" % (name, len(value), limit))
-    return value
+    result: bytes = value
+    return result
 
 
 #: Identities not handed out yet (list.pop() is atomic, so threads need no lock).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue as _queue
 from time import monotonic as _monotonic
-from typing import List, Optional
+from typing import Callable, List, Optional, cast
 
 from .chirp import ChirpBase
 from .config import Config
@@ -27,7 +27,7 @@ from .message import Message, MessageBase
 __all__ = ["Chirp", "Config", "Loop", "Message"]
 
 
-class Chirp(ChirpBase, _queue.Queue):
+class Chirp(ChirpBase, _queue.Queue[Message]):
     """A chirp node whose received messages are read with ``get()``."""
 
     def __init__(self, loop: Loop, config: Config) -> None:
@@ -45,7 +45,7 @@ class Chirp(ChirpBase, _queue.Queue):
     def disable_queue(self, value: bool) -> None:
         self._disable_queue = bool(value)
 
-    def _enqueue_many(self, msgs: List[MessageBase]) -> None:
+    def _enqueue_many(self, msgs: List[Message]) -> None:
         """Thread handling events: the messages of one batch (one lock, one wake-up)."""
         if self._disable_queue:
             self._release_taken(msgs)
@@ -56,21 +56,21 @@ class Chirp(ChirpBase, _queue.Queue):
             self.unfinished_tasks += n
             self.not_empty.notify(n)
 
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> MessageBase:
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Message:
         """Remove and return a received message (``queue.Empty`` as usual).
 
         With ``Config.AUTO_RELEASE`` the message's slot is released here.
         """
         if block and not self._qsize():
             timeout = self._lead(timeout)
-        msg: MessageBase = _queue.Queue.get(self, block, timeout)
+        msg: Message = _queue.Queue.get(self, block, timeout)
         if self._auto_release:
             self._release_taken([msg])
         return msg
 
     def get_many(
         self, max_count: int = 1024, block: bool = True, timeout: Optional[float] = None
-    ) -> List[MessageBase]:
+    ) -> List[Message]:
         """Remove and return up to ``max_count`` received messages, at least one.
 
         Waits like ``get()`` for the first message (``queue.Empty`` when
@@ -118,11 +118,12 @@ class Chirp(ChirpBase, _queue.Queue):
         node = self._node
         if node is None or (timeout is not None and timeout < 0):
             return timeout
-        return node.loop.lead_until(self._qsize, timeout, messages=True)
+        has_message = cast(Callable[[], bool], self._qsize)  # a count: true when non-zero
+        return node.loop.lead_until(has_message, timeout, messages=True)
 
-    def _release_taken(self, msgs: List[MessageBase]) -> None:
+    def _release_taken(self, msgs: List[Message]) -> None:
         """Release without futures (nobody sees them): AUTO_RELEASE of messages
         handed out, or messages not queued because of ``disable_queue``."""
         node = self._node
         if node is not None:
-            node.release_many(msgs)
+            node.release_many(cast(List[MessageBase], msgs))

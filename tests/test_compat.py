@@ -205,3 +205,31 @@ def test_peer_closing_on_a_large_message_says_it_may_exceed_max_msg_size(h):
     assert isinstance(exc, ConnectionError), repr(exc)
     assert "peer closed the connection" in text and "5000 bytes" in text, text
     assert "may exceed its MAX_MSG_SIZE" in text, text
+
+
+# -- typing ----------------------------------------------------------------------------------------
+
+
+def test_mypy_finds_the_installed_package(tmp_path):
+    """After `make build` a program outside the checkout type-checks against libchirp (py.typed)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    prog = tmp_path / "prog.py"
+    prog.write_text(
+        "import libchirp\n"
+        "from libchirp.queue import Chirp, Message\n\n\n"
+        "def first(loop: libchirp.Loop, config: libchirp.Config) -> bytes:\n"
+        "    with Chirp(loop, config) as node:\n"
+        "        msg: Message = node.get()\n"
+        "        return msg.data\n"
+    )
+    bad = tmp_path / "bad.py"
+    bad.write_text("from libchirp.queue import Chirp\n\n\ndef f(node: Chirp) -> str:\n"
+                   "    return node.get().data\n")  # fmt: skip
+    cmd = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache")]
+    ok = subprocess.run(cmd + [str(prog)], cwd=tmp_path, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    wrong = subprocess.run(cmd + [str(bad)], cwd=tmp_path, capture_output=True, text=True)
+    assert wrong.returncode == 1 and 'got "bytes"' in wrong.stdout, wrong.stdout + wrong.stderr
