@@ -254,11 +254,13 @@ def error_text(code: int, text: Optional[str] = None) -> str:
 def chirp_error_to_exception(code: int, text: Optional[str] = None) -> Optional[ChirpError]:
     """Map a C error code (and optional text) to an exception instance.
 
-    Returns ``None`` for SUCCESS (0). ``text`` may be ``str`` or ``bytes``; when it
-    is empty the text is ``CH_<NAME>``, or ``Unknown error: <n>`` for codes that
-    are not in PROTOCOL.md 7.3. The result has an ``ecode`` attribute.
+    Returns ``None`` for SUCCESS (0). ``code`` may have either sign: C functions
+    return ``-CH_<NAME>``, events carry ``CH_<NAME>`` (csrc/error.h); the
+    exception's ``ecode`` is the positive value. ``text`` may be ``str`` or
+    ``bytes``; when it is empty the text is ``CH_<NAME>``, or ``Unknown error:
+    <n>`` for codes that are not in PROTOCOL.md 7.3.
     """
-    code = int(code)
+    code = abs(int(code))
     if code == 0:
         return None
     if isinstance(text, (bytes, bytearray)):
