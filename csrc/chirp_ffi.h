@@ -12,9 +12,11 @@
  * batches. Nothing in the core ever calls back into Python.
  */
 
-#define CH_VERSION_STAMP 10007
+#define CH_VERSION_STAMP 10008
 
-/* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
+/* Error codes; values 0-19 are those of libchirp 1.x (PROTOCOL.md 7.3), later ones are
+ * appended. Sign convention (csrc/error.h): a function returns 0 or a negative
+ * -CH_<NAME>; a code carried as data (an event's status) is the positive CH_<NAME>. */
 enum ch_error {
     CH_SUCCESS = 0,
     CH_VALUE_ERROR = 1,
@@ -35,7 +37,8 @@ enum ch_error {
     CH_BUSY = 16,
     CH_EMPTY = 17,
     CH_WRITE_ERROR = 18,
-    CH_INIT_FAIL = 19
+    CH_INIT_FAIL = 19,
+    CH_SEND_QUEUE_FULL = 20 /* not in 1.x: MAX_SEND_QUEUE messages already wait for the peer */
 };
 
 const char *ch_strerror(int code);   /* human text, "Unknown error: n" style for others */
@@ -65,7 +68,7 @@ typedef struct ch_config_s {
 } ch_config_t;
 
 /* Validate a config the way node start does (PROTOCOL.md 7.2, fixed wording).
- * Returns CH_SUCCESS or CH_VALUE_ERROR with a message naming field and limit
+ * Returns CH_SUCCESS or -CH_VALUE_ERROR with a message naming field and limit
  * written into err (NUL terminated, at most errlen bytes). Pure, no I/O except
  * checking that PEM files exist. */
 int ch_config_check(const ch_config_t *cfg, char *err, size_t errlen);
@@ -122,7 +125,8 @@ typedef struct ch_event_s {
 int ch_loop_new(ch_loop_t **out);
 int ch_loop_run(ch_loop_t *loop);     /* blocks until stopped and all nodes closed */
 void ch_loop_stop(ch_loop_t *loop);   /* ask the loop to end once no node is open */
-void ch_loop_free(ch_loop_t *loop);   /* only after ch_loop_run returned and poll said -1 */
+void ch_loop_free(ch_loop_t *loop);   /* only after ch_loop_run returned and poll said
+                                         -CH_SHUTDOWN */
 void ch_loop_wake(ch_loop_t *loop, uint64_t token); /* post a CH_EV_WAKE event */
 
 /* Where a poll copies the header and data of the small messages it hands out
@@ -148,8 +152,8 @@ typedef struct ch_arena_s {
  * Calling it again ends the dispatcher's previous batch. While an
  * application thread waits in ch_loop_poll_app, events go to that thread
  * instead. Returns the number copied, 0 on timeout or after ch_loop_kick()
- * (the caller holds the lease either way, e.g. to run its timers), or -1
- * once the loop has ended and every event was handed out. */
+ * (the caller holds the lease either way, e.g. to run its timers), or
+ * -CH_SHUTDOWN once the loop has ended and every event was handed out. */
 int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena);
 
 /* ch_loop_poll_app: the same for an application thread that waits for a
@@ -158,7 +162,7 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_a
  * handles the events and then MUST call ch_loop_poll_done(). Returns 0
  * without the lease on timeout, or as soon as a batch ended after *seq was
  * read (another thread may have brought what the caller waits for: it
- * re-checks); -1 once ended. *seq is in/out: read it with ch_loop_batch_seq()
+ * re-checks); -CH_SHUTDOWN once ended. *seq is in/out: read it with ch_loop_batch_seq()
  * BEFORE checking the condition the first time; every return updates it.
  *
  * flags CH_POLL_MESSAGES: the caller waits for received messages. Events that
@@ -221,8 +225,8 @@ typedef struct ch_send_s {
  * ch_node_send the core copies header and data (each message becomes one
  * block), so the caller's buffers may go at once. The batch is handed to the
  * loop thread under one lock and with at most one wake-up, all or nothing:
- * CH_SUCCESS, or CH_VALUE_ERROR (a family other than 4/6, payload shorter
- * than the lengths), CH_ENOMEM or CH_SHUTDOWN with nothing submitted. Every
+ * CH_SUCCESS, or -CH_VALUE_ERROR (a family other than 4/6, payload shorter
+ * than the lengths), -CH_ENOMEM or -CH_SHUTDOWN with nothing submitted. Every
  * message gets its SEND_DONE as with ch_node_send. */
 int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *payload,
                        size_t payload_len);
@@ -233,7 +237,7 @@ int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *pa
 int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token);
 
 /* ch_node_release for n messages with the same token, under one lock, all or
- * nothing (CH_SUCCESS, CH_ENOMEM, CH_SHUTDOWN). Successful RELEASE_DONE
+ * nothing (CH_SUCCESS, -CH_ENOMEM, -CH_SHUTDOWN). Successful RELEASE_DONE
  * events of one token that follow each other are coalesced: count tells how
  * many releases one event stands for. A batch that owes no ACK (messages sent
  * asynchronously) only frees slots: it does not wake a sleeping loop thread

@@ -27,7 +27,7 @@ static int ch__cfg_fail(char *err, size_t errlen, const char *fmt, ...)
         vsnprintf(err, errlen, fmt, ap);
         va_end(ap);
     }
-    return CH_VALUE_ERROR;
+    return -CH_VALUE_ERROR;
 }
 
 double ch__config_reuse(const ch_config_t *cfg)

@@ -204,6 +204,7 @@ void ch__remote_flush(ch_remote_t *r);
 void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text);
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16]);
 void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c);
+uint32_t ch__remote_caps_max_msg(const uint8_t identity[16]);
 /* Earliest deadline of the messages waiting for an ACK on c (0 if none). */
 uint64_t ch__remote_ack_deadline(ch_remote_t *r, ch_conn_t *c);
 void ch__remote_delete(ch_remote_t *r, int reason, const char *text);
@@ -274,6 +275,7 @@ struct ch_conn_s {
     size_t rbuf_len;
 
     int peer_window; /* REQ_ACK frames the peer accepts unacknowledged (0 = 1) */
+    uint32_t peer_max_msg; /* MAX_MSG_SIZE the peer announced (0 = not announced) */
     int caps_sent;
     int slots_used;
     ch_msgq_t held;         /* received messages not yet released */

@@ -50,7 +50,7 @@ static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
         size_t ncap = v->cap ? v->cap * 2 : 64;
         void *n = realloc(v->items, ncap * size);
         if (!n)
-            return CH_ENOMEM;
+            return -CH_ENOMEM;
         v->items = n;
         v->cap = ncap;
     }
@@ -63,7 +63,7 @@ static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
 static int ch__vec_reserve(ch__vec_t *v, size_t n, size_t size)
 {
     if (n > SIZE_MAX / size - v->len)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     if (v->len + n <= v->cap)
         return CH_SUCCESS;
     size_t ncap = v->cap ? v->cap : 64;
@@ -71,7 +71,7 @@ static int ch__vec_reserve(ch__vec_t *v, size_t n, size_t size)
         ncap *= 2;
     void *items = realloc(v->items, ncap * size);
     if (!items)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     v->items = items;
     v->cap = ncap;
     return CH_SUCCESS;
@@ -375,22 +375,22 @@ int ch_loop_new(ch_loop_t **out)
     *out = NULL;
     ch_loop_t *loop = calloc(1, sizeof(*loop));
     if (!loop)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     if (uv_loop_init(&loop->uv) != 0) {
         free(loop);
-        return CH_UV_ERROR;
+        return -CH_UV_ERROR;
     }
     loop->uv.data = loop;
     if (uv_mutex_init(&loop->lock) != 0) {
         uv_loop_close(&loop->uv);
         free(loop);
-        return CH_INIT_FAIL;
+        return -CH_INIT_FAIL;
     }
     if (uv_cond_init(&loop->cond) != 0 || uv_cond_init(&loop->cond_app) != 0) {
         uv_mutex_destroy(&loop->lock);
         uv_loop_close(&loop->uv);
         free(loop);
-        return CH_INIT_FAIL;
+        return -CH_INIT_FAIL;
     }
     uv_async_init(&loop->uv, &loop->wake, ch__loop_wake_cb);
     loop->wake.data = loop;
@@ -457,7 +457,7 @@ int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n, int l
     uv_mutex_lock(&loop->lock);
     if (loop->ended) {
         uv_mutex_unlock(&loop->lock);
-        return CH_SHUTDOWN;
+        return -CH_SHUTDOWN;
     }
     int rc = ch__vec_reserve(&loop->cmds, n, sizeof(*cmds));
     if (rc == CH_SUCCESS) {
@@ -572,7 +572,7 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_a
         int pending = loop->events.len != loop->events.head;
         if (!pending && loop->ended) {
             uv_mutex_unlock(&loop->lock);
-            return -1;
+            return -CH_SHUTDOWN;
         }
         int wants_lease = timed_out || loop->disp_kicked;
         if (loop->busy == CH__BUSY_NONE) {
@@ -625,7 +625,7 @@ int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, 
             break;
         }
         if (!pending && loop->ended) {
-            n = -1;
+            n = -CH_SHUTDOWN;
             break;
         }
         if (loop->batch_seq != *seq)

@@ -77,7 +77,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10007
+_EXPECTED_STAMP = 10008
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -232,9 +232,15 @@ def _error(code: int, text: Optional[str] = None) -> ChirpError:
     return exc
 
 
+#: A submission refused here, before the core (the node is stopping, or a release has
+#: nothing to release). Positive, so it never equals a core code: those are negative
+#: (csrc/error.h).
+_REFUSED = 1
+
+
 def _submit_error(rc: int) -> ChirpError:
-    """The failure of a submission: a core code, or -1 when the node is stopping."""
-    return _error(rc) if rc > 0 else _shutdown_error("node is stopping")
+    """The failure of a submission: a negative core code, or _REFUSED (node stopping)."""
+    return _shutdown_error("node is stopping") if rc == _REFUSED else _error(rc)
 
 
 def _shutdown_error(text: str = "node stopped") -> ChirpShutdown:
@@ -870,7 +876,7 @@ class NodeCore:
                     raise RuntimeError("Message is still being sent")
                 msg._target()  # parses a received message's address; raises before any send
             if self.closing:
-                failed = [(fut, -1) for fut in futs]
+                failed = [(fut, _REFUSED) for fut in futs]
             else:
                 self._submit_many(msgs, futs, failed)
         for fut, rc in failed:
@@ -924,14 +930,15 @@ class NodeCore:
             flush()
 
     def _submit_send(self, msg: MessageBase, fut: Future, request: Optional[Future]) -> int:
-        """Hand one send to the core (caller holds the lock); 0, a core code, or -1 (closing).
+        """Hand one send to the core (caller holds the lock): 0, a negative core code, or
+        _REFUSED (closing).
 
         header and data are ``bytes`` passed to C as they are (no copy); the
         pending entry keeps them alive until SEND_DONE, even if the message's
         attributes are replaced meanwhile.
         """
         if self.closing:
-            return -1
+            return _REFUSED
         if msg._sending:
             raise RuntimeError("Message is still being sent")
         family, addr = msg._target()
@@ -998,7 +1005,7 @@ class NodeCore:
                 raise RuntimeError("a request with this message identity is already pending")
             self.requests[identity] = req
             self.expired.pop(identity, None)
-        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req)
+        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req, msg)
         try:
             send_future = self.send(msg, req)
         except BaseException:
@@ -1017,12 +1024,17 @@ class NodeCore:
             if exc is not None:
                 _set_exception(req, exc)
 
-    def _expire(self, identity: bytes, req: Any) -> None:
+    def _expire(self, identity: bytes, req: Any, msg: MessageBase) -> None:
         if not _pending_request(self.requests, identity, req):
             return
         del self.requests[identity]
         self._remember_expired(identity)
-        exc = ChirpTimeoutError("Chirp request timed out")
+        address = msg.address
+        peer = ("[%s]:%d" if ":" in address else "%s:%d") % (address, msg.port)
+        exc = ChirpTimeoutError(
+            "Chirp request timed out: no answer from %s within %.1f s (TIMEOUT)"
+            % (peer, self.timeout)
+        )
         exc.ecode = lib.CH_TIMEOUT
         _set_exception(req, exc)
 
@@ -1097,9 +1109,9 @@ class NodeCore:
         fut = self._future()
         with self.lock:
             rc = self._submit_release(msg, fut)
-        if rc > 0:
+        if rc < 0:
             fut.set_exception(_error(rc))
-        elif rc < 0:
+        elif rc == _REFUSED:
             fut.set_result(None)
         return fut
 
@@ -1145,20 +1157,20 @@ class NodeCore:
     def _submit_release(self, msg: MessageBase, fut: Future) -> int:
         """Hand one release, completed by ``fut``, to the core (caller holds the lock).
 
-        Returns 0 (submitted), -1 (nothing to release: no slot, or the node is
-        stopping and frees it itself) or a core error code. Releases without a
+        Returns 0 (submitted), _REFUSED (nothing to release: no slot, or the node
+        is stopping and frees it itself) or a negative core error code. Releases without a
         future go through release_many().
         """
         cmsg = msg._c
         if cmsg is None:
-            return -1
+            return _REFUSED
         if msg._sending:
             raise RuntimeError("Message is still being sent; release it when the send is done")
         msg._c = None
         self.held.discard(msg)
         if self.stop_sent:  # cannot happen for held messages; be safe
             self.orphans.append(cmsg)
-            return -1
+            return _REFUSED
         token = next(self.loop._tokens)
         self.releases[token] = (fut, msg._identity, msg._serial)
         rc = lib.ch_node_release(self.c, _cast(_MSG_P, cmsg), token)

@@ -7,7 +7,9 @@ loop and two daemon threads, the libuv **loop thread** (never runs Python) and
 the **dispatcher thread** (runs every Python callback: future resolution,
 message delivery, ``call_soon()``). See docs/architecture.md.
 
-``stop()`` marks the loop stopped at once (``running`` becomes False, ``run()``
+``stop()`` before ``run()`` does nothing (libchirp 1.x programs call it in
+cleanup paths that may run before the loop was started). After ``run()``, it
+marks the loop stopped at once (``running`` becomes False, ``run()``
 raises ``Cannot restart loop``); the threads end as soon as no node uses the
 loop: at once if none, otherwise inside the last node's ``stop()``. Stopping
 never hangs: the threads are joined with a bound.
@@ -28,9 +30,9 @@ from __future__ import annotations
 import os
 import warnings
 from types import TracebackType
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Optional, Type, TypeVar
 
-from ._core import LoopCore
+from ._core import LoopCore, logger
 from .errors import ChirpError
 
 __all__ = ["Loop", "ChirpForkError"]
@@ -45,6 +47,9 @@ class ChirpForkError(ChirpError, RuntimeError):
             "threads do not exist here; start a new Loop in the child" % (pid, os.getpid())
         )
         self.pid = pid
+
+
+_Self = TypeVar("_Self", bound="Loop")
 
 
 class Loop:
@@ -64,12 +69,30 @@ class Loop:
     def run(self) -> None:
         """Start the threads; no-op if started; ``RuntimeError`` after ``stop()``."""
         self._check_process()
-        self._core.run()
+        core = self._core
+        started = core.started
+        core.run()
+        if not started:
+            logger.debug("libchirp: loop started")
 
     def stop(self) -> None:
-        """Mark the loop stopped; its threads end once no node uses it (bounded wait)."""
+        """Mark the loop stopped; its threads end once no node uses it (bounded wait).
+
+        Before ``run()`` this does nothing (as in libchirp 1.x): a later ``run()``
+        starts the loop.
+        """
         self._check_process()
-        self._core.request_stop(join=True)
+        core = self._core
+        if not core.started:
+            return
+        again = core.stop_requested
+        core.request_stop(join=True)
+        if again:
+            return
+        if core.nodes:
+            logger.debug("libchirp: loop stop requested; it ends with its last node")
+        else:
+            logger.debug("libchirp: loop stopped")
 
     @property
     def running(self) -> bool:
@@ -85,7 +108,7 @@ class Loop:
         self._check_process()
         self._core.call_soon(func, args, kwargs)
 
-    def __enter__(self) -> Loop:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(

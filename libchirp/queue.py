@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import queue as _queue
 from time import monotonic as _monotonic
-from typing import List, Optional
+from typing import List, Optional, cast
 
 from .chirp import ChirpBase
 from .config import Config
@@ -32,7 +32,7 @@ from .message import Message, MessageBase
 __all__ = ["Chirp", "Config", "Loop", "Message"]
 
 
-class Chirp(ChirpBase, _queue.Queue):
+class Chirp(ChirpBase, _queue.Queue[Message]):
     """A chirp node whose received messages are read with ``get()``."""
 
     def __init__(self, loop: Loop, config: Config) -> None:
@@ -51,7 +51,7 @@ class Chirp(ChirpBase, _queue.Queue):
     def disable_queue(self, value: bool) -> None:
         self._disable_queue = bool(value)
 
-    def _enqueue_many(self, msgs: List[MessageBase]) -> None:
+    def _enqueue_many(self, msgs: List[Message]) -> None:
         """Thread handling events: the messages of one batch (one lock, one wake-up)."""
         if self._disable_queue:
             self._release_taken(msgs)
@@ -62,7 +62,7 @@ class Chirp(ChirpBase, _queue.Queue):
             self.unfinished_tasks += n
             self.not_empty.notify(n)
 
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> MessageBase:
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Message:
         """Remove and return a received message (``queue.Empty`` as usual).
 
         With ``Config.AUTO_RELEASE`` the message's slot is released here. Raises
@@ -73,7 +73,7 @@ class Chirp(ChirpBase, _queue.Queue):
 
     def get_many(
         self, max_count: int = 1024, block: bool = True, timeout: Optional[float] = None
-    ) -> List[MessageBase]:
+    ) -> List[Message]:
         """Remove and return up to ``max_count`` received messages, at least one.
 
         Waits like ``get()`` for the first message (``queue.Empty`` when
@@ -86,7 +86,7 @@ class Chirp(ChirpBase, _queue.Queue):
             raise ValueError("get_many(): max_count must be at least 1 (%r)" % (max_count,))
         return self._take(max_count, block, timeout)
 
-    def _take(self, max_count: int, block: bool, timeout: Optional[float]) -> List[MessageBase]:
+    def _take(self, max_count: int, block: bool, timeout: Optional[float]) -> List[Message]:
         self._check_process()
         if self._shut_down and (self._stopped or not self._qsize()):
             raise ChirpShutdown("the node is stopped")
@@ -147,9 +147,9 @@ class Chirp(ChirpBase, _queue.Queue):
     def _ready(self) -> bool:
         return bool(self._qsize()) or self._shut_down
 
-    def _release_taken(self, msgs: List[MessageBase]) -> None:
+    def _release_taken(self, msgs: List[Message]) -> None:
         """Release without futures (nobody sees them): AUTO_RELEASE of messages
         handed out, or messages not queued because of ``disable_queue``."""
         node = self._node
         if node is not None:
-            node.release_many(msgs)
+            node.release_many(cast(List[MessageBase], msgs))

@@ -174,11 +174,11 @@ static void test_batch(int sync)
     }
     /* Refused whole: a bad family, a payload shorter than the lengths, n < 0. */
     sends[7].family = 5;
-    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), -CH_VALUE_ERROR);
     sends[7].family = 4;
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen - 1),
-             CH_VALUE_ERROR);
-    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, -1, payload, plen), CH_VALUE_ERROR);
+             -CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, -1, payload, plen), -CH_VALUE_ERROR);
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, 0, payload, 0), CH_SUCCESS);
 
     nkept = nheld = nbad = ncopied = 0;
@@ -186,7 +186,7 @@ static void test_batch(int sync)
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), CH_SUCCESS);
     memset(payload, 0, sizeof(payload)); /* the core copied it */
     /* Release what arrived after every poll, one call for all of it. */
-    CHECK_EQ(ch_node_release_batch(b, held, -1, 2000), CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_release_batch(b, held, -1, 2000), -CH_VALUE_ERROR);
     CHECK_EQ(ch_node_release_batch(b, held, 0, 2000), CH_SUCCESS);
     int submitted = 0, calls = 0;
     uint64_t deadline = uv_hrtime() + (uint64_t)(unit_seconds(20) * 1e9);

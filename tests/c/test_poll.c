@@ -118,12 +118,12 @@ static void test_end(void)
     ch_loop_wake(loop, 12);
     ch_loop_stop(loop);
     uv_thread_join(&t);
-    /* Ended, one event left: it is still handed out, then -1 for everyone. */
+    /* Ended, one event left: it is still handed out, then -CH_SHUTDOWN for everyone. */
     CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), 1);
     CHECK_EQ(evs[0].token, 12u);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), -1);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), -CH_SHUTDOWN);
     uint64_t seq = ch_loop_batch_seq(loop);
-    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq, 0, NULL), -1);
+    CHECK_EQ(ch_loop_poll_app(loop, evs, 8, unit_seconds(1.0), &seq, 0, NULL), -CH_SHUTDOWN);
 }
 
 int main(void)
