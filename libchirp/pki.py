@@ -31,7 +31,8 @@ Command line::
 
     python -m libchirp.pki ca   --out DIR  [--name CN] [--days N] [--key-size BITS] [--force]
     python -m libchirp.pki node --ca DIR --out FILE [--name CN] [--days N] [--key-size BITS]
-    python -m libchirp.pki dh   --out FILE
+                                [--force]
+    python -m libchirp.pki dh   --out FILE [--force]
 """
 
 from __future__ import annotations
@@ -435,8 +436,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="RSA key size (default: %(default)s)",
     )
 
+    node.add_argument("--force", action="store_true", help="replace an existing --out file")
+
     dhp = sub.add_parser("dh", help="write DH parameters (DH_PARAMS_PEM), RFC 7919 ffdhe2048")
     dhp.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    dhp.add_argument("--force", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -454,6 +458,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m libchirp.pki"
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     try:
+        # Like a CA, an existing node file or DH file is only replaced on request.
+        if args.command != "ca" and not args.force and os.path.exists(args.out):
+            raise PkiError(f"{args.out} exists already (use --force to replace it)")
         if args.command == "ca":
             paths: Sequence[Path] = create_ca(
                 args.out, name=args.name, days=args.days, key_size=args.key_size, force=args.force
