@@ -14,7 +14,7 @@
 
 #define CH_VERSION_STAMP 10006
 
-/* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
+/* Error codes; values are those of libchirp 1.x (docs/protocol.md#errors). */
 enum ch_error {
     CH_SUCCESS = 0,
     CH_VALUE_ERROR = 1,
@@ -62,7 +62,7 @@ typedef struct ch_config_s {
     uint32_t max_send_queue;    /* 0 = unbounded (hardening issue) */
 } ch_config_t;
 
-/* Validate a config the way node start does (PROTOCOL.md 7.2, fixed wording).
+/* Validate a config the way node start does (docs/config.md, fixed wording).
  * Returns CH_SUCCESS or CH_VALUE_ERROR with a message naming field and limit
  * written into err (NUL terminated, at most errlen bytes). Pure, no I/O except
  * checking that PEM files exist. */

@@ -1,4 +1,4 @@
-"""Node configuration (PROTOCOL.md 7.1).
+"""Node configuration (docs/config.md).
 
 Theory of operation
 -------------------
@@ -11,7 +11,7 @@ A :class:`Config` is a plain Python object with one attribute per field of the C
   naming the field and the limit for an out-of-range value or a bad IP text.
   Unknown attribute names raise ``AttributeError`` so typos do not go unnoticed.
 * **When a node starts**, the C function ``ch_config_check`` applies the
-  semantic rules of PROTOCOL.md 7.2 (PORT > 1024, TIMEOUT in [0.1, 1200], ...)
+  semantic rules of docs/config.md (PORT > 1024, TIMEOUT in [0.1, 1200], ...)
   and the node raises ``ValueError`` with its text.
 
 A node seals the Config it starts with: setting an attribute afterwards raises
@@ -104,7 +104,7 @@ def _to_path(name: str, value: Any) -> Optional[str]:
     return value
 
 
-#: Field name -> (default, converter), in C struct order (PROTOCOL.md 7.1).
+#: Field name -> (default, converter), in C struct order (docs/config.md).
 _FIELDS: Dict[str, Tuple[Any, Callable[[str, Any], Any]]] = {
     "REUSE_TIME": (30.0, _to_float),
     "TIMEOUT": (5.0, _to_float),
@@ -127,7 +127,7 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[str, Any], Any]]] = {
 
 
 class Config:
-    """Configuration of a chirp node; see PROTOCOL.md 7.1 for every field.
+    """Configuration of a chirp node; see docs/config.md for every field.
 
     Fields (defaults): REUSE_TIME (30.0), TIMEOUT (5.0), PORT (2998), BACKLOG
     (100), MAX_SLOTS (0), SYNCHRONOUS (True), DISABLE_SIGNALS (False),
@@ -141,7 +141,7 @@ class Config:
     once with :class:`~libchirp.errors.ChirpSendQueueFull` (a ``MemoryError``,
     code ENOMEM) naming the peer and the limit; it never blocks and never drops
     a queued message, which are all still sent. New sends are accepted again as
-    soon as the queue has room (docs/config.md, "Bounded send queue").
+    soon as the queue has room (docs/config.md#bounded-send-queue).
     """
 
     __slots__ = tuple(_FIELDS) + ("_sealed",)

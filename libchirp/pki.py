@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Chirp nodes authenticate each other mutually with certificates of one private
-certificate authority (PROTOCOL.md 1.3 and 1.4). A node reads everything from
-two files:
+certificate authority (docs/tls.md#what-is-negotiated and
+docs/tls.md#the-two-files-a-node-needs). A node reads everything from two files:
 
 * ``CERT_CHAIN_PEM``: one PEM file holding the node's private key, its leaf
   certificate and then the CA certificate. The node trusts every certificate
@@ -249,7 +249,7 @@ def issue_node(
     """Issue a node certificate signed by the CA in ``ca_dir``.
 
     Writes ``out_file`` (mode 0600) in the CERT_CHAIN_PEM layout of
-    PROTOCOL.md 1.4: the node's new RSA private key as a PKCS#1
+    docs/tls.md#the-two-files-a-node-needs: the node's new RSA private key as a PKCS#1
     ``RSA PRIVATE KEY`` block, then the node's certificate, then the CA
     certificate. Use the file as ``Config.CERT_CHAIN_PEM``; all nodes with a
     certificate of the same CA accept each other.
@@ -332,7 +332,7 @@ def dh_params_pem(p: int = FFDHE2048_P, g: int = 2) -> bytes:
     The encoding is written out here (DHParameter ::= SEQUENCE { prime
     INTEGER, base INTEGER }) because cryptography, on OpenSSL 3, recognizes
     the RFC 7919 groups and then emits the X9.42 form instead, while
-    DH_PARAMS_PEM is specified as PKCS#3 (PROTOCOL.md 1.3).
+    DH_PARAMS_PEM is specified as PKCS#3 (docs/tls.md#what-is-negotiated).
     """
     body = _der_integer(p) + _der_integer(g)
     der = b"\x30" + _der_length(len(body)) + body
@@ -342,7 +342,7 @@ def dh_params_pem(p: int = FFDHE2048_P, g: int = 2) -> bytes:
     pem = text.encode("ascii")
     with warnings.catch_warnings():
         # Newer cryptography releases deprecate finite-field DH; the chirp
-        # protocol needs it for its TLS 1.2 DHE suites (PROTOCOL.md 1.3).
+        # protocol needs it for its TLS 1.2 DHE suites (docs/tls.md#what-is-negotiated).
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         numbers = serialization.load_pem_parameters(pem).parameter_numbers()  # self-check
         same = isinstance(numbers, dh.DHParameterNumbers) and (numbers.p, numbers.g) == (p, g)

@@ -150,3 +150,77 @@ def test_snippet_runs(page, name, code):
         stdin=subprocess.DEVNULL,
     )
     assert res.returncode == 0, "%s (%s) failed:\n%s\n%s" % (name, page, res.stdout, res.stderr)
+
+
+# -- references in sources and docs ----------------------------------------------------------------
+
+#: What is searched for references: the sources, tests, docs and build files.
+REFERENCE_ROOTS = ["libchirp", "csrc", "tests", "benchmarks", "examples", "docs", "mk",
+                   "Makefile", "README.md", ".ci"]  # fmt: skip
+TEXT_SUFFIXES = (".py", ".c", ".h", ".md", ".mk", ".rst", ".txt", ".sh", ".ini", ".toml", ".cfg")
+#: A reference to a file of the repository: it must exist.
+PATH_RX = re.compile(
+    r"(?<![\w/.-])((?:libchirp|csrc|tests|benchmarks|examples|docs|mk)/[\w/.-]*\w"
+    r"\.(?:py|c|h|md|mk|sh|rst))(#[\w-]+)?"
+)
+#: References that point outside the repository: a specification that is not
+#: in it, and issue numbers of a tracker (the spelling is split so this file
+#: does not match itself).
+FORBIDDEN = [
+    (re.compile("PROTOCOL" + r"\.md"), "a document not in the repository (see docs/)"),
+    (re.compile(r"(?i)\b(?:issue|bug|ticket)s?\s*" + "#?" + r"\d+\b"), "an issue number"),
+    (re.compile(r"(?<![\w&#])" + "#" + r"\d+\b"), "an issue number"),
+]
+#: Files the build generates, not kept in the repository.
+GENERATED = {"libchirp/_ffi.c"}
+#: Numbered things that are not issues: the C core's "certificate #N" messages.
+NOT_ISSUES = re.compile(r"certificate #\d")
+
+
+def reference_files():
+    for top in REFERENCE_ROOTS:
+        path = os.path.join(ROOT, top)
+        if os.path.isfile(path):
+            yield top
+            continue
+        for base, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if d not in ("seeds", "_build", "__pycache__")]
+            for name in files:
+                if name.endswith(TEXT_SUFFIXES) or name in ("Makefile", "run"):
+                    yield os.path.relpath(os.path.join(base, name), ROOT)
+
+
+def heading_anchors(page):
+    """The anchors MyST gives the headings of ``page`` (myst_heading_anchors = 3)."""
+    anchors = set()
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"#{1,3} (.+)", line)
+            if m:
+                text = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower())
+                anchors.add(text.replace(" ", "-"))
+    return anchors
+
+
+def test_no_reference_points_outside_the_repository():
+    """Comments and docs point to files that exist (and headings that exist), never to
+    documents outside the repository or to issue numbers."""
+    problems = []
+    for rel in sorted(reference_files()):
+        with open(os.path.join(ROOT, rel), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        for number, line in enumerate(text.splitlines(), 1):
+            where = "%s:%d" % (rel, number)
+            for rx, what in FORBIDDEN:
+                for m in rx.finditer(NOT_ISSUES.sub("", line)):
+                    problems.append("%s: %r is %s" % (where, m.group(0), what))
+            for m in PATH_RX.finditer(line):
+                target, anchor = m.group(1), m.group(2)
+                if target in GENERATED or re.search(r"/[A-Z]+\.", target):  # e.g. NAME.py
+                    continue
+                if not os.path.exists(os.path.join(ROOT, target)):
+                    problems.append("%s: %s does not exist" % (where, target))
+                elif anchor and target.endswith(".md"):
+                    if anchor[1:] not in heading_anchors(target):
+                        problems.append("%s: %s has no heading %s" % (where, target, anchor))
+    assert not problems, "\n".join(problems)
