@@ -11,7 +11,7 @@ LIBS_C := $(shell pkg-config --libs libuv openssl 2>/dev/null)
 CSRCS := $(filter-out csrc/chirp_ffi.h,$(wildcard csrc/*.c))
 CTESTS := $(patsubst tests/c/%.c,build/ctest/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all sysdeps venv build demo test ctest pytest bench bench-kiwi clean lint typecheck
+.PHONY: all sysdeps testdeps venv build demo test check ctest pytest bench bench-kiwi clean lint typecheck
 
 all: build
 
@@ -43,9 +43,21 @@ build: venv
 demo: build
 	$(PY) examples/demo.py
 
-test: build lint typecheck ctest
+test: build lint typecheck ctest testdeps
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory hardening
+
+# What only the tests need: InfluxDB 1.x for tests/test_timeseries.py (Debian's
+# influxdb; tests/influx.py installs it with apt-get when influxd is missing).
+testdeps: venv
+	$(PY) tests/influx.py install
+
+# The day-to-day check, in a few minutes: lint, the type check (once a
+# typecheck target exists), the C tests and the Python suite without the tests
+# marked slow; no sanitizers, no fuzzing. `make test` is the full run of CI.
+CHECK_PYTEST_ARGS ?= -m "not slow"
+check: build lint typecheck ctest
+	$(PY) -m pytest -q $(CHECK_PYTEST_ARGS) tests
 
 ctest: sysdeps $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; $$t; done

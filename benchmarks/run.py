@@ -1,4 +1,4 @@
-"""Run the benchmarks of issue 5 and print (and record) one comparable table (``make bench``).
+"""Run the benchmarks (docs/benchmarks.md); print and record one comparable table (``make bench``).
 
 libchirp's queue interface against pyzmq, two processes per system (a server
 and a client, ``benchmarks/pybench.py``), 64-byte messages unless stated,

@@ -14,7 +14,7 @@
 
 #define CH_VERSION_STAMP 10008
 
-/* Error codes; values 0-19 are those of libchirp 1.x (PROTOCOL.md 7.3), later ones are
+/* Error codes; values 0-19 are those of libchirp 1.x (docs/protocol.md#errors), later ones are
  * appended. Sign convention (csrc/error.h): a function returns 0 or a negative
  * -CH_<NAME>; a code carried as data (an event's status) is the positive CH_<NAME>. */
 enum ch_error {
@@ -67,7 +67,7 @@ typedef struct ch_config_s {
     uint32_t max_connections_per_address; /* 0 = only max_connections applies */
 } ch_config_t;
 
-/* Validate a config the way node start does (PROTOCOL.md 7.2, fixed wording).
+/* Validate a config the way node start does (docs/config.md, fixed wording).
  * Returns CH_SUCCESS or -CH_VALUE_ERROR with a message naming field and limit
  * written into err (NUL terminated, at most errlen bytes). Pure, no I/O except
  * checking that PEM files exist. */

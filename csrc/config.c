@@ -1,5 +1,5 @@
 /*
- * config.c: start-up validation of a node configuration (PROTOCOL.md 7.2).
+ * config.c: start-up validation of a node configuration (docs/config.md).
  *
  * The checks run in the reference order and keep the reference message
  * prefixes (existing programs match them), but every message names the

@@ -1,7 +1,7 @@
 /*
  * conn.c: one TCP connection between two nodes. Loop thread only.
  *
- * States (PROTOCOL.md 6.6): CONNECTING (outgoing, TCP connect issued) ->
+ * States (docs/architecture.md): CONNECTING (outgoing, TCP connect issued) ->
  * TLS (when encryption applies, 1.2) -> HANDSHAKE (our 18 bytes written,
  * waiting for the peer's) -> READY -> CLOSED. Accepted connections start in
  * TLS or HANDSHAKE. One timer per connection carries, in turn, the
@@ -13,7 +13,7 @@
  * Reading: bytes go through the pure frame reader (reader.c). A data frame
  * takes a receive slot right after its header was validated; when the
  * connection's MAX_SLOTS slots are all held, reading stops and the unread
- * bytes stay in rbuf until a release frees a slot (PROTOCOL.md 5).
+ * bytes stay in rbuf until a release frees a slot (docs/flow-control.md#slots).
  *
  * Writing: one frame at a time (header, header bytes, data bytes in one
  * uv_write), chosen by the remote's scheduler (remote.c).
@@ -685,7 +685,7 @@ static void ch__conn_hs_write_cb(uv_write_t *req, int status)
                        uv_strerror(status));
 }
 
-/* PROTOCOL.md 1.2: plaintext only for exactly 127.0.0.1 and ::1. */
+/* docs/tls.md#when-a-connection-is-encrypted: plaintext only for exactly 127.0.0.1 and ::1. */
 static int ch__conn_needs_tls(ch_conn_t *c)
 {
     static const uint8_t v4_lo[4] = {127, 0, 0, 1};
@@ -697,7 +697,7 @@ static int ch__conn_needs_tls(ch_conn_t *c)
     return memcmp(c->addr, v6_lo, 16) != 0;
 }
 
-/* Our 18 bytes, in one write (plain) or one record (TLS): PROTOCOL.md 2.2. */
+/* Our 18 bytes, in one write (plain) or one record (TLS): docs/protocol.md#wire-format. */
 static void ch__conn_send_handshake(ch_conn_t *c)
 {
     ch_node_t *node = c->node;

@@ -1,6 +1,6 @@
 /*
  * remote.c: remotes (peers keyed by family, IP and port), their queues and
- * the writer scheduling of PROTOCOL.md 6.3. Loop thread only.
+ * the writer scheduling of docs/protocol.md#wire-format. Loop thread only.
  *
  * A remote has a control queue (ACK, NOOP) and a data queue. Frames go out
  * on the remote's active connection, one at a time: control first, then
@@ -8,7 +8,7 @@
  * message is outstanding. The outstanding message remembers the connection
  * it was written on (msg->conn), so that closing some other connection of
  * the remote does not fail it (fixes reference quirk 10.6), and every
- * message that leaves a queue gets exactly one completion (10.9).
+ * message that leaves a queue gets exactly one completion.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -205,7 +205,7 @@ void ch__remote_flush(ch_remote_t *r)
     if (!c || c->state != CH__CONN_READY || c->writing.head || (c->flags & CH__CONNF_CLOSING))
         return;
     /* Gather frames into one write: control frames first, then data frames;
-     * a REQ_ACK frame only while none is outstanding (PROTOCOL.md 6.3). */
+     * a REQ_ACK frame only while none is outstanding (docs/protocol.md#wire-format). */
     ch_msgq_t batch = {0};
     size_t bytes = 0;
     while (batch.len < CH__WRITE_FRAMES && bytes < CH__WRITE_BYTES) {
@@ -303,7 +303,7 @@ void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16])
     while (m && memcmp(m->identity, identity, CH_ID_SIZE) != 0)
         m = m->onext;
     if (!m)
-        return; /* unknown ACKs are ignored (PROTOCOL.md 4.3) */
+        return; /* unknown ACKs are ignored (docs/protocol.md#wire-format) */
     ch__remote_unlink(r, m);
     ch_conn_t *wc = m->conn;
     if (wc && (m->flags & CH_MSGF_WRITING)) {
@@ -327,7 +327,7 @@ static void ch__remote_unblock_cb(uv_timer_t *t)
 }
 
 /*
- * A connection filed under this remote closed (PROTOCOL.md 6.7, with the
+ * A connection filed under this remote closed (docs/protocol.md#errors, with the
  * in-flight state scoped to the connection that carried it).
  */
 void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text)

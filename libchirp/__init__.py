@@ -9,7 +9,7 @@ Interfaces (each exports ``Chirp``, ``Config``, ``Loop`` and ``Message``):
 * :mod:`libchirp.asyncio`: override ``async def handler(msg)``; awaitable
   ``send()``, ``request()`` and ``release_slot()``.
 
-Every node offers ``statistics()`` (see :mod:`libchirp.stats`). See PROTOCOL.md
+Every node offers ``statistics()`` (see :mod:`libchirp.stats`). See docs/protocol.md
 for the wire protocol and docs/architecture.md for the threads.
 
 Importing this package fails with ``ImportError`` if the compiled core is

@@ -28,7 +28,7 @@ that were due), it runs the *end-of-batch hooks* registered during that batch
 (``libchirp.asyncio``) collect what a batch produced and flush it there with one
 wake-up per batch instead of one per message.
 
-Requests (PROTOCOL.md 8.3, changed by issue 4): a reply that arrives after its
+Requests (docs/protocol.md#answering, a change from libchirp 1.x): a reply that arrives after its
 request timed out is counted (``late_replies``) and dropped: its slot is
 released at once (so the peer still gets its ACK) and it is never delivered as
 an ordinary message (libchirp 1.x delivered it; see ``DROP_LATE_REPLIES``).
@@ -99,9 +99,9 @@ JOIN_LIMIT = 10.0
 #: How many expired request identities are remembered (late replies are dropped).
 EXPIRED_MEMORY = 10000
 #: What happens to a reply that arrives after its request timed out: it is always
-#: counted (``late_replies``). True (the default since issue 4) drops it: it is
+#: counted (``late_replies``). True (the default) drops it: it is
 #: released at once, so the peer still gets its ACK, and never delivered. False
-#: restores libchirp 1.x (PROTOCOL.md 8.3): it is delivered as an ordinary message.
+#: restores libchirp 1.x (docs/protocol.md#answering): it is delivered as an ordinary message.
 DROP_LATE_REPLIES = True
 #: call_soon() callbacks run per wake-up before yielding to other events.
 CALLS_PER_WAKE = 10000
@@ -287,7 +287,7 @@ def fill_config(config: Config) -> Tuple[Any, List[Any]]:
 
 
 def check_config(ccfg: Any) -> None:
-    """Run ``ch_config_check`` (PROTOCOL.md 7.2); raise ValueError with its text."""
+    """Run ``ch_config_check`` (docs/config.md); raise ValueError with its text."""
     err = ffi.new("char[]", 512)
     rc = lib.ch_config_check(ccfg, err, 512)
     if rc != lib.CH_SUCCESS:
@@ -1271,7 +1271,7 @@ class NodeCore:
     # -- stop ----------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the node (PROTOCOL.md 8.1); idempotent, bounded, see ChirpBase.stop()."""
+        """Stop the node; idempotent and bounded, see ChirpBase.stop()."""
         if self.loop.in_dispatcher():
             raise RuntimeError(
                 "stop() cannot be called on the loop's dispatcher thread (from a receive "

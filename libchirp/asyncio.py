@@ -26,9 +26,9 @@ Handlers: every received message that does not answer a request runs
 ``handler(msg)`` in its own task. With ``Config.AUTO_RELEASE`` (default) the slot
 is released after the handler returns **or raises** (the exception is logged
 with its traceback through the ``libchirp`` logger; libchirp 1.x leaked the
-slot, PROTOCOL.md 10.14). If the handler started sending the message back
-without awaiting it, the release happens when that send completed. The default
-handler releases the message when AUTO_RELEASE is False.
+slot, docs/protocol.md#compatibility-with-libchirp-1x). If the handler started
+sending the message back without awaiting it, the release happens when that
+send completed. The default handler releases the message when AUTO_RELEASE is False.
 
 Stopping: ``await chirp.astop()`` (or ``async with``) on the asyncio loop; it
 waits (bounded by Config.TIMEOUT) for running handler tasks and then runs the
@@ -397,7 +397,7 @@ class Chirp(ChirpBase):
     # -- sending -------------------------------------------------------------------------------
 
     def send(self, msg: _M) -> asyncio.Future[_M]:  # type: ignore[override]
-        """Send ``msg``; returns an asyncio future resolving to ``msg`` (PROTOCOL.md 4.1).
+        """Send ``msg``; returns an asyncio future resolving to ``msg`` (docs/modes.md).
 
         Call on the asyncio loop's thread, or before that loop runs (as in
         libchirp 1.x; the future completes once it runs). ``RuntimeError`` if

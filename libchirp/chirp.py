@@ -1,4 +1,4 @@
-"""The node base class and the request future (PROTOCOL.md 8.1, 8.3).
+"""The node base class and the request future (docs/interfaces.md, docs/protocol.md#answering).
 
 Theory of operation
 -------------------
@@ -19,7 +19,7 @@ garbage-collected, warns with ``ResourceWarning`` and stops in the background.
 complete: after ``stop()`` began they are already failed with
 :class:`~libchirp.errors.ChirpShutdown`. ``stop()`` is idempotent and bounded.
 
-Late replies (a change from libchirp 1.x, issue 4): a reply that arrives after
+Late replies (a change from libchirp 1.x): a reply that arrives after
 its request timed out is released at once (its sender still gets its ACK),
 counted in ``late_replies`` / ``statistics()["late_replies"]`` and dropped; it
 is never delivered as an ordinary message.
@@ -222,7 +222,7 @@ class ChirpBase:
     # -- sending -------------------------------------------------------------------------------
 
     def send(self, msg: _M) -> Future[_M]:
-        """Send ``msg``; the future resolves to ``msg`` (PROTOCOL.md 4.1) or fails.
+        """Send ``msg``; the future resolves to ``msg`` (docs/modes.md) or fails.
 
         Thread-safe. ``RuntimeError`` if ``msg`` is still being sent.
         """
@@ -247,7 +247,7 @@ class ChirpBase:
         return self._node.send_many(batch)
 
     def request(self, msg: _M, auto_release: bool = True) -> ChirpFuture[_M]:
-        """Send ``msg`` and return a :class:`ChirpFuture` for the reply (PROTOCOL.md 8.3).
+        """Send ``msg``; return a :class:`ChirpFuture` for the reply (docs/protocol.md#answering).
 
         The first received message carrying ``msg.identity`` resolves the future;
         it is not delivered to the interface. Without a reply within
@@ -265,7 +265,7 @@ class ChirpBase:
     # -- stopping ------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the node; idempotent and bounded (PROTOCOL.md 8.1).
+        """Stop the node; idempotent and bounded (docs/interfaces.md#common-to-all-interfaces).
 
         Waits up to Config.TIMEOUT for delivered messages to be released; if some
         are not, releases them itself and raises ``RuntimeError("Timeout waiting

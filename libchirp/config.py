@@ -343,13 +343,13 @@ class Config:
     once with :class:`~libchirp.errors.ChirpSendQueueFull` (a ``MemoryError``,
     code ENOMEM) naming the peer and the limit; it never blocks and never drops
     a queued message, which are all still sent. New sends are accepted again as
-    soon as the queue has room (docs/config.md, "Bounded send queue").
+    soon as the queue has room (docs/config.md#bounded-send-queue).
 
     MAX_CONNECTIONS and MAX_CONNECTIONS_PER_ADDRESS bound the open connections
     (all of them, and the incoming ones from one IP address). When a new
     connection would exceed a limit the node first closes the connection idle
     the longest (no data frame for a second; NOOPs do not count), and refuses
-    the new one if none is idle (docs/config.md, "Connection limits").
+    the new one if none is idle (docs/config.md#connection-limits).
     """
 
     __slots__ = tuple(_FIELDS) + ("_sealed",)

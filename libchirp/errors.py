@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The C core reports every failure as a ``ch_error_t`` code (PROTOCOL.md 7.3) plus,
+The C core reports every failure as a ``ch_error_t`` code (docs/protocol.md#errors) plus,
 where it has something to say, a text taken from the failing connection or
 node. :func:`chirp_error_to_exception` is the only place that turns such a pair
 into a Python exception; every other module calls it.
@@ -12,7 +12,7 @@ catches anything the core reports) *and* from the builtin users already catch:
 ``ValueError``, ``ConnectionError``, ``TimeoutError``, ``MemoryError``, ``OSError``
 or ``RuntimeError``. Each instance carries the numeric code in ``ecode``.
 
-Deviations from libchirp 1.x (PROTOCOL.md 10.10): SHUTDOWN is a
+Deviations from libchirp 1.x (docs/protocol.md#compatibility-with-libchirp-1x): SHUTDOWN is a
 ``ConnectionError`` (1.x: plain ``Exception``), PROTOCOL_ERROR and TLS_ERROR are
 both ``RuntimeError`` (as in 1.x) and ``ConnectionError``, and the text comes
 from the failing connection instead of "the last error logged on the loop".
@@ -51,7 +51,7 @@ __all__ = [
     "chirp_error_to_exception",
 ]
 
-#: Code -> name, as in ``enum ch_error`` of csrc/chirp_ffi.h (PROTOCOL.md 7.3).
+#: Code -> name, as in ``enum ch_error`` of csrc/chirp_ffi.h (docs/protocol.md#errors).
 ERROR_NAMES: Dict[int, str] = {
     0: "SUCCESS",
     1: "VALUE_ERROR",
@@ -258,7 +258,7 @@ def chirp_error_to_exception(code: int, text: Optional[str] = None) -> Optional[
     return ``-CH_<NAME>``, events carry ``CH_<NAME>`` (csrc/error.h); the
     exception's ``ecode`` is the positive value. ``text`` may be ``str`` or
     ``bytes``; when it is empty the text is ``CH_<NAME>``, or ``Unknown error:
-    <n>`` for codes that are not in PROTOCOL.md 7.3.
+    <n>`` for codes that are not in docs/protocol.md#errors.
     """
     code = abs(int(code))
     if code == 0:

@@ -1,4 +1,4 @@
-"""The public event loop (PROTOCOL.md 8.1).
+"""The public event loop (docs/interfaces.md#common-to-all-interfaces).
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""Chirp messages (PROTOCOL.md 8.1).
+"""Chirp messages (docs/interfaces.md#common-to-all-interfaces).
 
 Theory of operation
 -------------------
@@ -270,7 +270,7 @@ class MessageBase:
     # -- slot ----------------------------------------------------------------------------------
 
     def release_slot(self) -> "Future[Optional[Tuple[bytes, int]]]":
-        """Release the message's slot (sends the owed ACK, PROTOCOL.md 4.2).
+        """Release the message's slot (sends the owed ACK, docs/protocol.md#wire-format).
 
         Returns a ``concurrent.futures.Future`` resolving to ``(identity, serial)``
         once the release is done, or resolved to ``None`` at once if the message

@@ -8,7 +8,7 @@ go to the executor). The dispatcher thread submits every received message that
 does not answer a request to the pool, where ``handler(msg)`` runs; subclasses
 override it.
 
-Release (PROTOCOL.md 8.2, with the fix of 10.14): with ``Config.AUTO_RELEASE``
+Release (docs/flow-control.md#releasing, fixing a libchirp 1.x leak): with ``Config.AUTO_RELEASE``
 (default) the slot is released after ``handler`` returns **or raises**; an
 exception is logged with its traceback through the ``libchirp`` logger (libchirp
 1.x leaked the slot). If the handler sent the message back (an answer) without

@@ -1,4 +1,4 @@
-"""Queue interface: received messages are taken with ``get()`` (PROTOCOL.md 8.2).
+"""Queue interface: received messages are taken with ``get()`` (docs/flow-control.md#releasing).
 
 Theory of operation
 -------------------

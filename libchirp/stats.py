@@ -1,4 +1,4 @@
-"""The shape of ``Chirp.statistics()`` (node statistics, issue 4).
+"""The shape of ``Chirp.statistics()`` (node statistics).
 
 Theory of operation
 -------------------
@@ -14,7 +14,7 @@ whole life. Error counters count connection closes by reason.
 
 Remote keys are ``"address:port"`` for IPv4 (``"127.0.0.1:2998"``) and
 ``"[address]:port"`` for IPv6 (``"[::1]:2998"``); ``port`` is the peer's public
-port from its handshake (PROTOCOL.md 6.1), not the TCP source port.
+port from its handshake (docs/protocol.md#nodes-remotes-and-connections), not the TCP source port.
 
 This module is pure Python and does not need the compiled core.
 """

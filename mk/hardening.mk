@@ -1,4 +1,4 @@
-# mk/hardening.mk: fuzzing and sanitizer targets (issue 6). Included at the
+# mk/hardening.mk: fuzzing and sanitizer targets. Included at the
 # end of the main Makefile (`include mk/hardening.mk`), whose CSRCS, CTESTS,
 # CFLAGS_C, LIBS_C and sysdeps target it uses.
 #

@@ -1,4 +1,4 @@
-"""Batch forms and the cheap paths behind them (issue 5).
+"""Batch forms and the cheap paths behind them.
 
 ``send_many()`` hands many sends over under one lock, ``get_many()`` takes all
 queued messages and releases them in one hand-over (AUTO_RELEASE releases are

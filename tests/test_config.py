@@ -1,4 +1,4 @@
-"""libchirp.Config: defaults, conversion at set time, sealing (PROTOCOL.md 7.1); pure Python."""
+"""libchirp.Config: defaults, conversion at set time, sealing (docs/config.md); pure Python."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The error code -> exception mapping (PROTOCOL.md 7.3, 10.10); pure Python."""
+"""The error code -> exception mapping (docs/protocol.md#errors); pure Python."""
 
 import errno
 

@@ -1,4 +1,4 @@
-"""libchirp.Loop: life cycle, call_soon(), context manager, leak warning (PROTOCOL.md 8.1)."""
+"""libchirp.Loop: life cycle, call_soon(), context manager, leak warning (docs/interfaces.md)."""
 
 import gc
 import logging

@@ -1,6 +1,6 @@
-"""Bounded send queue (Config.MAX_SEND_QUEUE, issue 6 "Resource limits").
+"""Bounded send queue (Config.MAX_SEND_QUEUE, docs/config.md#bounded-send-queue).
 
-Policy (docs/config.md, "Bounded send queue"): when MAX_SEND_QUEUE messages
+Policy (docs/config.md#bounded-send-queue): when MAX_SEND_QUEUE messages
 already wait to be written to a peer, the next send to it fails at once with
 ChirpSendQueueFull (a MemoryError naming the limit); queued messages are never
 dropped and all still complete; once the queue has room, sends succeed again.
