@@ -219,7 +219,8 @@ SAN_ENV_tsan = CHIRP_TEST_TIMEOUT_SCALE=$(TSAN_SCALE) CHIRP_SANITIZER=tsan \
 
 .PHONY: asan tsan
 
-# build/<san>/ready: the sanitizer build of the extension and its venv.
+# build/<san>/ready: the sanitizer build of the extension and its venv, whose bin/chirp
+# is the command line on that build (the doc snippets run it).
 build/%/ready: build_ffi.py mk/sanhook.py $(CSRCS) $(wildcard csrc/*.h) | build fuzz-deps
 	@rm -rf build/$*/venv build/$*/ffi-path; mkdir -p build/$*
 	CC=$(SAN_CC_$*) CHIRP_CFLAGS="$(SAN_CFLAGS_$*)" CHIRP_LDFLAGS="$(SAN_LDFLAGS_$*)" \
@@ -232,6 +233,9 @@ build/%/ready: build_ffi.py mk/sanhook.py $(CSRCS) $(wildcard csrc/*.h) | build 
 	cp mk/sanhook.py $$sp/chirp_sanhook.py; \
 	echo "import chirp_sanhook; chirp_sanhook.install('$$so', '$$deps', '$(CURDIR)/build/$*/loads.log')" \
 		> $$sp/chirp_san.pth; \
+	printf '#!%s\nimport sys\nfrom libchirp.cli import main\nsys.exit(main())\n' \
+		"$(CURDIR)/build/$*/venv/bin/python" > build/$*/venv/bin/chirp; \
+	chmod +x build/$*/venv/bin/chirp; \
 	echo "$$so" > build/$*/ffi-path; echo "$*: extension $$so, python build/$*/venv/bin/python"
 	@touch $@
 
