@@ -53,6 +53,7 @@ from concurrent.futures import wait as _wait_futures
 from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
+from .config import LIMITS as CONFIG_LIMITS
 from .config import Config
 from .errors import ERROR_NAMES, ChirpError
 from .loop import Loop
@@ -79,16 +80,24 @@ class UsageError(CliError):
     """Bad arguments found after parsing (options that exclude each other): status 2."""
 
 
+def _config_limit(field: str, note: str) -> Tuple[str, float, float, str]:
+    """The range of a Config field as libchirp.config.LIMITS has it (0 where 0 is allowed)."""
+    lim = CONFIG_LIMITS[field]
+    assert lim.low is not None and lim.high is not None
+    return (field, 0 if lim.zero is not None else lim.low, lim.high, note)
+
+
 #: The limits the command checks its node options against, shown by ``chirp --help``:
 #: option -> (Config field or "", low, high, unit). Where a Config field is named,
-#: the range is that field's as the command accepts it.
+#: the range is that field's in libchirp.config.LIMITS, the one table of them.
 LIMITS: Dict[str, Tuple[str, float, float, str]] = {
-    "--port": ("PORT", 1025, 65535, "or 0: a free port, which the command prints"),
-    "--timeout": ("TIMEOUT", 0.1, 1200.0, "seconds"),
-    "--max-slots": ("MAX_SLOTS", 0, 32, "0 = the mode's default"),
+    "--port": ("PORT", CONFIG_LIMITS["PORT"].low or 0, CONFIG_LIMITS["PORT"].high or 0,
+               "or 0: a free port, which the command prints"),
+    "--timeout": _config_limit("TIMEOUT", "seconds"),
+    "--max-slots": _config_limit("MAX_SLOTS", "0 = the mode's default"),
     "--stats-every": ("", 0.1, 86400.0, "seconds"),
     "--interval": ("", 0.0, 86400.0, "seconds"),
-}
+}  # fmt: skip
 
 
 def _limits_text() -> str:

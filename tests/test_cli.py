@@ -40,6 +40,7 @@ import netns  # noqa: E402
 from conftest import find_free_port  # noqa: E402
 
 from libchirp import cli  # noqa: E402
+from libchirp.config import LIMITS as CONFIG_LIMITS  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -646,6 +647,10 @@ def test_help_shows_the_limits_and_exit_statuses():
         if field:
             assert "Config.%s" % field in res.stdout
     assert "2 bad arguments" in res.stdout and "130 Ctrl-C" in res.stdout
+    for option in ("--port", "--timeout", "--max-slots"):
+        field, low, high, _ = cli.LIMITS[option]
+        lim = CONFIG_LIMITS[field]
+        assert (low in (lim.low, 0), high) == (True, lim.high), "one table of limits"
 
 
 def test_plural():
