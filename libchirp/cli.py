@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import queue
@@ -98,6 +99,11 @@ LIMITS: Dict[str, Tuple[str, float, float, str]] = {
     "--stats-every": ("", 0.1, 86400.0, "seconds"),
     "--interval": ("", 0.0, 86400.0, "seconds"),
 }  # fmt: skip
+
+
+def _mark_done(done_at: Dict[int, float], index: int, _future: Any) -> None:
+    """Done callback: note when send number ``index`` completed."""
+    done_at[index] = time.monotonic()
 
 
 def _limits_text() -> str:
@@ -292,7 +298,9 @@ def _exc_text(exc: BaseException) -> str:
     return text
 
 
-def _wait(fut: Future, limit: float, what: str, stop: Optional[threading.Event] = None) -> bool:
+def _wait(
+    fut: Future[Any], limit: float, what: str, stop: Optional[threading.Event] = None
+) -> bool:
     """Wait until ``fut`` is done; False if ``stop`` was set first (Ctrl-C).
 
     A future that outlives ``limit`` is a bug, reported as an error.
@@ -537,7 +545,7 @@ def format_stats(stats: Dict[str, Any], previous: Optional[Dict[str, Any]] = Non
         lines.append(totals)
     remotes = stats.get("remotes", {})
     before = {} if previous is None else previous.get("remotes", {})
-    rows = [_REMOTE_HEAD]
+    rows: List[Tuple[str, ...]] = [_REMOTE_HEAD]
     for key in sorted(remotes):
         row = _remote_row(key, remotes[key])
         if previous is not None and key in before:
@@ -575,10 +583,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if args.max_slots:
         config.MAX_SLOTS = args.max_slots
     received = echoed = echo_failures = 0
-    pending: collections.deque = collections.deque()
+    pending: collections.deque[Any] = collections.deque()
     wait_limit = 3 * args.timeout + _SLACK
 
-    def echo_done(fut: Future) -> None:
+    def echo_done(fut: Future[Any]) -> None:
         nonlocal echo_failures
         exc = fut.exception()
         if exc is not None:
@@ -736,10 +744,10 @@ def cmd_send(args: argparse.Namespace) -> int:
         node.disable_queue = True  # stray messages (e.g. echoes when not --request) are dropped
         try:
             _announce(prog, node, args)
-            pending: collections.deque = collections.deque()
+            pending: collections.deque[Any] = collections.deque()
             done_at: Dict[int, float] = {}
 
-            def finish(item: Tuple[int, float, Future]) -> bool:
+            def finish(item: Tuple[int, float, Future[Any]]) -> bool:
                 """Report one send; False if Ctrl-C came first."""
                 nonlocal ok, failed
                 i, start, fut = item
@@ -779,7 +787,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 msg.data = data
                 start = time.monotonic()
                 fut = node.request(msg) if args.request else node.send(msg)
-                fut.add_done_callback(lambda _f, i=sent: done_at.__setitem__(i, time.monotonic()))
+                fut.add_done_callback(functools.partial(_mark_done, done_at, sent))
                 pending.append((sent, start, fut))
                 sent += 1
                 while len(pending) >= args.window or (pending and pending[0][2].done()):
@@ -924,7 +932,7 @@ def _bench_peer(argv: Sequence[str]) -> int:
     failures = [0]
 
     def serve(node: Chirp) -> None:
-        def done(fut: Future) -> None:
+        def done(fut: Future[Any]) -> None:
             if fut.exception() is not None:
                 failures[0] += 1
 
@@ -975,9 +983,9 @@ def _run_shape(
     limit: float,
 ) -> float:
     """Run one shape against the peer at 127.0.0.1:port; return the elapsed seconds."""
-    pending: collections.deque = collections.deque()
+    pending: collections.deque[Any] = collections.deque()
 
-    def settle(fut: Future) -> Any:
+    def settle(fut: Future[Any]) -> Any:
         _wait(fut, limit, "a bench message")
         exc = fut.exception()
         if exc is not None:
@@ -1011,7 +1019,7 @@ def _run_shape(
     return time.perf_counter() - start
 
 
-def _collect(child: subprocess.Popen, lines: List[str], ready: threading.Event) -> None:
+def _collect(child: subprocess.Popen[str], lines: List[str], ready: threading.Event) -> None:
     """Collect the peer's output lines; ``ready`` is set at READY, FAILED or its end."""
     assert child.stdout is not None
     for line in child.stdout:
@@ -1021,7 +1029,7 @@ def _collect(child: subprocess.Popen, lines: List[str], ready: threading.Event) 
     ready.set()
 
 
-def _start_bench_peer() -> Tuple[subprocess.Popen, List[int], List[str]]:
+def _start_bench_peer() -> Tuple[subprocess.Popen[str], List[int], List[str]]:
     """Start the peer process; its nodes take free ports and it reports them.
 
     Returns the process, its ports (asynchronous node, synchronous node) and the
@@ -1045,7 +1053,7 @@ def _start_bench_peer() -> Tuple[subprocess.Popen, List[int], List[str]]:
     raise CliError("the peer node (a child process) did not start: %s" % problem)
 
 
-def _end_child(child: subprocess.Popen) -> None:
+def _end_child(child: subprocess.Popen[str]) -> None:
     """Close the child's stdin (its signal to stop) and wait for it, bounded."""
     if child.stdin is not None:
         try:
@@ -1371,7 +1379,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     try:
         args, extra = parser.parse_known_args(args_list)
         if extra:  # reported by the subcommand, so the message names it
-            parser.commands[args.command].error("unrecognized arguments: " + " ".join(extra))
+            commands: Dict[str, argparse.ArgumentParser]
+            commands = parser.commands  # type: ignore[attr-defined]
+            commands[args.command].error("unrecognized arguments: " + " ".join(extra))
     except SystemExit as exc:  # --help / --version (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     args.prog = "%s %s" % (prog, args.command)
