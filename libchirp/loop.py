@@ -73,7 +73,7 @@ class Loop:
         started = core.started
         core.run()
         if not started:
-            logger.debug("libchirp: loop started")
+            logger.debug("loop started")
 
     def stop(self) -> None:
         """Mark the loop stopped; its threads end once no node uses it (bounded wait).
@@ -90,9 +90,9 @@ class Loop:
         if again:
             return
         if core.nodes:
-            logger.debug("libchirp: loop stop requested; it ends with its last node")
+            logger.debug("loop stop requested; it ends with its last node")
         else:
-            logger.debug("libchirp: loop stopped")
+            logger.debug("loop stopped")
 
     @property
     def running(self) -> bool:
