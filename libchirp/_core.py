@@ -5,14 +5,18 @@ Theory of operation
 Everything that touches ``ffi``/``lib`` lives here; the public modules
 (``loop``, ``chirp``, ``queue``, ...) are thin shells over two classes:
 
-* :class:`LoopCore` owns a ``ch_loop_t`` and two daemon threads (see
-  docs/architecture.md): the **loop thread** runs ``ch_loop_run()`` (libuv; no
-  Python, the GIL is released for the whole call) and the **dispatcher thread**
-  blocks in ``ch_loop_poll()`` with the GIL released and handles the returned
-  events in batches of up to 256, so Python is entered once per batch, not once
-  per message. The dispatcher also runs ``call_soon()`` callbacks (queued in a
-  deque and announced with ``ch_loop_wake()``) and the request timers (a heap of
-  deadlines; the poll timeout is the time to the earliest deadline).
+* :class:`LoopCore` owns a ``ch_loop_t`` and one daemon thread, the
+  **background thread** (see docs/architecture.md). libuv is not thread-safe:
+  whichever thread holds the loop's ownership token runs it
+  (``ch_loop_drive()``, the GIL released while it blocks in the I/O poll) and
+  then handles the events it produced, in batches of up to 256, holding the
+  token, so Python is entered once per batch and events are handled in order.
+  A thread that waits for a result (``get()``, a future's ``result()``)
+  drives the loop itself (:meth:`LoopCore.lead_until`); the background thread
+  drives it whenever no such thread does. The holder also runs ``call_soon()``
+  callbacks (queued in a deque and announced with ``ch_loop_wake()``) and the
+  request timers (a heap of deadlines; the drive's timeout is the time to the
+  earliest deadline).
 
 * :class:`NodeCore` owns a ``ch_node_t``. Application threads submit sends and
   releases under the node's lock; the lock also guards the "closing" and "stop
@@ -22,7 +26,7 @@ Everything that touches ``ffi``/``lib`` lives here; the public modules
   Header and data ``bytes`` of a send are handed to C without copying
   (``ffi.from_buffer``) and kept alive in the pending entry until SEND_DONE.
 
-Batches: after the dispatcher has handled one batch of events (and the timers
+Batches: after the token holder has handled one batch of events (and the timers
 that were due), it runs the *end-of-batch hooks* registered during that batch
 (:meth:`LoopCore.at_batch_end`). Interfaces that hand work to another event loop
 (``libchirp.asyncio``) collect what a batch produced and flush it there with one
@@ -42,8 +46,9 @@ maps to the NodeCore. Public objects (``Loop``, ``ChirpBase``) are *not*
 referenced by the threads or by the cores, so a leaked public object is
 garbage-collected and can warn with ``ResourceWarning``.
 
-Threads: ``LoopCore.dispatch`` and every ``on_*`` method run on the dispatcher
-thread; everything else may run on any application thread.
+Threads: every ``on_*`` method runs on the thread holding the loop's token
+(the background thread or a waiting application thread, see
+``LoopCore.in_dispatcher()``); everything else may run on any thread.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10006
+_EXPECTED_STAMP = 10007
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -117,14 +122,17 @@ _EV_STATS = lib.CH_EV_STATS
 _NULL = ffi.NULL
 
 _WAKE_CALLS = 1  # token of the wake-up that announces call_soon() callbacks
+_DRIVE_AGAIN = lib.CH_DRIVE_AGAIN
+_DRIVE_MESSAGES = lib.CH_DRIVE_MESSAGES
+_DRIVE_BACKGROUND = lib.CH_DRIVE_BACKGROUND
 #: Token of releases nobody waits for (release_many): their completions are only
 #: counted, so that stop() can let the owed ACKs go out first. Real tokens start at 2.
 _QUIET_RELEASE = 1
-#: Longest single wait of an application thread in ch_loop_poll_app() (seconds):
-#: it re-checks its condition at least this often, whatever woke it or not.
-LEAD_SLICE = 0.05
-#: Whether waiting application threads handle events themselves (lead_until());
-#: False sends every event through the dispatcher thread (for comparisons).
+#: Longest single drive of an application thread (seconds): it gives the loop up
+#: and re-checks its condition at least this often, whatever woke it or not.
+LEAD_SLICE = 0.2
+#: Whether waiting application threads drive the loop themselves (lead_until());
+#: False leaves it to the background thread (for comparisons).
 LEAD_WAITERS = True
 
 _monotonic = time.monotonic
@@ -290,7 +298,7 @@ def check_config(ccfg: Any) -> None:
 
 
 class LoopCore:
-    """A ``ch_loop_t`` with its loop and dispatcher threads (see the module docstring).
+    """A ``ch_loop_t`` with its background thread (see the module docstring).
 
     ``lock`` guards the life-cycle flags, the node table and the validity of
     ``c`` (it is freed, and set to None, under the lock).
@@ -314,12 +322,11 @@ class LoopCore:
         self._timer_lock = threading.Lock()
         self._timer_seq = itertools.count()
         self._poll_deadline = float("inf")
-        self.uv_thread: Optional[threading.Thread] = None
-        self.disp_thread: Optional[threading.Thread] = None
-        self.disp_ident: Optional[int] = None
-        #: The application thread handling a batch right now (see lead_until()).
+        self.bg_thread: Optional[threading.Thread] = None
+        self.bg_ident: Optional[int] = None
+        #: The application thread holding the loop's token right now (see lead_until()).
         self.lead_ident: Optional[int] = None
-        self._app_polling = 0  # application threads inside ch_loop_poll_app (under lock)
+        self._app_polling = 0  # application threads inside ch_loop_drive (under lock)
         self._app_idle = threading.Condition(self.lock)
         self._lead_buffers = threading.local()
         self._batch_end: List[Callable[[], None]] = []  # dispatcher thread only
@@ -330,9 +337,10 @@ class LoopCore:
         return next(self._tokens)
 
     def in_dispatcher(self) -> bool:
-        """True on the thread handling events now: the dispatcher, or a leading waiter."""
+        """True on the background thread, and on an application thread while it
+        handles events (holding the loop's token in lead_until())."""
         ident = threading.get_ident()
-        return ident == self.disp_ident or ident == self.lead_ident
+        return ident == self.bg_ident or ident == self.lead_ident
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -343,17 +351,10 @@ class LoopCore:
             if self.started:
                 return
             self.started = True
-            self.uv_thread = threading.Thread(
-                target=self._run_uv, name="libchirp-loop", daemon=True
+            self.bg_thread = threading.Thread(
+                target=self._background, name="libchirp-loop", daemon=True
             )
-            self.disp_thread = threading.Thread(
-                target=self._dispatch, name="libchirp-dispatcher", daemon=True
-            )
-            self.uv_thread.start()
-            self.disp_thread.start()
-
-    def _run_uv(self) -> None:
-        lib.ch_loop_run(self.c)  # releases the GIL until the loop has ended
+            self.bg_thread.start()
 
     def request_stop(self, join: bool = True) -> None:
         """Mark the loop stopped; really stop it once no node uses it."""
@@ -364,8 +365,8 @@ class LoopCore:
     def maybe_finish(self, join: bool = True) -> None:
         """Stop the C loop if a stop was requested and no node is left.
 
-        With ``join``, wait (bounded) for the dispatcher to finish, unless called
-        on the dispatcher thread itself. A loop that never ran is closed inline.
+        With ``join``, wait (bounded) for the background thread to finish, unless
+        called on a thread handling events. A loop that never ran is closed inline.
         """
         with self.lock:
             if self.stop_requested and not self.nodes and self.c is not None and not self.c_stopped:
@@ -381,13 +382,13 @@ class LoopCore:
                     return
             if not (self.c_stopped and self.started):
                 return
-            disp = self.disp_thread
-        if not join or disp is None or self.in_dispatcher():
+            bg = self.bg_thread
+        if not join or bg is None or self.in_dispatcher():
             return
-        disp.join(JOIN_LIMIT)
-        if disp.is_alive():
+        bg.join(JOIN_LIMIT)
+        if bg.is_alive():
             logger.warning(
-                "libchirp: the dispatcher thread did not end within %.0f s "
+                "libchirp: the loop's background thread did not end within %.0f s "
                 "(a callback may be blocking it)",
                 JOIN_LIMIT,
             )
@@ -443,7 +444,7 @@ class LoopCore:
                 lib.ch_loop_wake(self.c, _WAKE_CALLS)
 
     def add_timer(self, delay: float, func: Callable[..., Any], *args: Any) -> list:
-        """Run ``func(*args)`` on the dispatcher after ``delay`` s; returns a handle.
+        """Run ``func(*args)`` on the thread holding the loop after ``delay`` s; returns a handle.
 
         ``cancel_timer(handle)`` cancels it (lazily: the entry stays in the heap).
         """
@@ -452,7 +453,7 @@ class LoopCore:
         with self._timer_lock:
             heapq.heappush(self._timers, entry)
             wake = deadline < self._poll_deadline
-        if wake and threading.get_ident() != self.disp_ident:
+        if wake and not self.in_dispatcher():
             with self.lock:
                 if self.c is not None and not self.ended:
                     lib.ch_loop_kick(self.c)
@@ -461,9 +462,9 @@ class LoopCore:
     # -- end-of-batch hooks and shared objects ------------------------------------------------
 
     def at_batch_end(self, func: Callable[[], None]) -> None:
-        """Run ``func()`` once the dispatcher has handled the current batch.
+        """Run ``func()`` once the thread handling events has handled the current batch.
 
-        Dispatcher thread only. Every registration runs once (register once per
+        Event-handling thread only. Every registration runs once (register once per
         batch if you want one call per batch). Hooks registered while the hooks
         run are run in the same round. Exceptions are logged.
         """
@@ -533,46 +534,56 @@ class LoopCore:
             except Exception:
                 logger.exception("libchirp: exception in a timer callback %r", func)
 
-    # -- the dispatcher ------------------------------------------------------------------------
+    # -- driving the loop ----------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        self.disp_ident = threading.get_ident()
+    def _background(self) -> None:
+        """The background thread: drive the loop whenever no application thread does."""
+        self.bg_ident = threading.get_ident()
         c = self.c
         bufs = _PollBuffers()
-        events, arena = bufs.events, bufs.arena
-        poll = lib.ch_loop_poll
+        events, arena, seq = bufs.events, bufs.arena, bufs.seq
+        drive = lib.ch_loop_drive
+        release = lib.ch_loop_release
         try:
             while True:
                 timeout = self._poll_timeout() if self._timers else -1.0
-                n = poll(c, events, BATCH, timeout, arena)  # GIL released while waiting
+                n = drive(c, events, BATCH, timeout, seq, _DRIVE_BACKGROUND, arena)
                 if n < 0:
+                    if n == _DRIVE_AGAIN:
+                        continue
                     break
-                self._handle(bufs, n)  # the next poll() ends this batch in C
+                try:
+                    self._handle(bufs, n)
+                finally:
+                    release(c)  # sends submitted while handling are written here
         finally:
-            self._dispatcher_ends()
+            self._loop_ends()
 
     def lead_until(
         self, ready: Callable[[], bool], timeout: Optional[float], messages: bool = False
     ) -> Optional[float]:
-        """Application thread: handle events here until ``ready()`` or ``timeout``.
+        """Application thread: drive the loop here until ``ready()`` or ``timeout``.
 
         Returns what is left of ``timeout`` (None for None) for the ordinary
         wait the caller does next.
 
         A thread that is going to wait for something the events bring (a
-        message in a queue, a send future) takes the events itself with
-        ``ch_loop_poll_app()`` instead of sleeping until the dispatcher thread
-        handled them and woke it: one thread hop less per message. The core
-        hands out one batch at a time, so events stay in order whichever thread
-        handles them. Returns early (the caller then waits the usual way) on the
-        dispatcher thread, inside a batch, or once the loop is ending.
+        message in a queue, a send future) takes the loop's ownership token and
+        runs the loop itself (``ch_loop_drive()``, GIL released), instead of
+        sleeping until another thread handled the events and woke it: no
+        thread hop per message, and its own sends made while it holds the
+        loop are written directly. One thread holds the token at a time, so
+        events stay in order whichever thread handles them; the others wait
+        until it gives the token up and re-check their condition (the batch
+        may have been theirs). Returns early (the caller then waits the usual
+        way) on a thread handling events, or once the loop is ending.
 
-        ``messages``: the caller waits for received messages (get()), so
-        batches of mere completions need not wake it (CH_POLL_MESSAGES: they
-        come along with the next message, or go on after CH_LAZY_MS).
+        ``messages``: the caller waits for received messages (get()), so mere
+        completions need not end its drive (CH_DRIVE_MESSAGES: they come along
+        with the next message, or after CH_LAZY_MS).
         """
         deadline = None if timeout is None else _monotonic() + timeout
-        self._lead(ready, deadline, lib.CH_POLL_MESSAGES if messages else 0)
+        self._lead(ready, deadline, _DRIVE_MESSAGES if messages else 0)
         return None if deadline is None else max(0.0, deadline - _monotonic())
 
     def _lead(self, ready: Callable[[], bool], deadline: Optional[float], flags: int) -> None:
@@ -584,14 +595,15 @@ class LoopCore:
         if bufs is None:
             bufs = local.bufs = _PollBuffers()
         events, arena, seq = bufs.events, bufs.arena, bufs.seq
-        poll_app = lib.ch_loop_poll_app
+        drive = lib.ch_loop_drive
+        release = lib.ch_loop_release
         lock = self.lock
         with lock:
             c = self.c
             if c is None or self.ended or self.c_stopped:
                 return
-            # Before the first look at ready(): a batch ending from now on (its
-            # result possibly missed by that look) makes poll_app() return.
+            # Before the first look at ready(): a token holder leaving from now
+            # on (its batch possibly missed by that look) makes drive() return.
             seq[0] = lib.ch_loop_batch_seq(c)
         while not ready():
             wait = LEAD_SLICE
@@ -599,26 +611,28 @@ class LoopCore:
                 wait = min(wait, deadline - _monotonic())
                 if wait <= 0:
                     return
+            if self._timers:
+                wait = min(wait, self._poll_timeout())
             with lock:
                 c = self.c
                 if c is None or self.ended or self.c_stopped:
                     return
                 self._app_polling += 1
             try:
-                n = poll_app(c, events, BATCH, wait, seq, flags, arena)  # GIL released meanwhile
-                if n > 0:
+                n = drive(c, events, BATCH, wait, seq, flags, arena)  # GIL released meanwhile
+                if n >= 0:
                     self.lead_ident = ident
                     try:
                         self._handle(bufs, n)
                     finally:
                         self.lead_ident = None
-                        lib.ch_loop_poll_done(c)
+                        release(c)
             finally:
                 with lock:
                     self._app_polling -= 1
-                    if not self._app_polling and self.ended:  # see _dispatcher_ends()
+                    if not self._app_polling and self.ended:  # see _loop_ends()
                         self._app_idle.notify_all()
-            if n < 0:
+            if n == -1:
                 return
 
     def _handle(self, bufs: _PollBuffers, n: int) -> None:
@@ -701,21 +715,17 @@ class LoopCore:
         if self._batch_end:
             self._end_batch()
 
-    def _dispatcher_ends(self) -> None:
-        uv = self.uv_thread
-        if uv is not None:
-            uv.join(JOIN_LIMIT)
+    def _loop_ends(self) -> None:
         with self.lock:
             self.ended = True
-            # Application threads still inside ch_loop_poll_app() get -1 at once
+            # Application threads still inside ch_loop_drive() get -1 at once
             # (the loop has ended); the loop is freed only after they left.
-            self._app_idle.wait_for(lambda: not self._app_polling, JOIN_LIMIT)
-            if uv is not None and uv.is_alive():
-                logger.error("libchirp: the loop thread did not end; the loop is not freed")
+            if not self._app_idle.wait_for(lambda: not self._app_polling, JOIN_LIMIT):
+                logger.error("libchirp: a thread still drives the loop; the loop is not freed")
             elif self.c is not None:
                 lib.ch_loop_free(self.c)
                 self.c = None
-        # Callbacks queued before the end still run, here on the dispatcher thread.
+        # Callbacks queued before the end still run, here on the background thread.
         while self.calls:
             func, args, kwargs = self.calls.popleft()
             try:
