@@ -272,6 +272,11 @@ static void ch__loop_prepare_cb(uv_prepare_t *h)
 {
     ch_loop_t *loop = h->loop->data;
     ch__loop_run_cmds(loop);
+    /* Events made since the poll (write callbacks, messages a release let
+     * the reader take from its buffer) go to the owner's caller now: the
+     * poll must not block, and uv_run returns after this iteration. */
+    if (loop->local_events.len)
+        uv_stop(&loop->uv);
     ch__loop_flush(loop);
     uv_mutex_lock(&loop->lock);
     int more = loop->cmds.len != loop->cmds.head;
