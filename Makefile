@@ -11,7 +11,7 @@ LIBS_C := $(shell pkg-config --libs libuv openssl 2>/dev/null)
 CSRCS := $(filter-out csrc/chirp_ffi.h,$(wildcard csrc/*.c))
 CTESTS := $(patsubst tests/c/%.c,build/ctest/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all sysdeps venv build demo test ctest pytest bench clean lint
+.PHONY: all sysdeps venv build demo test ctest pytest bench bench-kiwi clean lint typecheck
 
 all: build
 
@@ -33,15 +33,17 @@ $(VENV)/.deps: setup.py requirements-dev.txt | sysdeps
 venv: sysdeps $(VENV)/.deps
 
 # Build the CFFI extension in place (libchirp/_ffi*.so) and install the package
-# editable into .venv, which also puts the `chirp` command in .venv/bin.
+# editable into .venv, which also puts the `chirp` command in .venv/bin. The
+# compat mode installs a plain .pth path, which mypy follows (the default
+# import-hook finder is invisible to it).
 build: venv
 	$(PY) setup.py -q build_ext --inplace
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 
 demo: build
 	$(PY) examples/demo.py
 
-test: build lint ctest
+test: build lint typecheck ctest
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory hardening
 
@@ -55,9 +57,17 @@ build/ctest/%: tests/c/%.c $(CSRCS) $(wildcard csrc/*.h) $(wildcard tests/c/*.h)
 bench: build
 	$(PY) benchmarks/run.py
 
+bench-kiwi: build  # libchirp.kiwi against kiwiPy on a private loopback RabbitMQ (docs/kiwi.md)
+	$(PY) benchmarks/kiwi_bench.py
+
 lint: venv
 	$(VENV)/bin/ruff check libchirp tests benchmarks examples
 	$(VENV)/bin/ruff format --check libchirp tests benchmarks examples
+
+# mypy --strict (settings in pyproject.toml) over the package and the public API
+# as users write it (tests/typing_check.py).
+typecheck: venv
+	$(VENV)/bin/mypy --strict libchirp tests/typing_check.py
 
 clean:
 	rm -rf build libchirp/_ffi*.so libchirp/_ffi.c *.egg-info

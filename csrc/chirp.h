@@ -24,7 +24,8 @@
  * A NOOP frame whose type also has CH_MSG_EXT set and whose identity starts
  * with CH_EXT_MAGIC announces capabilities: identity[4] holds flags,
  * identity[5] the number of unacknowledged REQ_ACK frames the announcer
- * accepts on that connection. libchirp 1.x treats it as a plain NOOP
+ * accepts on that connection, identity[6..9] its MAX_MSG_SIZE as a big-endian
+ * uint32 (0 = not announced; docs/extensions.md). libchirp 1.x treats it as a plain NOOP
  * (PROTOCOL.md 3.3: NOOP wins, unknown bits are ignored). The connecting side
  * announces first; the accepting side answers only an announcement, so a
  * 1.x connector never sees one. Without an answer, one REQ_ACK frame at a time.

@@ -13,9 +13,11 @@
  * into Python.
  */
 
-#define CH_VERSION_STAMP 10007
+#define CH_VERSION_STAMP 10009
 
-/* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
+/* Error codes; values 0-19 are those of libchirp 1.x (PROTOCOL.md 7.3), later ones are
+ * appended. Sign convention (csrc/error.h): a function returns 0 or a negative
+ * -CH_<NAME>; a code carried as data (an event's status) is the positive CH_<NAME>. */
 enum ch_error {
     CH_SUCCESS = 0,
     CH_VALUE_ERROR = 1,
@@ -36,7 +38,8 @@ enum ch_error {
     CH_BUSY = 16,
     CH_EMPTY = 17,
     CH_WRITE_ERROR = 18,
-    CH_INIT_FAIL = 19
+    CH_INIT_FAIL = 19,
+    CH_SEND_QUEUE_FULL = 20 /* not in 1.x: MAX_SEND_QUEUE messages already wait for the peer */
 };
 
 const char *ch_strerror(int code);   /* human text, "Unknown error: n" style for others */
@@ -61,10 +64,12 @@ typedef struct ch_config_s {
     const char *dh_params_pem;  /* NULL when unset; copied */
     uint8_t disable_encryption;
     uint32_t max_send_queue;    /* 0 = unbounded (hardening issue) */
+    uint32_t max_connections;   /* 0 = from the fd limit (docs/config.md) */
+    uint32_t max_connections_per_address; /* 0 = only max_connections applies */
 } ch_config_t;
 
 /* Validate a config the way node start does (PROTOCOL.md 7.2, fixed wording).
- * Returns CH_SUCCESS or CH_VALUE_ERROR with a message naming field and limit
+ * Returns CH_SUCCESS or -CH_VALUE_ERROR with a message naming field and limit
  * written into err (NUL terminated, at most errlen bytes). Pure, no I/O except
  * checking that PEM files exist. */
 int ch_config_check(const ch_config_t *cfg, char *err, size_t errlen);
@@ -120,7 +125,8 @@ typedef struct ch_event_s {
 /* Loop: create, drive (any threads, see ch_loop_drive), stop (thread-safe), free. */
 int ch_loop_new(ch_loop_t **out);
 void ch_loop_stop(ch_loop_t *loop);   /* ask the loop to end once no node is open */
-void ch_loop_free(ch_loop_t *loop);   /* only after a drive answered -1 and no thread drives */
+void ch_loop_free(ch_loop_t *loop);   /* only after a drive answered -CH_SHUTDOWN and no
+                                         thread drives */
 void ch_loop_wake(ch_loop_t *loop, uint64_t token); /* post a CH_EV_WAKE event */
 
 /* Where a drive copies the header and data of the small messages it hands
@@ -148,10 +154,12 @@ typedef struct ch_arena_s {
  *           timeout passed or ch_loop_kick() was called, e.g. to run its
  *           timers) and then calls ch_loop_release() (or drives again only
  *           after releasing);
- *   CH_DRIVE_AGAIN  without the token: the timeout passed while another
- *           thread held it, or a token holder gave it up after *seq was read
- *           (it may have brought what the caller waits for: re-check);
- *   -1      the loop has ended and every event was handed out.
+ *   CH_DRIVE_AGAIN (-CH_BUSY)  without the token: the timeout passed while
+ *           another thread held it, or a token holder gave it up after *seq
+ *           was read (it may have brought what the caller waits for:
+ *           re-check);
+ *   -CH_SHUTDOWN  the loop has ended and every event was handed out.
+ * (Sign convention of csrc/error.h: a negative result means "no token".)
  * *seq is in/out: read it with ch_loop_batch_seq() BEFORE checking the
  * condition the caller waits for the first time; every return updates it.
  *
@@ -168,7 +176,7 @@ typedef struct ch_arena_s {
 #define CH_DRIVE_MESSAGES 1
 #define CH_DRIVE_BACKGROUND 2
 #define CH_DRIVE_NO_EVENTS 4
-#define CH_DRIVE_AGAIN -2
+#define CH_DRIVE_AGAIN -16 /* -CH_BUSY (cffi reads plain numbers only) */
 #define CH_LAZY_MS 1
 int ch_loop_drive(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
                   int flags, ch_arena_t *arena);
@@ -180,10 +188,11 @@ uint64_t ch_loop_batch_seq(ch_loop_t *loop);
 void ch_loop_kick(ch_loop_t *loop);
 
 /* For C programs with one consumer of events: ch_loop_drive (flags 0) with
- * the token given up at once (n events, 0 on timeout, -1 once ended) ... */
+ * the token given up at once (n events, 0 on timeout, -CH_SHUTDOWN once
+ * ended) ... */
 int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena);
 /* ... and a background thread that runs the loop whenever no poller does and
- * hands no events out; returns once the loop has ended. */
+ * hands no events out; returns CH_SUCCESS once the loop has ended. */
 int ch_loop_run(ch_loop_t *loop);
 
 /* Node. ch_node_new copies cfg and does no I/O. ch_node_start/stop are carried
@@ -228,8 +237,8 @@ typedef struct ch_send_s {
  * ch_node_send the core copies header and data (each message becomes one
  * block), so the caller's buffers may go at once. The batch is handed to the
  * loop thread under one lock and with at most one wake-up, all or nothing:
- * CH_SUCCESS, or CH_VALUE_ERROR (a family other than 4/6, payload shorter
- * than the lengths), CH_ENOMEM or CH_SHUTDOWN with nothing submitted. Every
+ * CH_SUCCESS, or -CH_VALUE_ERROR (a family other than 4/6, payload shorter
+ * than the lengths), -CH_ENOMEM or -CH_SHUTDOWN with nothing submitted. Every
  * message gets its SEND_DONE as with ch_node_send. */
 int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *payload,
                        size_t payload_len);
@@ -240,7 +249,7 @@ int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *pa
 int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token);
 
 /* ch_node_release for n messages with the same token, under one lock, all or
- * nothing (CH_SUCCESS, CH_ENOMEM, CH_SHUTDOWN). Successful RELEASE_DONE
+ * nothing (CH_SUCCESS, -CH_ENOMEM, -CH_SHUTDOWN). Successful RELEASE_DONE
  * events of one token that follow each other are coalesced: count tells how
  * many releases one event stands for. A batch that owes no ACK (messages sent
  * asynchronously) only frees slots: when nobody owns the loop it is left for
@@ -262,6 +271,9 @@ typedef struct ch_counters_s {
     uint64_t protocol_errors;
     uint64_t tls_errors;
     uint64_t connects;    /* connections opened (outgoing) or accepted */
+    uint64_t conns_refused; /* accepted connections closed at once: a connection
+                               limit was reached or no file descriptor was left */
+    uint64_t conns_evicted; /* idle connections closed to make room for a new one */
 } ch_counters_t;
 
 typedef struct ch_remote_stats_s {

@@ -77,7 +77,7 @@ static ch_conn_t *ch__conn_new(ch_node_t *node)
     c->hs_req.data = c;
     c->handles = 2;
     node->handles += 2;
-    c->activity = ch__node_now(node);
+    c->activity = c->data_activity = ch__node_now(node);
     node->nconns++;
     c->next = node->conns;
     if (node->conns)
@@ -124,6 +124,9 @@ void ch__conn_close(ch_conn_t *c, int reason, const char *fmt, ...)
     ch__log(c->node, level, "%s", text);
     ch_remote_t *r = c->remote;
     c->node->nconns--;
+    if ((c->flags & CH__CONNF_ACKWAIT) && r)
+        r->nackwait--;
+    c->flags &= ~CH__CONNF_ACKWAIT;
     if (reason == CH_TLS_ERROR)
         CH__COUNT(c->node, r, tls_errors, 1);
     else if (reason == CH_TIMEOUT)
@@ -282,6 +285,22 @@ static int ch__conn_process(ch_conn_t *c)
 {
     ch_node_t *node = c->node;
     while (!(c->flags & CH__CONNF_CLOSING)) {
+        ch_remote_t *r = c->remote;
+        if (r) {
+            /* ACK backlog: stop at CH__ACK_HIGH, go on below CH__ACK_LOW. */
+            int waiting = (c->flags & CH__CONNF_ACKWAIT) != 0;
+            if (r->acks_queued >= (waiting ? CH__ACK_LOW : CH__ACK_HIGH)) {
+                if (!waiting) {
+                    c->flags |= CH__CONNF_ACKWAIT;
+                    r->nackwait++;
+                }
+                return 1;
+            }
+            if (waiting) {
+                c->flags &= ~CH__CONNF_ACKWAIT;
+                r->nackwait--;
+            }
+        }
         if (c->flags & CH__CONNF_PAUSED) {
             if (c->slots_used >= node->max_slots)
                 return 1;
@@ -321,6 +340,7 @@ static int ch__conn_process(ch_conn_t *c)
             uint16_t hlen;
             uint8_t type;
             ch_reader_frame(c->reader, id, &serial, &dlen, &hlen, &type);
+            c->data_activity = now;
             if (c->remote)
                 ch__remote_ack(c->remote, c, id);
             break;
@@ -333,6 +353,7 @@ static int ch__conn_process(ch_conn_t *c)
             ch_reader_frame(c->reader, id, &serial, &dlen, &hlen, &type);
             if ((type & CH_MSG_EXT) && memcmp(id, CH_EXT_MAGIC, 4) == 0 && c->remote) {
                 c->peer_window = (id[4] & CH_EXT_F_PIPELINE) ? (id[5] ? id[5] : 1) : 1;
+                c->peer_max_msg = ch__remote_caps_max_msg(id);
                 if (!(c->flags & CH__CONNF_OUTGOING))
                     ch__remote_send_caps(c->remote, c);
                 ch__remote_flush(c->remote);
@@ -343,7 +364,7 @@ static int ch__conn_process(ch_conn_t *c)
             break;
         }
         case CH_RD_DATA_HEADER:
-            c->activity = now;
+            c->activity = c->data_activity = now;
             if (c->remote)
                 c->remote->activity = now;
             if (c->slots_used >= node->max_slots) {
@@ -386,7 +407,7 @@ static void ch__conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (c->slots_used > (int)c->held.len) {
         /* More bytes of a data frame: activity (6.4), so that the garbage
          * collector spares a long message still arriving. */
-        c->activity = ch__node_now(c->node);
+        c->activity = c->data_activity = ch__node_now(c->node);
         if (c->remote)
             c->remote->activity = c->activity;
     }
@@ -401,24 +422,48 @@ static void ch__conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     int stopped = ch__conn_process(c);
     if (c->tls && !(c->flags & CH__CONNF_CLOSING))
         ch__conn_tls_flush(c, 0);
-    if (stopped && !(c->flags & CH__CONNF_CLOSING) && (c->flags & CH__CONNF_PAUSED)) {
+    if (stopped && !(c->flags & CH__CONNF_CLOSING) &&
+        (c->flags & (CH__CONNF_PAUSED | CH__CONNF_ACKWAIT))) {
         uv_read_stop(s);
         c->flags &= ~CH__CONNF_READING;
     }
 }
 
-void ch__conn_slot_freed(ch_conn_t *c)
+/* Go on with the buffered bytes of a stopped connection and read again if
+ * they were all used. */
+static void ch__conn_resume(ch_conn_t *c)
 {
-    if (c->flags & CH__CONNF_CLOSING)
-        return;
-    if (!(c->flags & CH__CONNF_PAUSED) || c->slots_used >= c->node->max_slots)
-        return;
     int stopped = ch__conn_process(c);
     if (c->tls && !(c->flags & CH__CONNF_CLOSING))
         ch__conn_tls_flush(c, 0);
     if (!stopped && !(c->flags & CH__CONNF_READING)) {
         c->flags |= CH__CONNF_READING;
         uv_read_start((uv_stream_t *)&c->tcp, ch__conn_alloc_cb, ch__conn_read_cb);
+    }
+}
+
+void ch__conn_slot_freed(ch_conn_t *c)
+{
+    if (c->flags & (CH__CONNF_CLOSING | CH__CONNF_ACKWAIT))
+        return;
+    if (!(c->flags & CH__CONNF_PAUSED) || c->slots_used >= c->node->max_slots)
+        return;
+    ch__conn_resume(c);
+}
+
+void ch__conn_ack_drained(ch_remote_t *r)
+{
+    if (r->nackwait == 0 || r->acks_queued >= CH__ACK_LOW)
+        return;
+    ch_conn_t *a = r->conn;
+    if (a && (a->flags & CH__CONNF_ACKWAIT) && !(a->flags & CH__CONNF_CLOSING))
+        ch__conn_resume(a);
+    /* Other connections of the remote (rare: reconnects, simultaneous
+     * connects) are found in the node's list. */
+    for (ch_conn_t *c = r->nackwait > 0 ? r->node->conns : NULL, *next; c; c = next) {
+        next = c->next;
+        if (c->remote == r && (c->flags & CH__CONNF_ACKWAIT) && !(c->flags & CH__CONNF_CLOSING))
+            ch__conn_resume(c);
     }
 }
 
@@ -569,8 +614,10 @@ static void ch__conn_frame_written(ch_conn_t *c, int status)
     while ((m = ch_msgq_pop(&c->writing))) {
         m->flags &= ~CH_MSGF_WRITING;
         if (m->flags & CH_MSGF_CONTROL) {
-            if (m->type & CH_MSG_ACK)
+            if (m->type & CH_MSG_ACK) {
                 ch__release_done(node, m->ack_of, CH_SUCCESS);
+                ch__remote_ack_done(m->remote);
+            }
             free(m);
         } else if (m->flags & CH_MSGF_RELEASED) {
             m->conn = NULL; /* its ACK arrived before this callback */
@@ -581,8 +628,10 @@ static void ch__conn_frame_written(ch_conn_t *c, int status)
         } /* else: stays outstanding until its ACK */
     }
     ch__conn_arm_timer(c);
-    if (r)
+    if (r) {
         ch__remote_flush(r);
+        ch__conn_ack_drained(r);
+    }
 }
 
 static void ch__conn_write_cb(uv_write_t *req, int status)
@@ -596,11 +645,14 @@ void ch__conn_write(ch_conn_t *c, ch_msgq_t *batch)
     ch_node_t *node = c->node;
     uv_buf_t bufs[3 * CH__WRITE_FRAMES];
     unsigned n = 0;
-    uint64_t deadline = ch__node_now(node) + (uint64_t)(node->cfg.timeout * 1000.0);
+    uint64_t now = ch__node_now(node);
+    uint64_t deadline = now + (uint64_t)(node->cfg.timeout * 1000.0);
     c->writing = *batch;
     memset(batch, 0, sizeof(*batch));
     for (ch_message_t *m = c->writing.head; m; m = m->next) {
         m->conn = c;
+        if (!(m->flags & CH_MSGF_CONTROL) || (m->type & CH_MSG_ACK))
+            c->data_activity = now;
         m->flags |= CH_MSGF_WRITING;
         m->deadline = deadline;
         ch_writer_header(m->hdr, m->identity, m->serial, m->data_len, m->header_len, m->type);
@@ -710,7 +762,7 @@ int ch__conn_accept(ch_node_t *node, uv_stream_t *server)
     ch_conn_t *c = ch__conn_new(node);
     if (!c) {
         ch__log(node, CH_LOG_ERROR, "out of memory accepting a connection");
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     }
     c->state = CH__CONN_HANDSHAKE;
     c->connect_deadline = ch__node_now(node) + ch__conn_connect_ms(node);
@@ -722,7 +774,7 @@ int ch__conn_accept(ch_node_t *node, uv_stream_t *server)
     if (rc != 0) {
         snprintf(c->name, sizeof(c->name), "(unknown peer)");
         ch__conn_close(c, CH_FATAL, "cannot accept a connection: %s", uv_strerror(rc));
-        return CH_FATAL;
+        return -CH_FATAL;
     }
     if (ss.ss_family == AF_INET) {
         struct sockaddr_in *a = (struct sockaddr_in *)&ss;
@@ -736,6 +788,8 @@ int ch__conn_accept(ch_node_t *node, uv_stream_t *server)
         c->port = ntohs(a->sin6_port);
     }
     ch__conn_set_name(c);
+    if (ch__node_admit(node, c) != 0)
+        return CH_SUCCESS; /* refused at a connection limit, closing */
     ch__conn_arm_timer(c);
     ch__conn_start(c);
     return CH_SUCCESS;
@@ -762,7 +816,7 @@ int ch__conn_connect(ch_remote_t *r)
         ch_message_t *m = ch_msgq_pop(&r->data_q);
         if (m)
             ch__msg_fail(node, m, CH_ENOMEM, "out of memory for a connection");
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     }
     c->flags |= CH__CONNF_OUTGOING;
     c->state = CH__CONN_CONNECTING;
@@ -791,7 +845,7 @@ int ch__conn_connect(ch_remote_t *r)
     int rc = uv_tcp_connect(&c->connect_req, &c->tcp, (struct sockaddr *)&ss, ch__conn_connect_cb);
     if (rc != 0) {
         ch__conn_close(c, CH_CANNOT_CONNECT, "cannot connect to %s: %s", c->name, uv_strerror(rc));
-        return CH_CANNOT_CONNECT;
+        return -CH_CANNOT_CONNECT;
     }
     return CH_SUCCESS;
 }

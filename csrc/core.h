@@ -113,6 +113,15 @@ void ch__log(ch_node_t *node, int level, const char *fmt, ...)
 
 /* ---- node ------------------------------------------------------------- */
 
+/* Upper bound of Config.MAX_CONNECTIONS (and the effective limit when the fd
+ * limit is unlimited). */
+#define CH__MAX_CONNECTIONS 1000000u
+/* A connection without a data frame (in or out, or an ACK) for this long is
+ * idle: it may be closed to make room at a connection limit. NOOPs do not
+ * count as data. */
+#define CH__EVICT_IDLE_MS 1000
+uint32_t ch__config_max_conns(const ch_config_t *cfg);
+
 enum ch__node_state {
     CH__NODE_NEW = 0,
     CH__NODE_RUNNING,
@@ -149,6 +158,10 @@ struct ch_node_s {
     ch_conn_t *conns; /* all connections, doubly linked */
     uint32_t nconns;
     uint32_t nfreed; /* connections and remotes freed since the last ch__node_trim */
+    uint32_t max_conns; /* effective MAX_CONNECTIONS */
+    int reserve_fd;     /* spare descriptor given up when accept() meets EMFILE */
+    int refuse_next;    /* the reserve was given up: refuse the next connection */
+    uint64_t refuse_logged; /* ms, loop time of the last refusal warning */
     ch_counters_t totals;
     ch_node_t *next;  /* loop's list */
 };
@@ -157,6 +170,9 @@ void ch__node_handle_closed(ch_node_t *node);
 /* Give freed heap memory back to the system once many connections went away. */
 void ch__node_trim(ch_node_t *node);
 void ch__node_maybe_finish(ch_node_t *node);
+/* A new incoming connection c (address known, not started): 0 to go on, or
+ * -1 when it was refused (and is closing) at a connection limit. */
+int ch__node_admit(ch_node_t *node, ch_conn_t *c);
 uint64_t ch__node_now(ch_node_t *node);
 void ch__send_done(ch_node_t *node, ch_message_t *m, int status, const char *text);
 void ch__release_done(ch_node_t *node, ch_message_t *recv, int status);
@@ -178,6 +194,8 @@ struct ch_remote_s {
     uint32_t serial;
     uint64_t activity; /* ms */
     int noop_queued;
+    int acks_queued; /* ACK frames queued or being written (ctrl_q, writing) */
+    int nackwait;    /* its connections that stopped reading for that backlog */
     int blocked; /* reconnect back-off running */
     int deleted;
     uv_timer_t timer; /* reconnect back-off */
@@ -189,10 +207,13 @@ ch_remote_t *ch__remote_get(ch_node_t *node, int family, const uint8_t *addr, ui
                             int create);
 void ch__remote_enqueue(ch_remote_t *r, ch_message_t *m);
 void ch__remote_enqueue_ack(ch_remote_t *r, ch_message_t *ack);
+/* An ACK of r left its queue for good (written or failed). */
+void ch__remote_ack_done(ch_remote_t *r);
 void ch__remote_flush(ch_remote_t *r);
 void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text);
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16]);
 void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c);
+uint32_t ch__remote_caps_max_msg(const uint8_t identity[16]);
 /* Earliest deadline of the messages waiting for an ACK on c (0 if none). */
 uint64_t ch__remote_ack_deadline(ch_remote_t *r, ch_conn_t *c);
 void ch__remote_delete(ch_remote_t *r, int reason, const char *text);
@@ -220,6 +241,19 @@ enum ch__conn_state {
 #define CH__CONNF_PAUSED 0x02   /* reading stopped: no free slot */
 #define CH__CONNF_CLOSING 0x04
 #define CH__CONNF_READING 0x08
+#define CH__CONNF_ACKWAIT 0x10  /* reading stopped: too many ACKs wait to be written */
+
+/*
+ * What a peer can make a connection hold (docs/reliability.md): MAX_SLOTS
+ * received messages, and ACKs owed to its remote that are not yet written to
+ * the socket. Reading stops while CH__ACK_HIGH or more ACKs of the remote are
+ * queued or being written, and resumes only once fewer than CH__ACK_LOW are
+ * left: a peer that never reads its ACKs cannot make the node read on (and
+ * queue ACKs) without bound. A queued ACK keeps only the message's record,
+ * not its body.
+ */
+#define CH__ACK_HIGH 64
+#define CH__ACK_LOW 16
 
 struct ch_conn_s {
     ch_node_t *node;
@@ -250,12 +284,14 @@ struct ch_conn_s {
     size_t rbuf_len;
 
     int peer_window; /* REQ_ACK frames the peer accepts unacknowledged (0 = 1) */
+    uint32_t peer_max_msg; /* MAX_MSG_SIZE the peer announced (0 = not announced) */
     int caps_sent;
     int slots_used;
     ch_msgq_t held;         /* received messages not yet released */
     ch_msgq_t writing;      /* frames of the write in progress (one uv_write) */
     uint64_t connect_deadline;
     uint64_t activity;
+    uint64_t data_activity; /* last data frame or ACK, in or out (not NOOPs) */
     uint8_t hs_out[CH_HANDSHAKE_SIZE];
 
     ch_conn_t *prev, *next;
@@ -272,6 +308,8 @@ void ch__conn_write(ch_conn_t *c, ch_msgq_t *batch);
 #define CH__WRITE_BYTES (256 * 1024)
 void ch__conn_arm_timer(ch_conn_t *c);
 void ch__conn_slot_freed(ch_conn_t *c);
+/* ACKs of r were written or dropped: resume connections waiting for that. */
+void ch__conn_ack_drained(ch_remote_t *r);
 void ch__format_addr(int family, const uint8_t *addr, char *out, size_t len);
 
 #endif

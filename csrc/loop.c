@@ -38,6 +38,9 @@
 
 #include "core.h"
 
+/* ch_loop_drive() answers "no token" with a negative code (csrc/error.h). */
+_Static_assert(CH_DRIVE_AGAIN == -CH_BUSY, "CH_DRIVE_AGAIN is -CH_BUSY");
+
 #define CH__CMD_BATCH 4096
 #define CH__FLUSH_AT 256
 /* A drained vector larger than this many items gives its memory back (a burst,
@@ -50,7 +53,7 @@ static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
         size_t ncap = v->cap ? v->cap * 2 : 64;
         void *n = realloc(v->items, ncap * size);
         if (!n)
-            return CH_ENOMEM;
+            return -CH_ENOMEM;
         v->items = n;
         v->cap = ncap;
     }
@@ -63,7 +66,7 @@ static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
 static int ch__vec_reserve(ch__vec_t *v, size_t n, size_t size)
 {
     if (n > SIZE_MAX / size - v->len)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     if (v->len + n <= v->cap)
         return CH_SUCCESS;
     size_t ncap = v->cap ? v->cap : 64;
@@ -71,7 +74,7 @@ static int ch__vec_reserve(ch__vec_t *v, size_t n, size_t size)
         ncap *= 2;
     void *items = realloc(v->items, ncap * size);
     if (!items)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     v->items = items;
     v->cap = ncap;
     return CH_SUCCESS;
@@ -387,22 +390,22 @@ int ch_loop_new(ch_loop_t **out)
     *out = NULL;
     ch_loop_t *loop = calloc(1, sizeof(*loop));
     if (!loop)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     if (uv_loop_init(&loop->uv) != 0) {
         free(loop);
-        return CH_UV_ERROR;
+        return -CH_UV_ERROR;
     }
     loop->uv.data = loop;
     if (uv_mutex_init(&loop->lock) != 0) {
         uv_loop_close(&loop->uv);
         free(loop);
-        return CH_INIT_FAIL;
+        return -CH_INIT_FAIL;
     }
     if (uv_cond_init(&loop->cond_bg) != 0 || uv_cond_init(&loop->cond_app) != 0) {
         uv_mutex_destroy(&loop->lock);
         uv_loop_close(&loop->uv);
         free(loop);
-        return CH_INIT_FAIL;
+        return -CH_INIT_FAIL;
     }
     uv_async_init(&loop->uv, &loop->wake, ch__loop_wake_cb);
     loop->wake.data = loop;
@@ -449,6 +452,9 @@ void ch_loop_free(ch_loop_t *loop)
  * up. */
 static void ch__loop_run_direct(ch_loop_t *loop)
 {
+    /* The loop's clock stood still since its last run: deadlines of what the
+     * commands start (a send's TIMEOUT) count from now. */
+    uv_update_time(&loop->uv);
     ch__loop_run_cmds(loop);
     if (uv_run(&loop->uv, UV_RUN_NOWAIT) == 0 && loop->closing)
         loop->closed = 1;
@@ -475,7 +481,7 @@ int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n, int l
     uv_mutex_lock(&loop->lock);
     if (loop->ended) {
         uv_mutex_unlock(&loop->lock);
-        return CH_SHUTDOWN;
+        return -CH_SHUTDOWN;
     }
     int rc = ch__vec_reserve(&loop->cmds, n, sizeof(*cmds));
     if (rc == CH_SUCCESS) {
@@ -651,7 +657,7 @@ take:
         if (loop->ended && !(takes && ch__loop_pending(loop))) {
             *seq = loop->batch_seq;
             uv_mutex_unlock(&loop->lock);
-            return -1;
+            return -CH_SHUTDOWN;
         }
         if (!bg && loop->batch_seq != *seq) {
             *seq = loop->batch_seq; /* a batch ended: the caller re-checks */
@@ -710,7 +716,7 @@ take:
         if (loop->ended) {
             ch__loop_release_locked(loop, 0);
             uv_mutex_unlock(&loop->lock);
-            return -1;
+            return -CH_SHUTDOWN;
         }
         if (loop->kicked || (deadline && now >= deadline)) {
             loop->kicked = 0;
@@ -769,8 +775,8 @@ int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_a
             ch_loop_release(loop);
             if (n > 0 || (deadline && uv_hrtime() >= deadline))
                 return n;
-        } else if (n == -1) {
-            return -1;
+        } else if (n == -CH_SHUTDOWN) {
+            return -CH_SHUTDOWN;
         } else if (deadline && uv_hrtime() >= deadline) {
             return 0;
         }

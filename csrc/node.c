@@ -10,10 +10,17 @@
  * is closed; then the NODE_STOPPED event is posted and the application may
  * free the node. A failed start goes back to NEW after its handles closed.
  */
+#include <errno.h>
+#include <netinet/in.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 #include "core.h"
 
@@ -44,13 +51,14 @@ int ch_node_new(ch_loop_t *loop, const ch_config_t *cfg, uint64_t node_token, ch
     *out = NULL;
     ch_node_t *node = calloc(1, sizeof(*node));
     if (!node)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     node->loop = loop;
     node->cfg = *cfg;
     node->cfg.cert_chain_pem = ch__strdup(cfg->cert_chain_pem);
     node->cfg.dh_params_pem = ch__strdup(cfg->dh_params_pem);
     node->token = node_token;
     node->state = CH__NODE_NEW;
+    node->reserve_fd = -1;
     *out = node;
     return CH_SUCCESS;
 }
@@ -64,6 +72,8 @@ void ch_node_free(ch_node_t *node)
     free(node->buckets);
     if (node->tls_ctx)
         SSL_CTX_free(node->tls_ctx);
+    if (node->reserve_fd >= 0)
+        close(node->reserve_fd);
     free(node);
 }
 
@@ -92,10 +102,10 @@ int ch_node_send(ch_node_t *node, uint64_t token, const char *identity, int fami
                  const char *data, uint32_t data_len)
 {
     if (family != 4 && family != 6)
-        return CH_VALUE_ERROR;
+        return -CH_VALUE_ERROR;
     ch_message_t *m = calloc(1, sizeof(*m));
     if (!m)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     memcpy(m->identity, identity, CH_ID_SIZE);
     m->family = family;
     memcpy(m->addr, addr, family == 4 ? 4 : 16);
@@ -123,22 +133,22 @@ int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *pa
                        size_t payload_len)
 {
     if (n <= 0)
-        return n == 0 ? CH_SUCCESS : CH_VALUE_ERROR;
+        return n == 0 ? CH_SUCCESS : -CH_VALUE_ERROR;
     /* Check everything first: a batch is submitted whole or not at all. */
     size_t need = 0;
     for (int i = 0; i < n; i++) {
         ch_send_t d;
         memcpy(&d, sends + (size_t)i * CH_SEND_SIZE, sizeof(d));
         if (d.family != 4 && d.family != 6)
-            return CH_VALUE_ERROR;
+            return -CH_VALUE_ERROR;
         need += (size_t)d.header_len + d.data_len;
         if (need > payload_len)
-            return CH_VALUE_ERROR;
+            return -CH_VALUE_ERROR;
     }
     ch__cmd_t stack[CH__BATCH_STACK];
     ch__cmd_t *cmds = n <= CH__BATCH_STACK ? stack : malloc((size_t)n * sizeof(*cmds));
     if (!cmds)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     const char *p = payload;
     int made = 0, rc = CH_SUCCESS;
     for (; made < n; made++) {
@@ -148,7 +158,7 @@ int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *pa
         /* One block: the record, then header and data (freed with it). */
         ch_message_t *m = calloc(1, sizeof(*m) + len);
         if (!m) {
-            rc = CH_ENOMEM;
+            rc = -CH_ENOMEM;
             break;
         }
         uint8_t *body = (uint8_t *)(m + 1);
@@ -184,11 +194,11 @@ int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token)
 int ch_node_release_batch(ch_node_t *node, ch_message_t **msgs, int n, uint64_t token)
 {
     if (n <= 0)
-        return n == 0 ? CH_SUCCESS : CH_VALUE_ERROR;
+        return n == 0 ? CH_SUCCESS : -CH_VALUE_ERROR;
     ch__cmd_t stack[CH__BATCH_STACK];
     ch__cmd_t *cmds = n <= CH__BATCH_STACK ? stack : malloc((size_t)n * sizeof(*cmds));
     if (!cmds)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     /* Lazy unless an ACK is owed: then the peer waits for it. (The flags of a
      * received message are not written after the reader posted it.) */
     int lazy = 1;
@@ -455,11 +465,154 @@ static void ch__node_gc_cb(uv_timer_t *t)
     ch__node_gc_next(node, ch__node_gc_sweep(node));
 }
 
+/* ---- connection limits ------------------------------------------------ */
+
+/*
+ * MAX_CONNECTIONS counts all open connections of the node, incoming and
+ * outgoing, including those still in their handshake; the per-address limit
+ * counts those with the new connection's IP address. At a limit the node
+ * closes the connection idle the longest (ch__node_evictable: nothing held,
+ * written or awaited on it and no data frame for CH__EVICT_IDLE_MS; NOOPs do
+ * not count, so a peer cannot hold a place with keep-alives alone) and keeps
+ * the new one; with none idle the new connection is refused: accepted and
+ * closed at once, before any byte is read or written. See
+ * docs/reliability.md.
+ *
+ * File descriptors: libuv answers EMFILE on accept() with a spare descriptor
+ * of its own (closes it, accepts and closes what waits, reopens it). Should
+ * that fail, libuv calls back with EMFILE and tries again at once; the node
+ * then gives up its own spare descriptor (reserve_fd) so that the next
+ * accept() succeeds, refuses that connection and reopens the spare; without
+ * a spare it closes the connection idle the longest. Each callback thus
+ * frees a descriptor and the loop does not spin.
+ */
+
+static int ch__node_same_addr(const ch_conn_t *a, const ch_conn_t *b)
+{
+    return a->family == b->family && memcmp(a->addr, b->addr, a->family == 4 ? 4 : 16) == 0;
+}
+
+/* Closing c now loses nothing the node promised, and c carried no data for a
+ * while. A frame that stalled halfway for that long may go (its sender had
+ * no ACK for it); messages the application holds or frames being written
+ * may not. */
+static int ch__node_evictable(ch_conn_t *c, uint64_t now)
+{
+    if (c->flags & CH__CONNF_CLOSING || c->state == CH__CONN_CONNECTING)
+        return 0;
+    if (now - c->data_activity < CH__EVICT_IDLE_MS)
+        return 0;
+    if (c->held.len || c->writing.head)
+        return 0;
+    ch_remote_t *r = c->remote;
+    if (r && r->conn == c && (r->data_q.len || r->ctrl_q.len || r->acks_queued))
+        return 0;
+    if (r && ch__remote_ack_deadline(r, c))
+        return 0;
+    return 1;
+}
+
+/* Close the idle connection (other than c; with same_addr: of c's address)
+ * whose last data frame is the oldest. Returns 1 if one was closed. */
+static int ch__node_evict(ch_node_t *node, ch_conn_t *c, int same_addr, const char *limit)
+{
+    uint64_t now = ch__node_now(node);
+    ch_conn_t *best = NULL;
+    for (ch_conn_t *o = node->conns; o; o = o->next) {
+        if (o == c || (same_addr && !ch__node_same_addr(o, c)) || !ch__node_evictable(o, now))
+            continue;
+        if (!best || o->data_activity < best->data_activity)
+            best = o;
+    }
+    if (!best)
+        return 0;
+    CH__COUNT(node, best->remote, conns_evicted, 1);
+    ch__conn_close(best, CH_SHUTDOWN,
+                   "connection to %s idle for %.1f s, closed to make room for a new one (%s)",
+                   best->name, (double)(now - best->data_activity) / 1000.0, limit);
+    return 1;
+}
+
+static void ch__node_refuse(ch_node_t *node, ch_conn_t *c, const char *why)
+{
+    node->totals.conns_refused++;
+    uint64_t now = ch__node_now(node);
+    if (!node->refuse_logged || now - node->refuse_logged >= 1000) {
+        node->refuse_logged = now;
+        ch__log(node, CH_LOG_WARNING,
+                "refused a connection from %s: %s (%llu refused so far; statistics: "
+                "connections_refused)",
+                c->name, why, (unsigned long long)node->totals.conns_refused);
+    }
+    ch__conn_close(c, CH_SHUTDOWN, "connection from %s refused", c->name);
+}
+
+static void ch__node_reserve(ch_node_t *node)
+{
+    if (node->reserve_fd < 0)
+        node->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+int ch__node_admit(ch_node_t *node, ch_conn_t *c)
+{
+    char why[128];
+    if (node->refuse_next) {
+        node->refuse_next = 0;
+        ch__node_refuse(node, c, "no file descriptor left (EMFILE)");
+        ch__node_reserve(node); /* the close above gave a descriptor back */
+        return -1;
+    }
+    uint32_t per = node->cfg.max_connections_per_address;
+    if (per) {
+        uint32_t n = 0;
+        for (ch_conn_t *o = node->conns; o; o = o->next)
+            if (o != c && !(o->flags & CH__CONNF_CLOSING) && ch__node_same_addr(o, c))
+                n++;
+        if (n >= per && !ch__node_evict(node, c, 1, "MAX_CONNECTIONS_PER_ADDRESS")) {
+            snprintf(why, sizeof(why),
+                     "MAX_CONNECTIONS_PER_ADDRESS = %u reached and none of them idle", per);
+            ch__node_refuse(node, c, why);
+            return -1;
+        }
+    }
+    if (node->nconns - 1 >= node->max_conns &&
+        !ch__node_evict(node, c, 0, "MAX_CONNECTIONS")) {
+        snprintf(why, sizeof(why), "MAX_CONNECTIONS = %u reached and none of them idle",
+                 node->max_conns);
+        ch__node_refuse(node, c, why);
+        return -1;
+    }
+    return 0;
+}
+
+/* accept() failed with EMFILE/ENFILE after libuv's own remedy. */
+static void ch__node_no_fd(ch_node_t *node, int status)
+{
+    if (node->reserve_fd >= 0) {
+        close(node->reserve_fd);
+        node->reserve_fd = -1;
+        node->refuse_next = 1;
+        return;
+    }
+    if (ch__node_evict(node, NULL, 0, "no file descriptor left"))
+        return;
+    uint64_t now = ch__node_now(node);
+    if (!node->refuse_logged || now - node->refuse_logged >= 1000) {
+        node->refuse_logged = now;
+        ch__log(node, CH_LOG_ERROR, "accept failed: %s, and no connection is idle",
+                uv_strerror(status));
+    }
+}
+
 /* ---- commands (loop thread) ------------------------------------------- */
 
 static void ch__node_accept_cb(uv_stream_t *server, int status)
 {
     ch_node_t *node = server->data;
+    if ((status == UV_EMFILE || status == UV_ENFILE) && node->state == CH__NODE_RUNNING) {
+        ch__node_no_fd(node, status);
+        return;
+    }
     if (status < 0) {
         ch__log(node, CH_LOG_WARNING, "accept failed: %s", uv_strerror(status));
         return;
@@ -469,13 +622,17 @@ static void ch__node_accept_cb(uv_stream_t *server, int status)
     ch__conn_accept(node, server);
 }
 
+/* Listen on sa, or on fd when it is >= 0 (a socket bound by ch__node_bind_free,
+ * which libuv adopts and from then on closes). */
 static int ch__node_listen(ch_node_t *node, uv_tcp_t *tcp, const struct sockaddr *sa,
-                           unsigned flags, char *err, size_t errlen, const char *what)
+                           unsigned flags, int fd, char *err, size_t errlen, const char *what)
 {
     uv_tcp_init(&node->loop->uv, tcp);
     tcp->data = node;
     node->handles++;
-    int rc = uv_tcp_bind(tcp, sa, flags);
+    int rc = fd >= 0 ? uv_tcp_open(tcp, fd) : uv_tcp_bind(tcp, sa, flags);
+    if (rc != 0 && fd >= 0)
+        close(fd);
     if (rc == 0)
         rc = uv_tcp_nodelay(tcp, 1);
     if (rc == 0)
@@ -483,9 +640,60 @@ static int ch__node_listen(ch_node_t *node, uv_tcp_t *tcp, const struct sockaddr
     if (rc != 0) {
         snprintf(err, errlen, "cannot listen on %s port %u: %s", what, node->cfg.port,
                  uv_strerror(rc));
-        return CH_EADDRINUSE;
+        return -CH_EADDRINUSE;
     }
     return CH_SUCCESS;
+}
+
+static int ch__node_bound_socket(const struct sockaddr *sa, socklen_t len, int v6only)
+{
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (v6only)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (bind(fd, sa, len) != 0) {
+        int e = -errno;
+        close(fd);
+        return e;
+    }
+    return fd;
+}
+
+/* PORT = 0: let the system pick a free IPv4 port and bind IPv6 on the same
+ * number; if that number is taken on IPv6, try another. On success the node's
+ * port is the one picked (the handshake announces it, ch_node_port reports it). */
+static int ch__node_bind_free(ch_node_t *node, struct sockaddr_in *a4, struct sockaddr_in6 *a6,
+                              int *fd4, int *fd6, char *err, size_t errlen)
+{
+    int rc = 0;
+    for (int attempt = 0; attempt < 64; attempt++) {
+        a4->sin_port = 0;
+        *fd4 = ch__node_bound_socket((struct sockaddr *)a4, sizeof(*a4), 0);
+        if (*fd4 < 0) {
+            rc = *fd4;
+            break;
+        }
+        struct sockaddr_in got;
+        socklen_t glen = sizeof(got);
+        getsockname(*fd4, (struct sockaddr *)&got, &glen);
+        a6->sin6_port = got.sin_port;
+        *fd6 = ch__node_bound_socket((struct sockaddr *)a6, sizeof(*a6), 1);
+        if (*fd6 >= 0) {
+            node->cfg.port = ntohs(got.sin_port);
+            a4->sin_port = got.sin_port;
+            return CH_SUCCESS;
+        }
+        rc = *fd6;
+        close(*fd4);
+        if (rc != -EADDRINUSE)
+            break;
+    }
+    *fd4 = *fd6 = -1;
+    snprintf(err, errlen, "cannot find a free port (PORT = 0): %s", strerror(-rc));
+    return -CH_EADDRINUSE;
 }
 
 /* A failed start answers only once its listeners are closed, so that the
@@ -505,7 +713,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     char err[CH_EV_TEXT_LEN];
     int rc = ch_config_check(&node->cfg, err, sizeof(err));
     if (rc != CH_SUCCESS) {
-        ch__post_node_event(node, CH_EV_NODE_STARTED, token, rc, err);
+        ch__post_node_event(node, CH_EV_NODE_STARTED, token, -rc, err);
         return;
     }
     if (node->state != CH__NODE_NEW) {
@@ -525,6 +733,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     }
     node->reuse = ch__config_reuse(&node->cfg);
     node->max_slots = ch__config_slots(&node->cfg);
+    node->max_conns = ch__config_max_conns(&node->cfg);
     node->buffer_size = node->cfg.buffer_size ? node->cfg.buffer_size : 65536;
     node->nbuckets = 64;
     node->buckets = calloc(node->nbuckets, sizeof(*node->buckets));
@@ -556,13 +765,26 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     a6.sin6_port = htons(node->cfg.port);
     memcpy(&a6.sin6_addr, node->cfg.bind_v6, 16);
 
-    rc = ch__node_listen(node, &node->listen4, (struct sockaddr *)&a4, 0, err, sizeof(err), "IPv4");
+    int fd4 = -1, fd6 = -1;
+    rc = node->cfg.port == 0 ? ch__node_bind_free(node, &a4, &a6, &fd4, &fd6, err, sizeof(err))
+                             : CH_SUCCESS;
+    if (rc != CH_SUCCESS) {
+        free(node->buckets);
+        node->buckets = NULL;
+        node->nbuckets = 0;
+        ch__post_node_event(node, CH_EV_NODE_STARTED, token, -rc, err);
+        return;
+    }
+    rc = ch__node_listen(node, &node->listen4, (struct sockaddr *)&a4, 0, fd4, err, sizeof(err),
+                         "IPv4");
     if (rc == CH_SUCCESS)
-        rc = ch__node_listen(node, &node->listen6, (struct sockaddr *)&a6, UV_TCP_IPV6ONLY, err,
-                             sizeof(err), "IPv6");
+        rc = ch__node_listen(node, &node->listen6, (struct sockaddr *)&a6, UV_TCP_IPV6ONLY, fd6,
+                             err, sizeof(err), "IPv6");
+    else if (fd6 >= 0)
+        close(fd6);
     if (rc != CH_SUCCESS) {
         /* Close what was opened, then answer (ch__node_fail_start_cb). */
-        node->start_rc = rc;
+        node->start_rc = -rc; /* an event status: positive */
         snprintf(node->start_err, sizeof(node->start_err), "%s", err);
         node->stop_token = token;
         int opened = node->handles;
@@ -578,6 +800,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     node->gc_timer.data = node;
     node->handles++;
     node->state = CH__NODE_RUNNING;
+    ch__node_reserve(node);
     node->next = node->loop->nodes;
     node->loop->nodes = node;
     ch__node_gc_arm(node);
@@ -593,6 +816,10 @@ void ch__node_do_stop(ch_node_t *node, uint64_t token)
     }
     node->state = CH__NODE_STOPPING;
     node->stop_token = token;
+    if (node->reserve_fd >= 0) {
+        close(node->reserve_fd);
+        node->reserve_fd = -1;
+    }
     uv_close((uv_handle_t *)&node->listen4, ch__node_close_cb);
     uv_close((uv_handle_t *)&node->listen6, ch__node_close_cb);
     uv_close((uv_handle_t *)&node->gc_timer, ch__node_close_cb);
@@ -623,8 +850,7 @@ void ch__node_do_send(ch_node_t *node, ch_message_t *m)
         return;
     }
     if (node->cfg.max_send_queue && r->data_q.len >= node->cfg.max_send_queue) {
-        /* Policy: fail this send at once; never block, never drop a queued one.
-         * The text must name MAX_SEND_QUEUE (libchirp/errors.py keys on it). */
+        /* Policy: fail this send at once; never block, never drop a queued one. */
         char addr[INET6_ADDRSTRLEN], text[CH_EV_TEXT_LEN];
         ch__format_addr(r->family, r->addr, addr, sizeof(addr));
         snprintf(text, sizeof(text),
@@ -633,7 +859,7 @@ void ch__node_do_send(ch_node_t *node, ch_message_t *m)
                  r->family == 6 ? "[" : "", addr, r->family == 6 ? "]" : "", r->port,
                  node->cfg.max_send_queue);
         m->remote = r; /* counted as a send failure of that remote */
-        ch__send_done(node, m, CH_ENOMEM, text);
+        ch__send_done(node, m, CH_SEND_QUEUE_FULL, text);
         return;
     }
     ch__remote_enqueue(r, m);
@@ -656,6 +882,14 @@ void ch__node_do_release(ch_node_t *node, ch_message_t *m, uint64_t token)
         if (!ack) {
             ch__release_done(node, m, CH_ENOMEM);
         } else {
+            /* Until its ACK is written only the record is needed (token,
+             * identity, serial): give the body back. */
+            if ((m->flags & CH_MSGF_INLINE) && (m->header_len || m->data_len)) {
+                ch_message_t *small = realloc(m, sizeof(*m));
+                if (small)
+                    m = small;
+                m->header = m->data = NULL;
+            }
             memcpy(ack->identity, m->identity, CH_ID_SIZE);
             ack->type = CH_MSG_ACK;
             ack->flags = CH_MSGF_CONTROL;

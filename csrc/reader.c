@@ -24,10 +24,15 @@
  *              is allocated yet. Then SLOT.
  *   SLOT       the caller has seen the data header and holds a receive slot.
  *              The next feed call, even with no bytes, allocates the message
- *              as one block (record, header bytes, data bytes). Then BODY.
+ *              as one block (record, header bytes, data bytes), but at first
+ *              with room for at most CH__RD_FIRST_ALLOC body bytes. Then BODY.
  *   BODY       copies header and data bytes into the block; they follow each
  *              other in the block exactly as on the wire, so one counter
- *              suffices. When the body is complete (at once for an empty
+ *              suffices. The block grows (realloc, doubling, never beyond the
+ *              announced size) only when arriving bytes need the room, so the
+ *              memory a frame takes follows the bytes that really arrived, not
+ *              the size its header announces (docs/reliability.md). When the
+ *              body is complete (at once for an empty
  *              message) the reader reports CH_RD_MESSAGE and goes back to
  *              HEADER. The finished message stays with the reader until
  *              ch_reader_take_message() hands it over; a message that is
@@ -49,6 +54,9 @@
 #include <string.h>
 
 #include "reader.h"
+
+/* Body bytes allocated with the message before any of them arrived. */
+#define CH__RD_FIRST_ALLOC (64 * 1024)
 
 typedef enum {
     CH__RD_HANDSHAKE,
@@ -83,6 +91,7 @@ struct ch_reader_s {
     ch_message_t *msg;
     uint64_t body_len;  /* header_len + data_len of msg */
     uint64_t body_have; /* body bytes copied so far */
+    uint64_t body_cap;  /* body bytes the block has room for */
     int msg_done;       /* msg is complete and waits for take_message */
 };
 
@@ -158,15 +167,21 @@ static int ch__rd_header(ch_reader_t *r)
     return CH_RD_DATA_HEADER;
 }
 
-/* Allocate the message for the validated data header: one zero-filled record
- * followed by header_len + data_len bytes. */
+/* Point header and data of m at its body (after a realloc moved the block). */
+static void ch__rd_point(ch_message_t *m)
+{
+    uint8_t *body = (uint8_t *)(m + 1);
+    m->header = body;
+    m->data = body + m->header_len;
+}
+
+/* Allocate the message for the validated data header: one record followed by
+ * room for the first min(header_len + data_len, CH__RD_FIRST_ALLOC) body
+ * bytes; ch__rd_grow() makes room for more as they arrive. */
 static int ch__rd_alloc(ch_reader_t *r)
 {
-    if (r->body_len > SIZE_MAX - sizeof(ch_message_t))
-        return ch__rd_fail(r, CH_ENOMEM, "cannot allocate a message of %" PRIu64 " bytes",
-                           r->body_len);
-    size_t size = sizeof(ch_message_t) + (size_t)r->body_len;
-    ch_message_t *m = malloc(size);
+    uint64_t cap = r->body_len < CH__RD_FIRST_ALLOC ? r->body_len : CH__RD_FIRST_ALLOC;
+    ch_message_t *m = malloc(sizeof(ch_message_t) + (size_t)cap);
     if (!m)
         return ch__rd_fail(r, CH_ENOMEM, "cannot allocate a message of %" PRIu64 " bytes",
                            r->body_len);
@@ -177,19 +192,43 @@ static int ch__rd_alloc(ch_reader_t *r)
         ch_msg_free(r->msg);
     r->msg = m;
     r->msg_done = 0;
+    r->body_cap = cap;
 
-    uint8_t *body = (uint8_t *)(m + 1);
     memcpy(m->identity, r->identity, CH_ID_SIZE);
     m->serial = r->serial;
     m->type = r->type;
     m->header_len = r->header_len;
     m->data_len = r->data_len;
-    m->header = body;
-    m->data = body + r->header_len;
+    ch__rd_point(m);
     m->flags = CH_MSGF_INLINE;
     if (r->type & CH_MSG_REQ_ACK)
         m->flags |= CH_MSGF_ACK_OWED;
     r->state = CH__RD_BODY;
+    return 0;
+}
+
+/* Make room for want body bytes (want <= body_len): double the room, or more
+ * if want needs it, never beyond the announced body. */
+static int ch__rd_grow(ch_reader_t *r, uint64_t want)
+{
+    if (want <= r->body_cap)
+        return 0;
+    uint64_t cap = r->body_cap * 2;
+    if (cap < want)
+        cap = want;
+    if (cap > r->body_len)
+        cap = r->body_len;
+    if (cap > SIZE_MAX - sizeof(ch_message_t))
+        return ch__rd_fail(r, CH_ENOMEM, "cannot allocate a message of %" PRIu64 " bytes",
+                           r->body_len);
+    ch_message_t *m = realloc(r->msg, sizeof(ch_message_t) + (size_t)cap);
+    if (!m)
+        return ch__rd_fail(r, CH_ENOMEM,
+                           "cannot grow a message of %" PRIu64 " bytes to %" PRIu64 " bytes",
+                           r->body_len, cap);
+    r->msg = m;
+    r->body_cap = cap;
+    ch__rd_point(m);
     return 0;
 }
 
@@ -250,6 +289,8 @@ int ch_reader_feed(ch_reader_t *r, const uint8_t *buf, size_t len, size_t *consu
     case CH__RD_BODY: {
         uint64_t need = r->body_len - r->body_have;
         size_t n = need < len ? (size_t)need : len;
+        if (n > 0 && (rc = ch__rd_grow(r, r->body_have + n)) < 0)
+            break;
         if (n > 0) {
             memcpy((uint8_t *)(r->msg + 1) + r->body_have, buf, n);
             r->body_have += n;

@@ -100,6 +100,7 @@ void ch__msg_fail(ch_node_t *node, ch_message_t *m, int status, const char *text
         if (m->type & CH_MSG_ACK) {
             /* The release is done; the ACK is lost and the sender will time out. */
             ch__release_done(node, m->ack_of, status);
+            ch__remote_ack_done(m->remote);
         }
         free(m);
         return;
@@ -145,8 +146,57 @@ void ch__remote_enqueue_ack(ch_remote_t *r, ch_message_t *ack)
 {
     ch__remote_queue_noop_if_idle(r);
     ack->remote = r;
+    r->acks_queued++;
     ch_msgq_push(&r->ctrl_q, ack);
     ch__remote_kick(r);
+}
+
+void ch__remote_ack_done(ch_remote_t *r)
+{
+    if (r)
+        r->acks_queued--;
+}
+
+/* Bytes of header and data of m (what the peer compares with its MAX_MSG_SIZE). */
+static uint64_t ch__remote_msg_size(const ch_message_t *m)
+{
+    return (uint64_t)m->header_len + m->data_len;
+}
+
+/* True if m exceeds the MAX_MSG_SIZE the peer of c announced. */
+static int ch__remote_too_large(const ch_conn_t *c, const ch_message_t *m)
+{
+    return c->peer_max_msg && ch__remote_msg_size(m) > c->peer_max_msg;
+}
+
+/* Fail a data message the peer announced it would refuse, before it leaves: the
+ * peer would close the connection (and every message in flight on it). */
+static void ch__remote_refuse(ch_remote_t *r, ch_conn_t *c, ch_message_t *m)
+{
+    char text[CH_EV_TEXT_LEN];
+    snprintf(text, sizeof(text),
+             "message of %llu bytes (header + data) exceeds MAX_MSG_SIZE = %u bytes of %s; "
+             "it was not sent",
+             (unsigned long long)ch__remote_msg_size(m), c->peer_max_msg, c->name);
+    ch__send_done(r->node, m, CH_VALUE_ERROR, text);
+}
+
+/* A data message failed because the connection closed: towards a peer that did not
+ * announce its MAX_MSG_SIZE (libchirp 1.x), a closed connection may be the peer
+ * refusing a message over that limit, so the text says so. */
+static void ch__remote_fail_closed(ch_node_t *node, ch_conn_t *c, ch_message_t *m, int reason,
+                                   const char *text)
+{
+    if (reason != CH_PROTOCOL_ERROR || c->peer_max_msg || (m->flags & CH_MSGF_CONTROL)) {
+        ch__msg_fail(node, m, reason, text);
+        return;
+    }
+    char hint[CH_EV_TEXT_LEN];
+    snprintf(hint, sizeof(hint),
+             "%s: the peer closed the connection; the message (%llu bytes) may exceed its "
+             "MAX_MSG_SIZE",
+             text, (unsigned long long)ch__remote_msg_size(m));
+    ch__msg_fail(node, m, reason, hint);
 }
 
 void ch__remote_flush(ch_remote_t *r)
@@ -165,6 +215,10 @@ void ch__remote_flush(ch_remote_t *r)
             if ((m->type & CH_MSG_NOOP) && !(m->type & CH_MSG_EXT))
                 r->noop_queued = 0;
         } else if (r->data_q.head) {
+            if (ch__remote_too_large(c, r->data_q.head)) {
+                ch__remote_refuse(r, c, ch_msgq_pop(&r->data_q));
+                continue;
+            }
             int window = c->peer_window > 0 ? c->peer_window : 1;
             if ((r->data_q.head->type & CH_MSG_REQ_ACK) && r->noutstanding >= window)
                 break;
@@ -220,6 +274,11 @@ void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c)
     memcpy(caps->identity, CH_EXT_MAGIC, 4);
     caps->identity[4] = CH_EXT_F_PIPELINE;
     caps->identity[5] = CH_EXT_WINDOW;
+    uint32_t max = r->node->cfg.max_msg_size;
+    caps->identity[6] = (uint8_t)(max >> 24);
+    caps->identity[7] = (uint8_t)(max >> 16);
+    caps->identity[8] = (uint8_t)(max >> 8);
+    caps->identity[9] = (uint8_t)max;
     caps->type = CH_MSG_NOOP | CH_MSG_EXT;
     caps->flags = CH_MSGF_CONTROL;
     /* First in line: ahead of anything already queued. */
@@ -229,6 +288,12 @@ void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c)
         r->ctrl_q.tail = caps;
     r->ctrl_q.len++;
     ch__remote_flush(r);
+}
+
+uint32_t ch__remote_caps_max_msg(const uint8_t identity[16])
+{
+    return ((uint32_t)identity[6] << 24) | ((uint32_t)identity[7] << 16) |
+           ((uint32_t)identity[8] << 8) | identity[9];
 }
 
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16])
@@ -276,7 +341,7 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
         ch__remote_unlink(r, m);
         if (!(m->flags & CH_MSGF_WRITING)) { /* else: failed with the write below */
             m->conn = NULL;
-            ch__msg_fail(node, m, reason, text);
+            ch__remote_fail_closed(node, c, m, reason, text);
         }
         failed = 1;
     }
@@ -289,7 +354,7 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
         if (w->flags & CH_MSGF_RELEASED) /* acknowledged before its write completed */
             ch__send_done(node, w, CH_SUCCESS, NULL);
         else
-            ch__msg_fail(node, w, reason, text);
+            ch__remote_fail_closed(node, c, w, reason, text);
     }
     r->nconns--;
     if (r->conn != c)
@@ -314,6 +379,7 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
     r->noop_queued = 0;
     if (node->state != CH__NODE_RUNNING || r->deleted)
         return;
+    ch__conn_ack_drained(r); /* other connections may wait for those ACKs */
     r->blocked = 1;
     uv_timer_start(&r->timer, ch__remote_unblock_cb, 50 + ch__loop_rand(node->loop) % 500, 0);
 }

@@ -82,7 +82,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10007
+_EXPECTED_STAMP = 10009
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -122,12 +122,18 @@ _EV_STATS = lib.CH_EV_STATS
 _NULL = ffi.NULL
 
 _WAKE_CALLS = 1  # token of the wake-up that announces call_soon() callbacks
-_DRIVE_AGAIN = lib.CH_DRIVE_AGAIN
+_DRIVE_AGAIN = lib.CH_DRIVE_AGAIN  # -CH_BUSY: no token, re-check
+#: What ch_loop_drive() answers once the loop has ended (csrc/error.h: -CH_<NAME>).
+_LOOP_ENDED = -lib.CH_SHUTDOWN
 _DRIVE_MESSAGES = lib.CH_DRIVE_MESSAGES
 _DRIVE_BACKGROUND = lib.CH_DRIVE_BACKGROUND
 #: Token of releases nobody waits for (release_many): their completions are only
 #: counted, so that stop() can let the owed ACKs go out first. Real tokens start at 2.
 _QUIET_RELEASE = 1
+_TIMEOUT = lib.CH_TIMEOUT
+#: libuv's clock counts whole milliseconds: deadlines of the core and of Python
+#: timers set within the same millisecond may end in either order by this much.
+_CLOCK_SLACK = 0.002
 #: Longest single drive of an application thread (seconds): it gives the loop up
 #: and re-checks its condition at least this often, whatever woke it or not.
 LEAD_SLICE = 0.2
@@ -240,9 +246,15 @@ def _error(code: int, text: Optional[str] = None) -> ChirpError:
     return exc
 
 
+#: A submission refused here, before the core (the node is stopping, or a release has
+#: nothing to release). Positive, so it never equals a core code: those are negative
+#: (csrc/error.h).
+_REFUSED = 1
+
+
 def _submit_error(rc: int) -> ChirpError:
-    """The failure of a submission: a core code, or -1 when the node is stopping."""
-    return _error(rc) if rc > 0 else _shutdown_error("node is stopping")
+    """The failure of a submission: a negative core code, or _REFUSED (node stopping)."""
+    return _shutdown_error("node is stopping") if rc == _REFUSED else _error(rc)
 
 
 def _shutdown_error(text: str = "node stopped") -> ChirpShutdown:
@@ -283,6 +295,8 @@ def fill_config(config: Config) -> Tuple[Any, List[Any]]:
         c.dh_params_pem = s
     c.disable_encryption = 1 if config.DISABLE_ENCRYPTION else 0
     c.max_send_queue = config.MAX_SEND_QUEUE
+    c.max_connections = config.MAX_CONNECTIONS
+    c.max_connections_per_address = config.MAX_CONNECTIONS_PER_ADDRESS
     return c, keep
 
 
@@ -632,7 +646,7 @@ class LoopCore:
                     self._app_polling -= 1
                     if not self._app_polling and self.ended:  # see _loop_ends()
                         self._app_idle.notify_all()
-            if n == -1:
+            if n == _LOOP_ENDED:
                 return
 
     def _handle(self, bufs: _PollBuffers, n: int) -> None:
@@ -718,7 +732,7 @@ class LoopCore:
     def _loop_ends(self) -> None:
         with self.lock:
             self.ended = True
-            # Application threads still inside ch_loop_drive() get -1 at once
+            # Application threads still inside ch_loop_drive() get -CH_SHUTDOWN at once
             # (the loop has ended); the loop is freed only after they left.
             if not self._app_idle.wait_for(lambda: not self._app_polling, JOIN_LIMIT):
                 logger.error("libchirp: a thread still drives the loop; the loop is not freed")
@@ -878,7 +892,7 @@ class NodeCore:
                     raise RuntimeError("Message is still being sent")
                 msg._target()  # parses a received message's address; raises before any send
             if self.closing:
-                failed = [(fut, -1) for fut in futs]
+                failed = [(fut, _REFUSED) for fut in futs]
             else:
                 self._submit_many(msgs, futs, failed)
         for fut, rc in failed:
@@ -932,14 +946,15 @@ class NodeCore:
             flush()
 
     def _submit_send(self, msg: MessageBase, fut: Future, request: Optional[Future]) -> int:
-        """Hand one send to the core (caller holds the lock); 0, a core code, or -1 (closing).
+        """Hand one send to the core (caller holds the lock): 0, a negative core code, or
+        _REFUSED (closing).
 
         header and data are ``bytes`` passed to C as they are (no copy); the
         pending entry keeps them alive until SEND_DONE, even if the message's
         attributes are replaced meanwhile.
         """
         if self.closing:
-            return -1
+            return _REFUSED
         if msg._sending:
             raise RuntimeError("Message is still being sent")
         family, addr = msg._target()
@@ -982,9 +997,16 @@ class NodeCore:
         req: Any = entry[4]
         if req is not None and _pending_request(self.requests, msg._identity, req):
             del self.requests[msg._identity]
-            LoopCore.cancel_timer(req._timer)
+            timer = req._timer
+            LoopCore.cancel_timer(timer)
             self._remember_expired(msg._identity)
-            _set_exception(req, _error(status, text))
+            if status == _TIMEOUT and timer is not None and timer[0] <= _monotonic() + _CLOCK_SLACK:
+                # The send's TIMEOUT started after the request's (at the write), but
+                # libuv's clock counts whole milliseconds, so it may end first by a
+                # fraction of one: the request ran out of time all the same.
+                _set_exception(req, self._request_timeout(msg))
+            else:
+                _set_exception(req, _error(status, text))
 
     def on_sends_done(self, token: int, count: int) -> None:
         """Dispatcher: the sends ``token`` .. ``token + count - 1`` all succeeded."""
@@ -1006,7 +1028,7 @@ class NodeCore:
                 raise RuntimeError("a request with this message identity is already pending")
             self.requests[identity] = req
             self.expired.pop(identity, None)
-        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req)
+        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req, msg)
         try:
             send_future = self.send(msg, req)
         except BaseException:
@@ -1025,14 +1047,22 @@ class NodeCore:
             if exc is not None:
                 _set_exception(req, exc)
 
-    def _expire(self, identity: bytes, req: Any) -> None:
+    def _expire(self, identity: bytes, req: Any, msg: MessageBase) -> None:
         if not _pending_request(self.requests, identity, req):
             return
         del self.requests[identity]
         self._remember_expired(identity)
-        exc = ChirpTimeoutError("Chirp request timed out")
+        _set_exception(req, self._request_timeout(msg))
+
+    def _request_timeout(self, msg: MessageBase) -> ChirpTimeoutError:
+        address = msg.address
+        peer = ("[%s]:%d" if ":" in address else "%s:%d") % (address, msg.port)
+        exc = ChirpTimeoutError(
+            "Chirp request timed out: no answer from %s within %.1f s (TIMEOUT)"
+            % (peer, self.timeout)
+        )
         exc.ecode = lib.CH_TIMEOUT
-        _set_exception(req, exc)
+        return exc
 
     def _remember_expired(self, identity: bytes) -> None:
         expired = self.expired
@@ -1105,9 +1135,9 @@ class NodeCore:
         fut = self._future()
         with self.lock:
             rc = self._submit_release(msg, fut)
-        if rc > 0:
+        if rc < 0:
             fut.set_exception(_error(rc))
-        elif rc < 0:
+        elif rc == _REFUSED:
             fut.set_result(None)
         return fut
 
@@ -1153,20 +1183,20 @@ class NodeCore:
     def _submit_release(self, msg: MessageBase, fut: Future) -> int:
         """Hand one release, completed by ``fut``, to the core (caller holds the lock).
 
-        Returns 0 (submitted), -1 (nothing to release: no slot, or the node is
-        stopping and frees it itself) or a core error code. Releases without a
+        Returns 0 (submitted), _REFUSED (nothing to release: no slot, or the node
+        is stopping and frees it itself) or a negative core error code. Releases without a
         future go through release_many().
         """
         cmsg = msg._c
         if cmsg is None:
-            return -1
+            return _REFUSED
         if msg._sending:
             raise RuntimeError("Message is still being sent; release it when the send is done")
         msg._c = None
         self.held.discard(msg)
         if self.stop_sent:  # cannot happen for held messages; be safe
             self.orphans.append(cmsg)
-            return -1
+            return _REFUSED
         token = next(self.loop._tokens)
         self.releases[token] = (fut, msg._identity, msg._serial)
         rc = lib.ch_node_release(self.c, _cast(_MSG_P, cmsg), token)
@@ -1401,4 +1431,6 @@ def _counters(c: Any) -> CounterStats:
         protocol_errors=c.protocol_errors,
         tls_errors=c.tls_errors,
         connects=c.connects,
+        connections_refused=c.conns_refused,
+        connections_evicted=c.conns_evicted,
     )

@@ -41,7 +41,7 @@ _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 _LAZY = frozenset(("_condition", "_waiters", "_done_callbacks"))
 
 
-class LightFuture(Future):
+class LightFuture(Future[Any]):
     """A Future whose condition is created lazily (see the module docstring).
 
     ``_leader`` (set by the node for its own futures) is the LoopCore whose

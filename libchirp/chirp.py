@@ -26,52 +26,64 @@ is never delivered as an ordinary message.
 
 ``statistics()`` returns a snapshot of the node (``libchirp.stats.NodeStats``):
 totals, open connections, late replies and one entry per remote.
+
+After ``os.fork()`` the node belongs to the parent: in the child, ``send()``,
+``request()``, ``statistics()``, ``stop()`` (and ``get()`` of the queue
+interface) raise ``libchirp.loop.ChirpForkError`` (a ``RuntimeError``) at once.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only from 3.11 on
 from types import TracebackType
-from typing import Any, Callable, Iterable, List, Optional, Type
+from typing import Any, Callable, Generic, Iterable, List, Optional, Type, TypeVar
 
 from ._core import START_LIMIT, NodeCore
 from ._future import LightFuture
 from .config import Config
 from .loop import Loop
-from .message import MessageBase, MessageThread
+from .message import Message, MessageBase
 from .stats import NodeStats
 
 __all__ = ["ChirpBase", "ChirpFuture"]
 
+#: A message class (sending returns a future of the message given).
+_M = TypeVar("_M", bound=MessageBase)
+#: The node's own class, for ``with Chirp(loop, config) as node``.
+_Self = TypeVar("_Self", bound="ChirpBase")
 
-class ChirpFuture(LightFuture):
+
+class ChirpFuture(LightFuture, Generic[_M]):
     """The future of ``ChirpBase.request()``: resolves to the reply message.
 
     ``result()`` releases the reply's slot when ``auto_release`` was True (the
     ``request()`` argument, independent of ``Config.AUTO_RELEASE``).
     ``send_result()`` waits for the underlying send and returns the sent message.
-    The future fails with ``TimeoutError("Chirp request timed out")`` when no
-    reply arrived within Config.TIMEOUT (send and queue time included); a reply
+    The future fails with ``TimeoutError`` ("Chirp request timed out: no answer
+    from 127.0.0.1:3000 within 5.0 s (TIMEOUT)") when no reply arrived within
+    Config.TIMEOUT (send and queue time included); a reply
     arriving after that is dropped and counted as a late reply.
     """
 
     def __init__(self, auto_release: bool = True) -> None:
         super().__init__()
         self._auto_release = auto_release
-        self._send_future: Optional[Future] = None
-        self._timer: Optional[list] = None
+        self._send_future: Optional[Future[_M]] = None
+        self._timer: Optional[List[Any]] = None
 
-    def result(self, timeout: Optional[float] = None) -> Any:
-        msg = super().result(timeout)
+    def result(self, timeout: Optional[float] = None) -> _M:
+        """The reply message (its slot released when ``auto_release``)."""
+        msg: _M = super().result(timeout)
         if self._auto_release and msg is not None:
             msg.release_slot()
         return msg
 
-    def send_result(self, timeout: Optional[float] = None) -> Any:
+    def send_result(self, timeout: Optional[float] = None) -> _M:
         """Wait for the send of the request; return the sent message or raise."""
         send_future = self._send_future
         if send_future is None:  # request() raised before sending
@@ -109,14 +121,14 @@ class ChirpBase:
     """
 
     #: The class of received messages.
-    _message_class: Type[MessageBase] = MessageThread
+    _message_class: Type[MessageBase] = Message
 
     def __init__(
         self,
         loop: Loop,
         config: Config,
-        recv: Optional[Callable[[MessageBase], Any]] = None,
-        recv_many: Optional[Callable[[List[MessageBase]], Any]] = None,
+        recv: Optional[Callable[[Any], Any]] = None,
+        recv_many: Optional[Callable[[List[Any]], Any]] = None,
     ) -> None:
         self._node: Optional[NodeCore] = None
         self._stopped = False
@@ -124,6 +136,7 @@ class ChirpBase:
             raise TypeError("loop must be a libchirp.Loop, not %s" % type(loop).__name__)
         if not isinstance(config, Config):
             raise TypeError("config must be a libchirp.Config, not %s" % type(config).__name__)
+        config._check_start()  # the cross-field rules, with texts naming the fields
         self._loop = loop
         self._config = config
         was_sealed = config.sealed
@@ -166,6 +179,10 @@ class ChirpBase:
         assert self._node is not None
         return self._node.port
 
+    def _check_process(self) -> None:
+        """Raise ``ChirpForkError`` in a process forked after the node's Loop was made."""
+        self._loop._check_process()
+
     @property
     def late_replies(self) -> int:
         """Replies that arrived after their request timed out; they were dropped (released)."""
@@ -183,6 +200,7 @@ class ChirpBase:
         node is stopped. Cannot be called on the loop's dispatcher thread (from a
         ``call_soon()`` callback); the asyncio interface has an awaitable variant.
         """
+        self._check_process()
         node = self._node
         assert node is not None
         if node.loop.in_dispatcher():
@@ -190,7 +208,8 @@ class ChirpBase:
         limit = START_LIMIT if timeout is None else timeout
         fut = node.stats()
         try:
-            return fut.result(limit)
+            stats: NodeStats = fut.result(limit)
+            return stats
         except _FutureTimeout:
             raise TimeoutError("statistics were not answered within %.1f s" % limit) from None
 
@@ -202,17 +221,18 @@ class ChirpBase:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, msg: MessageBase) -> Future:
+    def send(self, msg: _M) -> Future[_M]:
         """Send ``msg``; the future resolves to ``msg`` (PROTOCOL.md 4.1) or fails.
 
         Thread-safe. ``RuntimeError`` if ``msg`` is still being sent.
         """
         if not isinstance(msg, MessageBase):
             raise TypeError("send() needs a libchirp message, not %s" % type(msg).__name__)
+        self._check_process()
         assert self._node is not None
         return self._node.send(msg)
 
-    def send_many(self, msgs: Iterable[MessageBase]) -> List[Future]:
+    def send_many(self, msgs: Iterable[_M]) -> List[Future[_M]]:
         """Send several messages; returns one future per message, in order.
 
         Equivalent to ``[send(m) for m in msgs]`` but hands them to the loop
@@ -221,11 +241,12 @@ class ChirpBase:
         non-message and ``RuntimeError`` for a message that is being sent or is
         given twice.
         """
-        batch = list(msgs)
+        batch: List[MessageBase] = list(msgs)
+        self._check_process()
         assert self._node is not None
         return self._node.send_many(batch)
 
-    def request(self, msg: MessageBase, auto_release: bool = True) -> ChirpFuture:
+    def request(self, msg: _M, auto_release: bool = True) -> ChirpFuture[_M]:
         """Send ``msg`` and return a :class:`ChirpFuture` for the reply (PROTOCOL.md 8.3).
 
         The first received message carrying ``msg.identity`` resolves the future;
@@ -235,8 +256,9 @@ class ChirpBase:
         """
         if not isinstance(msg, MessageBase):
             raise TypeError("request() needs a libchirp message, not %s" % type(msg).__name__)
+        self._check_process()
         assert self._node is not None
-        req = ChirpFuture(auto_release)
+        req: ChirpFuture[_M] = ChirpFuture(auto_release)
         self._node.request(msg, req)
         return req
 
@@ -255,12 +277,13 @@ class ChirpBase:
         node = self._node
         if node is None:
             return
+        self._check_process()
         try:
             node.stop()
         finally:
             self._stopped = node.done
 
-    def __enter__(self) -> ChirpBase:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(
@@ -275,6 +298,9 @@ class ChirpBase:
         node = getattr(self, "_node", None)
         if node is None or node.done or node.stop_sent:
             return
+        loop = getattr(self, "_loop", None)
+        if loop is not None and getattr(loop, "_pid", None) != os.getpid():
+            return  # an inherited copy in a forked child: nothing of it runs here
         warnings.warn(
             "libchirp node was not stopped; call stop() or use it as a context manager",
             ResourceWarning,

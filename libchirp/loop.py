@@ -7,7 +7,9 @@ loop and two daemon threads, the libuv **loop thread** (never runs Python) and
 the **dispatcher thread** (runs every Python callback: future resolution,
 message delivery, ``call_soon()``). See docs/architecture.md.
 
-``stop()`` marks the loop stopped at once (``running`` becomes False, ``run()``
+``stop()`` before ``run()`` does nothing (libchirp 1.x programs call it in
+cleanup paths that may run before the loop was started). After ``run()``, it
+marks the loop stopped at once (``running`` becomes False, ``run()``
 raises ``Cannot restart loop``); the threads end as soon as no node uses the
 loop: at once if none, otherwise inside the last node's ``stop()``. Stopping
 never hangs: the threads are joined with a bound.
@@ -15,34 +17,82 @@ never hangs: the threads are joined with a bound.
 The threads reference only the core, never the Loop object, so a Loop that is
 dropped while running is garbage-collected; it then warns with
 ``ResourceWarning`` and asks its core to stop.
+
+``os.fork()`` copies a Loop but not its threads: in the child the copy can
+never run. A Loop remembers the process that created it, and every use of it
+or of its nodes in another process raises :class:`ChirpForkError` at once
+(docs/reliability.md); the child starts a Loop of its own. Dropping the copy
+in the child does nothing (the parent's sockets are not touched).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from types import TracebackType
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Optional, Type, TypeVar
 
-from ._core import LoopCore
+from ._core import LoopCore, logger
+from .errors import ChirpError
 
-__all__ = ["Loop"]
+__all__ = ["Loop", "ChirpForkError"]
+
+
+class ChirpForkError(ChirpError, RuntimeError):
+    """A Loop (or one of its nodes) was used in a process forked from the one that created it."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(
+            "this Loop was created in process %d, and this is process %d (a fork): its "
+            "threads do not exist here; start a new Loop in the child" % (pid, os.getpid())
+        )
+        self.pid = pid
+
+
+_Self = TypeVar("_Self", bound="Loop")
 
 
 class Loop:
     """An event loop running in background threads; ``run_loop=False`` defers ``run()``."""
 
     def __init__(self, run_loop: bool = True) -> None:
+        self._pid = os.getpid()
         self._core = LoopCore()
         if run_loop:
             self.run()
 
+    def _check_process(self) -> None:
+        """Raise :class:`ChirpForkError` in a process forked after this Loop was made."""
+        if self._pid != os.getpid():
+            raise ChirpForkError(self._pid)
+
     def run(self) -> None:
         """Start the threads; no-op if started; ``RuntimeError`` after ``stop()``."""
-        self._core.run()
+        self._check_process()
+        core = self._core
+        started = core.started
+        core.run()
+        if not started:
+            logger.debug("libchirp: loop started")
 
     def stop(self) -> None:
-        """Mark the loop stopped; its threads end once no node uses it (bounded wait)."""
-        self._core.request_stop(join=True)
+        """Mark the loop stopped; its threads end once no node uses it (bounded wait).
+
+        Before ``run()`` this does nothing (as in libchirp 1.x): a later ``run()``
+        starts the loop.
+        """
+        self._check_process()
+        core = self._core
+        if not core.started:
+            return
+        again = core.stop_requested
+        core.request_stop(join=True)
+        if again:
+            return
+        if core.nodes:
+            logger.debug("libchirp: loop stop requested; it ends with its last node")
+        else:
+            logger.debug("libchirp: loop stopped")
 
     @property
     def running(self) -> bool:
@@ -55,9 +105,10 @@ class Loop:
         Exceptions raised by ``func`` are logged (logger ``libchirp``). Raises
         ``RuntimeError`` once the loop has ended.
         """
+        self._check_process()
         self._core.call_soon(func, args, kwargs)
 
-    def __enter__(self) -> Loop:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(
@@ -70,7 +121,7 @@ class Loop:
 
     def __del__(self) -> None:
         core = getattr(self, "_core", None)
-        if core is None:
+        if core is None or getattr(self, "_pid", None) != os.getpid():
             return
         if core.running:
             warnings.warn(

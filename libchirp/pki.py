@@ -163,7 +163,11 @@ def _load_ca(ca_dir: Path) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
         raise PkiError(f"CA certificate {cert_path}: unusable: {e}") from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise PkiError(f"CA key {key_path}: not an RSA key")
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    cert_key = cert.public_key()
+    if (
+        not isinstance(cert_key, rsa.RSAPublicKey)
+        or cert_key.public_numbers() != key.public_key().public_numbers()
+    ):
         raise PkiError(f"CA directory {ca_dir}: {CA_KEY_FILE} does not match {CA_CERT_FILE}")
     return key, cert
 

@@ -39,7 +39,7 @@ from ._core import logger
 from .chirp import ChirpBase
 from .config import Config
 from .loop import Loop
-from .message import Message, MessageBase
+from .message import Message
 
 __all__ = ["Chirp", "Config", "Loop", "Message"]
 
@@ -58,7 +58,7 @@ class Chirp(ChirpBase):
         self._pool = ThreadPoolExecutor(**kwargs)
         self._auto_release = config.AUTO_RELEASE
         self._closing = False
-        self._tasks: Dict[Future[Any], MessageBase] = {}
+        self._tasks: Dict[Future[Any], Message] = {}
         self._tasks_lock = threading.Condition()
         try:
             ChirpBase.__init__(self, loop, config, recv=self._deliver)
@@ -68,7 +68,7 @@ class Chirp(ChirpBase):
 
     # -- handling ------------------------------------------------------------------------------
 
-    def handler(self, msg: MessageBase) -> None:
+    def handler(self, msg: Message) -> None:
         """Handle one received message; runs on a pool thread. Override this.
 
         The default releases the message when AUTO_RELEASE is False (with
@@ -77,7 +77,7 @@ class Chirp(ChirpBase):
         if not self._auto_release:
             msg.release_slot()
 
-    def _deliver(self, msg: MessageBase) -> None:
+    def _deliver(self, msg: Message) -> None:
         # Dispatcher thread.
         if self._closing:
             msg.release_slot()
@@ -98,7 +98,7 @@ class Chirp(ChirpBase):
         if fut.cancelled() and msg is not None:  # never ran: release for it
             msg.release_slot()
 
-    def _run(self, msg: MessageBase) -> None:
+    def _run(self, msg: Message) -> None:
         # Pool thread.
         _local.node = self
         try:

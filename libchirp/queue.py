@@ -11,27 +11,33 @@ before the application processed it; with AUTO_RELEASE False the application
 calls ``msg.release_slot()`` itself. ``disable_queue = True`` releases such
 messages at once and never queues them (useful for a node that only sends and
 makes requests).
+
+``stop()`` wakes the threads blocked in ``get()`` on an empty queue with
+:class:`~libchirp.errors.ChirpShutdown`; ``get()`` on a stopped node raises it
+at once.
 """
 
 from __future__ import annotations
 
 import queue as _queue
 from time import monotonic as _monotonic
-from typing import List, Optional
+from typing import List, Optional, cast
 
 from .chirp import ChirpBase
 from .config import Config
+from .errors import ChirpShutdown
 from .loop import Loop
 from .message import Message, MessageBase
 
 __all__ = ["Chirp", "Config", "Loop", "Message"]
 
 
-class Chirp(ChirpBase, _queue.Queue):
+class Chirp(ChirpBase, _queue.Queue[Message]):
     """A chirp node whose received messages are read with ``get()``."""
 
     def __init__(self, loop: Loop, config: Config) -> None:
         _queue.Queue.__init__(self)
+        self._shut_down = False  # stop() began: waiting get() calls give up
         self._disable_queue = False
         self._auto_release = config.AUTO_RELEASE
         ChirpBase.__init__(self, loop, config, recv_many=self._enqueue_many)
@@ -45,7 +51,7 @@ class Chirp(ChirpBase, _queue.Queue):
     def disable_queue(self, value: bool) -> None:
         self._disable_queue = bool(value)
 
-    def _enqueue_many(self, msgs: List[MessageBase]) -> None:
+    def _enqueue_many(self, msgs: List[Message]) -> None:
         """Thread handling events: the messages of one batch (one lock, one wake-up)."""
         if self._disable_queue:
             self._release_taken(msgs)
@@ -56,30 +62,34 @@ class Chirp(ChirpBase, _queue.Queue):
             self.unfinished_tasks += n
             self.not_empty.notify(n)
 
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> MessageBase:
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Message:
         """Remove and return a received message (``queue.Empty`` as usual).
 
-        With ``Config.AUTO_RELEASE`` the message's slot is released here.
+        With ``Config.AUTO_RELEASE`` the message's slot is released here. Raises
+        :class:`~libchirp.errors.ChirpShutdown` at once on a stopped node, and in
+        threads waiting here when ``stop()`` begins and nothing is queued.
         """
-        if block and not self._qsize():
-            timeout = self._lead(timeout)
-        msg: MessageBase = _queue.Queue.get(self, block, timeout)
-        if self._auto_release:
-            self._release_taken([msg])
-        return msg
+        return self._take(1, block, timeout)[0]
 
     def get_many(
         self, max_count: int = 1024, block: bool = True, timeout: Optional[float] = None
-    ) -> List[MessageBase]:
+    ) -> List[Message]:
         """Remove and return up to ``max_count`` received messages, at least one.
 
         Waits like ``get()`` for the first message (``queue.Empty`` when
         ``block`` is False or ``timeout`` passes without one), then takes what
         else is queued without waiting. With ``Config.AUTO_RELEASE`` their slots
-        are released here, in one hand-over to the loop thread.
+        are released here, in one hand-over to the loop thread. Raises
+        ``ChirpShutdown`` like ``get()``.
         """
         if max_count < 1:
             raise ValueError("get_many(): max_count must be at least 1 (%r)" % (max_count,))
+        return self._take(max_count, block, timeout)
+
+    def _take(self, max_count: int, block: bool, timeout: Optional[float]) -> List[Message]:
+        self._check_process()
+        if self._shut_down and (self._stopped or not self._qsize()):
+            raise ChirpShutdown("the node is stopped")
         if block and not self._qsize():
             if timeout is not None and timeout < 0:
                 raise ValueError("'timeout' must be a non-negative number")
@@ -89,17 +99,17 @@ class Chirp(ChirpBase, _queue.Queue):
                 if not self._qsize():
                     raise _queue.Empty
             elif timeout is None:
-                while not self._qsize():
+                while not self._qsize() and not self._shut_down:
                     self.not_empty.wait()
-            elif timeout < 0:
-                raise ValueError("'timeout' must be a non-negative number")
             else:
                 end = _monotonic() + timeout
-                while not self._qsize():
+                while not self._qsize() and not self._shut_down:
                     remaining = end - _monotonic()
                     if remaining <= 0.0:
                         raise _queue.Empty
                     self.not_empty.wait(remaining)
+            if not self._qsize():
+                raise ChirpShutdown("the node was stopped while waiting for a message")
             items = self.queue
             n = min(max_count, len(items))
             msgs = [items.popleft() for _ in range(n)]
@@ -107,6 +117,20 @@ class Chirp(ChirpBase, _queue.Queue):
         if self._auto_release:
             self._release_taken(msgs)
         return msgs
+
+    def stop(self) -> None:
+        """Stop the node (see ``ChirpBase.stop()``).
+
+        Threads blocked in ``get()``/``get_many()`` on an empty queue are woken
+        at once with :class:`~libchirp.errors.ChirpShutdown`; messages already
+        queued are still handed out while the node stops (their releases are
+        what the stop waits for). Afterwards ``get()`` raises at once.
+        """
+        self._check_process()
+        with self.mutex:
+            self._shut_down = True
+            self.not_empty.notify_all()
+        ChirpBase.stop(self)
 
     def _lead(self, timeout: Optional[float]) -> Optional[float]:
         """Handle the loop's events on this thread until a message is queued.
@@ -118,11 +142,14 @@ class Chirp(ChirpBase, _queue.Queue):
         node = self._node
         if node is None or (timeout is not None and timeout < 0):
             return timeout
-        return node.loop.lead_until(self._qsize, timeout, messages=True)
+        return node.loop.lead_until(self._ready, timeout, messages=True)
 
-    def _release_taken(self, msgs: List[MessageBase]) -> None:
+    def _ready(self) -> bool:
+        return bool(self._qsize()) or self._shut_down
+
+    def _release_taken(self, msgs: List[Message]) -> None:
         """Release without futures (nobody sees them): AUTO_RELEASE of messages
         handed out, or messages not queued because of ``disable_queue``."""
         node = self._node
         if node is not None:
-            node.release_many(msgs)
+            node.release_many(cast(List[MessageBase], msgs))

@@ -47,6 +47,13 @@ class CounterStats(TypedDict):
     tls_errors: int
     #: Connections opened (outgoing) or accepted.
     connects: int
+    #: Incoming connections closed at once because MAX_CONNECTIONS or
+    #: MAX_CONNECTIONS_PER_ADDRESS was reached with no idle connection to close,
+    #: or because no file descriptor was left (docs/reliability.md). Refused
+    #: connections never belong to a remote: only the node's totals count them.
+    connections_refused: int
+    #: Idle connections closed to make room for a new one at a connection limit.
+    connections_evicted: int
 
 
 class RemoteStats(TypedDict):

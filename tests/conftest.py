@@ -104,30 +104,32 @@ def find_free_port():
     the port must be free on both. Ports are never handed out twice in one test
     session, so two nodes of one test cannot collide with each other.
     """
-    for _ in range(200):
-        s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s6 = None
-        try:
+    # A rejected candidate keeps its IPv4 socket bound until we return, so that
+    # the system cannot offer the same port again (it may prefer recent ones).
+    held = []
+    try:
+        for _ in range(400):
+            s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s4)
             s4.bind(("0.0.0.0", 0))
             port = s4.getsockname()[1]
             if port <= 1024:
                 continue
             if HAS_IPV6:
-                s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-                s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    s6.bind(("::", port))
-                except OSError:
-                    continue
+                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
+                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    try:
+                        s6.bind(("::", port))
+                    except OSError:
+                        continue
             with _ports_lock:
                 if port in _ports_given:
                     continue
                 _ports_given.add(port)
             return port
-        finally:
-            s4.close()
-            if s6 is not None:
-                s6.close()
+    finally:
+        for sock in held:
+            sock.close()
     raise RuntimeError("could not find a free port")
 
 

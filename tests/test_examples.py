@@ -64,9 +64,21 @@ CASES = [
 ]
 
 
+#: Examples run by the tests of their own module, with the processes they need.
+TESTED_ELSEWHERE = {
+    "kiwi_": os.path.join(ROOT, "tests", "test_kiwi_examples.py"),
+}
+
+
 def test_every_example_is_tested():
     tested = {name for name, _, _ in CASES}
     present = {name for name in os.listdir(EXAMPLES) if name.endswith(".py")}
+    for name in sorted(present - tested):
+        prefix = next((p for p in TESTED_ELSEWHERE if name.startswith(p)), None)
+        assert prefix is not None, "example %s is not tested" % name
+        with open(TESTED_ELSEWHERE[prefix]) as f:
+            assert name in f.read(), "%s does not run %s" % (TESTED_ELSEWHERE[prefix], name)
+        tested.add(name)
     assert present == tested
 
 

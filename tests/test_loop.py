@@ -38,9 +38,13 @@ def test_run_loop_false(bounded):
 
 @pytest.mark.timeout(30)
 def test_stop_without_run(bounded):
+    """stop() before run() is a no-op (as in libchirp 1.x); stop() after run() is final."""
     loop = libchirp.Loop(run_loop=False)
     bounded(loop.stop, LIMIT, "Loop.stop() of a loop that never ran")
     assert not loop.running
+    loop.run()
+    assert loop.running
+    bounded(loop.stop, LIMIT, "Loop.stop()")
     with pytest.raises(RuntimeError, match="Cannot restart loop"):
         loop.run()
 

@@ -14,6 +14,7 @@ import hashlib
 import os
 import queue
 import re
+import socket
 import threading
 import time
 
@@ -705,3 +706,34 @@ def test_configured_identity_is_used_whole(make_node, ident):
     fut = node.send(make_node.message(peer, data=b"who am i"))
     assert receive(peer).remote_identity == ident
     assert settle(fut) is None
+
+
+@pytest.mark.timeout(60)
+def test_port_zero_binds_a_free_port_on_both_families(loop, bounded):
+    """PORT = 0: the system picks a port, free on IPv4 and IPv6, and the node reports it."""
+    cfgs = []
+    for _ in range(2):
+        cfg = libchirp.Config()
+        cfg.PORT = 0
+        cfg.DISABLE_ENCRYPTION = True
+        cfgs.append(cfg)
+    a = bounded(Chirp, 30, "node start", loop, cfgs[0])
+    b = bounded(Chirp, 30, "node start", loop, cfgs[1])
+    try:
+        assert 1024 < a.port <= 65535 and 1024 < b.port <= 65535
+        assert a.port != b.port
+        assert cfgs[0].PORT == 0  # the Config is not rewritten; the node knows its port
+        for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family) as s:  # really listening on that port
+                s.settimeout(5)
+                s.connect((address, b.port))
+            msg = Message()
+            msg.address, msg.port, msg.data = address, b.port, b"hi"
+            fut = a.send(msg)
+            got = b.get(timeout=10)
+            fut.result(10)
+            assert got.data == b"hi" and got.address == address
+            assert got.port == a.port  # the handshake announced the picked port
+    finally:
+        bounded(a.stop, 20, "a.stop()")
+        bounded(b.stop, 20, "b.stop()")

@@ -10,7 +10,8 @@
  * completion of a send when no message comes (after CH_LAZY_MS); a second
  * loop is driven by its own thread alone (ch_loop_poll), the first by a
  * background thread (ch_loop_run) and this thread; stopping nodes and the
- * loop ends with ch_loop_poll() answering -1 (the loop closed cleanly).
+ * loop ends with ch_loop_poll() answering -CH_SHUTDOWN (the loop closed
+ * cleanly).
  */
 #include "unit.h"
 #include "events.h"
@@ -175,11 +176,11 @@ static void test_batch(int sync)
     }
     /* Refused whole: a bad family, a payload shorter than the lengths, n < 0. */
     sends[7].family = 5;
-    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), -CH_VALUE_ERROR);
     sends[7].family = 4;
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen - 1),
-             CH_VALUE_ERROR);
-    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, -1, payload, plen), CH_VALUE_ERROR);
+             -CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, -1, payload, plen), -CH_VALUE_ERROR);
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, 0, payload, 0), CH_SUCCESS);
 
     nkept = nheld = nbad = ncopied = 0;
@@ -187,7 +188,7 @@ static void test_batch(int sync)
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), CH_SUCCESS);
     memset(payload, 0, sizeof(payload)); /* the core copied it */
     /* Release what arrived after every poll, one call for all of it. */
-    CHECK_EQ(ch_node_release_batch(b, held, -1, 2000), CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_release_batch(b, held, -1, 2000), -CH_VALUE_ERROR);
     CHECK_EQ(ch_node_release_batch(b, held, 0, 2000), CH_SUCCESS);
     int submitted = 0, calls = 0;
     uint64_t deadline = uv_hrtime() + (uint64_t)(unit_seconds(20) * 1e9);
@@ -299,7 +300,7 @@ static void test_lazy_completions(void)
     CHECK(ok);
     /* Now only the completion of the next send comes to this loop: a thread
      * waiting for messages gets it all the same (not stranded). */
-    app_poller_t p = {.n = -2};
+    app_poller_t p = {.n = CH_DRIVE_AGAIN};
     uv_thread_create(&p.thread, app_poll, &p);
     uv_sleep(50); /* let it wait (if not yet, it takes the event at once: also fine) */
     CHECK_EQ(ch_node_send(a, 7001, (const char *)id, 4, (const char *)lo, pb, "y", 1, NULL, 0),

@@ -7,8 +7,8 @@
  * CH_DRIVE_AGAIN at once; ch_loop_kick() makes the owner's drive return 0;
  * the background thread (ch_loop_run) gives the loop up to an application
  * thread that wants it, also from its I/O poll; ch_loop_stop() works from any
- * thread; drives answer -1 once the loop has ended and every event was
- * handed out.
+ * thread; drives answer -CH_SHUTDOWN once the loop has ended and every
+ * event was handed out.
  */
 #include <uv.h>
 
@@ -119,12 +119,12 @@ static void test_background(void)
     ch_loop_wake(loop, 12);
     ch_loop_stop(loop); /* from this thread; the background thread ends the loop */
     uv_thread_join(&t);
-    /* Ended, one event left: it is still handed out, then -1 for everyone. */
+    /* Ended, one event left: it is still handed out, then -CH_SHUTDOWN for everyone. */
     CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), 1);
     CHECK_EQ(evs[0].token, 12u);
-    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), -1);
+    CHECK_EQ(ch_loop_poll(loop, evs, 8, unit_seconds(1.0), NULL), -CH_SHUTDOWN);
     uint64_t seq = ch_loop_batch_seq(loop);
-    CHECK_EQ(ch_loop_drive(loop, evs, 8, unit_seconds(1.0), &seq, 0, NULL), -1);
+    CHECK_EQ(ch_loop_drive(loop, evs, 8, unit_seconds(1.0), &seq, 0, NULL), -CH_SHUTDOWN);
 }
 
 int main(void)

@@ -653,6 +653,62 @@ static void test_untaken_message(void)
     ch_reader_free(r);
 }
 
+/* A large body fed in uneven chunks: the block grows as bytes arrive (it starts
+ * with room for 64 KiB whatever the header announces) and the message is
+ * byte for byte what was sent, header and data pointing into the final block. */
+static void test_large_body_grows(void)
+{
+    const uint32_t data_len = 700000;
+    const uint16_t header_len = 300;
+    size_t body = (size_t)header_len + data_len;
+    size_t len = 18 + 27 + body;
+    uint8_t *buf = malloc(len);
+    if (!CHECK(buf != NULL))
+        return;
+    memcpy(buf, HS_CLIENT, 18);
+    frame(buf + 18, 7, data_len, header_len, 0x01);
+    for (size_t i = 0; i < body; i++)
+        buf[45 + i] = (uint8_t)(i * 7 + (i >> 9));
+    static const size_t chunks[] = {0, 1, 1000, 65536, 65537, 100000};
+    for (size_t k = 0; k < sizeof(chunks) / sizeof(chunks[0]); k++) {
+        ch_reader_t *r = ch_reader_new(1 << 20);
+        size_t off = 0, step = chunks[k] ? chunks[k] : len;
+        ch_message_t *m = NULL;
+        int guard = 0;
+        while (off < len || !m) {
+            size_t n = len - off < step ? len - off : step;
+            size_t c = 0;
+            int rc = ch_reader_feed(r, buf + off, n, &c);
+            off += c;
+            if (rc == CH_RD_MESSAGE)
+                m = ch_reader_take_message(r);
+            else if (rc < 0 || ++guard > 2000000)
+                break;
+        }
+        if (CHECK(m != NULL)) {
+            CHECK_EQ(m->header_len, header_len);
+            CHECK_EQ(m->data_len, data_len);
+            CHECK(m->header == (const uint8_t *)(m + 1));
+            CHECK(m->data == m->header + header_len);
+            CHECK_MEM(m->header, buf + 45, header_len);
+            CHECK_MEM(m->data, buf + 45 + header_len, data_len);
+            ch_msg_free(m);
+        }
+        ch_reader_free(r);
+    }
+    /* A body that stalls halfway is freed with the reader. */
+    ch_reader_t *r = ch_reader_new(1 << 20);
+    size_t c, off = 0;
+    CHECK_EQ(ch_reader_feed(r, buf, len, &c), CH_RD_HANDSHAKE);
+    off += c;
+    CHECK_EQ(ch_reader_feed(r, buf + off, len - off, &c), CH_RD_DATA_HEADER);
+    off += c;
+    CHECK_EQ(ch_reader_feed(r, buf + off, 200000, &c), CH_RD_MORE);
+    CHECK_EQ(c, 200000);
+    ch_reader_free(r);
+    free(buf);
+}
+
 int main(void)
 {
     UNIT_RUN(test_handshake_vector);
@@ -672,5 +728,6 @@ int main(void)
     UNIT_RUN(test_sticky_error);
     UNIT_RUN(test_fresh_reader);
     UNIT_RUN(test_untaken_message);
+    UNIT_RUN(test_large_body_grows);
     return unit_summary();
 }

@@ -1,0 +1,201 @@
+"""Process life: os.fork() with a running Loop, and stop() while threads wait in get()
+(docs/reliability.md, "Process life")."""
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+import pytest
+from conftest import TIMEOUT_SCALE, make_config
+
+import libchirp
+import libchirp.queue
+from libchirp.errors import ChirpShutdown
+from libchirp.loop import ChirpForkError
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+
+
+def message(port, data=b"x"):
+    msg = libchirp.queue.Message()
+    msg.address = "127.0.0.1"
+    msg.port = port
+    msg.data = data
+    return msg
+
+
+def run_in_child(func, limit=30.0):
+    """Fork; run func() in the child (exit status 0 if it returns); return the status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            func()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + limit * TIMEOUT_SCALE
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child did not finish within %.0f s" % limit)
+        time.sleep(0.01)
+
+
+def exchange(loop):
+    """Two nodes on loop; one message from a to b. Returns the data received."""
+    a = libchirp.queue.Chirp(loop, make_config())
+    b = libchirp.queue.Chirp(loop, make_config())
+    try:
+        sent = a.send(message(b.port, b"from the child"))
+        got = b.get(timeout=10)  # AUTO_RELEASE: the ACK completes the send
+        sent.result(10)
+        return got.data
+    finally:
+        a.stop()
+        b.stop()
+
+
+def assert_link_works(node, peer, data):
+    """A synchronous send from node reaches peer and completes."""
+    sent = node.send(message(peer.port, data))
+    assert peer.get(timeout=10).data == data
+    sent.result(10)
+
+
+@pytest.mark.timeout(60)
+def test_fork_inherited_loop_and_node_fail_at_once_new_loop_works():
+    parent = os.getpid()
+    loop = libchirp.Loop()
+    node = libchirp.queue.Chirp(loop, make_config())
+    peer = libchirp.queue.Chirp(loop, make_config())
+    try:
+
+        def child():
+            calls = {
+                "send": lambda: node.send(message(peer.port)),
+                "send_many": lambda: node.send_many([message(peer.port)]),
+                "request": lambda: node.request(message(peer.port)),
+                "get": lambda: peer.get(timeout=30),
+                "get_many": lambda: peer.get_many(timeout=30),
+                "statistics": node.statistics,
+                "node.stop": node.stop,
+                "loop.stop": loop.stop,
+                "loop.call_soon": lambda: loop.call_soon(print, "never"),
+            }
+            for name, call in calls.items():
+                start = time.monotonic()
+                with pytest.raises(ChirpForkError) as info:
+                    call()
+                took = time.monotonic() - start
+                assert took < 1.0, "%s took %.2f s to fail" % (name, took)
+                text = str(info.value)
+                assert "created in process %d" % parent in text, text
+                assert "start a new Loop in the child" in text, text
+                assert isinstance(info.value, RuntimeError)
+            # A Loop of the child's own works.
+            with libchirp.Loop() as own:
+                assert exchange(own) == b"from the child"
+
+        assert run_in_child(child) == 0
+        # The parent's loop and nodes are untouched by the child.
+        assert_link_works(node, peer, b"parent still works")
+    finally:
+        node.stop()
+        peer.stop()
+        loop.stop()
+
+
+@pytest.mark.timeout(60)
+def test_fork_child_that_drops_inherited_objects_exits_cleanly():
+    """Dropping (garbage-collecting) the inherited copies in the child neither
+    hangs nor warns about an unstopped loop nor disturbs the parent's sockets."""
+    loop = libchirp.Loop()
+    node = libchirp.queue.Chirp(loop, make_config())
+    peer = libchirp.queue.Chirp(loop, make_config())
+    try:
+        holder = {"loop": loop, "node": node}
+
+        def child():
+            import gc
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ResourceWarning)
+                holder.clear()
+                gc.collect()
+            with libchirp.Loop() as own:
+                assert exchange(own) == b"from the child"
+
+        assert run_in_child(child) == 0
+        assert_link_works(node, peer, b"after the child left")
+    finally:
+        node.stop()
+        peer.stop()
+        loop.stop()
+
+
+@pytest.mark.timeout(30)
+def test_stop_wakes_threads_blocked_in_get(make_node):
+    node = make_node()
+    outcome = []
+
+    def wait(call):
+        start = time.monotonic()
+        try:
+            call()
+            outcome.append(("returned", 0.0))
+        except ChirpShutdown:
+            outcome.append(("shutdown", time.monotonic() - start))
+        except Exception as e:  # pragma: no cover - reported below
+            outcome.append((repr(e), 0.0))
+
+    calls = [node.get, lambda: node.get(timeout=60), lambda: node.get_many(timeout=60)]
+    threads = [threading.Thread(target=wait, args=(c,), daemon=True) for c in calls]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    node.stop()
+    for t in threads:
+        t.join(5 * TIMEOUT_SCALE)
+    woke = time.monotonic() - start
+    assert [o[0] for o in outcome] == ["shutdown"] * 3, outcome
+    assert woke < 2.0 * TIMEOUT_SCALE, woke
+    # On a stopped node get() raises at once, whatever its timeout.
+    for call in (node.get, lambda: node.get(timeout=30), node.get_nowait, node.get_many):
+        start = time.monotonic()
+        with pytest.raises(ChirpShutdown):
+            call()
+        assert time.monotonic() - start < 0.5
+
+
+@pytest.mark.timeout(30)
+def test_stop_hands_out_queued_messages_before_shutdown(make_node):
+    """Messages queued when stop() begins are still taken (and released) by get()."""
+    sender = make_node()
+    node = make_node(SYNCHRONOUS=False)
+    sent = sender.send(message(node.port, b"queued"))
+    deadline = time.monotonic() + 10
+    while not node.qsize():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    got = []
+    stopper = threading.Thread(target=node.stop, daemon=True)
+    stopper.start()
+    got.append(node.get(timeout=5).data)
+    stopper.join(10 * TIMEOUT_SCALE)
+    assert got == [b"queued"]
+    sent.result(10)
+    with pytest.raises(ChirpShutdown):
+        node.get()
