@@ -68,6 +68,8 @@ struct ch_loop_s {
     int owned;        /* the ownership token is taken */
     int owner_bg;     /* ... by the background thread */
     int sleeping;     /* the owner is (about to be) blocked in the I/O poll */
+    int nudged;       /* a thread wanted the owner's attention while it was awake:
+                         it must look again instead of blocking in the I/O poll */
     int app_waiting;  /* application threads waiting on cond_app */
     int bg_waiting;   /* the background thread waits on cond_bg: CH__BG_* */
     int urgent;       /* a pending event is not a completion (see ch__event_is_lazy) */

@@ -138,6 +138,8 @@ static void ch__loop_notify_locked(ch_loop_t *loop)
         if (loop->sleeping) {
             loop->sleeping = 0;
             uv_async_send(&loop->wake);
+        } else {
+            loop->nudged = 1; /* awake: the prepare handle sees it before blocking */
         }
     } else if (loop->app_waiting) {
         uv_cond_signal(&loop->cond_app);
@@ -163,6 +165,7 @@ static void ch__loop_release_locked(ch_loop_t *loop, int needs_run)
     loop->owned = 0;
     loop->owner_bg = 0;
     loop->sleeping = 0;
+    loop->nudged = 0; /* the next owner looks at everything anyway */
     loop->batch_seq++;
     loop->needs_run = needs_run;
     if (!was_bg)
@@ -278,13 +281,21 @@ static void ch__loop_prepare_cb(uv_prepare_t *h)
     /* Events made since the poll (write callbacks, messages a release let
      * the reader take from its buffer) go to the owner's caller now: the
      * poll must not block, and uv_run returns after this iteration. */
-    if (loop->local_events.len)
-        uv_stop(&loop->uv);
+    int stop = loop->local_events.len != 0;
     ch__loop_flush(loop);
     uv_mutex_lock(&loop->lock);
     int more = loop->cmds.len != loop->cmds.head;
-    loop->sleeping = !more;
+    if (loop->nudged) {
+        /* Notified after ch_loop_drive last looked and before this (an event,
+         * a kick, a thread that wants the loop): the owner must look again
+         * instead of blocking, as nobody will wake it. */
+        loop->nudged = 0;
+        stop = 1;
+    }
+    loop->sleeping = !more && !stop;
     uv_mutex_unlock(&loop->lock);
+    if (stop)
+        uv_stop(&loop->uv);
     if (more)
         uv_async_send(&loop->wake); /* do not block: poll returns at once */
 }
@@ -689,10 +700,13 @@ take:
             ch__loop_wait(&loop->cond_bg, &loop->lock, until);
             loop->bg_waiting = 0;
         } else {
-            /* The background thread asleep in the I/O poll gives the loop up. */
+            /* The background thread asleep in the I/O poll gives the loop up;
+             * awake, it sees the nudge before it would block. */
             if (loop->owner_bg && loop->sleeping) {
                 loop->sleeping = 0;
                 uv_async_send(&loop->wake);
+            } else if (loop->owner_bg) {
+                loop->nudged = 1;
             }
             loop->app_waiting++;
             ch__loop_wait(&loop->cond_app, &loop->lock, deadline);
@@ -734,6 +748,7 @@ take:
         int64_t wait_ns = deadline ? (int64_t)(deadline - now) : -1;
         if (pending && (wait_ns < 0 || (int64_t)(lazy_due - now) < wait_ns))
             wait_ns = (int64_t)(lazy_due - now);
+        loop->nudged = 0; /* looked at everything above, under this lock hold */
         uv_mutex_unlock(&loop->lock);
         ch__loop_run_once(loop, wait_ns);
         uv_mutex_lock(&loop->lock);

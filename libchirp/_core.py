@@ -95,7 +95,7 @@ __all__ = ["ffi", "lib", "LoopCore", "NodeCore", "fill_config", "check_config", 
 
 logger = logging.getLogger("libchirp")
 
-#: Events per ch_loop_poll() batch.
+#: Events per ch_loop_drive() batch.
 BATCH = 256
 #: Bound for starting a node (seconds).
 START_LIMIT = 30.0
@@ -181,7 +181,7 @@ _CHAR_P = ffi.typeof("char *")
 
 
 class _PollBuffers:
-    """What one polling thread hands to ch_loop_poll*(): events and an arena."""
+    """What one driving thread hands to ch_loop_drive(): events and an arena."""
 
     __slots__ = ("events", "arena", "arena_buf", "arena_base", "seq")
 
@@ -343,7 +343,7 @@ class LoopCore:
         self._app_polling = 0  # application threads inside ch_loop_drive (under lock)
         self._app_idle = threading.Condition(self.lock)
         self._lead_buffers = threading.local()
-        self._batch_end: List[Callable[[], None]] = []  # dispatcher thread only
+        self._batch_end: List[Callable[[], None]] = []  # the thread handling events only
         #: Objects shared by the nodes of this loop, by key (see :meth:`acquire_shared`).
         self._shared: Dict[Any, List[Any]] = {}
 
@@ -421,8 +421,8 @@ class LoopCore:
                 raise RuntimeError("Loop is not running; call run() first")
             if self.in_dispatcher():
                 raise RuntimeError(
-                    "a node cannot be started on the loop's dispatcher thread "
-                    "(from a receive handler or a call_soon() callback)"
+                    "a node cannot be started while handling the loop's events, as the "
+                    "dispatcher (from a receive handler or a call_soon() callback)"
                 )
             self.nodes[node.token] = node
 
@@ -875,9 +875,10 @@ class NodeCore:
 
         Small messages (up to SEND_COPY_LIMIT bytes) go to the core in batches:
         one ch_node_send_batch() call copies them, takes the loop's lock once
-        and wakes the loop thread at most once. Each C call releases the GIL,
-        so one call per message would also hand the GIL to any other thread
-        waiting for it (the dispatcher), once per message.
+        and wakes the loop's owner at most once (or writes them itself when
+        nobody owns the loop). Each C call releases the GIL, so one call per
+        message would also hand the GIL to any other thread waiting for it,
+        once per message.
         """
         for msg in msgs:
             if not isinstance(msg, MessageBase):
@@ -1300,8 +1301,8 @@ class NodeCore:
         """Stop the node (PROTOCOL.md 8.1); idempotent, bounded, see ChirpBase.stop()."""
         if self.loop.in_dispatcher():
             raise RuntimeError(
-                "stop() cannot be called on the loop's dispatcher thread (from a receive "
-                "handler or a call_soon() callback); call it from another thread"
+                "stop() cannot be called while handling the loop's events, as the dispatcher "
+                "(from a receive handler or a call_soon() callback); call it from another thread"
             )
         with self._stop_lock:
             if self.done:

@@ -206,7 +206,9 @@ class ChirpBase:
         node = self._node
         assert node is not None
         if node.loop.in_dispatcher():
-            raise RuntimeError("statistics() cannot wait on the loop's dispatcher thread")
+            raise RuntimeError(
+                "statistics() cannot wait while handling the loop's events (as the dispatcher)"
+            )
         limit = START_LIMIT if timeout is None else timeout
         fut = node.stats()
         try:
