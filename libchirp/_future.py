@@ -47,7 +47,7 @@ class LightFuture(Future[Any]):
     ``_leader`` (set by the node for its own futures) is the LoopCore whose
     events complete the future: a thread about to wait in ``result()`` or
     ``exception()`` handles those events itself (``LoopCore.lead_until``)
-    instead of sleeping until the dispatcher thread did.
+    instead of sleeping until another thread did.
     """
 
     _leader: Any = None

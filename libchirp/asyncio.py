@@ -9,8 +9,10 @@ futures belong to that loop: ``send()``, ``request()``, ``statistics()`` and
 as libchirp 1.x allows, before that loop runs) and return asyncio futures (or
 awaitables).
 
-Hand-off from the chirp dispatcher thread (no busy polling, no per-message
-wake-up): everything the dispatcher produces for an asyncio loop (a received
+Hand-off from the thread handling the chirp loop's events, "the dispatcher"
+(the chirp loop's background thread, or a thread waiting in a future's
+``result()``; no busy polling, no per-message wake-up): everything the
+dispatcher produces for an asyncio loop (a received
 message to handle, a completed send, release or request) is appended to that
 loop's :class:`_Bridge`. The first item of a dispatcher batch registers an
 end-of-batch hook with the core (``LoopCore.at_batch_end``); when the batch is
@@ -70,7 +72,7 @@ _Item = Tuple[Callable[..., Any], Tuple[Any, ...]]
 
 
 class _Bridge:
-    """Batched hand-off from the chirp dispatcher thread to one asyncio loop."""
+    """Batched hand-off from the thread handling chirp events to one asyncio loop."""
 
     def __init__(self, core: LoopCore, aloop: asyncio.AbstractEventLoop) -> None:
         self.core = core

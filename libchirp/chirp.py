@@ -5,11 +5,12 @@ Theory of operation
 :class:`ChirpBase` is the public face of one chirp node; the work is done by
 ``libchirp._core.NodeCore``. The constructor seals the config, validates it with
 the C core (``ValueError`` with the reference message prefixes), starts the node
-on the loop and blocks (bounded) until the loop thread answered.
+on the loop and blocks (bounded) until the core answered.
 
 Delivery: every received message is first matched against open requests by
 identity (8.3); otherwise it goes to the ``recv`` callable given to the
-constructor, on the dispatcher thread (the interfaces ``libchirp.queue``,
+constructor, on the thread handling the loop's events (the background thread
+or a thread waiting in ``get()``/``result()``; the interfaces ``libchirp.queue``,
 ``libchirp.pool`` and ``libchirp.asyncio`` pass their own). With ``recv=None``
 every message is released at once. Callables that are bound methods of the
 node itself are held weakly, so a node that is dropped without ``stop()`` can be
@@ -194,17 +195,20 @@ class ChirpBase:
     def statistics(self, timeout: Optional[float] = None) -> NodeStats:
         """Return a snapshot of the node's statistics (see :mod:`libchirp.stats`).
 
-        Thread-safe; blocks until the loop thread answered, at most ``timeout``
+        Thread-safe; blocks until the core answered, at most ``timeout``
         seconds (None: 30 s), else raises ``TimeoutError``. Raises
         :class:`~libchirp.errors.ChirpShutdown` (a ``ConnectionError``) once the
-        node is stopped. Cannot be called on the loop's dispatcher thread (from a
-        ``call_soon()`` callback); the asyncio interface has an awaitable variant.
+        node is stopped. Cannot be called while handling the loop's events (from a
+        ``call_soon()`` or future callback); the asyncio interface has an awaitable
+        variant.
         """
         self._check_process()
         node = self._node
         assert node is not None
         if node.loop.in_dispatcher():
-            raise RuntimeError("statistics() cannot wait on the loop's dispatcher thread")
+            raise RuntimeError(
+                "statistics() cannot wait while handling the loop's events (as the dispatcher)"
+            )
         limit = START_LIMIT if timeout is None else timeout
         fut = node.stats()
         try:

@@ -3,22 +3,26 @@
 Theory of operation
 -------------------
 A :class:`Loop` is a thin shell over ``libchirp._core.LoopCore``: it owns the C
-loop and two daemon threads, the libuv **loop thread** (never runs Python) and
-the **dispatcher thread** (runs every Python callback: future resolution,
-message delivery, ``call_soon()``). See docs/architecture.md.
+loop and one daemon thread, the **background thread**. The libuv loop is run
+by one thread at a time, the one holding the loop's ownership token: a thread
+waiting in ``get()``/``get_many()`` or a future's ``result()`` runs it itself,
+and the background thread runs it whenever no such thread does. That thread
+also handles the events (every Python callback: future resolution, message
+delivery, ``call_soon()``); the code calls it "the dispatcher"
+(``LoopCore.in_dispatcher()``). See docs/architecture.md.
 
 ``stop()`` before ``run()`` does nothing (libchirp 1.x programs call it in
 cleanup paths that may run before the loop was started). After ``run()``, it
 marks the loop stopped at once (``running`` becomes False, ``run()``
 raises ``Cannot restart loop``); the threads end as soon as no node uses the
 loop: at once if none, otherwise inside the last node's ``stop()``. Stopping
-never hangs: the threads are joined with a bound.
+never hangs: the background thread is joined with a bound.
 
-The threads reference only the core, never the Loop object, so a Loop that is
+The background thread references only the core, never the Loop object, so a Loop that is
 dropped while running is garbage-collected; it then warns with
 ``ResourceWarning`` and asks its core to stop.
 
-``os.fork()`` copies a Loop but not its threads: in the child the copy can
+``os.fork()`` copies a Loop but not its thread: in the child the copy can
 never run. A Loop remembers the process that created it, and every use of it
 or of its nodes in another process raises :class:`ChirpForkError` at once
 (docs/reliability.md); the child starts a Loop of its own. Dropping the copy
@@ -100,7 +104,7 @@ class Loop:
         return self._core.running
 
     def call_soon(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``func(*args, **kwargs)`` on the dispatcher thread, asynchronously.
+        """Run ``func(*args, **kwargs)`` on the thread handling the loop's events, asynchronously.
 
         Exceptions raised by ``func`` are logged (logger ``libchirp``). Raises
         ``RuntimeError`` once the loop has ended.

@@ -12,11 +12,12 @@ Its address counts as *unset*: sending it raises ``ValueError`` until
 ``address`` is assigned (libchirp 1.x sent it to 0.0.0.0, i.e. the local
 machine).
 
-A *received* message is built by the node on the dispatcher thread from the C
+A *received* message is built by the node, on the thread handling the loop's
+events, from the C
 record (header and data are copied into ``bytes``). It keeps the C pointer in
 ``_c`` and the receiving node's internal state in ``_node`` while it occupies a
 slot (``has_slot``). ``release_slot()`` hands the pointer back to the node, which
-submits the release to the loop thread and drops the pointer at once, so the
+submits the release to the core and drops the pointer at once, so the
 C record is never touched after its release was submitted. Release is
 thread-safe: the node's lock guards the hand-over, so a double release gets a
 ``None`` future for the second call.

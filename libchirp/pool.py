@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :class:`Chirp` is a :class:`~libchirp.chirp.ChirpBase` plus a
 ``concurrent.futures.ThreadPoolExecutor`` (the constructor's keyword arguments
-go to the executor). The dispatcher thread submits every received message that
+go to the executor). The thread handling the loop's events submits every received message that
 does not answer a request to the pool, where ``handler(msg)`` runs; subclasses
 override it.
 
@@ -24,7 +24,7 @@ from outside the handlers: called from a handler it does not wait for that
 handler, but the handler's own message is still held (AUTO_RELEASE happens when
 the handler returns), so the node stop waits Config.TIMEOUT for it and raises.
 
-Threads: ``_deliver`` runs on the dispatcher thread, ``_run`` on pool threads,
+Threads: ``_deliver`` runs on the thread handling the loop's events, ``_run`` on pool threads,
 everything else on any application thread.
 """
 

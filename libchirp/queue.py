@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 :class:`Chirp` is both a :class:`~libchirp.chirp.ChirpBase` and a
-``queue.Queue``. The dispatcher thread puts every received message that does
+``queue.Queue``. The thread handling the loop's events (often the one waiting
+in ``get()`` itself) puts every received message that does
 not answer a request into the queue; application threads take them with
 ``get()`` / ``get_nowait()``. With ``Config.AUTO_RELEASE`` (default) the slot
 is released when ``get()`` hands the message out (as in libchirp 1.x), i.e.
@@ -79,7 +80,7 @@ class Chirp(ChirpBase, _queue.Queue[Message]):
         Waits like ``get()`` for the first message (``queue.Empty`` when
         ``block`` is False or ``timeout`` passes without one), then takes what
         else is queued without waiting. With ``Config.AUTO_RELEASE`` their slots
-        are released here, in one hand-over to the loop thread. Raises
+        are released here, in one hand-over to the core. Raises
         ``ChirpShutdown`` like ``get()``.
         """
         if max_count < 1:
@@ -137,7 +138,7 @@ class Chirp(ChirpBase, _queue.Queue[Message]):
 
         Returns what is left of ``timeout`` for the ordinary wait that follows
         (see ``LoopCore.lead_until``: the thread that waits for a message takes
-        the events itself instead of waiting for the dispatcher to hand it over).
+        the events itself instead of waiting for another thread to hand it over).
         """
         node = self._node
         if node is None or (timeout is not None and timeout < 0):

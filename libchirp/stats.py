@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-``statistics()`` asks the C core for a snapshot (``ch_node_stats``); the loop
-thread fills it in one go, so the numbers of one snapshot are consistent with
-each other. The dispatcher thread copies it into the plain dictionaries typed
+``statistics()`` asks the C core for a snapshot (``ch_node_stats``); the thread
+running the loop fills it in one go, so the numbers of one snapshot are consistent with
+each other. The thread handling the events copies it into the plain dictionaries typed
 below (and frees the C snapshot); nothing in them refers to C memory.
 
 Counters of a remote start when the core creates the remote record (first send

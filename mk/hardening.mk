@@ -199,9 +199,10 @@ SAN_ENV_asan = PYTHONMALLOC=malloc CHIRP_TEST_TIMEOUT_SCALE=$(ASAN_SCALE) CHIRP_
 # Interpreter code is not instrumented, so it produces no reports of its own;
 # its pthread mutexes are intercepted, and the GIL then orders everything run
 # while holding it: races between two Python threads' calls into the core are
-# hidden unless both calls overlap (cffi drops the GIL during calls), while the
-# loop thread (one long ch_loop_run call without the GIL) against the Python
-# threads, the hand-off that matters, is fully checked. Checked to find a race:
+# hidden unless both calls overlap (cffi drops the GIL during calls). The
+# hand-off that matters is such an overlap: a thread running libuv inside
+# ch_loop_drive (without the GIL) against threads submitting commands or
+# waiting for the ownership token. Checked to find a race:
 # with the lock removed from ch__loop_submit, tests/test_node.py reports it.
 # mk/tsan.supp is for reports inside libraries we do not build (libzmq of the
 # benchmark test so far).

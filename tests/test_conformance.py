@@ -266,6 +266,8 @@ class Kit:
                     msg = chirp.get(timeout=0.05)
                 except queue.Empty:
                     continue
+                except libchirp.ChirpShutdown:
+                    return  # stop() woke this get() (teardown)
                 try:
                     chirp.send(msg)
                 except Exception:

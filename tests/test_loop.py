@@ -209,8 +209,8 @@ def test_leaked_running_loop_warns():
         del loop
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
-    core.disp_thread.join(10)
-    assert not core.disp_thread.is_alive(), "the leaked loop was not stopped"
+    core.bg_thread.join(10)
+    assert not core.bg_thread.is_alive(), "the leaked loop was not stopped"
     assert core.c is None, "the leaked loop was not freed"
 
 
