@@ -9,7 +9,7 @@ import time
 import traceback
 
 import pytest
-from conftest import TIMEOUT_SCALE, make_config
+from conftest import SANITIZER, TIMEOUT_SCALE, make_config
 
 import libchirp
 import libchirp.queue
@@ -17,6 +17,12 @@ from libchirp.errors import ChirpShutdown
 from libchirp.loop import ChirpForkError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+#: ThreadSanitizer's runtime refuses to start threads in the child of a process
+#: that had threads when it forked ("starting new threads after multi-threaded
+#: fork is not supported"); these tests fork from a process with a loop running.
+FORK_WITH_THREADS = pytest.mark.skipif(
+    SANITIZER == "tsan", reason="TSan does not support threads after a multi-threaded fork"
+)
 
 
 def message(port, data=b"x"):
@@ -73,6 +79,7 @@ def assert_link_works(node, peer, data):
     sent.result(10)
 
 
+@FORK_WITH_THREADS
 @pytest.mark.timeout(60)
 def test_fork_inherited_loop_and_node_fail_at_once_new_loop_works():
     parent = os.getpid()
@@ -116,6 +123,7 @@ def test_fork_inherited_loop_and_node_fail_at_once_new_loop_works():
         loop.stop()
 
 
+@FORK_WITH_THREADS
 @pytest.mark.timeout(60)
 def test_fork_child_that_drops_inherited_objects_exits_cleanly():
     """Dropping (garbage-collecting) the inherited copies in the child neither
