@@ -23,7 +23,8 @@ With ``--aio`` both roles run on an asyncio event loop instead (shape 8):
 ``libchirp.asyncio.Chirp`` nodes, each on a Loop of its own (so the asyncio
 loop runs the chirp loop itself, docs/architecture.md#embedding-in-asyncio),
 the server an echo handler, the client ``await node.request(msg)``; against
-``zmq.asyncio`` ROUTER echo and DEALER ``await send()``/``await recv()``.
+``zmq.asyncio`` ROUTER echo and DEALER ``await send()``/``await recv()``; with
+``--uvloop`` both systems run on uvloop instead of the default event loop.
 
 Servers print ``READY {ports}`` once they listen and stop at EOF on stdin.
 With ``--cert/--dh`` (chirp) or ``--curve-*`` keys (zmq) they run TLS/CURVE
@@ -682,7 +683,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--curve-secret", help="zmq: own CURVE secret key (z85)")
     ap.add_argument("--curve-server-public", help="zmq: the server's CURVE public key (z85)")
     ap.add_argument("--aio", action="store_true", help="run on asyncio (shape 8)")
+    ap.add_argument("--uvloop", action="store_true", help="with --aio: on uvloop")
     args = ap.parse_args(argv)
+    if args.uvloop:
+        import uvloop
+
+        uvloop.install()
     if args.role == "client":
         client_main(args)
     elif args.aio:

@@ -354,7 +354,8 @@ def build_rows(keys: List[str], sz: Sizes, ctx: Dict[str, Any]) -> List[Row]:
             rows.append(Row(key, label, unit, {"libchirp": lambda a=args: run_cbench(exe, *a)},
                             target, check))  # fmt: skip
     if "8" in keys:
-        rows.append(Row("8", "8. roundtrips, 1 in flight, asyncio", "rt/s",
+        on = " on uvloop" if ctx.get("uvloop") else ""
+        rows.append(Row("8", "8. roundtrips, 1 in flight, asyncio" + on, "rt/s",
                         rt(ctx["aio_pairs"], 1, 64), "≥ 2.0× pyzmq", ratio_at_least(2.0),
                         note="libchirp.asyncio against zmq.asyncio"))  # fmt: skip
     return rows
@@ -545,6 +546,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     wr.add_argument("--write", action="store_true", help="write README/docs even if partial")
     wr.add_argument("--no-write", action="store_true", help="only print the table")
     ap.add_argument("--json", help="also write the raw per-round figures to this file")
+    ap.add_argument("--uvloop", action="store_true", help="shape 8 on uvloop (both systems)")
     args = ap.parse_args(argv)
     keys = selected(args.shapes)
     rounds = args.rounds or (1 if args.quick else 9)
@@ -552,7 +554,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     full = set(keys) == {"1", "2", "3", "4", "5", "6", "7", "8", "mem"} and not args.quick
     write = args.write or (full and not args.no_write)
 
-    ctx: Dict[str, Any] = {}
+    ctx: Dict[str, Any] = {"uvloop": args.uvloop}
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="chirp-bench-") as tmp:
         try:
@@ -564,7 +566,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ctx["pairs"] = start_loopback()
             if "8" in keys:
                 note("starting asyncio workers")
-                ctx["aio_pairs"] = start_loopback(["--aio"])
+                ctx["aio_pairs"] = start_loopback(["--aio"] + (["--uvloop"] if args.uvloop else []))
             if "6" in keys:
                 note("starting namespace (TLS) workers")
                 start_tls(ctx, tmp)

@@ -26,6 +26,15 @@
  * to re-check their condition (the batch may have been theirs), and the
  * dispatcher gets events again once no application thread waits.
  *
+ * Embedding (ch_loop_embed, docs/architecture.md#embedding-in-asyncio): an
+ * event loop of another library watches uv_backend_fd() and drives with
+ * CH_DRIVE_NOWAIT (never waiting for the token, never blocking in the I/O
+ * poll); the background thread then only watches (ch__loop_watch_locked)
+ * and drives after the embedding loop left work undone for a whole watch
+ * period, until the next NOWAIT drive. Notifications that would wake the
+ * background thread wake the embedding loop instead (the uv_async_t makes
+ * the backend fd readable), except on that loop's own thread.
+ *
  * Stopping: ch_loop_stop() sets stop_requested; the loop thread closes its
  * own handles once no node is open, uv_run() returns, and ch_loop_run()
  * marks the loop ended so that ch_loop_poll() answers -1 when drained.
