@@ -46,9 +46,18 @@ maps to the NodeCore. Public objects (``Loop``, ``ChirpBase``) are *not*
 referenced by the threads or by the cores, so a leaked public object is
 garbage-collected and can warn with ``ResourceWarning``.
 
+Embedding (docs/architecture.md#embedding-in-asyncio): a LoopCore may be run
+by another event loop instead (``libchirp.asyncio``): :meth:`LoopCore.register`
+decides (``LoopCore._embed_for``), the host object watches the backend fd and
+calls :meth:`LoopCore.embed_run` on its thread, and :meth:`LoopCore.poke` arms
+that run after a submission made on the host's own thread. The background
+thread then only watches that the host attends to the loop, and threads that
+wait drive the loop only where the host allows it (``host.may_lead()``).
+
 Threads: every ``on_*`` method runs on the thread holding the loop's token
-(the background thread or a waiting application thread, see
-``LoopCore.in_dispatcher()``); everything else may run on any thread.
+(the background thread, a waiting application thread or the embedding event
+loop's thread, see ``LoopCore.in_dispatcher()``); everything else may run on
+any thread.
 """
 
 from __future__ import annotations
@@ -755,6 +764,13 @@ class LoopCore:
         host = self.embedder
         if host is not None and not host.may_lead():
             return  # the embedding loop runs and will handle the events (no competition)
+        self._lead_drive(ready, deadline, flags)
+        if host is not None:
+            # The core does not wake the embedding loop's own thread (ch_loop_embed):
+            # arm its run for what this thread's drives left behind.
+            self.poke()
+
+    def _lead_drive(self, ready: Callable[[], bool], deadline: Optional[float], flags: int) -> None:
         ident = threading.get_ident()
         local = self._lead_buffers
         bufs = getattr(local, "bufs", None)
