@@ -19,6 +19,13 @@ per line), so every measurement runs between two processes:
   ``{"op": "stream", ...}`` a one-way stream of a fixed count) and prints
   ``RESULT {...}``.
 
+With ``--aio`` both roles run on an asyncio event loop instead (shape 8):
+``libchirp.asyncio.Chirp`` nodes, each on a Loop of its own (so the asyncio
+loop runs the chirp loop itself, docs/architecture.md#embedding-in-asyncio),
+the server an echo handler, the client ``await node.request(msg)``; against
+``zmq.asyncio`` ROUTER echo and DEALER ``await send()``/``await recv()``; with
+``--uvloop`` both systems run on uvloop instead of the default event loop.
+
 Servers print ``READY {ports}`` once they listen and stop at EOF on stdin.
 With ``--cert/--dh`` (chirp) or ``--curve-*`` keys (zmq) they run TLS/CURVE
 (shape 6, between two network namespaces).
@@ -429,6 +436,182 @@ class ZmqClient:
 
 
 # ---------------------------------------------------------------------------------------------
+# asyncio (shape 8): libchirp.asyncio against zmq.asyncio
+# ---------------------------------------------------------------------------------------------
+
+
+async def _apingpong(take: Callable[[], Any], send: Callable[[list], Any], window: int,
+                     duration: float, warmup: float) -> dict:  # fmt: skip
+    """_pingpong() with coroutines: ``await take()``, ``await send(msgs)``."""
+    inflight = window
+    timed = False
+    mark = perf_counter() + warmup
+    t0 = t1 = 0.0
+    n = 0
+    while inflight:
+        msgs = await take()
+        if t1:
+            inflight -= len(msgs)
+            continue
+        now = perf_counter()
+        if timed:
+            n += len(msgs)
+        if now >= mark:
+            if not timed:
+                timed, t0, mark = True, now, now + duration
+            else:
+                t1 = now
+                inflight -= len(msgs)
+                continue
+        await send(msgs)
+    return {"rate": n / (t1 - t0), "count": n}
+
+
+def chirp_aio_config(port: int):
+    import libchirp
+
+    cfg = libchirp.Config()
+    cfg.PORT = port
+    cfg.SYNCHRONOUS = False
+    cfg.MAX_SLOTS = 32
+    cfg.TIMEOUT = LIMIT
+    cfg.DISABLE_ENCRYPTION = True
+    return cfg
+
+
+def chirp_aio_server(args: argparse.Namespace) -> None:
+    import asyncio
+
+    import libchirp
+    import libchirp.asyncio
+
+    class Echo(libchirp.asyncio.Chirp):
+        async def handler(self, msg: Any) -> None:
+            if msg.header == b"P":
+                await self.send(msg)  # released when the handler returns
+
+    async def main() -> None:
+        stop = stdin_closed()
+        with libchirp.Loop() as loop:
+            async with Echo(loop, chirp_aio_config(free_port())) as node:
+                say("READY", **{"async": node.port})
+                while not stop.is_set():
+                    await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+
+
+class ChirpAioClient:
+    def __init__(self) -> None:
+        import asyncio
+
+        import libchirp
+        import libchirp.asyncio
+
+        self.aloop = asyncio.new_event_loop()
+        self.loop = libchirp.Loop()
+        self.node = libchirp.asyncio.Chirp(self.loop, chirp_aio_config(free_port()), self.aloop)
+        self.Message = libchirp.asyncio.Message
+
+    def run(self, cmd: dict) -> dict:
+        return self.aloop.run_until_complete(self._rt(cmd))
+
+    async def _rt(self, cmd: dict) -> dict:
+        node = self.node
+        payload = os.urandom(cmd["size"])
+        pending: collections.deque = collections.deque()
+
+        def request(msg: Any) -> None:
+            pending.append(node.request(msg))  # the reply is released when awaited
+
+        for _ in range(cmd["window"]):
+            m = self.Message()
+            m.address, m.port, m.header, m.data = cmd["addr"], cmd["port"], b"P", payload
+            request(m)
+
+        async def take() -> list:
+            return [await pending.popleft()]
+
+        async def send(msgs: list) -> None:
+            for m in msgs:  # the reply goes back to the echo as the next request
+                request(m)
+
+        return await _apingpong(take, send, cmd["window"], cmd["duration"], cmd["warmup"])
+
+    def close(self) -> None:
+        self.aloop.run_until_complete(self.node.astop())
+        self.loop.stop()
+        self.aloop.close()
+
+
+def zmq_aio_server(args: argparse.Namespace) -> None:
+    import asyncio
+
+    import zmq
+    import zmq.asyncio
+
+    async def main() -> None:
+        stop = stdin_closed()
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        port = sock.bind_to_random_port("tcp://%s" % args.bind)
+        say("READY", router=port)
+        while not stop.is_set():
+            try:
+                frames = await asyncio.wait_for(sock.recv_multipart(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            await sock.send_multipart(frames)
+        sock.close()
+        ctx.term()
+
+    asyncio.run(main())
+
+
+class ZmqAioClient:
+    def __init__(self) -> None:
+        import asyncio
+
+        import zmq
+        import zmq.asyncio
+
+        self.zmq = zmq
+        self.aloop = asyncio.new_event_loop()
+        self.ctx = zmq.asyncio.Context()
+        self.socks: Dict[tuple, Any] = {}
+
+    def run(self, cmd: dict) -> dict:
+        key = (cmd["addr"], cmd["port"])
+        if key not in self.socks:
+            s = self.ctx.socket(self.zmq.DEALER)
+            s.linger = 0
+            s.connect("tcp://%s:%d" % key)
+            self.socks[key] = s
+        return self.aloop.run_until_complete(self._rt(self.socks[key], cmd))
+
+    async def _rt(self, sock: Any, cmd: dict) -> dict:
+        payload = os.urandom(cmd["size"])
+        for _ in range(cmd["window"]):
+            await sock.send(payload)
+
+        async def take() -> list:
+            return [await sock.recv()]
+
+        async def send(frames: list) -> None:
+            for f in frames:
+                await sock.send(f)
+
+        return await _apingpong(take, send, cmd["window"], cmd["duration"], cmd["warmup"])
+
+    def close(self) -> None:
+        for s in self.socks.values():
+            s.close()
+        self.ctx.term()
+        self.aloop.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Shared measuring loop and the worker entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -470,7 +653,11 @@ def _pingpong(
 
 
 def client_main(args: argparse.Namespace) -> None:
-    client: Any = ChirpClient(args.cert, args.dh) if args.system == "chirp" else ZmqClient(args)
+    client: Any
+    if args.aio:
+        client = ChirpAioClient() if args.system == "chirp" else ZmqAioClient()
+    else:
+        client = ChirpClient(args.cert, args.dh) if args.system == "chirp" else ZmqClient(args)
     say("READY")
     try:
         for line in sys.stdin:
@@ -495,9 +682,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--curve-public", help="zmq: own CURVE public key (z85)")
     ap.add_argument("--curve-secret", help="zmq: own CURVE secret key (z85)")
     ap.add_argument("--curve-server-public", help="zmq: the server's CURVE public key (z85)")
+    ap.add_argument("--aio", action="store_true", help="run on asyncio (shape 8)")
+    ap.add_argument("--uvloop", action="store_true", help="with --aio: on uvloop")
     args = ap.parse_args(argv)
+    if args.uvloop:
+        import uvloop
+
+        uvloop.install()
     if args.role == "client":
         client_main(args)
+    elif args.aio:
+        (chirp_aio_server if args.system == "chirp" else zmq_aio_server)(args)
     elif args.system == "chirp":
         chirp_server(args)
     else:

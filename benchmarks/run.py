@@ -13,7 +13,10 @@ plaintext over 127.0.0.1 except shape 6:
 5. acknowledged one-way stream (libchirp SYNCHRONOUS=True, MAX_SLOTS=32, 64 in flight,
    pipelined ACKs) against the same unacknowledged PUSH->PULL and against our shape 4;
 6. TLS roundtrips between two network namespaces, 16 in flight (pyzmq: CURVE if it has it);
-7. the C core alone (benchmarks/cbench.c): our ceiling.
+7. the C core alone (benchmarks/cbench.c): our ceiling;
+8. roundtrips, 1 in flight, on asyncio: libchirp.asyncio (the asyncio loop runs the chirp
+   loop; server an echo handler, client ``await request()``) against zmq.asyncio (ROUTER echo,
+   DEALER ``await send()``/``await recv()``).
 
 Plus memory: RSS per idle connection for 1,000 idle connections (benchmarks/memory.py, if
 present). Every round measures each shape once per system, libchirp and pyzmq alternating
@@ -148,8 +151,10 @@ class Pair:
     ) -> float:
         if self.system == "libchirp":
             port = self.ports["sync" if sync else "async"]
-        else:
+        elif "router_big" in self.ports:
             port = self.ports["router_big" if size >= 16384 else "router"]
+        else:  # the asyncio workers (--aio) have one echo socket
+            port = self.ports["router"]
         cmd = {"op": "rt", "addr": self.addr, "port": port, "window": window, "size": size,
                "duration": duration, "warmup": warmup, "sync": sync}  # fmt: skip
         return self.client.call(cmd)["rate"]
@@ -270,10 +275,10 @@ class Sizes:
 
 def selected(spec: str) -> List[str]:
     keys = [k.strip() for k in spec.split(",") if k.strip()]
-    allowed = {"1", "2", "3", "4", "5", "6", "7", "mem"}
+    allowed = {"1", "2", "3", "4", "5", "6", "7", "8", "mem"}
     bad = [k for k in keys if k not in allowed]
     if bad:
-        raise SystemExit("bench: unknown shape(s) %s; choose from 1-7 and mem" % ", ".join(bad))
+        raise SystemExit("bench: unknown shape(s) %s; choose from 1-8 and mem" % ", ".join(bad))
     return keys
 
 
@@ -348,6 +353,11 @@ def build_rows(keys: List[str], sz: Sizes, ctx: Dict[str, Any]) -> List[Row]:
         ):  # fmt: skip
             rows.append(Row(key, label, unit, {"libchirp": lambda a=args: run_cbench(exe, *a)},
                             target, check))  # fmt: skip
+    if "8" in keys:
+        on = " on uvloop" if ctx.get("uvloop") else ""
+        rows.append(Row("8", "8. roundtrips, 1 in flight, asyncio" + on, "rt/s",
+                        rt(ctx["aio_pairs"], 1, 64), "≥ 2.0× pyzmq", ratio_at_least(2.0),
+                        note="libchirp.asyncio against zmq.asyncio"))  # fmt: skip
     return rows
 
 
@@ -356,11 +366,11 @@ def build_rows(keys: List[str], sz: Sizes, ctx: Dict[str, Any]) -> List[Row]:
 # ---------------------------------------------------------------------------------------------
 
 
-def start_loopback() -> Dict[str, Pair]:
+def start_loopback(extra: Optional[List[str]] = None) -> Dict[str, Pair]:
     pairs: Dict[str, Pair] = {}
     try:
         for system in SYSTEMS:
-            pairs[system] = Pair(system, [], [])
+            pairs[system] = Pair(system, list(extra or []), list(extra or []))
     except BaseException:
         for p in pairs.values():
             p.close()
@@ -528,7 +538,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small counts, 1 round: a smoke run")
     ap.add_argument("--rounds", type=int, help="rounds per shape (default 9, --quick 1)")
-    ap.add_argument("--shapes", default="1,2,3,4,5,6,7,mem", help="e.g. 1,4 (mem = memory line)")
+    ap.add_argument("--shapes", default="1,2,3,4,5,6,7,8,mem", help="e.g. 1,4 (mem = memory line)")
     ap.add_argument("--duration", type=float, help="seconds per roundtrip measurement")
     ap.add_argument("--stream-count", type=int, help="messages of the shape-4 stream")
     ap.add_argument("--sync-count", type=int, help="messages of the shape-5 stream")
@@ -536,14 +546,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     wr.add_argument("--write", action="store_true", help="write README/docs even if partial")
     wr.add_argument("--no-write", action="store_true", help="only print the table")
     ap.add_argument("--json", help="also write the raw per-round figures to this file")
+    ap.add_argument("--uvloop", action="store_true", help="shape 8 on uvloop (both systems)")
     args = ap.parse_args(argv)
     keys = selected(args.shapes)
     rounds = args.rounds or (1 if args.quick else 9)
     sz = Sizes(args)
-    full = set(keys) == {"1", "2", "3", "4", "5", "6", "7", "mem"} and not args.quick
+    full = set(keys) == {"1", "2", "3", "4", "5", "6", "7", "8", "mem"} and not args.quick
     write = args.write or (full and not args.no_write)
 
-    ctx: Dict[str, Any] = {}
+    ctx: Dict[str, Any] = {"uvloop": args.uvloop}
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="chirp-bench-") as tmp:
         try:
@@ -553,6 +564,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if set(keys) & {"1", "2", "3", "4", "5"}:
                 note("starting loopback workers")
                 ctx["pairs"] = start_loopback()
+            if "8" in keys:
+                note("starting asyncio workers")
+                ctx["aio_pairs"] = start_loopback(["--aio"] + (["--uvloop"] if args.uvloop else []))
             if "6" in keys:
                 note("starting namespace (TLS) workers")
                 start_tls(ctx, tmp)
@@ -572,7 +586,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             note("failed: %s" % exc)
             return 1
         finally:
-            for key in ("pairs", "tls"):
+            for key in ("pairs", "tls", "aio_pairs"):
                 for p in ctx.get(key, {}).values():
                     p.close()
             if "hosts" in ctx:

@@ -13,7 +13,7 @@
  * into Python.
  */
 
-#define CH_VERSION_STAMP 10009
+#define CH_VERSION_STAMP 10010
 
 /* Error codes; values 0-19 are those of libchirp 1.x (docs/protocol.md#errors), later ones are
  * appended. Sign convention (csrc/error.h): a function returns 0 or a negative
@@ -172,10 +172,17 @@ typedef struct ch_arena_s {
  * gave it up without work under way (so that a thread that waits, answers
  * and waits again needs nobody's wake-up), and gives it up at once to an
  * application thread that wants it (waking itself from the I/O poll).
- * CH_DRIVE_NO_EVENTS (with BACKGROUND): never hand events out (ch_loop_run). */
+ * CH_DRIVE_NO_EVENTS (with BACKGROUND): never hand events out (ch_loop_run).
+ * CH_DRIVE_NOWAIT: the drive of an embedding event loop (see ch_loop_embed):
+ * it never waits. If another thread holds the token it answers CH_DRIVE_AGAIN
+ * at once; otherwise it takes the token, runs one loop iteration without
+ * blocking (UV_RUN_NOWAIT; not when events are pending already: I/O left
+ * keeps the backend fd readable) and returns the pending events (0: none),
+ * holding the token; timeout and *seq are not used. */
 #define CH_DRIVE_MESSAGES 1
 #define CH_DRIVE_BACKGROUND 2
 #define CH_DRIVE_NO_EVENTS 4
+#define CH_DRIVE_NOWAIT 8
 #define CH_DRIVE_AGAIN -16 /* -CH_BUSY (cffi reads plain numbers only) */
 #define CH_LAZY_MS 1
 int ch_loop_drive(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
@@ -186,6 +193,41 @@ void ch_loop_release(ch_loop_t *loop);
 uint64_t ch_loop_batch_seq(ch_loop_t *loop);
 /* Make the token holder's drive return 0 (e.g. to re-read its timers). */
 void ch_loop_kick(ch_loop_t *loop);
+
+/* Embedding the loop in an event loop of another library (asyncio, uvloop;
+ * docs/architecture.md#embedding-in-asyncio). That event loop watches
+ * ch_loop_backend_fd() for readability and arms a timer for
+ * ch_loop_backend_timeout(); when either fires, its thread drives with
+ * CH_DRIVE_NOWAIT, handles the events and calls ch_loop_release(), the
+ * ownership rule unchanged.
+ *
+ * ch_loop_embed(loop, 1): from now on the background thread (the drives
+ * with CH_DRIVE_BACKGROUND) does not run the loop: it gives the token up and
+ * waits, without blocking in the I/O poll, looking every CH_EMBED_WATCH_MS
+ * milliseconds whether work (events, commands, a kick, a due timer, a
+ * readable backend fd) was left undone by everybody for a whole watch
+ * period; only then does it drive as without embedding (the embedding loop
+ * is blocked, stopped or closed), until the next CH_DRIVE_NOWAIT drive, which
+ * takes the token back. Notifications that find nobody owning the loop (a
+ * command left for the next owner, ch_loop_wake, ch_loop_kick) and owners
+ * other than the embedding loop that give the token up leaving events,
+ * commands or an earlier timer behind wake the embedding loop by making the
+ * backend fd readable (the loop's uv_async_t), except on the thread of the
+ * last CH_DRIVE_NOWAIT drive: that thread is awake, and after submitting
+ * something itself it reads ch_loop_backend_timeout() (0: drive soon).
+ * Off (0): as before. ch_loop_stop() ends embedding. Any thread. */
+#define CH_EMBED_WATCH_MS 100
+void ch_loop_embed(ch_loop_t *loop, int on);
+/* The libuv loop's backend file descriptor (uv_backend_fd): readable when a
+ * CH_DRIVE_NOWAIT drive has I/O to do. Constant for the loop's life; it is
+ * closed by ch_loop_free(), so the embedding loop stops watching it first. */
+int ch_loop_backend_fd(ch_loop_t *loop);
+/* Milliseconds until the loop needs a drive without I/O: 0 when events,
+ * commands or a kick are pending or a libuv timer is due, -1 when only I/O
+ * can bring work, else the time to the next libuv timer as the last owner
+ * left the loop. The embedding loop reads it after each ch_loop_release()
+ * and arms its timer (an owner that moves the next timer earlier wakes it). */
+int ch_loop_backend_timeout(ch_loop_t *loop);
 
 /* For C programs with one consumer of events: ch_loop_drive (flags 0) with
  * the token given up at once (n events, 0 on timeout, -CH_SHUTDOWN once

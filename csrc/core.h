@@ -78,6 +78,22 @@ struct ch_loop_s {
     uint64_t events_since; /* uv_hrtime() when the pending events began (ns) */
     uint64_t released_at;  /* uv_hrtime() when an application owner last left (ns) */
     uint64_t batch_seq;    /* times the token was given up: app waiters re-check */
+    /* Embedding (ch_loop_embed; docs/architecture.md#embedding-in-asyncio): an
+     * event loop of another library watches uv_backend_fd() and drives with
+     * CH_DRIVE_NOWAIT; the background thread only watches that it does. */
+    int embedded;
+    int embed_lapsed;      /* ... but it left work undone for a watch period: the
+                              background thread drives as without embedding until
+                              the next CH_DRIVE_NOWAIT drive */
+    int owner_nowait;      /* the owner took the token with CH_DRIVE_NOWAIT */
+    int watch_work;        /* the background thread's last watch found work pending */
+    uint64_t watch_seq;    /* ... and batch_seq then */
+    uint64_t watch_at;     /* uv_hrtime() of its next watch (ns) */
+    uint64_t next_due;     /* when the loop needs a run for its timers, as the last
+                              owner left it: ms on uv_now()'s clock, UINT64_MAX none */
+    uint64_t embed_due;    /* next_due as the embedding loop last read it */
+    uv_thread_t embed_thread; /* the thread of the last CH_DRIVE_NOWAIT drive ... */
+    int embed_thread_set;     /* ... once there was one */
 
     /* owner only */
     ch__vec_t local_events; /* ch_event_t, not yet published */
@@ -93,6 +109,9 @@ struct ch_loop_s {
  * thread gave it up without work under way: a thread that waits, answers and
  * waits again takes it back meanwhile without waking anybody. */
 #define CH__GRACE_NS (CH_LAZY_MS * 1000000ull)
+/* The background thread of an embedded loop looks this often whether the
+ * embedding event loop attends to it. */
+#define CH__WATCH_NS (CH_EMBED_WATCH_MS * 1000000ull)
 
 void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev);
 /* Count one more successful send in the last unpublished event if that is a

@@ -26,11 +26,22 @@
  * to re-check their condition (the batch may have been theirs), and the
  * dispatcher gets events again once no application thread waits.
  *
+ * Embedding (ch_loop_embed, docs/architecture.md#embedding-in-asyncio): an
+ * event loop of another library watches uv_backend_fd() and drives with
+ * CH_DRIVE_NOWAIT (never waiting for the token, never blocking in the I/O
+ * poll); the background thread then only watches (ch__loop_watch_locked)
+ * and drives after the embedding loop left work undone for a whole watch
+ * period, until the next NOWAIT drive. Notifications that would wake the
+ * background thread wake the embedding loop instead (the uv_async_t makes
+ * the backend fd readable), except on that loop's own thread.
+ *
  * Stopping: ch_loop_stop() sets stop_requested; the loop thread closes its
  * own handles once no node is open, uv_run() returns, and ch_loop_run()
  * marks the loop ended so that ch_loop_poll() answers -1 when drained.
  */
 #include <errno.h>
+#include <limits.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,6 +140,28 @@ static void ch__loop_events_begin(ch_loop_t *loop)
         loop->events_since = uv_hrtime();
 }
 
+/* An embedding event loop drives the loop (ch_loop_embed) and has not
+ * lapsed: it, not the background thread, is the owner of last resort (lock
+ * held). */
+static int ch__loop_embedding(const ch_loop_t *loop)
+{
+    return loop->embedded && !loop->embed_lapsed;
+}
+
+/* Wake the embedding event loop: the backend fd becomes readable (lock held,
+ * embedding, so the handles are open: ch_loop_stop ends embedding). Not on
+ * the embedding loop's own thread: it is awake, and looks at
+ * ch_loop_backend_timeout() after what it submitted (see ch_loop_embed). */
+static void ch__loop_wake_embedder_locked(ch_loop_t *loop)
+{
+    if (loop->embed_thread_set) {
+        uv_thread_t self = uv_thread_self();
+        if (uv_thread_equal(&self, &loop->embed_thread))
+            return;
+    }
+    uv_async_send(&loop->wake);
+}
+
 /* Something needs the loop or its events now (an urgent event, a command, a
  * stop, a kick): wake the owner if it sleeps in the I/O poll, or, without an
  * owner, the thread that will take the loop (lock held). */
@@ -143,6 +176,8 @@ static void ch__loop_notify_locked(ch_loop_t *loop)
         }
     } else if (loop->app_waiting) {
         uv_cond_signal(&loop->cond_app);
+    } else if (ch__loop_embedding(loop)) {
+        ch__loop_wake_embedder_locked(loop);
     } else if (loop->bg_waiting) {
         uv_cond_signal(&loop->cond_bg);
     }
@@ -155,27 +190,50 @@ static int ch__loop_needs_run(ch_loop_t *loop)
     return loop->uv.active_reqs.count > 0 || uv_backend_timeout(&loop->uv) == 0;
 }
 
+/* Owner only: when the loop needs a run for its timers (or at once: pending
+ * callbacks, closing handles), in ms on uv_now()'s clock; UINT64_MAX never. */
+static uint64_t ch__loop_due(ch_loop_t *loop)
+{
+    int t = uv_backend_timeout(&loop->uv);
+    return t < 0 ? UINT64_MAX : uv_now(&loop->uv) + (uint64_t)t;
+}
+
+/* uv_hrtime() in ms, the clock of uv_now() (ns since the same origin). */
+static uint64_t ch__now_ms(void) { return uv_hrtime() / 1000000u; }
+
 /* Give the ownership token up (lock held). Application waiters re-check (a
  * batch ended); the background thread is woken only if it waits for the
  * owner to leave or the loop needs a run now, so that a thread that gives
  * the loop up and takes it back (a ping-pong) costs it no wake-up. */
-static void ch__loop_release_locked(ch_loop_t *loop, int needs_run)
+static void ch__loop_release_locked(ch_loop_t *loop, int needs_run, uint64_t due)
 {
     int was_bg = loop->owner_bg;
+    int was_nowait = loop->owner_nowait;
     loop->owned = 0;
     loop->owner_bg = 0;
+    loop->owner_nowait = 0;
     loop->sleeping = 0;
     loop->nudged = 0; /* the next owner looks at everything anyway */
     loop->batch_seq++;
     loop->needs_run = needs_run;
+    loop->next_due = due;
     if (!was_bg)
         loop->released_at = uv_hrtime();
-    int now = needs_run || loop->stop_requested || loop->kicked ||
-              loop->cmds.len != loop->cmds.head || (ch__loop_pending(loop) && loop->urgent);
-    if (loop->app_waiting)
+    int work = loop->kicked || loop->cmds.len != loop->cmds.head;
+    int now = needs_run || loop->stop_requested || work ||
+              (ch__loop_pending(loop) && loop->urgent);
+    if (loop->app_waiting) {
         uv_cond_broadcast(&loop->cond_app);
-    else if (loop->bg_waiting == CH__BG_UNTIMED || (loop->bg_waiting && now))
+    } else if (ch__loop_embedding(loop)) {
+        /* The embedding loop re-reads ch_loop_backend_timeout() after its own
+         * releases; after anybody else's it looks again if something was left
+         * for it (events, commands, a kick, a timer earlier than its own). */
+        if (!was_nowait && !loop->ended &&
+            (work || ch__loop_pending(loop) || due < loop->embed_due))
+            ch__loop_wake_embedder_locked(loop);
+    } else if (loop->bg_waiting == CH__BG_UNTIMED || (loop->bg_waiting && now)) {
         uv_cond_signal(&loop->cond_bg);
+    }
 }
 
 void ch__loop_flush(ch_loop_t *loop)
@@ -429,6 +487,8 @@ int ch_loop_new(ch_loop_t **out)
     uv_timer_init(&loop->uv, &loop->drive_timer);
     loop->drive_timer.data = loop;
     uv_unref((uv_handle_t *)&loop->drive_timer);
+    loop->next_due = UINT64_MAX;
+    loop->embed_due = UINT64_MAX;
     if (uv_random(NULL, NULL, &loop->rng, sizeof(loop->rng), 0, NULL) != 0 || loop->rng == 0)
         loop->rng = (uint64_t)uv_hrtime() | 1;
     *out = loop;
@@ -439,6 +499,7 @@ void ch_loop_stop(ch_loop_t *loop)
 {
     uv_mutex_lock(&loop->lock);
     loop->stop_requested = 1;
+    loop->embedded = 0; /* the background thread ends the loop */
     if (!loop->ended)
         ch__loop_notify_locked(loop);
     uv_mutex_unlock(&loop->lock);
@@ -471,13 +532,14 @@ static void ch__loop_run_direct(ch_loop_t *loop)
         loop->closed = 1;
     ch__loop_flush(loop);
     int needs_run = ch__loop_needs_run(loop);
+    uint64_t due = ch__loop_due(loop);
     uv_mutex_lock(&loop->lock);
     if (loop->closed && !loop->ended) {
         loop->ended = 1;
         uv_cond_broadcast(&loop->cond_bg);
         uv_cond_broadcast(&loop->cond_app);
     }
-    ch__loop_release_locked(loop, needs_run);
+    ch__loop_release_locked(loop, needs_run, due);
     uv_mutex_unlock(&loop->lock);
 }
 
@@ -505,7 +567,9 @@ int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n, int l
             direct = 1;
             loop->owned = 1;
             loop->owner_bg = 0;
-        } else if (loop->owned) {
+        } else if (loop->owned || ch__loop_embedding(loop)) {
+            /* An owner carries them out; or, embedded, the embedding loop is
+             * the next owner (lazy commands wait for no background thread). */
             ch__loop_notify_locked(loop);
         }
     }
@@ -614,7 +678,7 @@ static void ch__loop_fill_arena(ch_event_t *out, int n, ch_arena_t *arena)
  * background thread, which let it go first, looks again (lock held). */
 static void ch__loop_app_leaves_locked(ch_loop_t *loop)
 {
-    if (!loop->owned && loop->bg_waiting)
+    if (!loop->owned && loop->bg_waiting && !ch__loop_embedding(loop))
         uv_cond_signal(&loop->cond_bg);
 }
 
@@ -623,9 +687,35 @@ static int ch__loop_bg_may_take(ch_loop_t *loop, uint64_t now, int timed_out)
 {
     if (loop->app_waiting)
         return 0; /* application threads first: they wait for something */
+    if (ch__loop_embedding(loop))
+        return 0; /* the embedding loop drives (see ch__loop_watch_locked) */
     return timed_out || loop->kicked || loop->stop_requested || loop->needs_run ||
            loop->cmds.len != loop->cmds.head || (ch__loop_pending(loop) && loop->urgent) ||
            now - loop->released_at >= CH__GRACE_NS;
+}
+
+/* The background thread of an embedded loop, every CH__WATCH_NS (lock
+ * held): 1 if work was pending at this watch and at the one before, and
+ * nobody gave the token up in between (so nobody drove the loop for a whole
+ * watch period): the embedding loop does not attend to it (blocked, stopped
+ * or closed). Work: events, commands, a kick, a libuv timer due, or I/O (the
+ * backend fd is readable). A loop that is owned now is attended to. */
+static int ch__loop_watch_locked(ch_loop_t *loop, uint64_t now)
+{
+    int work = 0;
+    if (!loop->owned) {
+        work = ch__loop_pending(loop) || loop->cmds.len != loop->cmds.head || loop->kicked ||
+               loop->next_due <= now / 1000000u;
+        if (!work) {
+            struct pollfd p = {.fd = uv_backend_fd(&loop->uv), .events = POLLIN};
+            work = poll(&p, 1, 0) > 0;
+        }
+    }
+    int lapsed = work && loop->watch_work && loop->watch_seq == loop->batch_seq;
+    loop->watch_work = work;
+    loop->watch_seq = loop->batch_seq;
+    loop->watch_at = now + CH__WATCH_NS;
+    return lapsed;
 }
 
 /* Owner: one loop iteration, blocking for I/O at most wait_ns (< 0: no
@@ -650,11 +740,59 @@ static void ch__loop_run_once(ch_loop_t *loop, int64_t wait_ns)
     ch__loop_flush(loop);
 }
 
+/* CH_DRIVE_NOWAIT: the embedding event loop's drive (see ch_loop_embed). */
+static int ch__loop_drive_nowait(ch_loop_t *loop, ch_event_t *out, int max, uint64_t *seq,
+                                 ch_arena_t *arena)
+{
+    uv_mutex_lock(&loop->lock);
+    *seq = loop->batch_seq;
+    if (loop->ended && !ch__loop_pending(loop)) {
+        uv_mutex_unlock(&loop->lock);
+        return -CH_SHUTDOWN;
+    }
+    if (loop->owned) {
+        if (loop->owner_bg && loop->embed_lapsed) {
+            /* The embedding loop is back: the background thread, which drove
+             * while it lapsed, gives the token up (woken from the I/O poll). */
+            loop->embed_lapsed = 0;
+            ch__loop_notify_locked(loop);
+        }
+        uv_mutex_unlock(&loop->lock);
+        return CH_DRIVE_AGAIN;
+    }
+    loop->embed_lapsed = 0;
+    loop->owned = 1;
+    loop->owner_bg = 0;
+    loop->owner_nowait = 1;
+    loop->kicked = 0; /* the caller looks at its timers after every drive */
+    loop->embed_thread = uv_thread_self();
+    loop->embed_thread_set = 1;
+    /* Events pending (left by a send of this thread, say): hand them out
+     * without the I/O poll; pending I/O keeps the backend fd readable, so the
+     * embedding loop comes back for it. */
+    if (!loop->ended && !ch__loop_pending(loop)) {
+        uv_mutex_unlock(&loop->lock);
+        ch__loop_run_once(loop, 0);
+        uv_mutex_lock(&loop->lock);
+        if (loop->closed && !loop->ended) {
+            loop->ended = 1;
+            uv_cond_broadcast(&loop->cond_bg);
+            uv_cond_broadcast(&loop->cond_app);
+        }
+    }
+    int n = ch__loop_pending(loop) ? ch__loop_take(loop, out, max) : 0;
+    uv_mutex_unlock(&loop->lock);
+    ch__loop_fill_arena(out, n, arena);
+    return n; /* the owner */
+}
+
 int ch_loop_drive(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
                   int flags, ch_arena_t *arena)
 {
     if (arena)
         arena->len = 0;
+    if (flags & CH_DRIVE_NOWAIT)
+        return ch__loop_drive_nowait(loop, out, max, seq, arena);
     int bg = (flags & CH_DRIVE_BACKGROUND) != 0;
     int takes = (flags & CH_DRIVE_NO_EVENTS) == 0;
     int any = (flags & CH_DRIVE_MESSAGES) == 0;
@@ -685,7 +823,24 @@ take:
             uv_mutex_unlock(&loop->lock);
             return CH_DRIVE_AGAIN;
         }
-        if (bg) {
+        if (bg && ch__loop_embedding(loop)) {
+            /* Embedded: watch that the embedding loop attends to the loop,
+             * never blocking in the I/O poll; drive only once it lapsed. */
+            if (now >= loop->watch_at && ch__loop_watch_locked(loop, now)) {
+                loop->embed_lapsed = 1;
+                continue;
+            }
+            if (timed_out) {
+                uv_mutex_unlock(&loop->lock);
+                return CH_DRIVE_AGAIN;
+            }
+            uint64_t until = loop->watch_at;
+            if (deadline && deadline < until)
+                until = deadline;
+            loop->bg_waiting = CH__BG_TIMED;
+            ch__loop_wait(&loop->cond_bg, &loop->lock, until);
+            loop->bg_waiting = 0;
+        } else if (bg) {
             /* Without an owner: until the grace after the last application
              * owner left (or the caller's deadline). With one: until it
              * leaves (it runs the timers meanwhile). */
@@ -718,6 +873,16 @@ take:
     *seq = loop->batch_seq;
     /* 2. Run the loop until there are events for the caller. */
     for (;;) {
+        if (bg && ch__loop_embedding(loop)) {
+            /* The embedding loop drives (again): give the token up, handing
+             * nothing out (events are the embedding loop's to handle). */
+            uv_mutex_unlock(&loop->lock);
+            int needs_run = ch__loop_needs_run(loop);
+            uint64_t due = ch__loop_due(loop);
+            uv_mutex_lock(&loop->lock);
+            ch__loop_release_locked(loop, needs_run, due);
+            goto take;
+        }
         uint64_t now = uv_hrtime();
         int pending = takes && ch__loop_pending(loop);
         uint64_t lazy_due = loop->events_since + CH_LAZY_MS * 1000000ull;
@@ -728,7 +893,7 @@ take:
             return n; /* still the owner */
         }
         if (loop->ended) {
-            ch__loop_release_locked(loop, 0);
+            ch__loop_release_locked(loop, 0, UINT64_MAX);
             uv_mutex_unlock(&loop->lock);
             return -CH_SHUTDOWN;
         }
@@ -741,8 +906,9 @@ take:
             /* An application thread wants the loop: give it up. */
             uv_mutex_unlock(&loop->lock);
             int needs_run = ch__loop_needs_run(loop);
+            uint64_t due = ch__loop_due(loop);
             uv_mutex_lock(&loop->lock);
-            ch__loop_release_locked(loop, needs_run);
+            ch__loop_release_locked(loop, needs_run, due);
             goto take;
         }
         int64_t wait_ns = deadline ? (int64_t)(deadline - now) : -1;
@@ -770,9 +936,54 @@ void ch_loop_release(ch_loop_t *loop)
         return;
     }
     int needs_run = !loop->ended && ch__loop_needs_run(loop);
+    uint64_t due = loop->ended ? UINT64_MAX : ch__loop_due(loop);
     uv_mutex_lock(&loop->lock);
-    ch__loop_release_locked(loop, needs_run);
+    ch__loop_release_locked(loop, needs_run, due);
     uv_mutex_unlock(&loop->lock);
+}
+
+void ch_loop_embed(ch_loop_t *loop, int on)
+{
+    uv_mutex_lock(&loop->lock);
+    on = on && !loop->stop_requested && !loop->ended;
+    loop->embedded = on;
+    loop->embed_lapsed = 0;
+    loop->watch_work = 0;
+    loop->watch_seq = loop->batch_seq;
+    loop->watch_at = uv_hrtime() + CH__WATCH_NS;
+    loop->embed_due = UINT64_MAX;
+    if (on) {
+        loop->embed_thread_set = 0; /* (as yet unknown) */
+        if (!loop->owned)
+            ch__loop_wake_embedder_locked(loop); /* it looks at once */
+        else if (loop->owner_bg)
+            ch__loop_notify_locked(loop); /* the background thread gives the token up */
+    } else if (loop->bg_waiting) {
+        uv_cond_signal(&loop->cond_bg);
+    }
+    uv_mutex_unlock(&loop->lock);
+}
+
+int ch_loop_backend_fd(ch_loop_t *loop) { return uv_backend_fd(&loop->uv); }
+
+int ch_loop_backend_timeout(ch_loop_t *loop)
+{
+    int ms;
+    uv_mutex_lock(&loop->lock);
+    if (loop->ended) {
+        ms = -1;
+    } else if (ch__loop_pending(loop) || loop->cmds.len != loop->cmds.head || loop->kicked) {
+        ms = 0;
+    } else if (loop->next_due == UINT64_MAX) {
+        ms = -1;
+    } else {
+        uint64_t now = ch__now_ms();
+        uint64_t left = loop->next_due > now ? loop->next_due - now : 0;
+        ms = left > INT_MAX ? INT_MAX : (int)left;
+    }
+    loop->embed_due = loop->next_due;
+    uv_mutex_unlock(&loop->lock);
+    return ms;
 }
 
 int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena)

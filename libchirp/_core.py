@@ -46,9 +46,18 @@ maps to the NodeCore. Public objects (``Loop``, ``ChirpBase``) are *not*
 referenced by the threads or by the cores, so a leaked public object is
 garbage-collected and can warn with ``ResourceWarning``.
 
+Embedding (docs/architecture.md#embedding-in-asyncio): a LoopCore may be run
+by another event loop instead (``libchirp.asyncio``): :meth:`LoopCore.register`
+decides (``LoopCore._embed_for``), the host object watches the backend fd and
+calls :meth:`LoopCore.embed_run` on its thread, and :meth:`LoopCore.poke` arms
+that run after a submission made on the host's own thread. The background
+thread then only watches that the host attends to the loop, and threads that
+wait drive the loop only where the host allows it (``host.may_lead()``).
+
 Threads: every ``on_*`` method runs on the thread holding the loop's token
-(the background thread or a waiting application thread, see
-``LoopCore.in_dispatcher()``); everything else may run on any thread.
+(the background thread, a waiting application thread or the embedding event
+loop's thread, see ``LoopCore.in_dispatcher()``); everything else may run on
+any thread.
 """
 
 from __future__ import annotations
@@ -82,7 +91,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10009
+_EXPECTED_STAMP = 10010
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -127,6 +136,7 @@ _DRIVE_AGAIN = lib.CH_DRIVE_AGAIN  # -CH_BUSY: no token, re-check
 _LOOP_ENDED = -lib.CH_SHUTDOWN
 _DRIVE_MESSAGES = lib.CH_DRIVE_MESSAGES
 _DRIVE_BACKGROUND = lib.CH_DRIVE_BACKGROUND
+_DRIVE_NOWAIT = lib.CH_DRIVE_NOWAIT
 #: Token of releases nobody waits for (release_many): their completions are only
 #: counted, so that stop() can let the owed ACKs go out first. Real tokens start at 2.
 _QUIET_RELEASE = 1
@@ -140,8 +150,18 @@ LEAD_SLICE = 0.2
 #: Whether waiting application threads drive the loop themselves (lead_until());
 #: False leaves it to the background thread (for comparisons).
 LEAD_WAITERS = True
+#: The background thread of an embedded loop looks this often (seconds) whether
+#: the embedding event loop attends to the loop (CH_EMBED_WATCH_MS).
+EMBED_WATCH = lib.CH_EMBED_WATCH_MS / 1000.0
+#: Batches of events one embedded run handles at most before it yields to the
+#: embedding event loop (which runs it again at once if more are pending).
+EMBED_BATCHES = 4
 
 _monotonic = time.monotonic
+_get_ident = threading.get_ident
+_drive = lib.ch_loop_drive
+_release = lib.ch_loop_release
+_backend_timeout = lib.ch_loop_backend_timeout
 _buffer = ffi.buffer
 _string = ffi.string
 
@@ -346,6 +366,19 @@ class LoopCore:
         self._batch_end: List[Callable[[], None]] = []  # the thread handling events only
         #: Objects shared by the nodes of this loop, by key (see :meth:`acquire_shared`).
         self._shared: Dict[Any, List[Any]] = {}
+        #: The host embedding the loop in another event loop (see :meth:`register`),
+        #: or None: then the background thread drives it. Set and cleared under lock.
+        self.embedder: Any = None
+        #: Every node so far could be embedded with the same host (register()).
+        self.embeddable = True
+        self._detaching: List[Any] = []  # hosts told to detach; waited for before the free
+        #: Batches of events (n > 0) handled by the background thread, its returns
+        #: from ch_loop_drive(), and runs of the embedding event loop (embed_run()):
+        #: diagnostics for the tests.
+        self.bg_batches = 0
+        self.bg_wakes = 0
+        self.embed_runs = 0
+        self._embed_bufs: Optional[_PollBuffers] = None  # the embedding loop's thread only
 
     def next_token(self) -> int:
         return next(self._tokens)
@@ -385,6 +418,7 @@ class LoopCore:
         with self.lock:
             if self.stop_requested and not self.nodes and self.c is not None and not self.c_stopped:
                 self.c_stopped = True
+                self._unembed()  # the background thread ends the loop
                 lib.ch_loop_stop(self.c)
                 if not self.started:
                     # Never ran: let ch_loop_run close the handles here, then free.
@@ -424,7 +458,103 @@ class LoopCore:
                     "a node cannot be started while handling the loop's events, as the "
                     "dispatcher (from a receive handler or a call_soon() callback)"
                 )
+            self._embed_for(node)
             self.nodes[node.token] = node
+
+    # -- embedding -----------------------------------------------------------------------------
+
+    def _embed_for(self, node: NodeCore) -> None:
+        """Decide how the loop is driven once ``node`` runs on it too (caller holds lock).
+
+        The rule (docs/architecture.md#embedding-in-asyncio): a loop is embedded in
+        another event loop as long as every node ever started on it asks for the
+        same host (``node.embed_key``, e.g. the asyncio loop of an
+        ``asyncio.Chirp``); the first node does the embedding, the first node
+        that asks for another host or none ends it for the rest of the loop's
+        life: the background thread drives again.
+        """
+        key = node.embed_key
+        host = self.embedder
+        if host is not None and key is not None and key is host.key:
+            return
+        if host is None and key is not None and self.embeddable and not self.nodes:
+            host = node.embed_factory(self)
+            if host is not None:
+                self.embedder = host
+                lib.ch_loop_embed(self.c, 1)
+                host.attach(lib.ch_loop_backend_fd(self.c))
+                return
+        self.embeddable = False
+        if host is not None:
+            self._unembed()
+
+    def _unembed(self) -> None:
+        """End the embedding: the background thread drives (caller holds lock)."""
+        host = self.embedder
+        self.embedder = None
+        self.embeddable = False
+        if host is None:
+            return
+        if self.c is not None:
+            lib.ch_loop_embed(self.c, 0)
+        self._detaching.append(host)
+        host.detach()
+
+    def poke(self) -> None:
+        """After a submission to the core: on the embedding loop's own thread, arm its
+        run for what the submission left (the core does not wake that thread, see
+        ch_loop_embed in csrc/chirp_ffi.h); nothing elsewhere."""
+        host = self.embedder
+        if host is None or host.soon or not host.on_thread():
+            return
+        c = self.c
+        if c is not None:
+            ms = lib.ch_loop_backend_timeout(c)
+            if ms >= 0:
+                host.timer_added(ms / 1000.0)
+
+    def embed_run(self) -> Tuple[bool, float]:
+        """The embedding event loop's thread: drive the loop without blocking.
+
+        Called when the backend fd is readable or the embedding loop's timer
+        fired: takes the ownership token (``ch_loop_drive`` with
+        CH_DRIVE_NOWAIT), runs one libuv iteration, handles the events (up to
+        EMBED_BATCHES batches), then Python timers and end-of-batch hooks, and
+        gives the token up. Returns ``(busy, delay)``: ``busy`` when another
+        thread holds the token (look again shortly); ``delay`` the seconds until
+        the loop needs the next run without I/O (libuv or Python timers; 0 at
+        once), or -1.0 if only I/O can bring work.
+
+        The C loop stays valid meanwhile: it is freed only after the embedding
+        loop stopped calling this (``_loop_ends()`` waits for the host's detach,
+        which runs on the embedding loop's thread).
+        """
+        c = self.c
+        if c is None or self.c_stopped:
+            return False, -1.0
+        bufs = self._embed_bufs
+        if bufs is None:
+            bufs = self._embed_bufs = _PollBuffers()
+        self.embed_runs += 1
+        for _ in range(EMBED_BATCHES):
+            n = _drive(c, bufs.events, BATCH, 0.0, bufs.seq, _DRIVE_NOWAIT, bufs.arena)
+            if n < 0:
+                return n == _DRIVE_AGAIN, -1.0
+            self.lead_ident = _get_ident()
+            try:
+                self._handle(bufs, n)
+            finally:
+                self.lead_ident = None
+                _release(c)
+            if n < BATCH:
+                break
+        ms = _backend_timeout(c)
+        delay = ms / 1000.0 if ms >= 0 else -1.0
+        if self._timers:
+            t = self._poll_timeout()
+            if t >= 0 and (delay < 0 or t < delay):
+                delay = t
+        return False, delay
 
     def unregister(self, node: NodeCore, join: bool = True) -> None:
         with self.lock:
@@ -441,6 +571,8 @@ class LoopCore:
             self.calls.append((func, args, kwargs))
             if was_empty:
                 lib.ch_loop_wake(self.c, _WAKE_CALLS)
+        if was_empty:
+            self.poke()
 
     def _run_calls(self) -> None:
         calls = self.calls
@@ -468,6 +600,10 @@ class LoopCore:
             heapq.heappush(self._timers, entry)
             wake = deadline < self._poll_deadline
         if wake and not self.in_dispatcher():
+            host = self.embedder
+            if host is not None and host.on_thread():
+                host.timer_added(delay)  # the embedding loop's timer, no wake-up
+                return entry
             with self.lock:
                 if self.c is not None and not self.ended:
                     lib.ch_loop_kick(self.c)
@@ -525,12 +661,23 @@ class LoopCore:
 
     def _poll_timeout(self) -> float:
         with self._timer_lock:
-            if not self._timers:
+            timers = self._timers
+            while timers and timers[0][2] is None:  # cancelled: no need to wake for it
+                heapq.heappop(timers)
+            if not timers:
                 self._poll_deadline = float("inf")
                 return -1.0
-            deadline = self._timers[0][0]
+            deadline = timers[0][0]
             self._poll_deadline = deadline
         return max(0.0, deadline - _monotonic())
+
+    def _timers_overdue(self, late: float) -> bool:
+        """A Python timer that is not cancelled was due more than ``late`` seconds ago."""
+        with self._timer_lock:
+            timers = self._timers
+            while timers and timers[0][2] is None:
+                heapq.heappop(timers)
+            return bool(timers) and timers[0][0] < _monotonic() - late
 
     def _run_timers(self) -> None:
         now = _monotonic()
@@ -560,12 +707,23 @@ class LoopCore:
         release = lib.ch_loop_release
         try:
             while True:
-                timeout = self._poll_timeout() if self._timers else -1.0
+                if self.embedder is not None:
+                    # Embedded: the core watches every EMBED_WATCH that the embedding
+                    # loop attends to the loop; a Python timer it left undone
+                    # counts as work left (the kick).
+                    timeout = EMBED_WATCH
+                    if self._timers and self._timers_overdue(EMBED_WATCH):
+                        lib.ch_loop_kick(c)
+                else:
+                    timeout = self._poll_timeout() if self._timers else -1.0
                 n = drive(c, events, BATCH, timeout, seq, _DRIVE_BACKGROUND, arena)
+                self.bg_wakes += 1
                 if n < 0:
                     if n == _DRIVE_AGAIN:
                         continue
                     break
+                if n:
+                    self.bg_batches += 1
                 try:
                     self._handle(bufs, n)
                 finally:
@@ -603,6 +761,16 @@ class LoopCore:
     def _lead(self, ready: Callable[[], bool], deadline: Optional[float], flags: int) -> None:
         if not LEAD_WAITERS or self.in_dispatcher():
             return
+        host = self.embedder
+        if host is not None and not host.may_lead():
+            return  # the embedding loop runs and will handle the events (no competition)
+        self._lead_drive(ready, deadline, flags)
+        if host is not None:
+            # The core does not wake the embedding loop's own thread (ch_loop_embed):
+            # arm its run for what this thread's drives left behind.
+            self.poke()
+
+    def _lead_drive(self, ready: Callable[[], bool], deadline: Optional[float], flags: int) -> None:
         ident = threading.get_ident()
         local = self._lead_buffers
         bufs = getattr(local, "bufs", None)
@@ -730,13 +898,17 @@ class LoopCore:
             self._end_batch()
 
     def _loop_ends(self) -> None:
+        # The backend fd closes with the loop: every embedding loop stops watching it first.
+        detached = all(host.wait_detached(JOIN_LIMIT) for host in list(self._detaching))
         with self.lock:
             self.ended = True
+            if not detached:
+                logger.error("libchirp: an embedding event loop still watches the loop; not freed")
             # Application threads still inside ch_loop_drive() get -CH_SHUTDOWN at once
             # (the loop has ended); the loop is freed only after they left.
             if not self._app_idle.wait_for(lambda: not self._app_polling, JOIN_LIMIT):
                 logger.error("libchirp: a thread still drives the loop; the loop is not freed")
-            elif self.c is not None:
+            elif self.c is not None and detached:
                 lib.ch_loop_free(self.c)
                 self.c = None
         # Callbacks queued before the end still run, here on the background thread.
@@ -794,6 +966,11 @@ class NodeCore:
         self.release_after_send: Set[MessageBase] = set()  # see release_when_sent()
         #: Data of the interface that owns the node (the asyncio bridge), or None.
         self.context: Any = None
+        #: The host the node's loop may be embedded in (LoopCore._embed_for): its key
+        #: (an asyncio loop) and a factory making the host for a LoopCore; None: the
+        #: node needs the loop driven by threads.
+        self.embed_key: Any = None
+        self.embed_factory: Optional[Callable[[LoopCore], Any]] = None
         self.held: Set[MessageBase] = set()
         self.orphans: List[Any] = []  # C messages received after ch_node_stop()
         self.start_future: Future = Future()
@@ -822,7 +999,8 @@ class NodeCore:
             loop.unregister(self)
             raise _error(rc, "cannot start the node")
         try:
-            status, text = self.start_future.result(START_LIMIT)
+            left = loop.lead_until(self.start_future.done, START_LIMIT)
+            status, text = self.start_future.result(left)
         except _FutureTimeout:
             self.abandon()
             raise RuntimeError("the chirp node did not start within %.0f s" % START_LIMIT) from None
@@ -868,6 +1046,8 @@ class NodeCore:
             rc = self._submit_send(msg, fut, request)
         if rc != 0:
             fut.set_exception(_submit_error(rc))
+        else:
+            self.loop.poke()
         return fut
 
     def send_many(self, msgs: List[MessageBase]) -> List[Future]:
@@ -898,6 +1078,7 @@ class NodeCore:
                 self._submit_many(msgs, futs, failed)
         for fut, rc in failed:
             fut.set_exception(_submit_error(rc))
+        self.loop.poke()
         return futs
 
     def _submit_many(self, msgs: List[MessageBase], futs: List[Future], failed: list) -> None:
@@ -1140,6 +1321,8 @@ class NodeCore:
             fut.set_exception(_error(rc))
         elif rc == _REFUSED:
             fut.set_result(None)
+        else:
+            self.loop.poke()
         return fut
 
     def release_many(self, msgs: List[MessageBase]) -> None:
@@ -1180,6 +1363,8 @@ class NodeCore:
                 failed = n
         if failed:
             logger.error("libchirp: %d slot release(s) could not be submitted", failed)
+        else:
+            self.loop.poke()
 
     def _submit_release(self, msg: MessageBase, fut: Future) -> int:
         """Hand one release, completed by ``fut``, to the core (caller holds the lock).
@@ -1245,7 +1430,7 @@ class NodeCore:
 
         Fails with ChirpShutdown once the node is stopping for good.
         """
-        fut: Future = Future()
+        fut: Future = self._future()
         with self.lock:
             if self.stop_sent or self.c is None:
                 fut.set_exception(_shutdown_error("node is stopped"))
@@ -1257,6 +1442,8 @@ class NodeCore:
                 del self.stats_pending[token]
         if rc != 0:
             fut.set_exception(_error(rc, "cannot ask for statistics"))
+        else:
+            self.loop.poke()
         return fut
 
     def on_stats(self, token: int, status: int, text: Any, st: Any) -> None:
@@ -1322,7 +1509,8 @@ class NodeCore:
                 except RuntimeError:  # still being sent: its send completes below
                     pass
             if releases:  # let the owed ACKs go out before the connections close
-                _wait_futures(releases, timeout=self.timeout)
+                left = self.loop.lead_until(lambda: all(f.done() for f in releases), self.timeout)
+                _wait_futures(releases, timeout=left)
             # The same for every release submitted earlier (with or without a
             # future, e.g. release_slot() or get() with AUTO_RELEASE right
             # before stop()): the core would drop an ACK still queued.
@@ -1339,7 +1527,7 @@ class NodeCore:
             stopped = False
             if rc == lib.CH_SUCCESS:
                 try:
-                    self.stop_future.result(limit)
+                    self.stop_future.result(self.loop.lead_until(self.stop_future.done, limit))
                     stopped = True
                 except _FutureTimeout:
                     pass
@@ -1394,6 +1582,8 @@ class NodeCore:
             rc = lib.ch_node_stop(self.c, self.loop.next_token())
         if rc != lib.CH_SUCCESS:
             logger.error("libchirp: cannot stop an abandoned node (code %d)", rc)
+        else:
+            self.loop.poke()
 
     def _fail_pending(self) -> None:
         """Fail every operation still pending with SHUTDOWN (after the node stopped)."""

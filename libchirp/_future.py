@@ -17,6 +17,11 @@ for it.
 While no condition exists, nobody can be waiting and no callback can be
 registered, so completing the future is just setting two attributes.
 
+An interface that follows the future into another event loop (``libchirp.asyncio``)
+registers one *hook* with :meth:`LightFuture._when_done` instead of a done
+callback: it is called with the future by the thread that completes (or
+cancels) it, right after the completion, and needs no condition either.
+
 Both the lazy creation and the completion without a condition run under one
 module-wide lock (``_LOCK``), held for a few attribute operations only. That
 orders them: a completion either happens before the condition exists (a
@@ -32,7 +37,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["LightFuture"]
 
@@ -51,6 +56,8 @@ class LightFuture(Future[Any]):
     """
 
     _leader: Any = None
+    #: Called with the future once it is complete (see _when_done()), or None.
+    _hook: Optional[Callable[["LightFuture"], None]] = None
 
     def __init__(self) -> None:  # no super().__init__(): that would build the condition
         self._state = PENDING
@@ -93,18 +100,50 @@ class LightFuture(Future[Any]):
             return self._exception
         return super().exception(timeout)
 
+    def _when_done(self, fn: Callable[["LightFuture"], None]) -> None:
+        """Call ``fn(self)`` once the future is complete, on the completing thread.
+
+        Like ``add_done_callback()`` (at once if already done), but while nobody
+        waits the future stays without a condition. One hook per future; later
+        registrations become ordinary done callbacks. ``fn`` must not raise.
+        """
+        with _LOCK:
+            if self._state not in _DONE and self._hook is None:
+                self._hook = fn
+                return
+        self.add_done_callback(fn)  # type: ignore[arg-type]  # (called with self)
+
+    def _run_hook(self) -> None:
+        hook = self._hook
+        if hook is not None:
+            self._hook = None
+            hook(self)
+
     def set_result(self, result: Any) -> None:
         with _LOCK:
-            if "_condition" not in self.__dict__ and self._state not in _DONE:
+            fast = "_condition" not in self.__dict__ and self._state not in _DONE
+            if fast:
                 self._result = result
                 self._state = FINISHED
-                return
-        super().set_result(result)  # notifies waiters, or raises InvalidStateError
+        if not fast:
+            super().set_result(result)  # notifies waiters, or raises InvalidStateError
+        if self._hook is not None:
+            self._run_hook()
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
         with _LOCK:
-            if "_condition" not in self.__dict__ and self._state not in _DONE:
+            fast = "_condition" not in self.__dict__ and self._state not in _DONE
+            if fast:
                 self._exception = exception
                 self._state = FINISHED
-                return
-        super().set_exception(exception)
+        if not fast:
+            super().set_exception(exception)
+        if self._hook is not None:
+            self._run_hook()
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        if self._hook is not None:
+            self._run_hook()
+        return True

@@ -9,20 +9,59 @@ futures belong to that loop: ``send()``, ``request()``, ``statistics()`` and
 as libchirp 1.x allows, before that loop runs) and return asyncio futures (or
 awaitables).
 
-Hand-off from the thread handling the chirp loop's events, "the dispatcher"
-(the chirp loop's background thread, or a thread waiting in a future's
-``result()``; no busy polling, no per-message wake-up): everything the
-dispatcher produces for an asyncio loop (a received
-message to handle, a completed send, release or request) is appended to that
-loop's :class:`_Bridge`. The first item of a dispatcher batch registers an
-end-of-batch hook with the core (``LoopCore.at_batch_end``); when the batch is
-handled the hook flushes the whole list with **one** ``call_soon_threadsafe``.
-Hand-overs also coalesce: while a hand-off is scheduled but not yet run by the
-asyncio loop, later batches are appended to it instead of scheduling another
-(at most one wake-up is outstanding per bridge, like libuv's ``uv_async_t``).
-One bridge serves every node of a chirp Loop on the same asyncio loop. Items
-produced on other threads (e.g. futures failed by ``stop()``) are handed over
-at once, through the same coalescing hand-off.
+Embedding (the default; docs/architecture.md#embedding-in-asyncio): the asyncio
+loop runs the chirp loop itself, with libuv's own embedding interface. An
+:class:`_Embedder` watches the core's backend fd (``uv_backend_fd()``) with
+``add_reader()`` and keeps one ``call_later()`` timer for the core's next
+timer (``uv_backend_timeout()``, and the Python request timers); when either
+fires, the asyncio thread takes the loop's ownership token, runs one libuv
+iteration without blocking (``ch_loop_drive`` with CH_DRIVE_NOWAIT), handles
+the events and gives the token up (``LoopCore.embed_run``). So a received
+message becomes a handler task, and a send, release or request future is
+completed, on the asyncio thread directly: no ``call_soon_threadsafe`` per
+batch, no other thread involved. Sends made on the asyncio thread are written
+directly (the submitter takes the token, runs, releases), as on threads.
+
+Which loops are embedded: a :class:`~libchirp.Loop` is embedded in an asyncio
+loop as long as every node ever started on it is an ``asyncio.Chirp`` of that
+asyncio loop with ``embed=True`` (the default). The first node of another kind
+(a thread interface node, an ``asyncio.Chirp`` of another asyncio loop or with
+``embed=False``) ends the embedding for the rest of the Loop's life; the
+Loop's background thread then drives it as for thread interfaces, and events
+reach the asyncio loop through the hand-off below. Give such nodes a Loop of
+their own to keep the asyncio nodes embedded. ``embed=False`` is for programs
+that block their asyncio loop for long stretches.
+
+Who holds the token while the asyncio loop is idle: nobody. The asyncio
+loop's selector watches the backend fd; the Loop's background thread does not
+block in the I/O poll (it would take events meant for the asyncio loop): it
+waits on a condition and looks every 0.1 s (CH_EMBED_WATCH_MS) whether work
+was left undone for a whole period (the asyncio loop is blocked, stopped,
+not yet running or closed). Only then does it drive the loop as without
+embedding, events reaching the asyncio loop through the hand-off, until the
+asyncio loop drives again and takes the token back. An idle embedded node
+costs the background thread ten wake-ups a second and the asyncio loop
+none except the core's own timers; nothing polls.
+
+Threads blocking on an embedded loop: a thread waiting in a threaded
+future's ``result()`` (e.g. ``ChirpBase.statistics()``, a node's start or
+stop) drives the loop itself only if it is the asyncio loop's own thread or
+the asyncio loop is not running; otherwise it just waits, and the asyncio loop
+completes the future (or the background thread, once the asyncio loop lapsed).
+
+Hand-off (events handled on any other thread: the background thread of a
+Loop that is not embedded or whose asyncio loop lapsed, a thread waiting in a
+future's ``result()``; no busy polling, no per-message wake-up): everything
+such a thread produces for an asyncio loop (a received message to handle, a
+completed send, release or request) is appended to that loop's
+:class:`_Bridge`. The first item of a batch registers an end-of-batch hook
+with the core (``LoopCore.at_batch_end``); when the batch is handled the hook
+flushes the whole list with **one** ``call_soon_threadsafe``. Hand-overs also
+coalesce: while a hand-off is scheduled but not yet run by the asyncio loop,
+later batches are appended to it instead of scheduling another (at most one
+wake-up is outstanding per bridge, like libuv's ``uv_async_t``). One bridge
+serves every node of a chirp Loop on the same asyncio loop. Items produced on
+the asyncio loop's own thread are carried out at once, never handed over.
 
 Handlers: every received message that does not answer a request runs
 ``handler(msg)`` in its own task. With ``Config.AUTO_RELEASE`` (default) the slot
@@ -34,21 +73,29 @@ send completed. The default handler releases the message when AUTO_RELEASE is Fa
 
 Stopping: ``await chirp.astop()`` (or ``async with``) on the asyncio loop; it
 waits (bounded by Config.TIMEOUT) for running handler tasks and then runs the
-blocking node stop on a helper thread, so handlers keep running meanwhile.
-``stop()`` is for other threads; on the asyncio loop's own thread it raises
-``RuntimeError`` (it would block the loop that must run the handlers).
+blocking node stop on a helper thread, so handlers keep running and the
+asyncio loop keeps driving the chirp loop meanwhile. ``stop()`` is for other
+threads (it waits for handlers on the running asyncio loop first); on the
+asyncio loop's own thread it raises ``RuntimeError`` (it would block the loop
+that must run the handlers). Either way the stop is bounded, every pending
+send, release and request future fails with ``ChirpShutdown`` (a
+``ConnectionError``) and every awaiting task is woken. When the Loop stops,
+the embedder stops watching the backend fd (on the asyncio thread, or at once
+if the asyncio loop is not running) before the core closes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Callable, Dict, Generator, Generic, List, Optional, Tuple, Type, TypeVar
 
 from ._core import START_LIMIT, LoopCore, NodeCore, logger
+from ._future import LightFuture
 from .chirp import ChirpBase
 from .chirp import ChirpFuture as _ThreadChirpFuture
 from .config import Config
@@ -70,6 +117,162 @@ _Self = TypeVar("_Self", bound="Chirp")
 #: One piece of work for the asyncio loop: ``func(*args)``.
 _Item = Tuple[Callable[..., Any], Tuple[Any, ...]]
 
+_running_loop = asyncio.events._get_running_loop
+#: When another thread holds the chirp loop's token, the embedder stops watching
+#: the backend fd and looks again after this many seconds.
+EMBED_RETRY = 0.001
+#: The embedder's timer may fire this much later than the core's next timer: timers
+#: of libuv count whole milliseconds, and a due timer is run, never skipped.
+_TIMER_SLACK = 0.001
+
+
+class _Embedder:
+    """Runs a chirp loop inside one asyncio loop (see the module docstring).
+
+    Made by ``LoopCore._embed_for`` for the first node of a Loop; every method
+    except :meth:`attach`, :meth:`detach`, :meth:`wait_detached` and
+    :meth:`may_lead` runs on the asyncio loop's thread.
+    """
+
+    def __init__(self, core: LoopCore, aloop: asyncio.AbstractEventLoop) -> None:
+        self.core = core
+        self.aloop = aloop
+        self.key = aloop
+        self.fd = -1
+        self.active = True  # False once detach() was called
+        self.reading = False  # add_reader() is in effect
+        self.detached = threading.Event()
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_when = float("inf")
+        self.soon = False  # a run is scheduled with call_soon() (LoopCore.poke() reads it)
+        self._retrying = False  # a run is scheduled after EMBED_RETRY (token busy)
+
+    # -- any thread ----------------------------------------------------------------------------
+
+    def on_thread(self) -> bool:
+        """True on the asyncio loop's thread while it runs (also inside a blocking call)."""
+        return _running_loop() is self.aloop
+
+    def may_lead(self) -> bool:
+        """May this thread drive the loop while it waits (LoopCore._lead)? Only the asyncio
+        loop's own thread, or any thread while the asyncio loop is not running."""
+        return _running_loop() is self.aloop or not self.aloop.is_running()
+
+    def attach(self, fd: int) -> None:
+        self.fd = fd
+        self._on_loop(self._start)
+
+    def detach(self) -> None:
+        self.active = False
+        self._on_loop(self._stop)
+
+    def wait_detached(self, limit: float) -> bool:
+        """Wait (at most ``limit`` s) until the asyncio loop no longer watches the fd."""
+        deadline = time.monotonic() + limit
+        while not self.detached.wait(0.05):
+            aloop = self.aloop
+            if aloop.is_closed() or not aloop.is_running():
+                self._stop()  # nothing runs it any more: here (see _on_loop)
+            elif time.monotonic() > deadline:
+                return False
+        return True
+
+    def _on_loop(self, func: Callable[[], None]) -> None:
+        """Run ``func`` on the asyncio loop: here if this is its thread or it does not
+        run (1.x programs make their nodes before ``run_until_complete()``), else
+        scheduled there."""
+        aloop = self.aloop
+        if aloop.is_closed() or self.on_thread() or not aloop.is_running():
+            func()
+            return
+        try:
+            aloop.call_soon_threadsafe(func)
+        except RuntimeError:  # closed meanwhile
+            func()
+
+    # -- the asyncio loop's thread -------------------------------------------------------------
+
+    def _start(self) -> None:
+        if not self.active or self.reading or self.aloop.is_closed():
+            return
+        self.aloop.add_reader(self.fd, self._ready)
+        self.reading = True
+        self._run_soon()  # what is pending already
+
+    def _stop(self) -> None:
+        aloop = self.aloop
+        if not aloop.is_closed():
+            if self.reading:
+                aloop.remove_reader(self.fd)
+            if self._timer is not None:
+                self._timer.cancel()
+        self.reading = False
+        self._timer = None
+        self._timer_when = float("inf")
+        self.detached.set()
+
+    def _ready(self) -> None:
+        # The backend fd is readable.
+        if not self.active:
+            self._stop()
+            return
+        self._run()
+
+    def _run_soon(self) -> None:
+        if not self.soon:
+            self.soon = True
+            self.aloop.call_soon(self._soon_run)
+
+    def _soon_run(self) -> None:
+        self.soon = False
+        if self.active:
+            self._run()
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._timer_when = float("inf")
+        if self.active:
+            self._run()
+
+    def _retry(self) -> None:
+        self._retrying = False
+        if not self.active:
+            return
+        if not self.reading and not self.aloop.is_closed():
+            self.aloop.add_reader(self.fd, self._ready)
+            self.reading = True
+        self._run()
+
+    def _run(self) -> None:
+        busy, delay = self.core.embed_run()
+        if busy:
+            # Another thread holds the token (a direct send, a thread waiting
+            # while the asyncio loop did not run, the background thread after
+            # a lapse): do not spin on the readable fd meanwhile.
+            if self.reading:
+                self.aloop.remove_reader(self.fd)
+                self.reading = False
+            if not self._retrying:
+                self._retrying = True
+                self.aloop.call_later(EMBED_RETRY, self._retry)
+            return
+        if delay >= 0:
+            self.timer_added(delay)
+
+    def timer_added(self, delay: float) -> None:
+        """Run the loop after ``delay`` seconds at the latest (earlier timers are kept)."""
+        if delay <= 0:
+            self._run_soon()
+            return
+        aloop = self.aloop
+        when = aloop.time() + delay + _TIMER_SLACK
+        if when >= self._timer_when - _TIMER_SLACK:
+            return  # the timer armed fires first (and the run re-arms it)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = aloop.call_at(when, self._timer_fired)
+        self._timer_when = when
+
 
 class _Bridge:
     """Batched hand-off from the thread handling chirp events to one asyncio loop."""
@@ -87,7 +290,14 @@ class _Bridge:
         self.nodes: weakref.WeakSet[Chirp] = weakref.WeakSet()
 
     def post(self, func: Callable[..., Any], *args: Any) -> None:
-        """Run ``func(*args)`` on the asyncio loop; batched on the dispatcher thread."""
+        """Run ``func(*args)`` on the asyncio loop: at once on its own thread (an
+        embedded loop's events), else handed over, batched on a thread handling events."""
+        if _running_loop() is self.aloop:
+            try:
+                func(*args)
+            except Exception:
+                logger.exception("libchirp: exception in an asyncio hand-off %r", func)
+            return
         if self.core.in_dispatcher():
             if not self._items:
                 self.core.at_batch_end(self._flush)
@@ -124,6 +334,12 @@ class _Bridge:
 
     def _run(self) -> None:
         # asyncio loop thread.
+        host = self.core.embedder
+        if host is not None and host.key is self.aloop:
+            # Events came from another thread: the embedded loop lapsed (the asyncio
+            # loop was blocked or not running) or a thread drove it while waiting.
+            # Drive it here again (a lapse ends: the background thread stands aside).
+            host._run_soon()
         with self._lock:
             items, self._scheduled = self._scheduled or [], None
         for func, args in items:
@@ -157,6 +373,8 @@ class _Bridge:
         af = self.aloop.create_future()
         if cf.done():
             _copy(cf, af, reply)
+        elif isinstance(cf, LightFuture):
+            cf._when_done(lambda f: self.post(_copy, f, af, reply))  # no condition made
         else:
             cf.add_done_callback(lambda f: self.post(_copy, f, af, reply))
         return af
@@ -285,14 +503,32 @@ class ChirpFuture(Generic[_M]):
 class Chirp(ChirpBase):
     """A chirp node bound to the asyncio loop ``asyncio_loop``; override ``handler()``.
 
-    ``Chirp(loop, config, asyncio_loop)``: ``loop`` is the libchirp.Loop that
-    carries the node, ``asyncio_loop`` the asyncio loop (default policy or
-    uvloop) that runs ``handler`` and owns every future this node returns.
+    ``Chirp(loop, config, asyncio_loop=None, *, embed=True)``: ``loop`` is the
+    libchirp.Loop that carries the node, ``asyncio_loop`` the asyncio loop
+    (default policy or uvloop) that runs ``handler`` and owns every future
+    this node returns; without it, the running loop (or the policy's current
+    loop, as ``asyncio.get_event_loop()`` outside a coroutine). ``embed``:
+    the asyncio loop drives ``loop`` itself while every node on ``loop`` is
+    an embedded node of it (see the module docstring); ``embed=False``
+    leaves ``loop`` to its background thread (for programs that block their
+    asyncio loop) and ends the embedding of ``loop`` for its other nodes too.
     """
 
     _message_class = Message
 
-    def __init__(self, loop: Loop, config: Config, asyncio_loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        config: Config,
+        asyncio_loop: Optional[asyncio.AbstractEventLoop] = None,
+        *,
+        embed: bool = True,
+    ) -> None:
+        if asyncio_loop is None:
+            try:
+                asyncio_loop = asyncio.get_running_loop()
+            except RuntimeError:
+                asyncio_loop = asyncio.get_event_loop_policy().get_event_loop()
         if not isinstance(asyncio_loop, asyncio.AbstractEventLoop):
             raise TypeError(
                 "asyncio_loop must be an asyncio event loop, not %s" % type(asyncio_loop).__name__
@@ -300,6 +536,7 @@ class Chirp(ChirpBase):
         if not isinstance(loop, Loop):
             raise TypeError("loop must be a libchirp.Loop, not %s" % type(loop).__name__)
         self._aloop = asyncio_loop
+        self._embed = bool(embed)
         self._auto_release = config.AUTO_RELEASE
         self._closing = False
         #: Handler tasks not yet done, with their messages (asyncio loop thread).
@@ -319,6 +556,10 @@ class Chirp(ChirpBase):
 
     def _prepare_node(self, node: NodeCore) -> None:
         node.context = self._bridge
+        if self._embed:
+            aloop = self._aloop
+            node.embed_key = aloop
+            node.embed_factory = lambda core: None if aloop.is_closed() else _Embedder(core, aloop)
 
     def _drop_bridge(self) -> None:
         if self._bridge_held:
@@ -330,6 +571,12 @@ class Chirp(ChirpBase):
     def asyncio_loop(self) -> asyncio.AbstractEventLoop:
         """The asyncio loop the node is bound to."""
         return self._aloop
+
+    @property
+    def embedded(self) -> bool:
+        """True while the node's Loop is embedded in its asyncio loop (module docstring)."""
+        host = self._loop._core.embedder
+        return host is not None and host.key is self._aloop
 
     def _check_thread(self, what: str) -> None:
         try:

@@ -9,7 +9,10 @@ waiting in ``get()``/``get_many()`` or a future's ``result()`` runs it itself,
 and the background thread runs it whenever no such thread does. That thread
 also handles the events (every Python callback: future resolution, message
 delivery, ``call_soon()``); the code calls it "the dispatcher"
-(``LoopCore.in_dispatcher()``). See docs/architecture.md.
+(``LoopCore.in_dispatcher()``). See docs/architecture.md. A Loop whose nodes
+are all ``libchirp.asyncio`` nodes of one asyncio loop is run by that asyncio
+loop instead; its background thread then only watches
+(docs/architecture.md#embedding-in-asyncio).
 
 ``stop()`` before ``run()`` does nothing (libchirp 1.x programs call it in
 cleanup paths that may run before the loop was started). After ``run()``, it

@@ -15,6 +15,10 @@ record --record FILE
     to FILE, flush and fsync, and only then release the message (so in
     synchronous mode the sender's send succeeds only after the record is on
     disk). Runs until stdin reaches EOF or the process is killed.
+hold
+    AUTO_RELEASE off. Report every received message (GOT <data>) and never
+    release it nor answer: in synchronous mode its sender waits for the ACK
+    until this process ends. Runs until stdin reaches EOF or it is killed.
 
 Everything the process reports goes to stdout, one flushed line each:
 
@@ -22,6 +26,7 @@ Everything the process reports goes to stdout, one flushed line each:
     SENT <n> OK                          (send) message n succeeded
     SENT <n> ERR <exception name> <ecode>
     DONE ok=<n> err=<n>                  (send) all sends completed
+    GOT <data>                           (hold) a message arrived
     COUNT <n> failed=<n>                 (echo, record) messages handled, at exit
     BYE                                  node and loop stopped cleanly
 
@@ -140,9 +145,24 @@ def run_record(node, args):
     return failed == 0
 
 
+def run_hold(node, args):
+    stop = stdin_closed_event()
+    held = []  # never released (stop() releases them at the end)
+    while not stop.is_set():
+        try:
+            msg = node.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        held.append(msg)
+        say("GOT", msg.data.decode("ascii", "replace"))
+    for msg in held:
+        msg.release_slot()
+    return True
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("role", choices=["echo", "send", "record"])
+    parser.add_argument("role", choices=["echo", "send", "record", "hold"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--async", dest="asynchronous", action="store_true")
     parser.add_argument("--timeout", type=float, default=5.0)
@@ -157,13 +177,14 @@ def main():
     config.DISABLE_ENCRYPTION = True
     config.SYNCHRONOUS = not args.asynchronous
     config.TIMEOUT = args.timeout
-    config.AUTO_RELEASE = args.role != "record"
+    config.AUTO_RELEASE = args.role not in ("record", "hold")
 
     loop = libchirp.Loop()
     node = libchirp.queue.Chirp(loop, config)
     say("READY", args.port, node.identity().hex())
     try:
-        good = {"echo": run_echo, "send": run_send, "record": run_record}[args.role](node, args)
+        roles = {"echo": run_echo, "send": run_send, "record": run_record, "hold": run_hold}
+        good = roles[args.role](node, args)
     finally:
         node.stop()
         loop.stop()

@@ -1,91 +1,42 @@
 """libchirp.asyncio: coroutine handlers, awaitable send/request/release, batched wake-ups.
 
-Every test runs on the default asyncio event loop and on uvloop. The asyncio
-loop runs in its own thread (``AioThread``); tests are coroutines run on it
-with a bound, or drive it from the test thread. Shared behaviour (delivery,
-back-pressure, errors, request/answer, stop with in-flight messages) is in
-test_conformance.py.
+Every test runs on the default asyncio event loop embedding its chirp Loop
+(the default, docs/architecture.md#embedding-in-asyncio), on uvloop embedding
+it, and on the default event loop with ``embed=False`` (the Loop's background
+thread drives it and hands events over). The asyncio loop runs in its own
+thread (``AioThread``, tests/aiohelp.py); tests are coroutines run on it with a
+bound, or drive it from the test thread. The thread interface peers (``qnode``)
+run on a Loop of their own, so that they do not end the embedding. Shared
+behaviour (delivery, back-pressure, errors, request/answer, stop with in-flight
+messages) is in test_conformance.py; what only embedding does is in
+test_asyncio_embed.py.
 
 Wake-ups are counted by running the node on a subclass of the event loop whose
 ``call_soon_threadsafe`` counts its calls.
 """
 
 import asyncio
-import concurrent.futures
-import queue
 import threading
 import time
 
 import pytest
+from aiohelp import KINDS, WAIT, AioThread, Inbox, message
 from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, SANITIZER, call_bounded, make_config
 
 import libchirp
 import libchirp.asyncio
 import libchirp.queue
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is in requirements-dev.txt
-    uvloop = None
-
-WAIT = 10.0
+#: (event loop kind, embed) of every test.
+MODES = [(kind, True) for kind in KINDS] + [("default", False)]
 
 
-class CountingLoop(asyncio.SelectorEventLoop):
-    """The default event loop, counting call_soon_threadsafe() calls."""
-
-    threadsafe_calls = 0
-
-    def call_soon_threadsafe(self, *args, **kwargs):
-        self.threadsafe_calls += 1
-        return super().call_soon_threadsafe(*args, **kwargs)
-
-
-if uvloop is not None:
-
-    class CountingUVLoop(uvloop.Loop):
-        """uvloop, counting call_soon_threadsafe() calls."""
-
-        threadsafe_calls = 0
-
-        def call_soon_threadsafe(self, *args, **kwargs):
-            self.threadsafe_calls += 1
-            return super().call_soon_threadsafe(*args, **kwargs)
-
-
-class AioThread:
-    """An asyncio loop running forever in a daemon thread."""
-
-    def __init__(self, kind):
-        self.kind = kind
-        self.loop = CountingUVLoop() if kind == "uvloop" else CountingLoop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="aio", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, limit=30.0, what="test coroutine"):
-        cf = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return cf.result(limit)
-        except concurrent.futures.TimeoutError:
-            pytest.fail("%s did not finish within %.0f s" % (what, limit), pytrace=False)
-
-    def stop(self):
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def close(self):
-        self.stop()
-        if not self.thread.is_alive() and not self.loop.is_closed():
-            self.loop.close()
-
-
-KINDS = ["default"] + (["uvloop"] if uvloop is not None else [])
-
-
-@pytest.fixture(params=KINDS)
+@pytest.fixture(
+    params=MODES, ids=["%s-%s" % (k, "embedded" if e else "threaded") for k, e in MODES]
+)
 def aio(request):
-    t = AioThread(request.param)
+    t = AioThread(request.param[0])
+    t.embed = request.param[1]
     yield t
     t.close()
 
@@ -100,9 +51,12 @@ def start(loop, aio):
 
     def make(cls=libchirp.asyncio.Chirp, **fields):
         node = call_bounded(
-            cls, NODE_START_LIMIT, "asyncio.Chirp()", loop, config(**fields), aio.loop
+            lambda: cls(loop, config(**fields), aio.loop, embed=aio.embed),
+            NODE_START_LIMIT,
+            "asyncio.Chirp()",
         )
         nodes.append(node)
+        assert node.embedded is aio.embed
         return node
 
     yield make
@@ -114,13 +68,21 @@ def start(loop, aio):
 
 
 @pytest.fixture
-def qnode(loop):
-    """Thread-interface (queue) peers; stopped at teardown."""
+def peer_loop(bounded):
+    """A Loop of its own for the thread-interface peers."""
+    loop = bounded(libchirp.Loop, 10, "Loop()")
+    yield loop
+    bounded(loop.stop, 20, "Loop.stop()")
+
+
+@pytest.fixture
+def qnode(peer_loop):
+    """Thread-interface (queue) peers, on ``peer_loop``; stopped at teardown."""
     nodes = []
 
     def make(**fields):
         node = call_bounded(
-            libchirp.queue.Chirp, NODE_START_LIMIT, "queue.Chirp()", loop, config(**fields)
+            libchirp.queue.Chirp, NODE_START_LIMIT, "queue.Chirp()", peer_loop, config(**fields)
         )
         nodes.append(node)
         return node
@@ -131,37 +93,6 @@ def qnode(loop):
             call_bounded(node.stop, NODE_STOP_LIMIT, "queue stop() in teardown")
         except RuntimeError as exc:
             assert "releas" in str(exc), repr(exc)
-
-
-def message(port, data=b"", cls=libchirp.asyncio.Message):
-    msg = cls()
-    msg.address = "127.0.0.1"
-    msg.port = port
-    msg.data = data
-    return msg
-
-
-class Inbox(libchirp.asyncio.Chirp):
-    """Puts every received message (with the running loop) into a thread-safe queue."""
-
-    def __init__(self, *args, **kwargs):
-        self.inbox = queue.Queue()
-        self.where = []  # (running asyncio loop, thread ident) per handler call
-        super().__init__(*args, **kwargs)
-
-    async def handler(self, msg):
-        self.where.append((asyncio.get_running_loop(), threading.get_ident()))
-        self.inbox.put(msg)
-
-    async def next(self, limit=WAIT):
-        deadline = time.monotonic() + limit
-        while True:
-            try:
-                return self.inbox.get_nowait()
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise AssertionError("no message within %.0f s" % limit) from None
-                await asyncio.sleep(0.01)
 
 
 # -- basics ----------------------------------------------------------------------------------------
@@ -319,6 +250,11 @@ def test_a_burst_needs_far_fewer_wakeups_than_messages(aio, start, qnode):
         assert f.result(WAIT) is not None
     assert done.wait(WAIT), "only %d of %d messages handled" % (count[0], total)
     calls = aio.loop.threadsafe_calls - before
+    if aio.embed:
+        # The asyncio loop handles the events itself: nothing is handed over.
+        assert calls == 0, "%d call_soon_threadsafe calls while embedded" % calls
+        assert receiver._bridge.wakeups == 0
+        return
     # Typically one wake-up per 16-message slot window (about 40); never one per message.
     # A sanitizer build handles events slower, so batches are smaller.
     limit = total // (2 if SANITIZER else 4)
@@ -388,7 +324,9 @@ def test_nodes_on_one_asyncio_loop_share_the_hand_off(aio, start, loop):
     # A second libchirp loop gets its own hand-off to the same asyncio loop.
     with libchirp.Loop() as other:
         c = call_bounded(
-            libchirp.asyncio.Chirp, NODE_START_LIMIT, "asyncio.Chirp()", other, config(), aio.loop
+            lambda: libchirp.asyncio.Chirp(other, config(), aio.loop, embed=aio.embed),
+            NODE_START_LIMIT,
+            "asyncio.Chirp()",
         )
         try:
             assert c._bridge is not a._bridge
@@ -433,7 +371,9 @@ def test_stop_on_the_loop_raises_and_astop_works(aio, start, qnode):
 def test_async_with(aio, loop):
     async def scenario():
         cfg = config()
-        async with libchirp.asyncio.Chirp(loop, cfg, asyncio.get_running_loop()) as node:
+        async with libchirp.asyncio.Chirp(loop, cfg, embed=aio.embed) as node:
+            assert node.asyncio_loop is asyncio.get_running_loop()
+            assert node.embedded is aio.embed
             port = node.port
             assert (await node.statistics())["port"] == port
         return node
