@@ -65,7 +65,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .config import Config
 from .loop import Loop
@@ -188,6 +188,16 @@ def _unpack(data: bytes) -> List[bytes]:
     if type(items) is not list:
         raise ValueError("malformed batch")
     return items
+
+
+def _late_messages(node: Chirp) -> Iterator[MessageBase]:
+    """The messages still queued on ``node`` once its thread has ended, without blocking."""
+    while True:
+        try:
+            late = node.get_many(1024, block=False)
+        except _queue.Empty:
+            return
+        yield from late
 
 
 def _to_msg(key: _Key, header: bytes, data: bytes = b"") -> MessageBase:
@@ -508,13 +518,8 @@ class _Host:
         for m in held:
             m.release_slot()
         self.thread.join(5)
-        while True:
-            try:
-                late = self.node.get_many(1024, block=False)
-            except _queue.Empty:
-                break
-            for m in late:
-                m.release_slot()
+        for m in _late_messages(self.node):
+            m.release_slot()
         try:
             self.node.stop()
         finally:
@@ -645,17 +650,12 @@ class _Runtime:
             self.stopping = True
             self.cond.notify_all()
         self.thread.join(5)
-        while True:
-            try:
-                late = self.node.get_many(1024, block=False)
-            except _queue.Empty:
-                break
-            for m in late:
-                kind, qid = _HDR.unpack(m.header)[:2] if len(m.header) == _HDR.size else (b"", 0)
-                if kind == _D:
-                    self.inbox.setdefault(qid, deque()).append([m, _unpack(m.data), 0])
-                else:
-                    m.release_slot()
+        for m in _late_messages(self.node):
+            kind, qid = _HDR.unpack(m.header)[:2] if len(m.header) == _HDR.size else (b"", 0)
+            if kind == _D:
+                self.inbox.setdefault(qid, deque()).append([m, _unpack(m.data), 0])
+            else:
+                m.release_slot()
         with self.cond:
             inbox = list(self.inbox.items())
             self.inbox.clear()
