@@ -64,9 +64,10 @@ CASES = [
 ]
 
 
-#: Examples run by the tests of their own module, with the processes they need.
+#: Examples run by the tests of their own module, with the servers and hosts they need.
 TESTED_ELSEWHERE = {
     "kiwi_": os.path.join(ROOT, "tests", "test_kiwi_examples.py"),
+    "mp_": os.path.join(ROOT, "tests", "test_mp_hosts.py"),
 }
 
 
