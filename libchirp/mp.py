@@ -47,7 +47,12 @@ items.
 Threads: the host's state is guarded by one condition variable
 (``_Host.cond``); its thread takes received messages in batches; delivery
 callbacks run on whichever thread handles the loop's events and only take the
-lock, requeue and send. Sends are issued outside the lock.
+lock, requeue and send. Sends are issued outside the lock, but in the order
+they were collected under it: the host queues them and one thread at a time
+sends the queue (``_Host._flush``); a producer handle likewise sends its
+batches one thread at a time (``_Remote._pump``). Chirp writes the messages to
+one peer in the order they were sent, so batches reach a consumer, and put
+batches reach the host, in the order they were made.
 """
 
 from __future__ import annotations
@@ -253,6 +258,10 @@ class _Host:
         self.cond = threading.Condition(threading.Lock())
         self.boxes: Dict[int, _Box] = {}
         self.stopping = False
+        #: sends and releases collected under the lock, issued in this order by _flush.
+        self.outq: List[_Send] = []
+        self.outrel: List[MessageBase] = []
+        self.flushing = False
         self.thread = threading.Thread(target=self._run, name="libchirp.mp host", daemon=True)
         self.thread.start()
 
@@ -298,9 +307,10 @@ class _Host:
                 for box in touched:
                     self._serve(box, sends, release)
                 idle = self._expire(sends)
+                self._enqueue(sends, release)
                 if msgs:
                     self.cond.notify_all()
-            self._flush(sends, release)
+            self._flush()
 
     def _handle(self, m: MessageBase, sends: List[_Send], release: List[MessageBase]):
         try:
@@ -404,21 +414,50 @@ class _Host:
             items.extend(batch)
             release.append(m)
 
-    def _flush(self, sends: List[_Send], release: List[MessageBase]) -> None:
-        """Issue sends and releases collected under the lock (lock not held)."""
-        for m in release:
-            m.release_slot()
-        if not sends:
-            return
-        try:
-            futs = self.node.send_many([s[0] for s in sends])
-        except Exception:
-            if self.stopping:
-                return
-            raise
-        for (_, track), fut in zip(sends, futs):
-            if track is not None:
-                fut.add_done_callback(lambda f, t=track: self._delivered(f, t))
+    def _enqueue(self, sends: List[_Send], release: List[MessageBase]) -> None:
+        """Queue what a locked section collected for :meth:`_flush` (lock held).
+
+        The order of this queue is the order in which the boxes handed out
+        their items; sending it in that order is what keeps the batches of one
+        producer in order at a consumer that has several in flight.
+        """
+        self.outq.extend(sends)
+        self.outrel.extend(release)
+
+    def _flush(self) -> None:
+        """Issue the queued sends and releases (lock not held), one thread at a time.
+
+        Several threads serve boxes (the host thread, delivery callbacks, the
+        hosting process's own handles). If each sent what it had collected on
+        its own, a thread that collected batch 1 for a consumer could be
+        overtaken by one that collected batch 2 after it. So whoever finds no
+        flush under way sends the whole queue, in order, until it is empty;
+        the others leave their sends to it.
+        """
+        while True:
+            with self.cond:
+                if self.flushing or not (self.outq or self.outrel):
+                    return
+                self.flushing = True
+                sends, self.outq = self.outq, []
+                release, self.outrel = self.outrel, []
+            try:
+                for m in release:
+                    m.release_slot()
+                if not sends:
+                    continue
+                try:
+                    futs = self.node.send_many([s[0] for s in sends])
+                except Exception:
+                    if self.stopping:
+                        return
+                    raise
+                for (_, track), fut in zip(sends, futs):
+                    if track is not None:
+                        fut.add_done_callback(lambda f, t=track: self._delivered(f, t))
+            finally:
+                with self.cond:
+                    self.flushing = False
 
     def _delivered(self, fut: Future, track: Tuple[_Box, List[bytes], _Key, bool]) -> None:
         box, batch, key, pushed = track
@@ -438,8 +477,9 @@ class _Host:
             if self.stopping:
                 return
             self._serve(box, sends, release)
+            self._enqueue(sends, release)
             self.cond.notify_all()
-        self._flush(sends, release)
+        self._flush()
 
     # -- the hosting process's own handles ---------------------------------------------------
 
@@ -459,8 +499,9 @@ class _Host:
                     self.cond.wait(left)
             box.items.extend(items)
             self._serve(box, sends, release)
+            self._enqueue(sends, release)
             self.cond.notify_all()
-        self._flush(sends, release)
+        self._flush()
 
     def get_local(
         self, qid: int, n: int, block: bool, timeout: Optional[float], ep: Any = None
@@ -490,7 +531,8 @@ class _Host:
             out = [box.items.popleft() for _ in range(k)]
             if box.held:
                 self._serve(box, sends, release)
-        self._flush(sends, release)
+                self._enqueue(sends, release)
+        self._flush()
         return out
 
     def close_local(self, qid: int) -> None:
@@ -500,8 +542,9 @@ class _Host:
             box = self.boxes[qid]
             box.eof = True
             self._serve(box, sends, release)
+            self._enqueue(sends, release)
             self.cond.notify_all()
-        self._flush(sends, release)
+        self._flush()
 
     def size_local(self, qid: int) -> Tuple[int, bool]:
         with self.cond:
@@ -785,6 +828,7 @@ class _Remote:
         self.outbox: List[bytes] = []
         self.outbytes = 0
         self.inflight = 0
+        self.sending = False
         self.unacked = 0
         self.error: Optional[BaseException] = None
         self.lost = 0
@@ -812,9 +856,31 @@ class _Remote:
             self.outbox.append(item)
             self.outbytes += len(item)
             self.unacked += 1
-            batch = self._take_batch()
-        if batch:
-            self._send_batch(batch)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send the batches the window has room for, one thread at a time.
+
+        Both the putting thread and the acknowledgement callbacks send batches.
+        A batch is taken under the lock but sent after it (pickling it takes a
+        while), so two threads sending on their own could send them in the
+        other order and the host would queue the later items first. So only the
+        thread that finds no send under way takes and sends, until the window
+        is full or the outbox empty; the others leave their batches to it.
+        """
+        while True:
+            with self.pcond:
+                if self.sending or self.error is not None:
+                    return
+                batch = self._take_batch()
+                if not batch:
+                    return
+                self.sending = True
+            try:
+                self._send_batch(batch)
+            finally:
+                with self.pcond:
+                    self.sending = False
 
     def _take_batch(self) -> Optional[List[bytes]]:
         """A batch to send now, if the window has room (pcond held)."""
@@ -854,10 +920,8 @@ class _Remote:
                     self.lost = self.unacked
             else:
                 self.unacked -= n
-            batch = self._take_batch() if self.error is None else None
             self.pcond.notify_all()
-        if batch:
-            self._send_batch(batch)
+        self._pump()
 
     def _failure(self) -> ConnectionError:
         return ConnectionError(

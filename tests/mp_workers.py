@@ -116,3 +116,10 @@ def put_full(q: mp.Queue, out: Any, n: int, timeout: float) -> None:
             break
     out.put((k, time.monotonic() - t))
     q.cancel_join_thread()
+
+
+def take(q: mp.Queue, out: Any, n: int) -> None:
+    """Get n items one by one and report them, in the order got, through ``out``."""
+    got = [q.get(timeout=30) for _ in range(n)]
+    q.close()
+    out.put(got)

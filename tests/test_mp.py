@@ -3,6 +3,9 @@
 * 4 producers and 4 consumers move 100,000 items through a queue, with spawn
   and with fork, in pull and in push mode: every item arrives exactly once and
   each consumer sees each producer's items in the order they were put;
+* push mode: batches made by two threads of the host for one consumer reach
+  it in the order they were made, even when the thread that made the earlier
+  one sends last (the host thread is held at that point by a trace function);
 * pull mode balances by demand (a consumer 10x slower takes about a tenth of
   a fast one's share); push mode hands items out ahead of demand (the slow
   consumer takes far more than in pull mode);
@@ -19,6 +22,7 @@
 
 from __future__ import annotations
 
+import linecache
 import multiprocessing
 import os
 import signal
@@ -91,6 +95,66 @@ def run_fan(method: str, mode: str, n_items: int, producers: int = 4, consumers:
 def test_four_by_four_exactly_once(method, mode):
     shares = run_fan(method, mode, N_ITEMS)
     assert sum(shares.values()) == N_ITEMS
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_push_batches_reach_a_consumer_in_the_order_they_were_made():
+    """Two threads of the host serve the same subscriber; the one that made the
+    earlier batch sends last. The host thread is held (by a trace function, in
+    the real code) right after it made a batch for a new subscriber and before
+    it sent anything; meanwhile a put() of the hosting process makes the next
+    batch for that subscriber and sends. The consumer must still get the
+    items in the order they were put."""
+    ctx = multiprocessing.get_context("fork")
+    out = mp.Queue()
+    out.qsize()  # this process's default host exists before tracing starts
+    held, resume = threading.Event(), threading.Event()
+
+    def local(frame, event, arg):
+        if event == "line" and not held.is_set():
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            msgs = frame.f_locals.get("msgs") or []
+            if line.startswith("self._flush(") and any(
+                mp._HDR.unpack(m.header)[0] == mp._S for m in msgs
+            ):
+                held.set()
+                resume.wait(20)
+        return local
+
+    def trace(frame, event, arg):
+        if frame.f_code is mp._Host._run.__code__:
+            return local
+        return None
+
+    threading.settrace(trace)
+    try:
+        q = mp.Queue(mode="push", port=free_port())  # a host (and thread) of its own
+    finally:
+        threading.settrace(None)
+    q.put_many(range(10))
+    p = ctx.Process(target=mp_workers.take, args=(q, out, 11))
+    p.start()
+    try:
+        # the consumer subscribes; the host thread makes [0..9] for it and is held
+        assert held.wait(30), "the host thread did not serve the subscription"
+        q.put(10)  # served and sent by this thread: [10] to the same subscriber
+        time.sleep(0.2)
+        resume.set()
+        assert out.get(timeout=30) == list(range(11))
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        resume.set()
+        if p.is_alive():
+            p.kill()
 
 
 def run_balance(mode: str, n_items: int, fast_delay: float = 0.002):
