@@ -39,7 +39,10 @@ items.
 * ``S``/``U`` subscribe/unsubscribe (push mode): the host sends ``D`` batches
   ahead of demand, round-robin over subscribers, at most :data:`PUSH_WINDOW`
   unacknowledged batches per subscriber. The client releases a pushed batch
-  when its last item was handed out; a failed delivery puts the batch back.
+  when its last item was handed out; a failed delivery puts the batch back
+  (once no other batch to that client is in flight, all of them in the box's
+  order). The host answers ``U`` with ``E`` after the last batch it pushed to
+  that client, so the client knows when it has every batch it must give back.
 * ``R`` return: items a closing client had received but not handed out go back
   to the front of the box. ``C`` close: the writing end of a pipe closed.
   ``Z`` stat: the host answers ``E`` with the box's size (also a liveness probe).
@@ -221,7 +224,19 @@ def _to_msg(key: _Key, header: bytes, data: bytes = b"") -> MessageBase:
 class _Box:
     """One queue (or one direction of a pipe) in its hosting process."""
 
-    __slots__ = ("qid", "maxsize", "items", "held", "waiters", "subs", "rr", "eof")
+    __slots__ = (
+        "qid",
+        "maxsize",
+        "items",
+        "held",
+        "waiters",
+        "subs",
+        "rr",
+        "eof",
+        "taken",
+        "flying",
+        "failed",
+    )
 
     def __init__(self, qid: int, maxsize: int) -> None:
         self.qid = qid
@@ -235,12 +250,27 @@ class _Box:
         self.subs: Dict[_Key, List[int]] = {}
         self.rr = 0
         self.eof = False
+        #: items handed out so far: the position of the next batch in the box's order.
+        self.taken = 0
+        #: deliveries (D batches) in flight per client.
+        self.flying: Dict[_Key, int] = {}
+        #: failed deliveries per client, (position, items), kept until none is in flight.
+        self.failed: Dict[_Key, List[Tuple[int, List[bytes]]]] = {}
+
+    def hand_out(self, key: _Key, batch: List[bytes]) -> int:
+        """Note a batch on its way to ``key``; its position in the box's order."""
+        pos = self.taken
+        self.taken += len(batch)
+        self.flying[key] = self.flying.get(key, 0) + 1
+        return pos
 
     def full(self) -> bool:
         return bool(self.maxsize) and len(self.items) >= self.maxsize
 
 
-_Send = Tuple[MessageBase, Optional[Tuple["_Box", List[bytes], _Key, bool]]]
+#: a message to send, and for a D batch: (box, items, client, pushed, position).
+_Track = Tuple["_Box", List[bytes], _Key, bool, int]
+_Send = Tuple[MessageBase, Optional[_Track]]
 
 
 class _Host:
@@ -344,6 +374,8 @@ class _Host:
         elif kind == _U:
             release.append(m)
             box.subs.pop(key, None)
+            # the answer follows every batch pushed to this client before
+            sends.append((_to_msg(key, _header(_E, qid, reqid, 0, 0, 0)), None))
         elif kind == _C:
             release.append(m)
             box.eof = True
@@ -381,7 +413,7 @@ class _Host:
             k = min(n, len(items))
             batch = [items.popleft() for _ in range(k)]
             msg = _to_msg(key, _header(_D, box.qid, reqid, k), _pack(batch))
-            sends.append((msg, (box, batch, key, False)))
+            sends.append((msg, (box, batch, key, False, box.hand_out(key, batch))))
         if box.eof and not items and box.waiters:
             for key, reqid, _, _ in box.waiters:
                 sends.append((_to_msg(key, _header(_E, box.qid, reqid, 0, 0, _F_EOF)), None))
@@ -408,7 +440,7 @@ class _Host:
                 k = len(batch)
                 sub[0] += 1
                 msg = _to_msg(key, _header(_D, box.qid, sub[1], k, 0, _F_PUSH), _pack(batch))
-                sends.append((msg, (box, batch, key, True)))
+                sends.append((msg, (box, batch, key, True, box.hand_out(key, batch))))
         while box.held and not box.full():
             m, batch = box.held.popleft()
             items.extend(batch)
@@ -459,21 +491,32 @@ class _Host:
                 with self.cond:
                     self.flushing = False
 
-    def _delivered(self, fut: Future, track: Tuple[_Box, List[bytes], _Key, bool]) -> None:
-        box, batch, key, pushed = track
+    def _delivered(self, fut: Future, track: _Track) -> None:
+        box, batch, key, pushed, pos = track
         failed = fut.exception() is not None
         sends: List[_Send] = []
         release: List[MessageBase] = []
         with self.cond:
+            left = box.flying.get(key, 1) - 1
+            if left:
+                box.flying[key] = left
+            else:
+                box.flying.pop(key, None)
             if failed:
-                # The client did not take them: back to the front, in order.
-                box.items.extendleft(reversed(batch))
+                # The client did not take them. They go back to the front once
+                # no other batch to this client is in flight, all at once and
+                # in the box's order (the failures of several batches may be
+                # reported in any order).
+                box.failed.setdefault(key, []).append((pos, batch))
                 box.subs.pop(key, None)
                 box.waiters = deque(w for w in box.waiters if w[0] != key)
             elif pushed:
                 sub = box.subs.get(key)
                 if sub is not None:
                     sub[0] -= 1
+            if not left and key in box.failed:
+                for _, back in sorted(box.failed.pop(key), key=lambda e: e[0], reverse=True):
+                    box.items.extendleft(reversed(back))
             if self.stopping:
                 return
             self._serve(box, sends, release)
@@ -1057,7 +1100,15 @@ class _Remote:
                 self.flush(flush_limit)
         finally:
             if self.subscribed:
-                rt.node.send(_to_msg(self.key, _header(_U, self.qid)))
+                # The host answers after it sent its last batch to us (in order
+                # on the connection), so once the answer is here every pushed
+                # batch is in the inbox and goes back below, in order.
+                reqid = next(_reqids)
+                try:
+                    answer = rt.request(self.key, _header(_U, self.qid, reqid), reqid, SLACK)
+                    answer.release_slot()
+                except ConnectionError:
+                    pass
             with rt.cond:
                 back = list(self.buffer)
                 self.buffer.clear()

@@ -123,3 +123,10 @@ def take(q: mp.Queue, out: Any, n: int) -> None:
     got = [q.get(timeout=30) for _ in range(n)]
     q.close()
     out.put(got)
+
+
+def take_one_and_wait(q: mp.Queue, out: Any) -> None:
+    """Get one item, report it, then hold whatever else arrives until killed."""
+    out.put(q.get(timeout=30))
+    out.join_thread()
+    time.sleep(60)

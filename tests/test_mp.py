@@ -157,6 +157,33 @@ def test_push_batches_reach_a_consumer_in_the_order_they_were_made():
             p.kill()
 
 
+@pytest.mark.timeout(60)
+def test_batches_of_a_killed_consumer_go_back_in_order():
+    """Three pushed batches in flight to a consumer that is SIGKILLed fail one
+    by one; their items go back to the front of the queue in the order they
+    were put, not one batch in front of the other."""
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue(mode="push")
+    out = mp.Queue()
+    p = ctx.Process(target=mp_workers.take_one_and_wait, args=(q, out))
+    p.start()
+    try:
+        q.put(0)
+        assert out.get(timeout=30) == 0
+        for i in (1, 2, 3):
+            q.put(i)  # one batch each: the window of the subscriber has room
+        time.sleep(0.3)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        back = []
+        while len(back) < 3:
+            back.extend(q.get_many(10, timeout=10))
+        assert back == [1, 2, 3]
+    finally:
+        if p.is_alive():
+            p.kill()
+
+
 def run_balance(mode: str, n_items: int, fast_delay: float = 0.002):
     ctx = multiprocessing.get_context("fork")
     q = mp.Queue(mode=mode)
