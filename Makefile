@@ -11,7 +11,7 @@ LIBS_C := $(shell pkg-config --libs libuv openssl 2>/dev/null)
 CSRCS := $(filter-out csrc/chirp_ffi.h,$(wildcard csrc/*.c))
 CTESTS := $(patsubst tests/c/%.c,build/ctest/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all sysdeps venv build demo test ctest pytest bench bench-kiwi bench-mp clean lint
+.PHONY: all sysdeps testdeps venv build demo test check ctest pytest bench bench-kiwi bench-mp clean lint typecheck
 
 all: build
 
@@ -33,17 +33,31 @@ $(VENV)/.deps: setup.py requirements-dev.txt | sysdeps
 venv: sysdeps $(VENV)/.deps
 
 # Build the CFFI extension in place (libchirp/_ffi*.so) and install the package
-# editable into .venv, which also puts the `chirp` command in .venv/bin.
+# editable into .venv, which also puts the `chirp` command in .venv/bin. The
+# compat mode installs a plain .pth path, which mypy follows (the default
+# import-hook finder is invisible to it).
 build: venv
 	$(PY) setup.py -q build_ext --inplace
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 
 demo: build
 	$(PY) examples/demo.py
 
-test: build lint ctest
+test: build lint typecheck ctest testdeps
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory hardening
+
+# What only the tests need: InfluxDB 1.x for tests/test_timeseries.py (Debian's
+# influxdb; tests/influx.py installs it with apt-get when influxd is missing).
+testdeps: venv
+	$(PY) tests/influx.py install
+
+# The day-to-day check, in a few minutes: lint, the type check (once a
+# typecheck target exists), the C tests and the Python suite without the tests
+# marked slow; no sanitizers, no fuzzing. `make test` is the full run of CI.
+CHECK_PYTEST_ARGS ?= -m "not slow"
+check: build lint typecheck ctest
+	$(PY) -m pytest -q $(CHECK_PYTEST_ARGS) tests
 
 ctest: sysdeps $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; $$t; done
@@ -64,6 +78,11 @@ bench-kiwi: build  # libchirp.kiwi against kiwiPy on a private loopback RabbitMQ
 lint: venv
 	$(VENV)/bin/ruff check libchirp tests benchmarks examples
 	$(VENV)/bin/ruff format --check libchirp tests benchmarks examples
+
+# mypy --strict (settings in pyproject.toml) over the package and the public API
+# as users write it (tests/typing_check.py).
+typecheck: venv
+	$(VENV)/bin/mypy --strict libchirp tests/typing_check.py
 
 clean:
 	rm -rf build libchirp/_ffi*.so libchirp/_ffi.c *.egg-info

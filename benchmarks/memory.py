@@ -1,4 +1,4 @@
-"""RSS of a node holding idle connections, per connection (issue 5: <= 64 KiB).
+"""RSS of a node holding idle connections, per connection (target: <= 64 KiB).
 
 A node (plaintext, in a fresh Python process so that nothing else lives in its
 heap) is started and warmed up; its RSS is read from /proc/self/status. A
@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LOADCLIENT = os.path.join(ROOT, "tests", "loadclient.py")
 
-#: Issue 5 target: RSS per idle connection.
+#: Target: RSS per idle connection.
 TARGET_BYTES = 64 * 1024
 
 

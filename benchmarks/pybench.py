@@ -251,8 +251,8 @@ class ChirpClient:
     def run(self, cmd: dict) -> dict:
         if cmd["op"] == "rt":
             return chirp_roundtrips(
-                self.node(False), cmd["addr"], cmd["port"], cmd["window"], cmd["size"],
-                cmd["duration"], cmd["warmup"],
+                self.node(cmd.get("sync", False)), cmd["addr"], cmd["port"], cmd["window"],
+                cmd["size"], cmd["duration"], cmd["warmup"],
             )  # fmt: skip
         return chirp_stream(
             self.node(cmd["sync"]), cmd["addr"], cmd["port"], cmd["count"], cmd["size"],

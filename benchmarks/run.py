@@ -1,10 +1,11 @@
-"""Run the benchmarks of issue 5 and print (and record) one comparable table (``make bench``).
+"""Run the benchmarks (docs/benchmarks.md); print and record one comparable table (``make bench``).
 
 libchirp's queue interface against pyzmq, two processes per system (a server
 and a client, ``benchmarks/pybench.py``), 64-byte messages unless stated,
 plaintext over 127.0.0.1 except shape 6:
 
-1. roundtrips, one message in flight (libchirp: send, echo, get; pyzmq: DEALER->ROUTER echo);
+1. roundtrips, one message in flight (libchirp: send, echo, get; pyzmq: DEALER->ROUTER echo),
+   libchirp asynchronous and SYNCHRONOUS (every message acknowledged; pyzmq the same echo);
 2. roundtrips with 16 and with 64 in flight;
 3. roundtrips, 16 in flight, 64 KiB messages;
 4. one-way asynchronous stream (libchirp SYNCHRONOUS=False; pyzmq PUSH->PULL), rate at the
@@ -142,13 +143,15 @@ class Pair:
             self.close()
             raise
 
-    def roundtrips(self, window: int, size: int, duration: float, warmup: float) -> float:
+    def roundtrips(
+        self, window: int, size: int, duration: float, warmup: float, sync: bool = False
+    ) -> float:
         if self.system == "libchirp":
-            port = self.ports["async"]
+            port = self.ports["sync" if sync else "async"]
         else:
             port = self.ports["router_big" if size >= 16384 else "router"]
         cmd = {"op": "rt", "addr": self.addr, "port": port, "window": window, "size": size,
-               "duration": duration, "warmup": warmup}  # fmt: skip
+               "duration": duration, "warmup": warmup, "sync": sync}  # fmt: skip
         return self.client.call(cmd)["rate"]
 
     def stream(self, count: int, size: int, window: int, sync: bool, warm: int) -> float:
@@ -279,9 +282,11 @@ def build_rows(keys: List[str], sz: Sizes, ctx: Dict[str, Any]) -> List[Row]:
     rows: List[Row] = []
     lo = ctx.get("pairs", {})
 
-    def rt(pairs: Dict[str, Pair], window: int, size: int) -> Dict[str, Callable[[], float]]:
+    def rt(
+        pairs: Dict[str, Pair], window: int, size: int, sync: bool = False
+    ) -> Dict[str, Callable[[], float]]:
         return {
-            s: (lambda p=p: p.roundtrips(window, size, sz.duration, sz.warmup))
+            s: (lambda p=p: p.roundtrips(window, size, sz.duration, sz.warmup, sync))
             for s, p in pairs.items()
         }
 
@@ -294,6 +299,9 @@ def build_rows(keys: List[str], sz: Sizes, ctx: Dict[str, Any]) -> List[Row]:
     if "1" in keys:
         rows.append(Row("1", "1. roundtrips, 1 in flight", "rt/s", rt(lo, 1, 64),
                         "≥ 1.0× pyzmq", ratio_at_least(1.0)))  # fmt: skip
+        rows.append(Row("1s", "1. roundtrips, 1 in flight, SYNCHRONOUS", "rt/s",
+                        rt(lo, 1, 64, sync=True), note="pyzmq: the same echo, "
+                        "unacknowledged"))  # fmt: skip
     if "2" in keys:
         for w in (16, 64):
             rows.append(Row("2/%d" % w, "2. roundtrips, %d in flight" % w, "rt/s",
@@ -440,9 +448,12 @@ def table(rows: List[Row], rounds: int, memory: Optional[str], argv: List[str]) 
     out.append(
         f"Medians of {rounds} round(s); each round measures every shape once per system, "
         "libchirp and pyzmq alternating. Two processes on loopback, plaintext, 64-byte "
-        "messages unless stated; libchirp roundtrips and shape 4 are asynchronous "
-        "(SYNCHRONOUS=False), every libchirp node has MAX_SLOTS=32 and uses the batch "
-        "forms send_many()/get_many(). Ratio = libchirp / pyzmq."
+        "messages unless stated; libchirp roundtrips (except the SYNCHRONOUS row) and "
+        "shape 4 are asynchronous (SYNCHRONOUS=False), every libchirp node has MAX_SLOTS=32 "
+        "and uses the batch forms send_many()/get_many(). Ratio = libchirp / pyzmq. "
+        f"Bound: the client and server processes of both systems share the machine's "
+        f"{os.cpu_count()} cores with whatever else runs on it (the machine is shared); "
+        "on loopback every figure is bounded by CPU time on those cores."
     )
     out.append("")
     out.append("| shape | libchirp | pyzmq | ratio | target | met? |")

@@ -24,7 +24,7 @@ of the last minute exceeds that of the first minute, or if any message was
 lost (a one-way send that completed but never arrived, a request that neither
 completed nor failed) or traffic stopped. Failed sends are counted and
 reported, not fatal: a send that times out on a busy machine or meets a
-connection being closed fails (PROTOCOL.md 6.7) and its sender is told.
+connection being closed fails (docs/protocol.md#errors) and its sender is told.
 
 Why 16 MiB: the client holds about rate x TIMEOUT finished requests (their
 timers are cancelled lazily, so ~2,600 requests with their replies, ~10 MiB),

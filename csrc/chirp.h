@@ -14,18 +14,19 @@
 #define CH_HEADER_SIZE 27
 #define CH_ID_SIZE 16
 
-/* Frame type bits (PROTOCOL.md 3.2). */
+/* Frame type bits (docs/protocol.md#wire-format). */
 #define CH_MSG_REQ_ACK 0x01
 #define CH_MSG_ACK 0x02
 #define CH_MSG_NOOP 0x04
 
 /*
- * Extension: capability NOOP (docs/protocol.md, "Pipelined acknowledgements").
+ * Extension: capability NOOP (docs/extensions.md#pipelined-acknowledgements).
  * A NOOP frame whose type also has CH_MSG_EXT set and whose identity starts
  * with CH_EXT_MAGIC announces capabilities: identity[4] holds flags,
  * identity[5] the number of unacknowledged REQ_ACK frames the announcer
- * accepts on that connection. libchirp 1.x treats it as a plain NOOP
- * (PROTOCOL.md 3.3: NOOP wins, unknown bits are ignored). The connecting side
+ * accepts on that connection, identity[6..9] its MAX_MSG_SIZE as a big-endian
+ * uint32 (0 = not announced; docs/extensions.md). libchirp 1.x treats it as a plain NOOP
+ * (docs/protocol.md#wire-format: NOOP wins, unknown bits are ignored). The connecting side
  * announces first; the accepting side answers only an announcement, so a
  * 1.x connector never sees one. Without an answer, one REQ_ACK frame at a time.
  */

@@ -7,14 +7,17 @@
  * ch_reader_t) plus the plain structs declared here.
  *
  * Threads: every function is safe to call from any thread unless it says
- * otherwise. ch_loop_run() blocks the calling thread and becomes "the loop
- * thread"; ch_loop_poll() blocks the calling thread and hands out events in
- * batches. Nothing in the core ever calls back into Python.
+ * otherwise. There is no loop thread of the core's own: whichever thread
+ * holds the loop's ownership token runs libuv (ch_loop_drive, or a send
+ * submitted while nobody owns the loop). Nothing in the core ever calls back
+ * into Python.
  */
 
-#define CH_VERSION_STAMP 10007
+#define CH_VERSION_STAMP 10009
 
-/* Error codes; values are those of libchirp 1.x (PROTOCOL.md 7.3). */
+/* Error codes; values 0-19 are those of libchirp 1.x (docs/protocol.md#errors), later ones are
+ * appended. Sign convention (csrc/error.h): a function returns 0 or a negative
+ * -CH_<NAME>; a code carried as data (an event's status) is the positive CH_<NAME>. */
 enum ch_error {
     CH_SUCCESS = 0,
     CH_VALUE_ERROR = 1,
@@ -35,7 +38,8 @@ enum ch_error {
     CH_BUSY = 16,
     CH_EMPTY = 17,
     CH_WRITE_ERROR = 18,
-    CH_INIT_FAIL = 19
+    CH_INIT_FAIL = 19,
+    CH_SEND_QUEUE_FULL = 20 /* not in 1.x: MAX_SEND_QUEUE messages already wait for the peer */
 };
 
 const char *ch_strerror(int code);   /* human text, "Unknown error: n" style for others */
@@ -64,8 +68,8 @@ typedef struct ch_config_s {
     uint32_t max_connections_per_address; /* 0 = only max_connections applies */
 } ch_config_t;
 
-/* Validate a config the way node start does (PROTOCOL.md 7.2, fixed wording).
- * Returns CH_SUCCESS or CH_VALUE_ERROR with a message naming field and limit
+/* Validate a config the way node start does (docs/config.md, fixed wording).
+ * Returns CH_SUCCESS or -CH_VALUE_ERROR with a message naming field and limit
  * written into err (NUL terminated, at most errlen bytes). Pure, no I/O except
  * checking that PEM files exist. */
 int ch_config_check(const ch_config_t *cfg, char *err, size_t errlen);
@@ -118,16 +122,16 @@ typedef struct ch_event_s {
                              RECV: the peer's address, compressed text form */
 } ch_event_t;
 
-/* Loop: create, run on a dedicated thread, stop (thread-safe), free after run returned. */
+/* Loop: create, drive (any threads, see ch_loop_drive), stop (thread-safe), free. */
 int ch_loop_new(ch_loop_t **out);
-int ch_loop_run(ch_loop_t *loop);     /* blocks until stopped and all nodes closed */
 void ch_loop_stop(ch_loop_t *loop);   /* ask the loop to end once no node is open */
-void ch_loop_free(ch_loop_t *loop);   /* only after ch_loop_run returned and poll said -1 */
+void ch_loop_free(ch_loop_t *loop);   /* only after a drive answered -CH_SHUTDOWN and no
+                                         thread drives */
 void ch_loop_wake(ch_loop_t *loop, uint64_t token); /* post a CH_EV_WAKE event */
 
-/* Where a poll copies the header and data of the small messages it hands out
- * (NULL: nowhere). The caller owns buf (cap bytes); every poll sets len to
- * what it used, and points the header/data of each RECV event whose header
+/* Where a drive copies the header and data of the small messages it hands
+ * out (NULL: nowhere). The caller owns buf (cap bytes); every drive sets len
+ * to what it used, and points the header/data of each RECV event whose header
  * plus data (at most CH_ARENA_MSG_MAX bytes) still fitted at their copies in
  * buf, in order. Others keep pointing into the message itself. Python then
  * takes one bytes object per batch and slices it, instead of one foreign
@@ -139,45 +143,57 @@ typedef struct ch_arena_s {
     size_t len;
 } ch_arena_t;
 
-/* Taking events. Batches are handed out one at a time: whoever holds a
- * batch (the "lease") handles it completely before anyone gets the next, so
- * events are handled in order even when several threads poll.
+/* Driving the loop. libuv is not thread-safe: one thread at a time holds the
+ * loop's ownership token, runs libuv and handles the events it produced, in
+ * order; then it gives the token up.
  *
- * ch_loop_poll: the dispatcher's poll (one thread). Waits up to timeout
- * seconds (< 0: forever) for events; copies at most max of them into out.
- * Calling it again ends the dispatcher's previous batch. While an
- * application thread waits in ch_loop_poll_app, events go to that thread
- * instead. Returns the number copied, 0 on timeout or after ch_loop_kick()
- * (the caller holds the lease either way, e.g. to run its timers), or -1
- * once the loop has ended and every event was handed out. */
-int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena);
-
-/* ch_loop_poll_app: the same for an application thread that waits for a
- * result anyway and handles the events itself instead of waking the
- * dispatcher (one thread hop less). Returns n > 0 with the lease: the caller
- * handles the events and then MUST call ch_loop_poll_done(). Returns 0
- * without the lease on timeout, or as soon as a batch ended after *seq was
- * read (another thread may have brought what the caller waits for: it
- * re-checks); -1 once ended. *seq is in/out: read it with ch_loop_batch_seq()
- * BEFORE checking the condition the first time; every return updates it.
+ * ch_loop_drive: wait up to timeout seconds (< 0: forever) for the token,
+ * then run the loop (blocking in the I/O poll, the GIL released) until
+ * events are pending, and copy at most max of them into out. Returns:
+ *   n >= 0  the caller holds the token: it handles the n events (0: the
+ *           timeout passed or ch_loop_kick() was called, e.g. to run its
+ *           timers) and then calls ch_loop_release() (or drives again only
+ *           after releasing);
+ *   CH_DRIVE_AGAIN (-CH_BUSY)  without the token: the timeout passed while
+ *           another thread held it, or a token holder gave it up after *seq
+ *           was read (it may have brought what the caller waits for:
+ *           re-check);
+ *   -CH_SHUTDOWN  the loop has ended and every event was handed out.
+ * (Sign convention of csrc/error.h: a negative result means "no token".)
+ * *seq is in/out: read it with ch_loop_batch_seq() BEFORE checking the
+ * condition the caller waits for the first time; every return updates it.
  *
- * flags CH_POLL_MESSAGES: the caller waits for received messages. Events that
- * only complete something (a successful SEND_DONE or RELEASE_DONE) do not
- * wake it, nor does it take them when it starts to wait: they wait for the
- * next event of another kind, which takes them along, or at most CH_LAZY_MS
- * milliseconds, after which they are handed out as usual. (A ping-pong thread
- * is then woken once per answer, not also once for the completion of its own
- * send.) Threads waiting with flags 0 and the dispatcher are woken for every
- * event as before. */
-#define CH_POLL_MESSAGES 1
+ * flags: CH_DRIVE_MESSAGES, the caller waits for received messages: pending
+ * events that only complete something (a successful SEND_DONE or
+ * RELEASE_DONE) do not end its run; they come along with the next other
+ * event, or after CH_LAZY_MS milliseconds. CH_DRIVE_BACKGROUND, the
+ * background thread (one per loop): it runs the loop whenever no application
+ * thread does, leaves it alone for CH_LAZY_MS after an application thread
+ * gave it up without work under way (so that a thread that waits, answers
+ * and waits again needs nobody's wake-up), and gives it up at once to an
+ * application thread that wants it (waking itself from the I/O poll).
+ * CH_DRIVE_NO_EVENTS (with BACKGROUND): never hand events out (ch_loop_run). */
+#define CH_DRIVE_MESSAGES 1
+#define CH_DRIVE_BACKGROUND 2
+#define CH_DRIVE_NO_EVENTS 4
+#define CH_DRIVE_AGAIN -16 /* -CH_BUSY (cffi reads plain numbers only) */
 #define CH_LAZY_MS 1
+int ch_loop_drive(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
+                  int flags, ch_arena_t *arena);
+/* Give the token up: commands submitted meanwhile (sends made while handling
+ * the batch) are carried out first, gathered. */
+void ch_loop_release(ch_loop_t *loop);
 uint64_t ch_loop_batch_seq(ch_loop_t *loop);
-int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
-                     int flags, ch_arena_t *arena);
-void ch_loop_poll_done(ch_loop_t *loop);
-
-/* Make a waiting ch_loop_poll() return 0 (e.g. to re-read its timers). */
+/* Make the token holder's drive return 0 (e.g. to re-read its timers). */
 void ch_loop_kick(ch_loop_t *loop);
+
+/* For C programs with one consumer of events: ch_loop_drive (flags 0) with
+ * the token given up at once (n events, 0 on timeout, -CH_SHUTDOWN once
+ * ended) ... */
+int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena);
+/* ... and a background thread that runs the loop whenever no poller does and
+ * hands no events out; returns CH_SUCCESS once the loop has ended. */
+int ch_loop_run(ch_loop_t *loop);
 
 /* Node. ch_node_new copies cfg and does no I/O. ch_node_start/stop are carried
  * out on the loop thread and answered with NODE_STARTED / NODE_STOPPED events.
@@ -221,8 +237,8 @@ typedef struct ch_send_s {
  * ch_node_send the core copies header and data (each message becomes one
  * block), so the caller's buffers may go at once. The batch is handed to the
  * loop thread under one lock and with at most one wake-up, all or nothing:
- * CH_SUCCESS, or CH_VALUE_ERROR (a family other than 4/6, payload shorter
- * than the lengths), CH_ENOMEM or CH_SHUTDOWN with nothing submitted. Every
+ * CH_SUCCESS, or -CH_VALUE_ERROR (a family other than 4/6, payload shorter
+ * than the lengths), -CH_ENOMEM or -CH_SHUTDOWN with nothing submitted. Every
  * message gets its SEND_DONE as with ch_node_send. */
 int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *payload,
                        size_t payload_len);
@@ -233,12 +249,12 @@ int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *pa
 int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token);
 
 /* ch_node_release for n messages with the same token, under one lock, all or
- * nothing (CH_SUCCESS, CH_ENOMEM, CH_SHUTDOWN). Successful RELEASE_DONE
+ * nothing (CH_SUCCESS, -CH_ENOMEM, -CH_SHUTDOWN). Successful RELEASE_DONE
  * events of one token that follow each other are coalesced: count tells how
  * many releases one event stands for. A batch that owes no ACK (messages sent
- * asynchronously) only frees slots: it does not wake a sleeping loop thread
- * that will poll again within CH_LAZY_MS anyway, and is carried out with the
- * next command (a ping-pong's answer) or by then. */
+ * asynchronously) only frees slots: when nobody owns the loop it is left for
+ * the next owner (a ping-pong's answer or its wait, at the latest the
+ * background thread after CH_LAZY_MS) instead of running the loop for it. */
 int ch_node_release_batch(ch_node_t *node, ch_message_t **msgs, int n, uint64_t token);
 
 /* Statistics: counters of one remote, and of the node as a whole. Counters of

@@ -1,5 +1,5 @@
 /*
- * config.c: start-up validation of a node configuration (PROTOCOL.md 7.2).
+ * config.c: start-up validation of a node configuration (docs/config.md).
  *
  * The checks run in the reference order and keep the reference message
  * prefixes (existing programs match them), but every message names the
@@ -27,7 +27,7 @@ static int ch__cfg_fail(char *err, size_t errlen, const char *fmt, ...)
         vsnprintf(err, errlen, fmt, ap);
         va_end(ap);
     }
-    return CH_VALUE_ERROR;
+    return -CH_VALUE_ERROR;
 }
 
 double ch__config_reuse(const ch_config_t *cfg)

@@ -1,7 +1,7 @@
 /*
  * conn.c: one TCP connection between two nodes. Loop thread only.
  *
- * States (PROTOCOL.md 6.6): CONNECTING (outgoing, TCP connect issued) ->
+ * States (docs/architecture.md): CONNECTING (outgoing, TCP connect issued) ->
  * TLS (when encryption applies, 1.2) -> HANDSHAKE (our 18 bytes written,
  * waiting for the peer's) -> READY -> CLOSED. Accepted connections start in
  * TLS or HANDSHAKE. One timer per connection carries, in turn, the
@@ -13,7 +13,7 @@
  * Reading: bytes go through the pure frame reader (reader.c). A data frame
  * takes a receive slot right after its header was validated; when the
  * connection's MAX_SLOTS slots are all held, reading stops and the unread
- * bytes stay in rbuf until a release frees a slot (PROTOCOL.md 5).
+ * bytes stay in rbuf until a release frees a slot (docs/flow-control.md#slots).
  *
  * Writing: one frame at a time (header, header bytes, data bytes in one
  * uv_write), chosen by the remote's scheduler (remote.c).
@@ -353,6 +353,7 @@ static int ch__conn_process(ch_conn_t *c)
             ch_reader_frame(c->reader, id, &serial, &dlen, &hlen, &type);
             if ((type & CH_MSG_EXT) && memcmp(id, CH_EXT_MAGIC, 4) == 0 && c->remote) {
                 c->peer_window = (id[4] & CH_EXT_F_PIPELINE) ? (id[5] ? id[5] : 1) : 1;
+                c->peer_max_msg = ch__remote_caps_max_msg(id);
                 if (!(c->flags & CH__CONNF_OUTGOING))
                     ch__remote_send_caps(c->remote, c);
                 ch__remote_flush(c->remote);
@@ -684,7 +685,7 @@ static void ch__conn_hs_write_cb(uv_write_t *req, int status)
                        uv_strerror(status));
 }
 
-/* PROTOCOL.md 1.2: plaintext only for exactly 127.0.0.1 and ::1. */
+/* docs/tls.md#when-a-connection-is-encrypted: plaintext only for exactly 127.0.0.1 and ::1. */
 static int ch__conn_needs_tls(ch_conn_t *c)
 {
     static const uint8_t v4_lo[4] = {127, 0, 0, 1};
@@ -696,7 +697,7 @@ static int ch__conn_needs_tls(ch_conn_t *c)
     return memcmp(c->addr, v6_lo, 16) != 0;
 }
 
-/* Our 18 bytes, in one write (plain) or one record (TLS): PROTOCOL.md 2.2. */
+/* Our 18 bytes, in one write (plain) or one record (TLS): docs/protocol.md#wire-format. */
 static void ch__conn_send_handshake(ch_conn_t *c)
 {
     ch_node_t *node = c->node;
@@ -761,7 +762,7 @@ int ch__conn_accept(ch_node_t *node, uv_stream_t *server)
     ch_conn_t *c = ch__conn_new(node);
     if (!c) {
         ch__log(node, CH_LOG_ERROR, "out of memory accepting a connection");
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     }
     c->state = CH__CONN_HANDSHAKE;
     c->connect_deadline = ch__node_now(node) + ch__conn_connect_ms(node);
@@ -773,7 +774,7 @@ int ch__conn_accept(ch_node_t *node, uv_stream_t *server)
     if (rc != 0) {
         snprintf(c->name, sizeof(c->name), "(unknown peer)");
         ch__conn_close(c, CH_FATAL, "cannot accept a connection: %s", uv_strerror(rc));
-        return CH_FATAL;
+        return -CH_FATAL;
     }
     if (ss.ss_family == AF_INET) {
         struct sockaddr_in *a = (struct sockaddr_in *)&ss;
@@ -815,7 +816,7 @@ int ch__conn_connect(ch_remote_t *r)
         ch_message_t *m = ch_msgq_pop(&r->data_q);
         if (m)
             ch__msg_fail(node, m, CH_ENOMEM, "out of memory for a connection");
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     }
     c->flags |= CH__CONNF_OUTGOING;
     c->state = CH__CONN_CONNECTING;
@@ -844,7 +845,7 @@ int ch__conn_connect(ch_remote_t *r)
     int rc = uv_tcp_connect(&c->connect_req, &c->tcp, (struct sockaddr *)&ss, ch__conn_connect_cb);
     if (rc != 0) {
         ch__conn_close(c, CH_CANNOT_CONNECT, "cannot connect to %s: %s", c->name, uv_strerror(rc));
-        return CH_CANNOT_CONNECT;
+        return -CH_CANNOT_CONNECT;
     }
     return CH_SUCCESS;
 }

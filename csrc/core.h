@@ -1,14 +1,20 @@
 /*
  * core.h: internal structures of the loop, nodes, remotes and connections.
  *
- * Locking theory: everything declared here is touched only by the loop thread
- * (the thread inside ch_loop_run), except the two hand-off queues of
- * ch_loop_s, which are guarded by their own mutex:
- *   - cmds: commands from application threads (send, release, start, stop),
- *     woken by one uv_async_t and drained in bounded batches;
- *   - events: results for the dispatcher thread, filled from a loop-local
- *     buffer once per loop phase (prepare and check handles) so that a burst
- *     of completions costs one lock and at most one wake-up.
+ * Locking theory: libuv is not thread-safe, so exactly one thread at a time
+ * may run the loop (uv_run and every callback it makes) and touch what is
+ * declared here: the thread holding the loop's ownership token
+ * (ch_loop_s.owned, taken and given up under ch_loop_s.lock; see loop.c).
+ * Everything declared here is "owner only", except the part of ch_loop_s
+ * guarded by its mutex:
+ *   - cmds: commands from other threads (send, release, start, stop), carried
+ *     out by the submitter itself when nobody owns the loop, else by the owner
+ *     (woken by one uv_async_t if it sleeps in the I/O poll);
+ *   - events: results handed to the owner's caller, filled from an
+ *     owner-local buffer once per loop phase (prepare and check handles);
+ *   - the ownership token and the state of the threads waiting for it.
+ * The token changes hands under the mutex, which orders one owner's libuv
+ * work before the next one's.
  *
  * Ownership: a node owns its remotes and connections; a connection is freed
  * when both of its handles (tcp, timer) are closed; a remote when its timer
@@ -50,38 +56,43 @@ struct ch_loop_s {
     uv_async_t wake;
     uv_prepare_t prepare;
     uv_check_t check;
-    uv_timer_t lazy_timer; /* hands on completions parked for a message waiter */
+    uv_timer_t drive_timer; /* bounds the owner's wait in the I/O poll */
 
-    uv_mutex_t lock; /* guards everything from here to "loop thread only" */
-    uv_cond_t cond;      /* the dispatcher waits here (ch_loop_poll) */
-    uv_cond_t cond_app;  /* application threads wait here (ch_loop_poll_app) */
+    uv_mutex_t lock;     /* guards everything from here to "owner only" */
+    uv_cond_t cond_bg;   /* the background thread waits here for the token */
+    uv_cond_t cond_app;  /* application threads wait here (ch_loop_drive) */
     ch__vec_t cmds;      /* ch__cmd_t */
-    ch__vec_t events;    /* ch_event_t, shared with the pollers */
+    ch__vec_t events;    /* ch_event_t, handed out by the owner */
     int stop_requested;
     int ended;
-    int sleeping;     /* the loop thread is (about to be) blocked in the I/O poll */
-    int waiting;      /* the dispatcher is waiting on cond */
+    int owned;        /* the ownership token is taken */
+    int owner_bg;     /* ... by the background thread */
+    int sleeping;     /* the owner is (about to be) blocked in the I/O poll */
+    int nudged;       /* a thread wanted the owner's attention while it was awake:
+                         it must look again instead of blocking in the I/O poll */
     int app_waiting;  /* application threads waiting on cond_app */
-    int app_waiting_any; /* ... of them waiting for any event (not CH_POLL_MESSAGES) */
+    int bg_waiting;   /* the background thread waits on cond_bg: CH__BG_* */
     int urgent;       /* a pending event is not a completion (see ch__event_is_lazy) */
-    int lazy_due;     /* parked completions waited CH_LAZY_MS: hand them to anyone */
-    int timer_armed;  /* the lazy timer runs: the loop thread polls again within CH_LAZY_MS */
-    uint64_t app_seen; /* uv_hrtime() when an application poller last left (ns) */
-    int busy;         /* a batch is being handled: CH__BUSY_* */
-    int disp_kicked;  /* ch_loop_kick() since the dispatcher last returned */
-    int disp_needs_lease; /* the waiting dispatcher wants the lease (timers) */
-    uint64_t batch_seq; /* batches ended so far: app waiters re-check on change */
+    int needs_run;    /* the last owner left work under way (a write, a connect) */
+    int kicked;       /* ch_loop_kick(): the owner returns to its caller */
+    uint64_t events_since; /* uv_hrtime() when the pending events began (ns) */
+    uint64_t released_at;  /* uv_hrtime() when an application owner last left (ns) */
+    uint64_t batch_seq;    /* times the token was given up: app waiters re-check */
 
-    /* loop thread only */
+    /* owner only */
     ch__vec_t local_events; /* ch_event_t, not yet published */
     ch_node_t *nodes;       /* open nodes */
     int closing;
+    int closed; /* the handles are closed and uv_run found nothing alive */
     uint64_t rng;
 };
 
-#define CH__BUSY_NONE 0
-#define CH__BUSY_DISPATCHER 1
-#define CH__BUSY_APP 2
+#define CH__BG_TIMED 1
+#define CH__BG_UNTIMED 2
+/* How long the background thread leaves the loop alone after an application
+ * thread gave it up without work under way: a thread that waits, answers and
+ * waits again takes it back meanwhile without waking anybody. */
+#define CH__GRACE_NS (CH_LAZY_MS * 1000000ull)
 
 void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev);
 /* Count one more successful send in the last unpublished event if that is a
@@ -204,6 +215,7 @@ void ch__remote_flush(ch_remote_t *r);
 void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text);
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16]);
 void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c);
+uint32_t ch__remote_caps_max_msg(const uint8_t identity[16]);
 /* Earliest deadline of the messages waiting for an ACK on c (0 if none). */
 uint64_t ch__remote_ack_deadline(ch_remote_t *r, ch_conn_t *c);
 void ch__remote_delete(ch_remote_t *r, int reason, const char *text);
@@ -274,6 +286,7 @@ struct ch_conn_s {
     size_t rbuf_len;
 
     int peer_window; /* REQ_ACK frames the peer accepts unacknowledged (0 = 1) */
+    uint32_t peer_max_msg; /* MAX_MSG_SIZE the peer announced (0 = not announced) */
     int caps_sent;
     int slots_used;
     ch_msgq_t held;         /* received messages not yet released */

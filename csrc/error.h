@@ -2,6 +2,21 @@
  * error.h: the single list of error codes. CH_ERROR_MAP expands to one entry
  * per code: X(NAME, value, "description"). error.c turns it into
  * ch_strerror()/ch_error_name() and checks it against the enum in chirp_ffi.h.
+ *
+ * Sign convention, the same in every file of the core (as errno in C):
+ *  - A function that can fail returns 0 (CH_SUCCESS) or a negative code
+ *    -CH_<NAME>, so `if (rc < 0)` and `if (rc != 0)` both test for failure.
+ *    Functions that also report progress or a count use non-negative values
+ *    for those: ch_reader_feed() returns CH_RD_* states, the TLS engine
+ *    CH_MORE, ch_loop_poll() a number of events (-CH_SHUTDOWN once the loop
+ *    has ended). libuv's own negative UV_E* results never leave the file that
+ *    called libuv: they are turned into a -CH_<NAME> or a close reason there.
+ *  - A code carried as data is the positive CH_<NAME> (the libchirp 1.x
+ *    value): the status of an event, the reason handed to ch__conn_close(),
+ *    ch__send_done() or ch__msg_fail(), and, in Python, an exception's
+ *    `ecode`. `-rc` turns a returned code into such a value.
+ * Python maps codes to exceptions in one function (libchirp/errors.py,
+ * chirp_error_to_exception), which accepts either sign.
  */
 #ifndef CH_ERROR_H
 #define CH_ERROR_H
@@ -28,6 +43,7 @@
     X(BUSY, 16, "busy")                                                         \
     X(EMPTY, 17, "empty")                                                       \
     X(WRITE_ERROR, 18, "write of the chirp handshake failed")                   \
-    X(INIT_FAIL, 19, "resource initialization failed")
+    X(INIT_FAIL, 19, "resource initialization failed")                         \
+    X(SEND_QUEUE_FULL, 20, "send queue full (MAX_SEND_QUEUE)")
 
 #endif

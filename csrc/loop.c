@@ -38,6 +38,9 @@
 
 #include "core.h"
 
+/* ch_loop_drive() answers "no token" with a negative code (csrc/error.h). */
+_Static_assert(CH_DRIVE_AGAIN == -CH_BUSY, "CH_DRIVE_AGAIN is -CH_BUSY");
+
 #define CH__CMD_BATCH 4096
 #define CH__FLUSH_AT 256
 /* A drained vector larger than this many items gives its memory back (a burst,
@@ -50,7 +53,7 @@ static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
         size_t ncap = v->cap ? v->cap * 2 : 64;
         void *n = realloc(v->items, ncap * size);
         if (!n)
-            return CH_ENOMEM;
+            return -CH_ENOMEM;
         v->items = n;
         v->cap = ncap;
     }
@@ -63,7 +66,7 @@ static int ch__vec_push(ch__vec_t *v, const void *item, size_t size)
 static int ch__vec_reserve(ch__vec_t *v, size_t n, size_t size)
 {
     if (n > SIZE_MAX / size - v->len)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     if (v->len + n <= v->cap)
         return CH_SUCCESS;
     size_t ncap = v->cap ? v->cap : 64;
@@ -71,7 +74,7 @@ static int ch__vec_reserve(ch__vec_t *v, size_t n, size_t size)
         ncap *= 2;
     void *items = realloc(v->items, ncap * size);
     if (!items)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     v->items = items;
     v->cap = ncap;
     return CH_SUCCESS;
@@ -109,32 +112,6 @@ uint64_t ch__loop_rand(ch_loop_t *loop)
     return x * 0x2545F4914F6CDD1DULL;
 }
 
-/* Wake the poller that should take pending events, if any (lock held). */
-static void ch__loop_signal_locked(ch_loop_t *loop)
-{
-    if (loop->busy != CH__BUSY_NONE || loop->events.len == loop->events.head)
-        return;
-    if (loop->app_waiting)
-        uv_cond_signal(&loop->cond_app);
-    else if (loop->waiting)
-        uv_cond_signal(&loop->cond);
-}
-
-/* A batch was handled: wake application waiters to re-check, wake the
- * dispatcher if it waits for the lease, then hand pending events on (lock
- * held). */
-static void ch__loop_end_batch_locked(ch_loop_t *loop)
-{
-    loop->busy = CH__BUSY_NONE;
-    loop->batch_seq++;
-    if (loop->app_waiting)
-        uv_cond_broadcast(&loop->cond_app);
-    if (loop->waiting && loop->disp_needs_lease)
-        uv_cond_signal(&loop->cond);
-    else
-        ch__loop_signal_locked(loop);
-}
-
 /* A completion nobody needs at once: a successful SEND_DONE or RELEASE_DONE. */
 static int ch__event_is_lazy(const ch_event_t *ev)
 {
@@ -142,15 +119,63 @@ static int ch__event_is_lazy(const ch_event_t *ev)
            ev->status == CH_SUCCESS;
 }
 
-static void ch__loop_lazy_cb(uv_timer_t *t)
+/* Events are pending (lock held). */
+static int ch__loop_pending(const ch_loop_t *loop) { return loop->events.len != loop->events.head; }
+
+/* Note that pending events began now, if there were none (lock held). */
+static void ch__loop_events_begin(ch_loop_t *loop)
 {
-    ch_loop_t *loop = t->data;
-    uv_mutex_lock(&loop->lock);
-    loop->timer_armed = 0; /* lazy commands wake the loop again from now on */
-    if (loop->events.len != loop->events.head)
-        loop->lazy_due = 1;
-    ch__loop_signal_locked(loop);
-    uv_mutex_unlock(&loop->lock);
+    if (!ch__loop_pending(loop))
+        loop->events_since = uv_hrtime();
+}
+
+/* Something needs the loop or its events now (an urgent event, a command, a
+ * stop, a kick): wake the owner if it sleeps in the I/O poll, or, without an
+ * owner, the thread that will take the loop (lock held). */
+static void ch__loop_notify_locked(ch_loop_t *loop)
+{
+    if (loop->owned) {
+        if (loop->sleeping) {
+            loop->sleeping = 0;
+            uv_async_send(&loop->wake);
+        } else {
+            loop->nudged = 1; /* awake: the prepare handle sees it before blocking */
+        }
+    } else if (loop->app_waiting) {
+        uv_cond_signal(&loop->cond_app);
+    } else if (loop->bg_waiting) {
+        uv_cond_signal(&loop->cond_bg);
+    }
+}
+
+/* Owner only: a loop run is needed to finish what is under way (a write not
+ * yet complete or its callback, a connect, a due timer, closing handles). */
+static int ch__loop_needs_run(ch_loop_t *loop)
+{
+    return loop->uv.active_reqs.count > 0 || uv_backend_timeout(&loop->uv) == 0;
+}
+
+/* Give the ownership token up (lock held). Application waiters re-check (a
+ * batch ended); the background thread is woken only if it waits for the
+ * owner to leave or the loop needs a run now, so that a thread that gives
+ * the loop up and takes it back (a ping-pong) costs it no wake-up. */
+static void ch__loop_release_locked(ch_loop_t *loop, int needs_run)
+{
+    int was_bg = loop->owner_bg;
+    loop->owned = 0;
+    loop->owner_bg = 0;
+    loop->sleeping = 0;
+    loop->nudged = 0; /* the next owner looks at everything anyway */
+    loop->batch_seq++;
+    loop->needs_run = needs_run;
+    if (!was_bg)
+        loop->released_at = uv_hrtime();
+    int now = needs_run || loop->stop_requested || loop->kicked ||
+              loop->cmds.len != loop->cmds.head || (ch__loop_pending(loop) && loop->urgent);
+    if (loop->app_waiting)
+        uv_cond_broadcast(&loop->cond_app);
+    else if (loop->bg_waiting == CH__BG_UNTIMED || (loop->bg_waiting && now))
+        uv_cond_signal(&loop->cond_bg);
 }
 
 void ch__loop_flush(ch_loop_t *loop)
@@ -162,6 +187,7 @@ void ch__loop_flush(ch_loop_t *loop)
     for (size_t i = 0; i < loop->local_events.len && !urgent; i++)
         urgent = !ch__event_is_lazy(&fresh[i]);
     uv_mutex_lock(&loop->lock);
+    ch__loop_events_begin(loop);
     ch__vec_compact(&loop->events, sizeof(ch_event_t));
     size_t need = loop->events.len + loop->local_events.len;
     if (need > loop->events.cap) {
@@ -180,24 +206,9 @@ void ch__loop_flush(ch_loop_t *loop)
     loop->local_events.len = 0;
     ch__vec_shrink(&loop->local_events);
     loop->urgent |= urgent;
-    /* Only completions, and nobody waits for one: the application threads
-     * waiting all wait for messages (CH_POLL_MESSAGES), or none waits but one
-     * polled a moment ago and is likely to come back (a ping-pong thread
-     * between its answer and its next wait), rather than the dispatcher
-     * taking them and competing with it for the GIL. Park them. Whenever only
-     * completions are pending the timer runs: after CH_LAZY_MS they are due
-     * and go to whoever polls. */
-    int lazy = !loop->urgent && !loop->closing;
-    int park = lazy && !loop->app_waiting_any && loop->busy == CH__BUSY_NONE &&
-               (loop->app_waiting || uv_hrtime() - loop->app_seen < CH_LAZY_MS * 1000000ull);
-    if (!park)
-        ch__loop_signal_locked(loop);
-    int arm = lazy && !loop->timer_armed;
-    if (arm)
-        loop->timer_armed = 1;
+    /* The caller owns the loop: it hands the events out itself (see
+     * ch_loop_drive), or wakes somebody when it gives the loop up. */
     uv_mutex_unlock(&loop->lock);
-    if (arm)
-        uv_timer_start(&loop->lazy_timer, ch__loop_lazy_cb, CH_LAZY_MS, 0);
 }
 
 void ch__loop_post(ch_loop_t *loop, const ch_event_t *ev)
@@ -262,16 +273,29 @@ void ch__log(ch_node_t *node, int level, const char *fmt, ...)
 static void ch__loop_run_cmds(ch_loop_t *loop);
 
 /* Before blocking for I/O: take what was submitted meanwhile, publish the
- * events, and only then go to sleep (submitters wake the loop from now on). */
+ * events, and only then go to sleep (submitters wake the owner from now on). */
 static void ch__loop_prepare_cb(uv_prepare_t *h)
 {
     ch_loop_t *loop = h->loop->data;
     ch__loop_run_cmds(loop);
+    /* Events made since the poll (write callbacks, messages a release let
+     * the reader take from its buffer) go to the owner's caller now: the
+     * poll must not block, and uv_run returns after this iteration. */
+    int stop = loop->local_events.len != 0;
     ch__loop_flush(loop);
     uv_mutex_lock(&loop->lock);
     int more = loop->cmds.len != loop->cmds.head;
-    loop->sleeping = !more;
+    if (loop->nudged) {
+        /* Notified after ch_loop_drive last looked and before this (an event,
+         * a kick, a thread that wants the loop): the owner must look again
+         * instead of blocking, as nobody will wake it. */
+        loop->nudged = 0;
+        stop = 1;
+    }
+    loop->sleeping = !more && !stop;
     uv_mutex_unlock(&loop->lock);
+    if (stop)
+        uv_stop(&loop->uv);
     if (more)
         uv_async_send(&loop->wake); /* do not block: poll returns at once */
 }
@@ -285,7 +309,7 @@ static void ch__loop_check_cb(uv_check_t *h)
     ch__loop_flush(loop);
 }
 
-/* Implemented in node.c: the loop thread's side of each command. */
+/* Implemented in node.c: the owner's side of each command. */
 void ch__node_do_start(ch_node_t *node, uint64_t token);
 void ch__node_do_stop(ch_node_t *node, uint64_t token);
 void ch__node_do_send(ch_node_t *node, ch_message_t *m);
@@ -300,7 +324,7 @@ static void ch__loop_close_handles(ch_loop_t *loop)
     uv_close((uv_handle_t *)&loop->wake, NULL);
     uv_close((uv_handle_t *)&loop->prepare, NULL);
     uv_close((uv_handle_t *)&loop->check, NULL);
-    uv_close((uv_handle_t *)&loop->lazy_timer, NULL);
+    uv_close((uv_handle_t *)&loop->drive_timer, NULL);
 }
 
 static void ch__loop_wake_cb(uv_async_t *h) { ch__loop_run_cmds(h->data); }
@@ -370,27 +394,29 @@ void ch__loop_node_gone(ch_loop_t *loop, ch_node_t *node)
         ch__loop_close_handles(loop);
 }
 
+static void ch__loop_noop_cb(uv_timer_t *t) { (void)t; }
+
 int ch_loop_new(ch_loop_t **out)
 {
     *out = NULL;
     ch_loop_t *loop = calloc(1, sizeof(*loop));
     if (!loop)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     if (uv_loop_init(&loop->uv) != 0) {
         free(loop);
-        return CH_UV_ERROR;
+        return -CH_UV_ERROR;
     }
     loop->uv.data = loop;
     if (uv_mutex_init(&loop->lock) != 0) {
         uv_loop_close(&loop->uv);
         free(loop);
-        return CH_INIT_FAIL;
+        return -CH_INIT_FAIL;
     }
-    if (uv_cond_init(&loop->cond) != 0 || uv_cond_init(&loop->cond_app) != 0) {
+    if (uv_cond_init(&loop->cond_bg) != 0 || uv_cond_init(&loop->cond_app) != 0) {
         uv_mutex_destroy(&loop->lock);
         uv_loop_close(&loop->uv);
         free(loop);
-        return CH_INIT_FAIL;
+        return -CH_INIT_FAIL;
     }
     uv_async_init(&loop->uv, &loop->wake, ch__loop_wake_cb);
     loop->wake.data = loop;
@@ -400,26 +426,12 @@ int ch_loop_new(ch_loop_t **out)
     uv_check_init(&loop->uv, &loop->check);
     uv_check_start(&loop->check, ch__loop_check_cb);
     uv_unref((uv_handle_t *)&loop->check);
-    uv_timer_init(&loop->uv, &loop->lazy_timer);
-    loop->lazy_timer.data = loop;
-    uv_unref((uv_handle_t *)&loop->lazy_timer);
-    loop->sleeping = 1; /* not running yet: the first command wakes it */
+    uv_timer_init(&loop->uv, &loop->drive_timer);
+    loop->drive_timer.data = loop;
+    uv_unref((uv_handle_t *)&loop->drive_timer);
     if (uv_random(NULL, NULL, &loop->rng, sizeof(loop->rng), 0, NULL) != 0 || loop->rng == 0)
         loop->rng = (uint64_t)uv_hrtime() | 1;
     *out = loop;
-    return CH_SUCCESS;
-}
-
-int ch_loop_run(ch_loop_t *loop)
-{
-    int rc = uv_run(&loop->uv, UV_RUN_DEFAULT);
-    (void)rc;
-    ch__loop_flush(loop);
-    uv_mutex_lock(&loop->lock);
-    loop->ended = 1;
-    uv_cond_broadcast(&loop->cond);
-    uv_cond_broadcast(&loop->cond_app);
-    uv_mutex_unlock(&loop->lock);
     return CH_SUCCESS;
 }
 
@@ -427,10 +439,9 @@ void ch_loop_stop(ch_loop_t *loop)
 {
     uv_mutex_lock(&loop->lock);
     loop->stop_requested = 1;
-    int ended = loop->ended;
+    if (!loop->ended)
+        ch__loop_notify_locked(loop);
     uv_mutex_unlock(&loop->lock);
-    if (!ended)
-        uv_async_send(&loop->wake);
 }
 
 void ch_loop_free(ch_loop_t *loop)
@@ -439,7 +450,7 @@ void ch_loop_free(ch_loop_t *loop)
         return;
     uv_loop_close(&loop->uv);
     uv_mutex_destroy(&loop->lock);
-    uv_cond_destroy(&loop->cond);
+    uv_cond_destroy(&loop->cond_bg);
     uv_cond_destroy(&loop->cond_app);
     free(loop->cmds.items);
     free(loop->events.items);
@@ -447,33 +458,64 @@ void ch_loop_free(ch_loop_t *loop)
     free(loop);
 }
 
-/* Append n commands for the loop thread, all or none, under one lock and with
- * at most one wake-up; fails once the loop has ended. Lazy commands (nobody
- * needs them at once) do not wake the loop thread while its lazy timer runs:
- * it takes them with the next command or I/O, at the latest when the timer
- * fires (CH_LAZY_MS), since every loop iteration runs the queued commands. */
+/* The owner: run the commands queued, one loop iteration without blocking
+ * (the callbacks of writes just done, I/O that is ready), then give the loop
+ * up. */
+static void ch__loop_run_direct(ch_loop_t *loop)
+{
+    /* The loop's clock stood still since its last run: deadlines of what the
+     * commands start (a send's TIMEOUT) count from now. */
+    uv_update_time(&loop->uv);
+    ch__loop_run_cmds(loop);
+    if (uv_run(&loop->uv, UV_RUN_NOWAIT) == 0 && loop->closing)
+        loop->closed = 1;
+    ch__loop_flush(loop);
+    int needs_run = ch__loop_needs_run(loop);
+    uv_mutex_lock(&loop->lock);
+    if (loop->closed && !loop->ended) {
+        loop->ended = 1;
+        uv_cond_broadcast(&loop->cond_bg);
+        uv_cond_broadcast(&loop->cond_app);
+    }
+    ch__loop_release_locked(loop, needs_run);
+    uv_mutex_unlock(&loop->lock);
+}
+
+/* Append n commands, all or none, under one lock; fails once the loop has
+ * ended. Without an owner the submitting thread takes the loop and carries
+ * them out itself (a send is written at once, no thread is woken); with an
+ * owner asleep in the I/O poll it wakes the owner (one uv_async_send), and an
+ * owner awake runs them before it sleeps or gives the loop up. Lazy commands
+ * (nobody needs them at once) found no owner are left for the next one. */
 int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n, int lazy)
 {
     uv_mutex_lock(&loop->lock);
     if (loop->ended) {
         uv_mutex_unlock(&loop->lock);
-        return CH_SHUTDOWN;
+        return -CH_SHUTDOWN;
     }
     int rc = ch__vec_reserve(&loop->cmds, n, sizeof(*cmds));
     if (rc == CH_SUCCESS) {
         memcpy((ch__cmd_t *)loop->cmds.items + loop->cmds.len, cmds, n * sizeof(*cmds));
         loop->cmds.len += n;
     }
-    int wake = rc == CH_SUCCESS && n > 0 && loop->sleeping && !(lazy && loop->timer_armed);
-    if (wake)
-        loop->sleeping = 0; /* one wake-up is enough */
+    int direct = 0;
+    if (rc == CH_SUCCESS && n > 0) {
+        if (!loop->owned && !lazy) {
+            direct = 1;
+            loop->owned = 1;
+            loop->owner_bg = 0;
+        } else if (loop->owned) {
+            ch__loop_notify_locked(loop);
+        }
+    }
     uv_mutex_unlock(&loop->lock);
-    if (wake)
-        uv_async_send(&loop->wake);
+    if (direct)
+        ch__loop_run_direct(loop);
     return rc;
 }
 
-/* Append a command for the loop thread; fails once the loop has ended. */
+/* Append a command; fails once the loop has ended. */
 int ch__loop_submit(ch_loop_t *loop, const ch__cmd_t *cmd)
 {
     return ch__loop_submit_many(loop, cmd, 1, 0);
@@ -484,10 +526,11 @@ void ch_loop_wake(ch_loop_t *loop, uint64_t token)
     ch_event_t ev;
     ch__event_init(&ev, CH_EV_WAKE, NULL, token, 0);
     uv_mutex_lock(&loop->lock);
+    ch__loop_events_begin(loop);
     ch__vec_compact(&loop->events, sizeof(ev));
     if (ch__vec_push(&loop->events, &ev, sizeof(ev)) == CH_SUCCESS) {
         loop->urgent = 1;
-        ch__loop_signal_locked(loop);
+        ch__loop_notify_locked(loop);
     }
     uv_mutex_unlock(&loop->lock);
 }
@@ -495,10 +538,17 @@ void ch_loop_wake(ch_loop_t *loop, uint64_t token)
 void ch_loop_kick(ch_loop_t *loop)
 {
     uv_mutex_lock(&loop->lock);
-    loop->disp_kicked = 1;
-    if (loop->waiting)
-        uv_cond_signal(&loop->cond);
+    loop->kicked = 1;
+    ch__loop_notify_locked(loop);
     uv_mutex_unlock(&loop->lock);
+}
+
+uint64_t ch_loop_batch_seq(ch_loop_t *loop)
+{
+    uv_mutex_lock(&loop->lock);
+    uint64_t seq = loop->batch_seq;
+    uv_mutex_unlock(&loop->lock);
+    return seq;
 }
 
 /* Wait on cond until woken or deadline (0 = none); 1 if the deadline passed. */
@@ -520,8 +570,8 @@ static uint64_t ch__deadline(double timeout)
     return timeout >= 0 ? uv_hrtime() + (uint64_t)(timeout * 1e9) + 1 : 0;
 }
 
-/* Copy up to max events to out and take the lease (lock held, events pending). */
-static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
+/* Copy up to max pending events to out (lock held). */
+static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max)
 {
     size_t avail = loop->events.len - loop->events.head;
     size_t n = avail < (size_t)max ? avail : (size_t)max;
@@ -529,10 +579,11 @@ static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
     loop->events.head += n;
     if (loop->events.head == loop->events.len) {
         loop->events.head = loop->events.len = 0;
-        loop->urgent = loop->lazy_due = 0;
+        loop->urgent = 0;
         ch__vec_shrink(&loop->events);
+    } else {
+        loop->events_since = uv_hrtime();
     }
-    loop->busy = who;
     return (int)n;
 }
 
@@ -541,7 +592,7 @@ static int ch__loop_take(ch_loop_t *loop, ch_event_t *out, int max, int who)
 static void ch__loop_fill_arena(ch_event_t *out, int n, ch_arena_t *arena)
 {
     if (!arena)
-        return; /* arena->len was set to 0 when the poll began */
+        return; /* arena->len was set to 0 when the drive began */
     for (int i = 0; i < n; i++) {
         ch_event_t *ev = &out[i];
         size_t hl = ev->header_len, dl = ev->data_len, len = hl + dl;
@@ -559,100 +610,199 @@ static void ch__loop_fill_arena(ch_event_t *out, int n, ch_arena_t *arena)
     }
 }
 
-int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena)
+/* An application thread leaves ch_loop_drive without the token: the
+ * background thread, which let it go first, looks again (lock held). */
+static void ch__loop_app_leaves_locked(ch_loop_t *loop)
+{
+    if (!loop->owned && loop->bg_waiting)
+        uv_cond_signal(&loop->cond_bg);
+}
+
+/* The background thread may take the loop now (lock held, no owner). */
+static int ch__loop_bg_may_take(ch_loop_t *loop, uint64_t now, int timed_out)
+{
+    if (loop->app_waiting)
+        return 0; /* application threads first: they wait for something */
+    return timed_out || loop->kicked || loop->stop_requested || loop->needs_run ||
+           loop->cmds.len != loop->cmds.head || (ch__loop_pending(loop) && loop->urgent) ||
+           now - loop->released_at >= CH__GRACE_NS;
+}
+
+/* Owner: one loop iteration, blocking for I/O at most wait_ns (< 0: no
+ * bound), then publish what it produced. */
+static void ch__loop_run_once(ch_loop_t *loop, int64_t wait_ns)
+{
+    int alive;
+    if (wait_ns == 0) {
+        alive = uv_run(&loop->uv, UV_RUN_NOWAIT);
+    } else {
+        if (wait_ns > 0) {
+            uv_update_time(&loop->uv); /* the timer counts from now, not the last run */
+            uv_timer_start(&loop->drive_timer, ch__loop_noop_cb,
+                           (uint64_t)((wait_ns + 999999) / 1000000), 0);
+        }
+        alive = uv_run(&loop->uv, UV_RUN_ONCE);
+        if (wait_ns > 0)
+            uv_timer_stop(&loop->drive_timer);
+    }
+    if (!alive && loop->closing)
+        loop->closed = 1;
+    ch__loop_flush(loop);
+}
+
+int ch_loop_drive(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
+                  int flags, ch_arena_t *arena)
 {
     if (arena)
         arena->len = 0;
+    int bg = (flags & CH_DRIVE_BACKGROUND) != 0;
+    int takes = (flags & CH_DRIVE_NO_EVENTS) == 0;
+    int any = (flags & CH_DRIVE_MESSAGES) == 0;
     uint64_t deadline = ch__deadline(timeout);
     int timed_out = 0;
     uv_mutex_lock(&loop->lock);
-    if (loop->busy == CH__BUSY_DISPATCHER)
-        ch__loop_end_batch_locked(loop);
+take:
+    /* 1. The ownership token. */
     for (;;) {
-        int pending = loop->events.len != loop->events.head;
-        if (!pending && loop->ended) {
+        uint64_t now = uv_hrtime();
+        if (loop->ended && !(takes && ch__loop_pending(loop))) {
+            *seq = loop->batch_seq;
             uv_mutex_unlock(&loop->lock);
-            return -1;
+            return -CH_SHUTDOWN;
         }
-        int wants_lease = timed_out || loop->disp_kicked;
-        if (loop->busy == CH__BUSY_NONE) {
-            if (pending && !loop->app_waiting) {
-                int n = ch__loop_take(loop, out, max, CH__BUSY_DISPATCHER);
-                uv_mutex_unlock(&loop->lock);
-                ch__loop_fill_arena(out, n, arena);
-                return n;
-            }
-            if (wants_lease) {
-                loop->disp_kicked = 0;
-                loop->busy = CH__BUSY_DISPATCHER; /* the lease, for the timers */
-                uv_mutex_unlock(&loop->lock);
-                return 0;
-            }
+        if (!bg && loop->batch_seq != *seq) {
+            *seq = loop->batch_seq; /* a batch ended: the caller re-checks */
+            ch__loop_app_leaves_locked(loop);
+            uv_mutex_unlock(&loop->lock);
+            return CH_DRIVE_AGAIN;
         }
-        loop->waiting = 1;
-        loop->disp_needs_lease = wants_lease; /* the end of the batch wakes it */
-        /* Past the deadline, wait (without one) only for the lease. */
-        if (ch__loop_wait(&loop->cond, &loop->lock, timed_out ? 0 : deadline))
+        if (deadline && now >= deadline)
             timed_out = 1;
-        loop->waiting = 0;
-        loop->disp_needs_lease = 0;
-    }
-}
-
-uint64_t ch_loop_batch_seq(ch_loop_t *loop)
-{
-    uv_mutex_lock(&loop->lock);
-    uint64_t seq = loop->batch_seq;
-    uv_mutex_unlock(&loop->lock);
-    return seq;
-}
-
-int ch_loop_poll_app(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,
-                     int flags, ch_arena_t *arena)
-{
-    if (arena)
-        arena->len = 0;
-    int any = !(flags & CH_POLL_MESSAGES);
-    /* A message waiter leaves parked completions parked (they come along
-     * with the next message) unless they are due. */
-    uint64_t deadline = ch__deadline(timeout);
-    uv_mutex_lock(&loop->lock);
-    int n = 0;
-    for (;;) {
-        int pending = loop->events.len != loop->events.head;
-        if (loop->busy == CH__BUSY_NONE && pending && (any || loop->urgent || loop->lazy_due)) {
-            n = ch__loop_take(loop, out, max, CH__BUSY_APP);
+        if (!loop->owned && (!bg || ch__loop_bg_may_take(loop, now, timed_out)))
             break;
+        if (!bg && timed_out) {
+            ch__loop_app_leaves_locked(loop);
+            uv_mutex_unlock(&loop->lock);
+            return CH_DRIVE_AGAIN;
         }
-        if (!pending && loop->ended) {
-            n = -1;
-            break;
+        if (bg) {
+            /* Without an owner: until the grace after the last application
+             * owner left (or the caller's deadline). With one: until it
+             * leaves (it runs the timers meanwhile). */
+            uint64_t until = 0;
+            if (!loop->owned) {
+                /* An application waiter may leave without taking the loop. */
+                until = loop->app_waiting ? now + CH__GRACE_NS : loop->released_at + CH__GRACE_NS;
+                if (deadline && !timed_out && deadline < until)
+                    until = deadline;
+            }
+            loop->bg_waiting = until ? CH__BG_TIMED : CH__BG_UNTIMED;
+            ch__loop_wait(&loop->cond_bg, &loop->lock, until);
+            loop->bg_waiting = 0;
+        } else {
+            /* The background thread asleep in the I/O poll gives the loop up;
+             * awake, it sees the nudge before it would block. */
+            if (loop->owner_bg && loop->sleeping) {
+                loop->sleeping = 0;
+                uv_async_send(&loop->wake);
+            } else if (loop->owner_bg) {
+                loop->nudged = 1;
+            }
+            loop->app_waiting++;
+            ch__loop_wait(&loop->cond_app, &loop->lock, deadline);
+            loop->app_waiting--;
         }
-        if (loop->batch_seq != *seq)
-            break; /* a batch ended since the caller last looked */
-        loop->app_waiting++;
-        loop->app_waiting_any += any;
-        int expired = ch__loop_wait(&loop->cond_app, &loop->lock, deadline);
-        loop->app_waiting--;
-        loop->app_waiting_any -= any;
-        if (expired)
-            break;
     }
-    if (n <= 0) /* leaving without the lease: pending events may be the dispatcher's now */
-        ch__loop_signal_locked(loop);
+    loop->owned = 1;
+    loop->owner_bg = bg;
     *seq = loop->batch_seq;
-    loop->app_seen = uv_hrtime();
-    uv_mutex_unlock(&loop->lock);
-    if (n > 0)
-        ch__loop_fill_arena(out, n, arena);
-    return n;
+    /* 2. Run the loop until there are events for the caller. */
+    for (;;) {
+        uint64_t now = uv_hrtime();
+        int pending = takes && ch__loop_pending(loop);
+        uint64_t lazy_due = loop->events_since + CH_LAZY_MS * 1000000ull;
+        if (pending && (any || loop->urgent || now >= lazy_due || loop->ended)) {
+            int n = ch__loop_take(loop, out, max);
+            uv_mutex_unlock(&loop->lock);
+            ch__loop_fill_arena(out, n, arena);
+            return n; /* still the owner */
+        }
+        if (loop->ended) {
+            ch__loop_release_locked(loop, 0);
+            uv_mutex_unlock(&loop->lock);
+            return -CH_SHUTDOWN;
+        }
+        if (loop->kicked || (deadline && now >= deadline)) {
+            loop->kicked = 0;
+            uv_mutex_unlock(&loop->lock);
+            return 0; /* still the owner: the caller runs its timers */
+        }
+        if (bg && loop->app_waiting) {
+            /* An application thread wants the loop: give it up. */
+            uv_mutex_unlock(&loop->lock);
+            int needs_run = ch__loop_needs_run(loop);
+            uv_mutex_lock(&loop->lock);
+            ch__loop_release_locked(loop, needs_run);
+            goto take;
+        }
+        int64_t wait_ns = deadline ? (int64_t)(deadline - now) : -1;
+        if (pending && (wait_ns < 0 || (int64_t)(lazy_due - now) < wait_ns))
+            wait_ns = (int64_t)(lazy_due - now);
+        loop->nudged = 0; /* looked at everything above, under this lock hold */
+        uv_mutex_unlock(&loop->lock);
+        ch__loop_run_once(loop, wait_ns);
+        uv_mutex_lock(&loop->lock);
+        if (loop->closed && !loop->ended) {
+            loop->ended = 1;
+            uv_cond_broadcast(&loop->cond_bg);
+            uv_cond_broadcast(&loop->cond_app);
+        }
+    }
 }
 
-void ch_loop_poll_done(ch_loop_t *loop)
+void ch_loop_release(ch_loop_t *loop)
 {
     uv_mutex_lock(&loop->lock);
-    if (loop->busy == CH__BUSY_APP)
-        ch__loop_end_batch_locked(loop);
-    loop->app_seen = uv_hrtime();
+    int cmds = loop->cmds.len != loop->cmds.head && !loop->ended;
     uv_mutex_unlock(&loop->lock);
+    if (cmds) {
+        ch__loop_run_direct(loop); /* what the batch's handling submitted, written now */
+        return;
+    }
+    int needs_run = !loop->ended && ch__loop_needs_run(loop);
+    uv_mutex_lock(&loop->lock);
+    ch__loop_release_locked(loop, needs_run);
+    uv_mutex_unlock(&loop->lock);
+}
+
+int ch_loop_poll(ch_loop_t *loop, ch_event_t *out, int max, double timeout, ch_arena_t *arena)
+{
+    uint64_t seq = ch_loop_batch_seq(loop);
+    uint64_t deadline = ch__deadline(timeout);
+    for (;;) {
+        double left = -1;
+        if (deadline) {
+            uint64_t now = uv_hrtime();
+            left = now >= deadline ? 0 : (double)(deadline - now) / 1e9;
+        }
+        int n = ch_loop_drive(loop, out, max, left, &seq, 0, arena);
+        if (n >= 0) {
+            ch_loop_release(loop);
+            if (n > 0 || (deadline && uv_hrtime() >= deadline))
+                return n;
+        } else if (n == -CH_SHUTDOWN) {
+            return -CH_SHUTDOWN;
+        } else if (deadline && uv_hrtime() >= deadline) {
+            return 0;
+        }
+    }
+}
+
+int ch_loop_run(ch_loop_t *loop)
+{
+    uint64_t seq = 0;
+    while (ch_loop_drive(loop, NULL, 0, -1, &seq, CH_DRIVE_BACKGROUND | CH_DRIVE_NO_EVENTS, NULL) >=
+           0)
+        ch_loop_release(loop);
+    return CH_SUCCESS;
 }

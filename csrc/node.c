@@ -51,7 +51,7 @@ int ch_node_new(ch_loop_t *loop, const ch_config_t *cfg, uint64_t node_token, ch
     *out = NULL;
     ch_node_t *node = calloc(1, sizeof(*node));
     if (!node)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     node->loop = loop;
     node->cfg = *cfg;
     node->cfg.cert_chain_pem = ch__strdup(cfg->cert_chain_pem);
@@ -102,10 +102,10 @@ int ch_node_send(ch_node_t *node, uint64_t token, const char *identity, int fami
                  const char *data, uint32_t data_len)
 {
     if (family != 4 && family != 6)
-        return CH_VALUE_ERROR;
+        return -CH_VALUE_ERROR;
     ch_message_t *m = calloc(1, sizeof(*m));
     if (!m)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     memcpy(m->identity, identity, CH_ID_SIZE);
     m->family = family;
     memcpy(m->addr, addr, family == 4 ? 4 : 16);
@@ -133,22 +133,22 @@ int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *pa
                        size_t payload_len)
 {
     if (n <= 0)
-        return n == 0 ? CH_SUCCESS : CH_VALUE_ERROR;
+        return n == 0 ? CH_SUCCESS : -CH_VALUE_ERROR;
     /* Check everything first: a batch is submitted whole or not at all. */
     size_t need = 0;
     for (int i = 0; i < n; i++) {
         ch_send_t d;
         memcpy(&d, sends + (size_t)i * CH_SEND_SIZE, sizeof(d));
         if (d.family != 4 && d.family != 6)
-            return CH_VALUE_ERROR;
+            return -CH_VALUE_ERROR;
         need += (size_t)d.header_len + d.data_len;
         if (need > payload_len)
-            return CH_VALUE_ERROR;
+            return -CH_VALUE_ERROR;
     }
     ch__cmd_t stack[CH__BATCH_STACK];
     ch__cmd_t *cmds = n <= CH__BATCH_STACK ? stack : malloc((size_t)n * sizeof(*cmds));
     if (!cmds)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     const char *p = payload;
     int made = 0, rc = CH_SUCCESS;
     for (; made < n; made++) {
@@ -158,7 +158,7 @@ int ch_node_send_batch(ch_node_t *node, const char *sends, int n, const char *pa
         /* One block: the record, then header and data (freed with it). */
         ch_message_t *m = calloc(1, sizeof(*m) + len);
         if (!m) {
-            rc = CH_ENOMEM;
+            rc = -CH_ENOMEM;
             break;
         }
         uint8_t *body = (uint8_t *)(m + 1);
@@ -194,11 +194,11 @@ int ch_node_release(ch_node_t *node, ch_message_t *msg, uint64_t token)
 int ch_node_release_batch(ch_node_t *node, ch_message_t **msgs, int n, uint64_t token)
 {
     if (n <= 0)
-        return n == 0 ? CH_SUCCESS : CH_VALUE_ERROR;
+        return n == 0 ? CH_SUCCESS : -CH_VALUE_ERROR;
     ch__cmd_t stack[CH__BATCH_STACK];
     ch__cmd_t *cmds = n <= CH__BATCH_STACK ? stack : malloc((size_t)n * sizeof(*cmds));
     if (!cmds)
-        return CH_ENOMEM;
+        return -CH_ENOMEM;
     /* Lazy unless an ACK is owed: then the peer waits for it. (The flags of a
      * received message are not written after the reader posted it.) */
     int lazy = 1;
@@ -640,7 +640,7 @@ static int ch__node_listen(ch_node_t *node, uv_tcp_t *tcp, const struct sockaddr
     if (rc != 0) {
         snprintf(err, errlen, "cannot listen on %s port %u: %s", what, node->cfg.port,
                  uv_strerror(rc));
-        return CH_EADDRINUSE;
+        return -CH_EADDRINUSE;
     }
     return CH_SUCCESS;
 }
@@ -693,7 +693,7 @@ static int ch__node_bind_free(ch_node_t *node, struct sockaddr_in *a4, struct so
     }
     *fd4 = *fd6 = -1;
     snprintf(err, errlen, "cannot find a free port (PORT = 0): %s", strerror(-rc));
-    return CH_EADDRINUSE;
+    return -CH_EADDRINUSE;
 }
 
 /* A failed start answers only once its listeners are closed, so that the
@@ -713,7 +713,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
     char err[CH_EV_TEXT_LEN];
     int rc = ch_config_check(&node->cfg, err, sizeof(err));
     if (rc != CH_SUCCESS) {
-        ch__post_node_event(node, CH_EV_NODE_STARTED, token, rc, err);
+        ch__post_node_event(node, CH_EV_NODE_STARTED, token, -rc, err);
         return;
     }
     if (node->state != CH__NODE_NEW) {
@@ -772,7 +772,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
         free(node->buckets);
         node->buckets = NULL;
         node->nbuckets = 0;
-        ch__post_node_event(node, CH_EV_NODE_STARTED, token, rc, err);
+        ch__post_node_event(node, CH_EV_NODE_STARTED, token, -rc, err);
         return;
     }
     rc = ch__node_listen(node, &node->listen4, (struct sockaddr *)&a4, 0, fd4, err, sizeof(err),
@@ -784,7 +784,7 @@ void ch__node_do_start(ch_node_t *node, uint64_t token)
         close(fd6);
     if (rc != CH_SUCCESS) {
         /* Close what was opened, then answer (ch__node_fail_start_cb). */
-        node->start_rc = rc;
+        node->start_rc = -rc; /* an event status: positive */
         snprintf(node->start_err, sizeof(node->start_err), "%s", err);
         node->stop_token = token;
         int opened = node->handles;
@@ -850,8 +850,7 @@ void ch__node_do_send(ch_node_t *node, ch_message_t *m)
         return;
     }
     if (node->cfg.max_send_queue && r->data_q.len >= node->cfg.max_send_queue) {
-        /* Policy: fail this send at once; never block, never drop a queued one.
-         * The text must name MAX_SEND_QUEUE (libchirp/errors.py keys on it). */
+        /* Policy: fail this send at once; never block, never drop a queued one. */
         char addr[INET6_ADDRSTRLEN], text[CH_EV_TEXT_LEN];
         ch__format_addr(r->family, r->addr, addr, sizeof(addr));
         snprintf(text, sizeof(text),
@@ -860,7 +859,7 @@ void ch__node_do_send(ch_node_t *node, ch_message_t *m)
                  r->family == 6 ? "[" : "", addr, r->family == 6 ? "]" : "", r->port,
                  node->cfg.max_send_queue);
         m->remote = r; /* counted as a send failure of that remote */
-        ch__send_done(node, m, CH_ENOMEM, text);
+        ch__send_done(node, m, CH_SEND_QUEUE_FULL, text);
         return;
     }
     ch__remote_enqueue(r, m);

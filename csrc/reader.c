@@ -4,7 +4,7 @@
  * Theory of operation
  * -------------------
  * A reader turns the byte stream of one connection direction into events
- * (PROTOCOL.md 2 and 3). It never does I/O: the connection code feeds it
+ * (docs/protocol.md#wire-format). It never does I/O: the connection code feeds it
  * whatever bytes arrived and reacts to the event it returns. Every call to
  * ch_reader_feed() reports in *consumed how many bytes it used; it stops right
  * after the byte that completed an event, so the caller can act on the event
@@ -15,9 +15,10 @@
  *   HANDSHAKE  collects the 18-byte handshake, in any number of pieces, and
  *              reports CH_RD_HANDSHAKE. Then HEADER.
  *   HEADER     collects the 27-byte frame header, in any number of pieces,
- *              and validates it in the order of PROTOCOL.md 3.3: first the
+ *              and validates it in the order of docs/protocol.md#wire-format: first the
  *              size (header_len + data_len summed in 64 bits, so a data_len
- *              near 2^32 cannot wrap, PROTOCOL.md 10.7), then the control
+ *              near 2^32 cannot wrap,
+ *              docs/protocol.md#compatibility-with-libchirp-1x), then the control
  *              flags. A control frame is reported as CH_RD_NOOP or CH_RD_ACK
  *              (NOOP wins when both bits are set) and the reader stays in
  *              HEADER. A data frame is reported as CH_RD_DATA_HEADER; nothing

@@ -2,7 +2,7 @@
  * reader.h: the frame reader, a pure state machine over bytes (no libuv).
  * The public entry points are declared in chirp_ffi.h (ch_reader_*).
  *
- * Protocol per PROTOCOL.md 2 and 3: first an 18-byte handshake (accepted in
+ * Protocol per docs/protocol.md#wire-format: first an 18-byte handshake (accepted in
  * any number of pieces), then 27-byte frame headers followed by header_len
  * header bytes and data_len data bytes.
  *

@@ -1,6 +1,6 @@
 /*
  * remote.c: remotes (peers keyed by family, IP and port), their queues and
- * the writer scheduling of PROTOCOL.md 6.3. Loop thread only.
+ * the writer scheduling of docs/protocol.md#wire-format. Loop thread only.
  *
  * A remote has a control queue (ACK, NOOP) and a data queue. Frames go out
  * on the remote's active connection, one at a time: control first, then
@@ -8,7 +8,7 @@
  * message is outstanding. The outstanding message remembers the connection
  * it was written on (msg->conn), so that closing some other connection of
  * the remote does not fail it (fixes reference quirk 10.6), and every
- * message that leaves a queue gets exactly one completion (10.9).
+ * message that leaves a queue gets exactly one completion.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -157,13 +157,55 @@ void ch__remote_ack_done(ch_remote_t *r)
         r->acks_queued--;
 }
 
+/* Bytes of header and data of m (what the peer compares with its MAX_MSG_SIZE). */
+static uint64_t ch__remote_msg_size(const ch_message_t *m)
+{
+    return (uint64_t)m->header_len + m->data_len;
+}
+
+/* True if m exceeds the MAX_MSG_SIZE the peer of c announced. */
+static int ch__remote_too_large(const ch_conn_t *c, const ch_message_t *m)
+{
+    return c->peer_max_msg && ch__remote_msg_size(m) > c->peer_max_msg;
+}
+
+/* Fail a data message the peer announced it would refuse, before it leaves: the
+ * peer would close the connection (and every message in flight on it). */
+static void ch__remote_refuse(ch_remote_t *r, ch_conn_t *c, ch_message_t *m)
+{
+    char text[CH_EV_TEXT_LEN];
+    snprintf(text, sizeof(text),
+             "message of %llu bytes (header + data) exceeds MAX_MSG_SIZE = %u bytes of %s; "
+             "it was not sent",
+             (unsigned long long)ch__remote_msg_size(m), c->peer_max_msg, c->name);
+    ch__send_done(r->node, m, CH_VALUE_ERROR, text);
+}
+
+/* A data message failed because the connection closed: towards a peer that did not
+ * announce its MAX_MSG_SIZE (libchirp 1.x), a closed connection may be the peer
+ * refusing a message over that limit, so the text says so. */
+static void ch__remote_fail_closed(ch_node_t *node, ch_conn_t *c, ch_message_t *m, int reason,
+                                   const char *text)
+{
+    if (reason != CH_PROTOCOL_ERROR || c->peer_max_msg || (m->flags & CH_MSGF_CONTROL)) {
+        ch__msg_fail(node, m, reason, text);
+        return;
+    }
+    char hint[CH_EV_TEXT_LEN];
+    snprintf(hint, sizeof(hint),
+             "%s: the peer closed the connection; the message (%llu bytes) may exceed its "
+             "MAX_MSG_SIZE",
+             text, (unsigned long long)ch__remote_msg_size(m));
+    ch__msg_fail(node, m, reason, hint);
+}
+
 void ch__remote_flush(ch_remote_t *r)
 {
     ch_conn_t *c = r->conn;
     if (!c || c->state != CH__CONN_READY || c->writing.head || (c->flags & CH__CONNF_CLOSING))
         return;
     /* Gather frames into one write: control frames first, then data frames;
-     * a REQ_ACK frame only while none is outstanding (PROTOCOL.md 6.3). */
+     * a REQ_ACK frame only while none is outstanding (docs/protocol.md#wire-format). */
     ch_msgq_t batch = {0};
     size_t bytes = 0;
     while (batch.len < CH__WRITE_FRAMES && bytes < CH__WRITE_BYTES) {
@@ -173,6 +215,10 @@ void ch__remote_flush(ch_remote_t *r)
             if ((m->type & CH_MSG_NOOP) && !(m->type & CH_MSG_EXT))
                 r->noop_queued = 0;
         } else if (r->data_q.head) {
+            if (ch__remote_too_large(c, r->data_q.head)) {
+                ch__remote_refuse(r, c, ch_msgq_pop(&r->data_q));
+                continue;
+            }
             int window = c->peer_window > 0 ? c->peer_window : 1;
             if ((r->data_q.head->type & CH_MSG_REQ_ACK) && r->noutstanding >= window)
                 break;
@@ -228,6 +274,11 @@ void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c)
     memcpy(caps->identity, CH_EXT_MAGIC, 4);
     caps->identity[4] = CH_EXT_F_PIPELINE;
     caps->identity[5] = CH_EXT_WINDOW;
+    uint32_t max = r->node->cfg.max_msg_size;
+    caps->identity[6] = (uint8_t)(max >> 24);
+    caps->identity[7] = (uint8_t)(max >> 16);
+    caps->identity[8] = (uint8_t)(max >> 8);
+    caps->identity[9] = (uint8_t)max;
     caps->type = CH_MSG_NOOP | CH_MSG_EXT;
     caps->flags = CH_MSGF_CONTROL;
     /* First in line: ahead of anything already queued. */
@@ -239,6 +290,12 @@ void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c)
     ch__remote_flush(r);
 }
 
+uint32_t ch__remote_caps_max_msg(const uint8_t identity[16])
+{
+    return ((uint32_t)identity[6] << 24) | ((uint32_t)identity[7] << 16) |
+           ((uint32_t)identity[8] << 8) | identity[9];
+}
+
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16])
 {
     (void)c;
@@ -246,7 +303,7 @@ void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16])
     while (m && memcmp(m->identity, identity, CH_ID_SIZE) != 0)
         m = m->onext;
     if (!m)
-        return; /* unknown ACKs are ignored (PROTOCOL.md 4.3) */
+        return; /* unknown ACKs are ignored (docs/protocol.md#wire-format) */
     ch__remote_unlink(r, m);
     ch_conn_t *wc = m->conn;
     if (wc && (m->flags & CH_MSGF_WRITING)) {
@@ -270,7 +327,7 @@ static void ch__remote_unblock_cb(uv_timer_t *t)
 }
 
 /*
- * A connection filed under this remote closed (PROTOCOL.md 6.7, with the
+ * A connection filed under this remote closed (docs/protocol.md#errors, with the
  * in-flight state scoped to the connection that carried it).
  */
 void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text)
@@ -284,7 +341,7 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
         ch__remote_unlink(r, m);
         if (!(m->flags & CH_MSGF_WRITING)) { /* else: failed with the write below */
             m->conn = NULL;
-            ch__msg_fail(node, m, reason, text);
+            ch__remote_fail_closed(node, c, m, reason, text);
         }
         failed = 1;
     }
@@ -297,7 +354,7 @@ void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char
         if (w->flags & CH_MSGF_RELEASED) /* acknowledged before its write completed */
             ch__send_done(node, w, CH_SUCCESS, NULL);
         else
-            ch__msg_fail(node, w, reason, text);
+            ch__remote_fail_closed(node, c, w, reason, text);
     }
     r->nconns--;
     if (r->conn != c)

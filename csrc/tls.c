@@ -4,7 +4,7 @@
  * Theory of operation
  * -------------------
  * The context. ch_tls_ctx_new() reads CERT_CHAIN_PEM once into memory and
- * walks it three times, as PROTOCOL.md 1.4 describes: every certificate goes
+ * walks it three times, as docs/tls.md#the-two-files-a-node-needs describes: every certificate goes
  * into the trust store, the first one becomes the own (leaf) certificate and
  * the others its chain, and the first private key block becomes the key,
  * which must match the leaf. Reading the file ourselves rather than handing
@@ -20,7 +20,7 @@
  * collects the ciphertext OpenSSL produces until the caller takes it. The in
  * BIO reports "retry" instead of EOF when empty, so an empty buffer surfaces
  * as SSL_ERROR_WANT_READ (CH_MORE) and never as an end of stream; a real EOF
- * is the connection code's business (an ordinary close, PROTOCOL.md 1.3).
+ * is the connection code's business (an ordinary close, docs/tls.md#what-is-negotiated).
  * The out BIO grows as needed, so OpenSSL never sees a blocked write: writes
  * complete record by record (SSL_MODE_ENABLE_PARTIAL_WRITE) and
  * ch_tls_write() bounds the pending ciphertext itself (CH_TLS_OUT_HIGH).
@@ -50,7 +50,7 @@
 
 #include "error.h"
 
-/* PROTOCOL.md 1.3: the only TLS 1.2 suites; TLS 1.3 keeps the defaults. */
+/* docs/tls.md#what-is-negotiated: the only TLS 1.2 suites; TLS 1.3 keeps the defaults. */
 #define CH__TLS12_CIPHERS                                                      \
     "DHE-DSS-AES256-GCM-SHA384:DHE-RSA-AES256-GCM-SHA384:"                     \
     "DHE-RSA-AES256-SHA256:DHE-DSS-AES256-SHA256"

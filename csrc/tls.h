@@ -4,7 +4,8 @@
  * Theory of operation
  * -------------------
  * One SSL_CTX per node is built by ch_tls_ctx_new() from CERT_CHAIN_PEM and
- * DH_PARAMS_PEM with the parameters of PROTOCOL.md 1.3/1.4: TLS 1.2 as the
+ * DH_PARAMS_PEM with the parameters of docs/tls.md#what-is-negotiated and
+ * docs/tls.md#the-two-files-a-node-needs: TLS 1.2 as the
  * minimum (TLS 1.3 when both sides support it), the TLS 1.2 cipher list
  * restricted to the four DHE suites, library-default TLS 1.3 suites, mutual
  * authentication on both roles (verify the peer and fail when it presents no
@@ -44,7 +45,8 @@
  * refuses (for example no usable cipher) and -CH_ENOMEM; its message names
  * the file and the problem.
  *
- * EOF: the engine never sends close_notify (PROTOCOL.md 10.13) and has no
+ * EOF: the engine never sends close_notify
+ * (docs/protocol.md#compatibility-with-libchirp-1x) and has no
  * notion of the socket's EOF. A socket EOF is an ordinary close decided by
  * the connection code; it never needs to ask the engine.
  *

@@ -4,7 +4,7 @@
  * Theory of operation
  * -------------------
  * The writer is the mirror image of the reader and just as free of I/O: it
- * fills a caller's fixed-size buffer with the wire form of PROTOCOL.md 2.1
+ * fills a caller's fixed-size buffer with the wire form of docs/protocol.md#wire-format
  * (18-byte handshake: port, identity) or 3.1 (27-byte frame header: identity,
  * serial, data_len, header_len, type). All integers are written big-endian,
  * byte by byte, so the result does not depend on the host's byte order or on

@@ -1,6 +1,6 @@
 /*
  * writer.h: encodes the handshake and frame headers into caller buffers
- * (big-endian, PROTOCOL.md 2.1 and 3.1). Declared in chirp_ffi.h:
+ * (big-endian, docs/protocol.md#wire-format). Declared in chirp_ffi.h:
  * ch_writer_handshake(), ch_writer_header().
  */
 #ifndef CH_WRITER_H

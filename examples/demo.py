@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """libchirp demo: two processes exchange messages in both modes.
 
-Run it with ``make demo`` (or ``python examples/demo.py`` after ``make build``).
+Run it with ``make demo`` (or ``.venv/bin/python examples/demo.py`` after
+``make build``).
 
-* **bob** runs in a child process. His node is SYNCHRONOUS with AUTO_RELEASE
+* **bob** runs in a child process (``multiprocessing``), on a free port
+  (``Config.PORT = 0``) unless ``--port P`` is given; he reports his port to
+  alice through a pipe. His node is SYNCHRONOUS with AUTO_RELEASE
   off: he takes each message, "works" on it for 0.3 s and only then releases it.
   A message with the header ``request`` he answers by sending the same message
   object back with new data.
@@ -16,53 +19,39 @@ Watch when the sends complete: a synchronous send completes only when bob has
 released the message; an asynchronous one as soon as it is written.
 """
 
+from __future__ import annotations
+
 import argparse
-import os
+import multiprocessing
 import queue
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
+from typing import Callable, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import libchirp  # noqa: E402
-from libchirp.queue import Chirp, Message  # noqa: E402
+import libchirp
+from libchirp.queue import Chirp, Message
 
 WORK_TIME = 0.3  # how long bob holds each ordinary message
 _print_lock = threading.Lock()
 _t0 = time.time()  # bob gets alice's start time, so both print the same clock
 
 
-def show(who, text):
+def show(who: str, text: str) -> None:
     with _print_lock:
         print("%7.3f s  %-12s %s" % (time.time() - _t0, who, text), flush=True)
 
 
-def free_port():
-    """A port nobody listens on (IPv4 and IPv6), as a node binds both."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
-            s4.bind(("0.0.0.0", 0))
-            port = s4.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s6.bind(("::", port))
-            except OSError as exc:
-                if exc.errno == 97:  # no IPv6 at all: the IPv4 check is enough
-                    return port
-                continue
-            return port
-
-
-def make_config(port, synchronous=True, auto_release=True):
+def make_config(
+    port: int = 0, synchronous: bool = True, auto_release: bool = True
+) -> libchirp.Config:
     config = libchirp.Config()
-    config.PORT = port
+    config.PORT = port  # 0: a free port, which node.port reports
     config.SYNCHRONOUS = synchronous
     config.AUTO_RELEASE = auto_release
     # Plain TCP: loopback never uses TLS, and TLS needs certificates.
@@ -73,17 +62,14 @@ def make_config(port, synchronous=True, auto_release=True):
 # -- bob (child process) ---------------------------------------------------------------------------
 
 
-def run_bob(port):
-    stop = threading.Event()
-
-    def watch_stdin():  # alice closes our stdin when she is done
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
+def run_bob(port: int, t0: float, ready: Connection, stop: Event) -> None:
+    """Bob's process: report the port, serve until alice sets ``stop``."""
+    global _t0
+    _t0 = t0  # alice's start time, so both print the same clock
     with libchirp.Loop() as loop:
-        with Chirp(loop, make_config(port, auto_release=False)) as bob:
-            print("READY", flush=True)
+        bob = Chirp(loop, make_config(port, auto_release=False))
+        with bob:
+            ready.send(bob.port)
             while not stop.is_set():
                 try:
                     msg = bob.get(timeout=0.1)
@@ -99,42 +85,15 @@ def run_bob(port):
                 time.sleep(WORK_TIME)
                 show("bob", "done with %r, releasing it" % msg.data.decode())
                 msg.release_slot().result(timeout=10)
-    return 0
 
 
 # -- alice (this process) --------------------------------------------------------------------------
 
 
-def start_bob(port):
-    child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--bob", str(port), "--t0", repr(_t0)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    ready = threading.Event()
-
-    def relay():  # bob's lines are printed by us, so the output does not interleave
-        for line in child.stdout:
-            if line.startswith("READY"):
-                ready.set()
-            else:
-                with _print_lock:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-        ready.set()
-
-    threading.Thread(target=relay, daemon=True).start()
-    if not ready.wait(20) or child.poll() is not None:
-        raise SystemExit("bob did not start")
-    return child
-
-
-def report_completion(who, text, start):
+def report_completion(who: str, text: str, start: float) -> Callable[[Future[Message]], None]:
     """A done-callback for a send future that prints when and how it completed."""
 
-    def done(fut):
+    def done(fut: Future[Message]) -> None:
         ms = (time.monotonic() - start) * 1000
         if fut.exception() is None:
             show(who, "send of %r completed after %.0f ms" % (text, ms))
@@ -144,9 +103,9 @@ def report_completion(who, text, start):
     return done
 
 
-def send_three(node, who, bob_port, label):
+def send_three(node: Chirp, who: str, bob_port: int, label: str) -> float:
     start = time.monotonic()
-    futures = []
+    futures: List[Future[Message]] = []
     for i in range(1, 4):
         msg = Message()
         msg.address = "127.0.0.1"
@@ -163,24 +122,29 @@ def send_three(node, who, bob_port, label):
     return time.monotonic() - start
 
 
-def main():
+def main() -> int:
     parser = argparse.ArgumentParser(description="libchirp demo")
-    parser.add_argument("--bob", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help="bob's port (default: a free one)")
     args = parser.parse_args()
-    if args.bob:
-        global _t0
-        _t0 = args.t0 or _t0
-        return run_bob(args.bob)
 
-    bob_port = free_port()
-    print("libchirp demo: alice (this process) talks to bob (a child process, port %d)." % bob_port)
-    print("bob holds every message for %.1f s before he releases it.\n" % WORK_TIME)
-    bob = start_bob(bob_port)
+    # "spawn": bob starts as a fresh interpreter, not as a copy of this process.
+    mp = multiprocessing.get_context("spawn")
+    ready, ready_child = mp.Pipe(duplex=False)
+    stop = mp.Event()
+    bob = mp.Process(target=run_bob, args=(args.port, _t0, ready_child, stop), name="bob")
+    bob.start()
     try:
+        if not ready.poll(30):
+            raise SystemExit("bob did not start")
+        bob_port: int = ready.recv()
+        print(
+            "libchirp demo: alice (this process) talks to bob (a child process, port %d)."
+            % bob_port
+        )
+        print("bob holds every message for %.1f s before he releases it.\n" % WORK_TIME)
         with libchirp.Loop() as loop:
-            alice_sync = Chirp(loop, make_config(free_port()))
-            alice_async = Chirp(loop, make_config(free_port(), synchronous=False))
+            alice_sync = Chirp(loop, make_config())
+            alice_async = Chirp(loop, make_config(synchronous=False))
             with alice_sync, alice_async:
                 print("== SYNCHRONOUS: a send completes when bob has released the message")
                 took = send_three(alice_sync, "alice-sync", bob_port, "sync")
@@ -221,27 +185,29 @@ def main():
                 )
 
                 print("== errors: sending to a port where nobody listens")
-                msg = Message()
-                msg.address = "127.0.0.1"
-                msg.port = free_port()
-                msg.data = b"hello?"
-                try:
-                    alice_sync.send(msg).result(timeout=20)
-                    show("alice-sync", "unexpected: the send succeeded")
-                except ConnectionError as exc:
-                    show(
-                        "alice-sync",
-                        "port %d: %s: %s (ecode %s)"
-                        % (msg.port, type(exc).__name__, exc, getattr(exc, "ecode", "?")),
-                    )
+                with socket.socket() as unused:
+                    unused.bind(("127.0.0.1", 0))  # bound, not listening: connecting is refused
+                    msg = Message()
+                    msg.address = "127.0.0.1"
+                    msg.port = unused.getsockname()[1]
+                    msg.data = b"hello?"
+                    try:
+                        alice_sync.send(msg).result(timeout=20)
+                        show("alice-sync", "unexpected: the send succeeded")
+                    except ConnectionError as exc:
+                        show(
+                            "alice-sync",
+                            "port %d: %s: %s (ecode %s)"
+                            % (msg.port, type(exc).__name__, exc, getattr(exc, "ecode", "?")),
+                        )
     finally:
-        bob.stdin.close()
-        try:
-            bob.wait(10)
-        except subprocess.TimeoutExpired:
+        stop.set()
+        bob.join(10)
+        if bob.is_alive():
             bob.kill()
-    print("\ndone: both nodes stopped, bob exited with status %s." % bob.returncode)
-    return 0 if bob.returncode == 0 else 1
+            bob.join()
+    print("\ndone: both nodes stopped, bob exited with status %s." % bob.exitcode)
+    return 0 if bob.exitcode == 0 else 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def main() -> None:
         for earlier in comm.recovered_tasks():
             print(" [x] Earlier task: %r" % earlier.result(60))
         print(" [x] Sent %r" % message)
-        result = comm.task_send(message).result(60)
+        future = comm.task_send(message)  # None only with no_reply=True
+        assert future is not None
+        result = future.result(60)
         print(" [x] Result: %r" % result)
 
 

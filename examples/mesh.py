@@ -14,29 +14,31 @@ Collecting answers as they complete (``as_completed``) matters: the answer
 future's ``result()`` releases the answer's slot, and in synchronous mode a
 connection carries one unreleased message at a time.
 
-Run: ``python examples/mesh.py`` (after ``make build``).
+Every node takes a free port (``Config.PORT = 0``) unless ``--port P`` is
+given; then the nodes listen on P, P+1, ...
+
+Run: ``.venv/bin/python examples/mesh.py`` (after ``make build``).
 """
+
+from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import queue
 import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future
+from typing import Dict, List, Optional, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import libchirp  # noqa: E402
-from libchirp.queue import Chirp, Message  # noqa: E402
+import libchirp
+from libchirp.queue import Chirp, Message
 
 NAMES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def has_ipv6():
+def has_ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
             s.bind(("::1", 0))
@@ -45,41 +47,23 @@ def has_ipv6():
         return False
 
 
-def free_port():
-    """A port nobody listens on, on IPv4 and IPv6 (a node binds both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
-            s4.bind(("0.0.0.0", 0))
-            port = s4.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s6.bind(("::", port))
-            except OSError as exc:
-                if exc.errno == 97:  # no IPv6 on this machine
-                    return port
-                continue
-            if port > 1024:
-                return port
-
-
 class Peer:
     """One node of the mesh with its counters."""
 
-    def __init__(self, loop, name, synchronous):
+    def __init__(self, loop: libchirp.Loop, name: str, port: int, synchronous: bool) -> None:
         self.name = name
         cfg = libchirp.Config()
-        cfg.PORT = free_port()
+        cfg.PORT = port  # 0: a free port, which self.node.port reports
         cfg.SYNCHRONOUS = synchronous
         cfg.DISABLE_ENCRYPTION = True  # loopback only: never encrypted anyway
         self.node = Chirp(loop, cfg)
         self.asked = self.answered = self.served = 0
-        self.errors = []
+        self.errors: List[str] = []
         self.stop = threading.Event()
 
-    def serve(self):
+    def serve(self) -> None:
         """Answer every request: send the message back with new data."""
-        pending = []
+        pending: List[Future[Message]] = []
         while not self.stop.is_set():
             try:
                 msg = self.node.get(timeout=0.1)  # AUTO_RELEASE: released here
@@ -93,9 +77,9 @@ class Peer:
             if exc is not None:
                 self.errors.append("answer failed: %r" % exc)
 
-    def ask(self, peers, count, use_ipv6):
+    def ask(self, peers: List[Peer], count: int, use_ipv6: bool) -> None:
         """Send ``count`` requests to every other peer, collect the answers."""
-        futures = {}
+        futures: Dict[Future[Message], Tuple[str, bytes]] = {}
         for other in peers:
             if other is self:
                 continue
@@ -107,23 +91,26 @@ class Peer:
                 futures[self.node.request(msg)] = (other.name, msg.data)
                 self.asked += 1
         for fut in concurrent.futures.as_completed(futures, timeout=60):
-            other, question = futures[fut]
+            asked, question = futures[fut]
             try:
                 answer = fut.result()  # releases the answer's slot
             except Exception as exc:
-                self.errors.append("request to %s failed: %r" % (other, exc))
+                self.errors.append("request to %s failed: %r" % (asked, exc))
                 continue
-            if answer.data != b"%s, answered by %s" % (question, other.encode()):
-                self.errors.append("wrong answer from %s: %r" % (other, answer.data))
+            if answer.data != b"%s, answered by %s" % (question, asked.encode()):
+                self.errors.append("wrong answer from %s: %r" % (asked, answer.data))
                 continue
             self.answered += 1
 
 
-def main():
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=4, choices=range(2, 27), metavar="2..26")
     parser.add_argument("--requests", type=int, default=25, help="per pair of nodes")
     parser.add_argument("--async", dest="asynchronous", action="store_true")
+    parser.add_argument(
+        "--port", type=int, default=0, help="port of the first node, the others follow (0: free)"
+    )
     args = parser.parse_args()
     use_ipv6 = has_ipv6()
 
@@ -133,10 +120,12 @@ def main():
         % (args.nodes, args.requests, mode, "127.0.0.1 and ::1" if use_ipv6 else "127.0.0.1")
     )
     with libchirp.Loop() as loop:
-        peers = []
+        peers: List[Peer] = []
+        took: Optional[float] = None
         try:
             for i in range(args.nodes):
-                peers.append(Peer(loop, NAMES[i], not args.asynchronous))
+                port = args.port + i if args.port else 0
+                peers.append(Peer(loop, NAMES[i], port, not args.asynchronous))
             servers = [threading.Thread(target=p.serve) for p in peers]
             clients = [
                 threading.Thread(target=p.ask, args=(peers, args.requests, use_ipv6)) for p in peers
@@ -179,7 +168,7 @@ def main():
     errors = sum(len(p.errors) for p in peers)
     print(
         "mesh: %d nodes, %d requests, %d answers, %d errors in %.2f s"
-        % (len(peers), asked, answered, errors, took)
+        % (len(peers), asked, answered, errors, took or 0.0)
     )
     return 0 if answered == asked and errors == 0 else 1
 

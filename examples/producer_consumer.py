@@ -17,61 +17,48 @@ What keeps the producers from burying the consumer is chirp's flow control:
 The consumer checks that every message arrived, in order per producer, and
 that it never held more than producers x MAX_SLOTS messages at once.
 
-Run: ``python examples/producer_consumer.py`` (after ``make build``).
+Every node takes a free port (``Config.PORT = 0``); ``--port P`` puts the
+consumer on P.
+
+Run: ``.venv/bin/python examples/producer_consumer.py`` (after ``make build``).
 """
+
+from __future__ import annotations
 
 import argparse
 import collections
-import os
 import queue
-import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future
+from typing import Counter, Deque, Dict, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import libchirp  # noqa: E402
-from libchirp.queue import Chirp, Message  # noqa: E402
+import libchirp
+from libchirp.queue import Chirp, Message
 
 MAX_SLOTS = 4  # consumer: unreleased messages per connection
 WINDOW = 8  # producer: sends in flight before it waits for the oldest one
 
 
-def free_port():
-    """A port nobody listens on, on IPv4 and IPv6 (a node binds both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
-            s4.bind(("0.0.0.0", 0))
-            port = s4.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s6.bind(("::", port))
-            except OSError as exc:
-                if exc.errno == 97:  # no IPv6 on this machine
-                    return port
-                continue
-            if port > 1024:
-                return port
-
-
-def config(port, **fields):
+def config(port: int = 0) -> libchirp.Config:
     cfg = libchirp.Config()
-    cfg.PORT = port
+    cfg.PORT = port  # 0: a free port, which node.port reports
     cfg.SYNCHRONOUS = False
     cfg.DISABLE_ENCRYPTION = True  # all nodes talk over 127.0.0.1, never encrypted anyway
-    for name, value in fields.items():
-        setattr(cfg, name, value)
     return cfg
 
 
-def produce(node, name, consumer_port, count, size, report):
+#: Producer name -> (seconds until its last send completed, failed sends).
+Report = Dict[str, Tuple[float, int]]
+
+
+def produce(
+    node: Chirp, name: str, consumer_port: int, count: int, size: int, report: Report
+) -> None:
     """Send ``count`` blocks to the consumer, at most WINDOW unfinished at a time."""
     start = time.monotonic()
-    pending = collections.deque()
+    pending: Deque[Future[Message]] = collections.deque()
     failed = 0
     for seq in range(count):
         msg = Message()
@@ -89,10 +76,12 @@ def produce(node, name, consumer_port, count, size, report):
     report[name] = (time.monotonic() - start, failed)
 
 
-def consume(node, expected, work, deadline):
+def consume(
+    node: Chirp, expected: int, work: float, deadline: float
+) -> Tuple[Counter[str], int, bool]:
     """Take messages until ``expected`` arrived; return (per producer, max held, ordered)."""
-    seen = collections.Counter()
-    next_seq = collections.defaultdict(int)
+    seen: Counter[str] = collections.Counter()
+    next_seq: Dict[str, int] = collections.defaultdict(int)
     ordered = True
     max_held = 0
     while sum(seen.values()) < expected and time.monotonic() < deadline:
@@ -113,12 +102,13 @@ def consume(node, expected, work, deadline):
     return seen, max_held, ordered
 
 
-def main():
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--producers", type=int, default=3)
     parser.add_argument("--count", type=int, default=200, help="messages per producer")
     parser.add_argument("--size", type=int, default=64 * 1024, help="bytes per message")
     parser.add_argument("--work", type=float, default=0.002, help="seconds of work per message")
+    parser.add_argument("--port", type=int, default=0, help="the consumer's port (0: a free one)")
     args = parser.parse_args()
     total = args.producers * args.count
     limit = args.producers * MAX_SLOTS
@@ -129,11 +119,14 @@ def main():
         % (args.producers, total, args.size // 1024, MAX_SLOTS, args.work * 1000)
     )
     with libchirp.Loop() as loop:
-        consumer = Chirp(loop, config(free_port(), MAX_SLOTS=MAX_SLOTS, AUTO_RELEASE=False))
-        producers = [Chirp(loop, config(free_port())) for _ in range(args.producers)]
+        consumer_config = config(args.port)
+        consumer_config.MAX_SLOTS = MAX_SLOTS
+        consumer_config.AUTO_RELEASE = False
+        consumer = Chirp(loop, consumer_config)
+        producers = [Chirp(loop, config()) for _ in range(args.producers)]
+        report: Report = {}
         with consumer:
             try:
-                report = {}
                 start = time.monotonic()
                 threads = [
                     threading.Thread(

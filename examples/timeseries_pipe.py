@@ -1,266 +1,327 @@
 #!/usr/bin/env python3
-"""Time-series events piped through a chain of nodes: source -> transformer -> sink.
+"""Pipe time-series points into a database, synchronously: a source and a sink.
 
-Three processes, one node each, all in synchronous mode:
+Two programs in one file, each a process of its own:
 
-* the **source** (this process) samples a noisy sine wave and sends one event per
-  sample to the transformer, waiting for each send to complete;
-* the **transformer** (a child process) smooths the values with an exponential
-  moving average and forwards each event to the sink. It releases the incoming
-  event only after the forward completed (AUTO_RELEASE off);
-* the **sink** (a child process) stores each event and only then releases it.
+* ``sink`` runs a synchronous node with AUTO_RELEASE off. For every point that
+  arrives it writes the point to the database and only then releases the
+  message. In synchronous mode the release is what completes the sender's
+  send, so a completed send means *the point is stored*.
+* ``source`` samples a noisy sine wave at a steady rate (``--rate`` points per
+  second, each stamped with the real time it was taken) and sends the points
+  to the sink, one at a time, each waiting for its send to complete. A sampler
+  thread keeps taking samples while the sender waits, so the rate stays steady
+  even when the sink is slow or away. When a send fails (the sink died, or was
+  restarted) the same point is sent again until it goes through.
 
-Because every hop is synchronous and releases late, the source's send completes
-only when the sink has stored the event: a completed send means the event is
-at the end of the pipe, and a failure anywhere shows up as a failed send at
-the source. Nothing can be lost silently. At the end the source sends an
-``end`` event with the number of samples, and the sink prints a summary.
+A point sent again may already be stored: the sink may have died after storing
+it but before its release reached the source. The database makes such a resend
+harmless: a point is identified by its series and its time, so the second copy
+does not add a row.
 
-Run: ``python examples/timeseries_pipe.py`` (after ``make build``).
+* **SQLite** (the default, ``--db FILE``): a table ``points`` with the columns
+  ``series``, ``time_ns`` and ``value`` and the primary key (series, time_ns),
+  in WAL mode with ``synchronous = FULL``: each point is committed (and on
+  disk) before it is released. A resent point is ignored.
+* **InfluxDB 1.x** (``--influx URL``): each point is written with the line
+  protocol over HTTP (``POST /write``, measurement ``points``, tag ``series``,
+  field ``value``, nanosecond time). InfluxDB stores one point per
+  measurement, tags and time, so a resent point overwrites itself. The write
+  has succeeded when InfluxDB answers 204.
+
+Run (after ``make build``), in two terminals::
+
+    .venv/bin/python examples/timeseries_pipe.py sink --port 7000 --db points.sqlite
+    .venv/bin/python examples/timeseries_pipe.py source 127.0.0.1:7000 --rate 50
+
+Kill the sink and start it again while the source runs: the source reports
+the failed sends, waits, and continues; nothing is lost and nothing stored twice.
+``--journal FILE`` makes the source append every point whose send completed
+(``series time_ns`` per line), which is how tests/test_timeseries.py checks it.
 """
 
+from __future__ import annotations
+
 import argparse
+import json
 import math
-import os
 import queue
 import random
-import socket
-import struct
-import subprocess
+import signal
+import sqlite3
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from types import FrameType
+from typing import IO, NamedTuple, Optional, Protocol
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import libchirp
+from libchirp.queue import Chirp, Message
 
-import libchirp  # noqa: E402
-from libchirp.queue import Chirp, Message  # noqa: E402
-
-POINT = struct.Struct("!Idd")  # sequence number, time stamp, value
-SMOOTHED = struct.Struct("!Iddd")  # ... plus the smoothed value
-ALPHA = 0.2  # weight of the newest value in the moving average
-WAIT = 30.0  # upper bound for one send (they take milliseconds)
+HEADER = b"point"
 
 
-def free_port():
-    """A port nobody listens on, on IPv4 and IPv6 (a node binds both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
-            s4.bind(("0.0.0.0", 0))
-            port = s4.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s6.bind(("::", port))
-            except OSError as exc:
-                if exc.errno == 97:  # no IPv6 on this machine
-                    return port
-                continue
-            if port > 1024:
-                return port
+class Point(NamedTuple):
+    series: str
+    time_ns: int
+    value: float
+
+    def encode(self) -> bytes:
+        fields = {"series": self.series, "time_ns": self.time_ns, "value": self.value}
+        return json.dumps(fields).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Point:
+        fields = json.loads(data)
+        return cls(str(fields["series"]), int(fields["time_ns"]), float(fields["value"]))
 
 
-def config(port):
-    cfg = libchirp.Config()
-    cfg.PORT = port
-    cfg.SYNCHRONOUS = True  # the default, spelled out: a send waits for the release
-    cfg.AUTO_RELEASE = False  # release only when the event is handled
-    cfg.DISABLE_ENCRYPTION = True  # 127.0.0.1 is never encrypted anyway
-    return cfg
-
-
-def say(text):
+def say(text: str) -> None:
     print(text, flush=True)
 
 
-def stdin_closed():
-    """An Event set when stdin reaches EOF: the parent tells a child to stop."""
-    ev = threading.Event()
+def stop_on_signals() -> threading.Event:
+    """An Event set by SIGINT or SIGTERM: both end a program cleanly."""
+    stop = threading.Event()
 
-    def watch():
-        sys.stdin.read()
-        ev.set()
+    def handle(signum: int, frame: Optional[FrameType]) -> None:
+        stop.set()
 
-    threading.Thread(target=watch, daemon=True).start()
-    return ev
-
-
-def event(port, header, data):
-    msg = Message()
-    msg.address = "127.0.0.1"
-    msg.port = port
-    msg.header = header
-    msg.data = data
-    return msg
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
 
 
-# -- transformer and sink (child processes) --------------------------------------------------------
+# -- the sink --------------------------------------------------------------------------------------
 
 
-def run_transformer(port, sink_port):
-    stop = stdin_closed()
-    average = None
-    with libchirp.Loop() as loop, Chirp(loop, config(port)) as node:
-        say("READY")
-        while not stop.is_set():
-            try:
-                msg = node.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if msg.header == b"point":
-                seq, stamp, value = POINT.unpack(msg.data)
-                average = value if average is None else ALPHA * value + (1 - ALPHA) * average
-                out = event(sink_port, b"point", SMOOTHED.pack(seq, stamp, value, average))
-            else:
-                out = event(sink_port, msg.header, msg.data)  # "end": pass it on
-            try:
-                node.send(out).result(timeout=WAIT)  # the sink has stored it ...
-            finally:
-                msg.release_slot()  # ... so now the source's send may complete
-    return 0
+class Store(Protocol):
+    def write(self, point: Point) -> bool:
+        """Store ``point`` durably; False if it was stored already (a resend)."""
+
+    def close(self) -> None: ...
 
 
-def run_sink(port):
-    stop = stdin_closed()
-    points = []
-    with libchirp.Loop() as loop, Chirp(loop, config(port)) as node:
-        say("READY")
-        while not stop.is_set():
-            try:
-                msg = node.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if msg.header == b"point":
-                points.append(SMOOTHED.unpack(msg.data))  # "store" it, then release
-            elif msg.header == b"end":
-                summarize(points, int(msg.data))
-            msg.release_slot()
-    return 0
+class SqliteStore:
+    """Points in an SQLite table; one transaction per point."""
 
-
-def summarize(points, expected):
-    seqs = [p[0] for p in points]
-    in_order = seqs == list(range(len(points)))
-    lost = expected - len(points)
-    say(
-        "sink: %d of %d points arrived, %s, %s"
-        % (
-            len(points),
-            expected,
-            "in order" if in_order else "OUT OF ORDER",
-            "none lost" if lost == 0 else "%d LOST" % lost,
-        )
-    )
-    if points:
-        raw = [p[2] for p in points]
-        smooth = [p[3] for p in points]
-        say(
-            "sink: t = %.2f .. %.2f s; raw values %.3f .. %.3f, smoothed %.3f .. %.3f"
-            % (points[0][1], points[-1][1], min(raw), max(raw), min(smooth), max(smooth))
-        )
-        noise = [abs(r - math.sin(p[1])) for r, p in zip(raw, points)]
-        rest = [abs(s - math.sin(p[1])) for s, p in zip(smooth, points)]
-        say(
-            "sink: mean distance from the true sine: raw %.3f, smoothed %.3f"
-            % (sum(noise) / len(noise), sum(rest) / len(rest))
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)  # transactions by hand
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = FULL")  # a commit is on disk
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS points ("
+            " series TEXT NOT NULL,"
+            " time_ns INTEGER NOT NULL,"
+            " value REAL NOT NULL,"
+            " PRIMARY KEY (series, time_ns))"
         )
 
+    def write(self, point: Point) -> bool:
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO points (series, time_ns, value) VALUES (?, ?, ?)", point
+        )
+        return cursor.rowcount == 1
 
-# -- the source (this process) ---------------------------------------------------------------------
-
-
-def start_child(args, children):
-    """Start this script with ``args`` (added to ``children`` at once); wait for READY."""
-    child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__)] + [str(a) for a in args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    children.append(child)
-    ready = threading.Event()
-    lines = []
-
-    def relay():  # print the child's lines in this process, so output does not interleave
-        for line in child.stdout:
-            if line.startswith("READY"):
-                ready.set()
-            else:
-                lines.append(line)
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        ready.set()
-
-    relay_thread = threading.Thread(target=relay, daemon=True)
-    relay_thread.start()
-    child.relay_thread = relay_thread
-    if not ready.wait(30) or child.poll() is not None:
-        raise SystemExit("a child process did not start")
-    return child, lines
+    def close(self) -> None:
+        self.db.close()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", type=int, default=400)
-    parser.add_argument("--transformer", nargs=2, type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.transformer:
-        return run_transformer(*args.transformer)
-    if args.sink:
-        return run_sink(args.sink)
+class InfluxStore:
+    """Points in an InfluxDB 1.x database, written with the line protocol."""
 
-    sink_port, transformer_port = free_port(), free_port()
-    say(
-        "timeseries_pipe: source (this process) -> transformer (port %d) -> sink (port %d), "
-        "synchronous, %d points" % (transformer_port, sink_port, args.points)
-    )
-    children = []
-    sink_lines = []
-    failed = 0
+    def __init__(self, url: str, database: str) -> None:
+        self.url = url.rstrip("/")
+        self.database = database
+        self._post("/query", {"q": 'CREATE DATABASE "%s"' % database})  # no-op if it exists
+
+    def _post(self, path: str, params: dict[str, str], body: bytes = b"") -> int:
+        url = "%s%s?%s" % (self.url, path, urllib.parse.urlencode(params))
+        request = urllib.request.Request(url, data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+
+    def write(self, point: Point) -> bool:
+        series = point.series.replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ")
+        series = series.replace("=", "\\=")
+        line = "points,series=%s value=%r %d" % (series, point.value, point.time_ns)
+        status = self._post("/write", {"db": self.database, "precision": "ns"}, line.encode())
+        if status != 204:
+            raise OSError("InfluxDB answered %d to a write" % status)
+        return True  # InfluxDB cannot tell; a resend overwrites the same point
+
+    def close(self) -> None:
+        pass
+
+
+def run_sink(args: argparse.Namespace) -> int:
+    stop = stop_on_signals()
+    store: Store = InfluxStore(args.influx, args.influx_db) if args.influx else SqliteStore(args.db)
+    where = "InfluxDB %s, database %s" % (args.influx, args.influx_db) if args.influx else args.db
+    stored = resent = 0
+    config = libchirp.Config()
+    config.PORT = args.port  # 0: a free port, which node.port reports
+    config.SYNCHRONOUS = True  # the default, spelled out: a send waits for the release
+    config.AUTO_RELEASE = False  # released only once the point is stored
+    config.DISABLE_ENCRYPTION = True  # on one host; between hosts use TLS (docs/tls.md)
     try:
-        _, sink_lines = start_child(["--sink", sink_port], children)
-        start_child(["--transformer", transformer_port, sink_port], children)
-        rng = random.Random(7)
-        with libchirp.Loop() as loop, Chirp(loop, config(free_port())) as source:
-            start = time.monotonic()
-            for seq in range(args.points):
-                stamp = seq * 0.02
-                value = math.sin(stamp) + rng.gauss(0.0, 0.2)
-                msg = event(transformer_port, b"point", POINT.pack(seq, stamp, value))
-                try:
-                    source.send(msg).result(timeout=WAIT)  # done: the sink stored it
-                except Exception as exc:
-                    failed += 1
-                    say("source: point %d failed: %r" % (seq, exc))
-            took = time.monotonic() - start
-            say(
-                "source: %d points sent in %.2f s (%.0f per second), %d failed; each send "
-                "completed only after the sink had stored the point"
-                % (args.points, took, args.points / took, failed)
-            )
-            end = event(transformer_port, b"end", b"%d" % args.points)
-            source.send(end).result(timeout=WAIT)  # the sink printed its summary by now
+        with libchirp.Loop() as loop:
+            node = Chirp(loop, config)
+            with node:
+                say("sink: listening on port %d, storing points in %s" % (node.port, where))
+                while not stop.is_set():
+                    try:
+                        msg = node.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
+                    if msg.header == HEADER:
+                        # An exception here ends the sink without releasing the
+                        # message: the source's send fails and it sends the point again.
+                        if store.write(Point.decode(msg.data)):
+                            stored += 1
+                        else:
+                            resent += 1
+                    msg.release_slot()
     finally:
-        for child in children:
-            child.stdin.close()
-        for child in children:
-            try:
-                child.wait(20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            child.relay_thread.join(10)
-    ok = (
-        failed == 0
-        and all(c.returncode == 0 for c in children)
-        and any("none lost" in line for line in sink_lines)
+        store.close()
+    say("sink: %d points stored, %d resent ones were stored already" % (stored, resent))
+    return 0
+
+
+# -- the source ------------------------------------------------------------------------------------
+
+
+def sample(
+    points: queue.Queue[Optional[Point]],
+    series: str,
+    rate: float,
+    count: int,
+    stop: threading.Event,
+) -> None:
+    """Take ``count`` samples (0: until ``stop``), ``rate`` per second; None at the end."""
+    rng = random.Random()
+    start = time.monotonic()
+    taken = 0
+    while not stop.is_set() and (count == 0 or taken < count):
+        # A steady rate: sample i is due at start + i / rate, however long sends take.
+        if stop.wait(max(0.0, start + taken / rate - time.monotonic())):
+            break
+        now = time.time_ns()
+        value = math.sin(now / 1e9) + rng.gauss(0.0, 0.1)
+        points.put(Point(series, now, value))
+        taken += 1
+    points.put(None)
+
+
+def run_source(args: argparse.Namespace) -> int:
+    stop = stop_on_signals()
+    address, _, port_text = args.sink.rpartition(":")
+    address = address.strip("[]")
+    journal: Optional[IO[str]] = open(args.journal, "a") if args.journal else None
+    points: queue.Queue[Optional[Point]] = queue.Queue()
+    sampler = threading.Thread(
+        target=sample, args=(points, args.series, args.rate, args.points, stop), daemon=True
     )
-    say("timeseries_pipe: %s" % ("done" if ok else "FAILED"))
-    return 0 if ok else 1
+    config = libchirp.Config()
+    config.PORT = args.port  # 0: a free port (the sink does not answer; the node listens anyway)
+    config.SYNCHRONOUS = True  # a send completes when the sink released, i.e. stored, the point
+    config.TIMEOUT = args.timeout
+    config.DISABLE_ENCRYPTION = True  # on one host; between hosts use TLS (docs/tls.md)
+    sent = resends = 0
+    gave_up = False
+    start = time.monotonic()
+    say(
+        "source: %s points of series %r, %g per second, to %s"
+        % (args.points or "unlimited", args.series, args.rate, args.sink)
+    )
+    try:
+        with libchirp.Loop() as loop:
+            node = Chirp(loop, config)
+            with node:
+                sampler.start()
+                while True:
+                    point = points.get()
+                    if point is None:
+                        break
+                    failing_since: Optional[float] = None
+                    while not stop.is_set():
+                        msg = Message()
+                        msg.address, msg.port = address, int(port_text)
+                        msg.header = HEADER
+                        msg.data = point.encode()
+                        try:
+                            node.send(msg).result(timeout=3 * args.timeout + 10)
+                            break  # stored
+                        except Exception as exc:  # noqa: BLE001 - every failure means "again"
+                            now = time.monotonic()
+                            if failing_since is None:
+                                failing_since = now
+                                say(
+                                    "source: a send failed (%s: %s); sending the point "
+                                    "again until it is stored" % (type(exc).__name__, exc)
+                                )
+                            elif now - failing_since > args.retry_for:
+                                say("source: giving up after %.0f s of failures" % args.retry_for)
+                                gave_up = True
+                                break
+                            resends += 1
+                            stop.wait(0.2)
+                    else:
+                        break  # Ctrl-C or SIGTERM while the point was not stored
+                    if gave_up:
+                        break
+                    if failing_since is not None:
+                        say(
+                            "source: the point went through after %.1f s; continuing"
+                            % (time.monotonic() - failing_since)
+                        )
+                    sent += 1
+                    if journal is not None:
+                        journal.write("%s %d\n" % (point.series, point.time_ns))
+                        journal.flush()
+    finally:
+        stop.set()
+        sampler.join(10)
+        if journal is not None:
+            journal.close()
+    took = time.monotonic() - start
+    say(
+        "source: %d points stored in %.1f s (%.1f per second), %d resends, %s"
+        % (sent, took, sent / took if took else 0.0, resends, "gave up" if gave_up else "none lost")
+    )
+    return 1 if gave_up else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sink = commands.add_parser("sink", help="store the points that arrive in a database")
+    sink.add_argument("--port", type=int, default=0, help="listening port (default: a free one)")
+    sink.add_argument(
+        "--db", default="timeseries.sqlite", help="SQLite file (default: %(default)s)"
+    )
+    sink.add_argument("--influx", metavar="URL", help="store in InfluxDB 1.x at URL instead")
+    sink.add_argument(
+        "--influx-db", default="chirp", help="InfluxDB database (default: %(default)s)"
+    )
+    source = commands.add_parser("source", help="sample a sine wave and send it to a sink")
+    source.add_argument("sink", metavar="ADDR:PORT", help="the sink, e.g. 127.0.0.1:7000")
+    source.add_argument("--series", default="sine", help="series name (default: %(default)s)")
+    source.add_argument("--rate", type=float, default=50.0, help="points per second (default: 50)")
+    source.add_argument("--points", type=int, default=0, help="stop after N points (0: never)")
+    source.add_argument(
+        "--port", type=int, default=0, help="this node's port (default: a free one)"
+    )
+    source.add_argument("--timeout", type=float, default=5.0, help="Config.TIMEOUT (default: 5)")
+    source.add_argument(
+        "--retry-for", type=float, default=60.0, help="give up after S seconds of failed sends"
+    )
+    source.add_argument("--journal", metavar="FILE", help="append every stored point to FILE")
+    args = parser.parse_args()
+    return run_sink(args) if args.command == "sink" else run_source(args)
 
 
 if __name__ == "__main__":

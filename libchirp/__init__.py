@@ -9,7 +9,7 @@ Interfaces (each exports ``Chirp``, ``Config``, ``Loop`` and ``Message``):
 * :mod:`libchirp.asyncio`: override ``async def handler(msg)``; awaitable
   ``send()``, ``request()`` and ``release_slot()``.
 
-Every node offers ``statistics()`` (see :mod:`libchirp.stats`). See PROTOCOL.md
+Every node offers ``statistics()`` (see :mod:`libchirp.stats`). See docs/protocol.md
 for the wire protocol and docs/architecture.md for the threads.
 
 Importing this package fails with ``ImportError`` if the compiled core is
@@ -23,12 +23,14 @@ from .config import Config
 from .errors import (
     ChirpAddressInUseError,
     ChirpCannotConnectError,
+    ChirpConfigRangeError,
     ChirpError,
     ChirpFatalError,
     ChirpInitFailError,
     ChirpInProgressError,
     ChirpInternalError,
     ChirpMemoryError,
+    ChirpMessageValueError,
     ChirpNotInitializedError,
     ChirpProtocolError,
     ChirpSendQueueFull,
@@ -43,7 +45,7 @@ from .errors import (
     chirp_error_to_exception,
 )
 from .loop import Loop
-from .message import MessageBase, MessageThread
+from .message import Message, MessageBase, MessageThread
 from .stats import CounterStats, NodeStats, RemoteStats
 
 __version__ = "2.0.0.dev0"
@@ -54,6 +56,7 @@ __all__ = [
     "Loop",
     "ChirpBase",
     "ChirpFuture",
+    "Message",
     "MessageBase",
     "MessageThread",
     "NodeStats",
@@ -72,6 +75,8 @@ __all__ = [
     "ChirpTimeoutError",
     "ChirpMemoryError",
     "ChirpSendQueueFull",
+    "ChirpConfigRangeError",
+    "ChirpMessageValueError",
     "ChirpShutdown",
     "ChirpCannotConnectError",
     "ChirpInternalError",

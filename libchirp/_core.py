@@ -5,14 +5,18 @@ Theory of operation
 Everything that touches ``ffi``/``lib`` lives here; the public modules
 (``loop``, ``chirp``, ``queue``, ...) are thin shells over two classes:
 
-* :class:`LoopCore` owns a ``ch_loop_t`` and two daemon threads (see
-  docs/architecture.md): the **loop thread** runs ``ch_loop_run()`` (libuv; no
-  Python, the GIL is released for the whole call) and the **dispatcher thread**
-  blocks in ``ch_loop_poll()`` with the GIL released and handles the returned
-  events in batches of up to 256, so Python is entered once per batch, not once
-  per message. The dispatcher also runs ``call_soon()`` callbacks (queued in a
-  deque and announced with ``ch_loop_wake()``) and the request timers (a heap of
-  deadlines; the poll timeout is the time to the earliest deadline).
+* :class:`LoopCore` owns a ``ch_loop_t`` and one daemon thread, the
+  **background thread** (see docs/architecture.md). libuv is not thread-safe:
+  whichever thread holds the loop's ownership token runs it
+  (``ch_loop_drive()``, the GIL released while it blocks in the I/O poll) and
+  then handles the events it produced, in batches of up to 256, holding the
+  token, so Python is entered once per batch and events are handled in order.
+  A thread that waits for a result (``get()``, a future's ``result()``)
+  drives the loop itself (:meth:`LoopCore.lead_until`); the background thread
+  drives it whenever no such thread does. The holder also runs ``call_soon()``
+  callbacks (queued in a deque and announced with ``ch_loop_wake()``) and the
+  request timers (a heap of deadlines; the drive's timeout is the time to the
+  earliest deadline).
 
 * :class:`NodeCore` owns a ``ch_node_t``. Application threads submit sends and
   releases under the node's lock; the lock also guards the "closing" and "stop
@@ -22,13 +26,13 @@ Everything that touches ``ffi``/``lib`` lives here; the public modules
   Header and data ``bytes`` of a send are handed to C without copying
   (``ffi.from_buffer``) and kept alive in the pending entry until SEND_DONE.
 
-Batches: after the dispatcher has handled one batch of events (and the timers
+Batches: after the token holder has handled one batch of events (and the timers
 that were due), it runs the *end-of-batch hooks* registered during that batch
 (:meth:`LoopCore.at_batch_end`). Interfaces that hand work to another event loop
 (``libchirp.asyncio``) collect what a batch produced and flush it there with one
 wake-up per batch instead of one per message.
 
-Requests (PROTOCOL.md 8.3, changed by issue 4): a reply that arrives after its
+Requests (docs/protocol.md#answering, a change from libchirp 1.x): a reply that arrives after its
 request timed out is counted (``late_replies``) and dropped: its slot is
 released at once (so the peer still gets its ACK) and it is never delivered as
 an ordinary message (libchirp 1.x delivered it; see ``DROP_LATE_REPLIES``).
@@ -42,8 +46,9 @@ maps to the NodeCore. Public objects (``Loop``, ``ChirpBase``) are *not*
 referenced by the threads or by the cores, so a leaked public object is
 garbage-collected and can warn with ``ResourceWarning``.
 
-Threads: ``LoopCore.dispatch`` and every ``on_*`` method run on the dispatcher
-thread; everything else may run on any application thread.
+Threads: every ``on_*`` method runs on the thread holding the loop's token
+(the background thread or a waiting application thread, see
+``LoopCore.in_dispatcher()``); everything else may run on any thread.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10007
+_EXPECTED_STAMP = 10009
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -90,7 +95,7 @@ __all__ = ["ffi", "lib", "LoopCore", "NodeCore", "fill_config", "check_config", 
 
 logger = logging.getLogger("libchirp")
 
-#: Events per ch_loop_poll() batch.
+#: Events per ch_loop_drive() batch.
 BATCH = 256
 #: Bound for starting a node (seconds).
 START_LIMIT = 30.0
@@ -99,9 +104,9 @@ JOIN_LIMIT = 10.0
 #: How many expired request identities are remembered (late replies are dropped).
 EXPIRED_MEMORY = 10000
 #: What happens to a reply that arrives after its request timed out: it is always
-#: counted (``late_replies``). True (the default since issue 4) drops it: it is
+#: counted (``late_replies``). True (the default) drops it: it is
 #: released at once, so the peer still gets its ACK, and never delivered. False
-#: restores libchirp 1.x (PROTOCOL.md 8.3): it is delivered as an ordinary message.
+#: restores libchirp 1.x (docs/protocol.md#answering): it is delivered as an ordinary message.
 DROP_LATE_REPLIES = True
 #: call_soon() callbacks run per wake-up before yielding to other events.
 CALLS_PER_WAKE = 10000
@@ -117,14 +122,23 @@ _EV_STATS = lib.CH_EV_STATS
 _NULL = ffi.NULL
 
 _WAKE_CALLS = 1  # token of the wake-up that announces call_soon() callbacks
+_DRIVE_AGAIN = lib.CH_DRIVE_AGAIN  # -CH_BUSY: no token, re-check
+#: What ch_loop_drive() answers once the loop has ended (csrc/error.h: -CH_<NAME>).
+_LOOP_ENDED = -lib.CH_SHUTDOWN
+_DRIVE_MESSAGES = lib.CH_DRIVE_MESSAGES
+_DRIVE_BACKGROUND = lib.CH_DRIVE_BACKGROUND
 #: Token of releases nobody waits for (release_many): their completions are only
 #: counted, so that stop() can let the owed ACKs go out first. Real tokens start at 2.
 _QUIET_RELEASE = 1
-#: Longest single wait of an application thread in ch_loop_poll_app() (seconds):
-#: it re-checks its condition at least this often, whatever woke it or not.
-LEAD_SLICE = 0.05
-#: Whether waiting application threads handle events themselves (lead_until());
-#: False sends every event through the dispatcher thread (for comparisons).
+_TIMEOUT = lib.CH_TIMEOUT
+#: libuv's clock counts whole milliseconds: deadlines of the core and of Python
+#: timers set within the same millisecond may end in either order by this much.
+_CLOCK_SLACK = 0.002
+#: Longest single drive of an application thread (seconds): it gives the loop up
+#: and re-checks its condition at least this often, whatever woke it or not.
+LEAD_SLICE = 0.2
+#: Whether waiting application threads drive the loop themselves (lead_until());
+#: False leaves it to the background thread (for comparisons).
 LEAD_WAITERS = True
 
 _monotonic = time.monotonic
@@ -167,7 +181,7 @@ _CHAR_P = ffi.typeof("char *")
 
 
 class _PollBuffers:
-    """What one polling thread hands to ch_loop_poll*(): events and an arena."""
+    """What one driving thread hands to ch_loop_drive(): events and an arena."""
 
     __slots__ = ("events", "arena", "arena_buf", "arena_base", "seq")
 
@@ -232,9 +246,15 @@ def _error(code: int, text: Optional[str] = None) -> ChirpError:
     return exc
 
 
+#: A submission refused here, before the core (the node is stopping, or a release has
+#: nothing to release). Positive, so it never equals a core code: those are negative
+#: (csrc/error.h).
+_REFUSED = 1
+
+
 def _submit_error(rc: int) -> ChirpError:
-    """The failure of a submission: a core code, or -1 when the node is stopping."""
-    return _error(rc) if rc > 0 else _shutdown_error("node is stopping")
+    """The failure of a submission: a negative core code, or _REFUSED (node stopping)."""
+    return _shutdown_error("node is stopping") if rc == _REFUSED else _error(rc)
 
 
 def _shutdown_error(text: str = "node stopped") -> ChirpShutdown:
@@ -281,7 +301,7 @@ def fill_config(config: Config) -> Tuple[Any, List[Any]]:
 
 
 def check_config(ccfg: Any) -> None:
-    """Run ``ch_config_check`` (PROTOCOL.md 7.2); raise ValueError with its text."""
+    """Run ``ch_config_check`` (docs/config.md); raise ValueError with its text."""
     err = ffi.new("char[]", 512)
     rc = lib.ch_config_check(ccfg, err, 512)
     if rc != lib.CH_SUCCESS:
@@ -292,7 +312,7 @@ def check_config(ccfg: Any) -> None:
 
 
 class LoopCore:
-    """A ``ch_loop_t`` with its loop and dispatcher threads (see the module docstring).
+    """A ``ch_loop_t`` with its background thread (see the module docstring).
 
     ``lock`` guards the life-cycle flags, the node table and the validity of
     ``c`` (it is freed, and set to None, under the lock).
@@ -316,15 +336,14 @@ class LoopCore:
         self._timer_lock = threading.Lock()
         self._timer_seq = itertools.count()
         self._poll_deadline = float("inf")
-        self.uv_thread: Optional[threading.Thread] = None
-        self.disp_thread: Optional[threading.Thread] = None
-        self.disp_ident: Optional[int] = None
-        #: The application thread handling a batch right now (see lead_until()).
+        self.bg_thread: Optional[threading.Thread] = None
+        self.bg_ident: Optional[int] = None
+        #: The application thread holding the loop's token right now (see lead_until()).
         self.lead_ident: Optional[int] = None
-        self._app_polling = 0  # application threads inside ch_loop_poll_app (under lock)
+        self._app_polling = 0  # application threads inside ch_loop_drive (under lock)
         self._app_idle = threading.Condition(self.lock)
         self._lead_buffers = threading.local()
-        self._batch_end: List[Callable[[], None]] = []  # dispatcher thread only
+        self._batch_end: List[Callable[[], None]] = []  # the thread handling events only
         #: Objects shared by the nodes of this loop, by key (see :meth:`acquire_shared`).
         self._shared: Dict[Any, List[Any]] = {}
 
@@ -332,9 +351,10 @@ class LoopCore:
         return next(self._tokens)
 
     def in_dispatcher(self) -> bool:
-        """True on the thread handling events now: the dispatcher, or a leading waiter."""
+        """True on the background thread, and on an application thread while it
+        handles events (holding the loop's token in lead_until())."""
         ident = threading.get_ident()
-        return ident == self.disp_ident or ident == self.lead_ident
+        return ident == self.bg_ident or ident == self.lead_ident
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -345,17 +365,10 @@ class LoopCore:
             if self.started:
                 return
             self.started = True
-            self.uv_thread = threading.Thread(
-                target=self._run_uv, name="libchirp-loop", daemon=True
+            self.bg_thread = threading.Thread(
+                target=self._background, name="libchirp-loop", daemon=True
             )
-            self.disp_thread = threading.Thread(
-                target=self._dispatch, name="libchirp-dispatcher", daemon=True
-            )
-            self.uv_thread.start()
-            self.disp_thread.start()
-
-    def _run_uv(self) -> None:
-        lib.ch_loop_run(self.c)  # releases the GIL until the loop has ended
+            self.bg_thread.start()
 
     def request_stop(self, join: bool = True) -> None:
         """Mark the loop stopped; really stop it once no node uses it."""
@@ -366,8 +379,8 @@ class LoopCore:
     def maybe_finish(self, join: bool = True) -> None:
         """Stop the C loop if a stop was requested and no node is left.
 
-        With ``join``, wait (bounded) for the dispatcher to finish, unless called
-        on the dispatcher thread itself. A loop that never ran is closed inline.
+        With ``join``, wait (bounded) for the background thread to finish, unless
+        called on a thread handling events. A loop that never ran is closed inline.
         """
         with self.lock:
             if self.stop_requested and not self.nodes and self.c is not None and not self.c_stopped:
@@ -383,13 +396,13 @@ class LoopCore:
                     return
             if not (self.c_stopped and self.started):
                 return
-            disp = self.disp_thread
-        if not join or disp is None or self.in_dispatcher():
+            bg = self.bg_thread
+        if not join or bg is None or self.in_dispatcher():
             return
-        disp.join(JOIN_LIMIT)
-        if disp.is_alive():
+        bg.join(JOIN_LIMIT)
+        if bg.is_alive():
             logger.warning(
-                "libchirp: the dispatcher thread did not end within %.0f s "
+                "libchirp: the loop's background thread did not end within %.0f s "
                 "(a callback may be blocking it)",
                 JOIN_LIMIT,
             )
@@ -408,8 +421,8 @@ class LoopCore:
                 raise RuntimeError("Loop is not running; call run() first")
             if self.in_dispatcher():
                 raise RuntimeError(
-                    "a node cannot be started on the loop's dispatcher thread "
-                    "(from a receive handler or a call_soon() callback)"
+                    "a node cannot be started while handling the loop's events, as the "
+                    "dispatcher (from a receive handler or a call_soon() callback)"
                 )
             self.nodes[node.token] = node
 
@@ -445,7 +458,7 @@ class LoopCore:
                 lib.ch_loop_wake(self.c, _WAKE_CALLS)
 
     def add_timer(self, delay: float, func: Callable[..., Any], *args: Any) -> list:
-        """Run ``func(*args)`` on the dispatcher after ``delay`` s; returns a handle.
+        """Run ``func(*args)`` on the thread holding the loop after ``delay`` s; returns a handle.
 
         ``cancel_timer(handle)`` cancels it (lazily: the entry stays in the heap).
         """
@@ -454,7 +467,7 @@ class LoopCore:
         with self._timer_lock:
             heapq.heappush(self._timers, entry)
             wake = deadline < self._poll_deadline
-        if wake and threading.get_ident() != self.disp_ident:
+        if wake and not self.in_dispatcher():
             with self.lock:
                 if self.c is not None and not self.ended:
                     lib.ch_loop_kick(self.c)
@@ -463,9 +476,9 @@ class LoopCore:
     # -- end-of-batch hooks and shared objects ------------------------------------------------
 
     def at_batch_end(self, func: Callable[[], None]) -> None:
-        """Run ``func()`` once the dispatcher has handled the current batch.
+        """Run ``func()`` once the thread handling events has handled the current batch.
 
-        Dispatcher thread only. Every registration runs once (register once per
+        Event-handling thread only. Every registration runs once (register once per
         batch if you want one call per batch). Hooks registered while the hooks
         run are run in the same round. Exceptions are logged.
         """
@@ -535,46 +548,56 @@ class LoopCore:
             except Exception:
                 logger.exception("libchirp: exception in a timer callback %r", func)
 
-    # -- the dispatcher ------------------------------------------------------------------------
+    # -- driving the loop ----------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        self.disp_ident = threading.get_ident()
+    def _background(self) -> None:
+        """The background thread: drive the loop whenever no application thread does."""
+        self.bg_ident = threading.get_ident()
         c = self.c
         bufs = _PollBuffers()
-        events, arena = bufs.events, bufs.arena
-        poll = lib.ch_loop_poll
+        events, arena, seq = bufs.events, bufs.arena, bufs.seq
+        drive = lib.ch_loop_drive
+        release = lib.ch_loop_release
         try:
             while True:
                 timeout = self._poll_timeout() if self._timers else -1.0
-                n = poll(c, events, BATCH, timeout, arena)  # GIL released while waiting
+                n = drive(c, events, BATCH, timeout, seq, _DRIVE_BACKGROUND, arena)
                 if n < 0:
+                    if n == _DRIVE_AGAIN:
+                        continue
                     break
-                self._handle(bufs, n)  # the next poll() ends this batch in C
+                try:
+                    self._handle(bufs, n)
+                finally:
+                    release(c)  # sends submitted while handling are written here
         finally:
-            self._dispatcher_ends()
+            self._loop_ends()
 
     def lead_until(
         self, ready: Callable[[], bool], timeout: Optional[float], messages: bool = False
     ) -> Optional[float]:
-        """Application thread: handle events here until ``ready()`` or ``timeout``.
+        """Application thread: drive the loop here until ``ready()`` or ``timeout``.
 
         Returns what is left of ``timeout`` (None for None) for the ordinary
         wait the caller does next.
 
         A thread that is going to wait for something the events bring (a
-        message in a queue, a send future) takes the events itself with
-        ``ch_loop_poll_app()`` instead of sleeping until the dispatcher thread
-        handled them and woke it: one thread hop less per message. The core
-        hands out one batch at a time, so events stay in order whichever thread
-        handles them. Returns early (the caller then waits the usual way) on the
-        dispatcher thread, inside a batch, or once the loop is ending.
+        message in a queue, a send future) takes the loop's ownership token and
+        runs the loop itself (``ch_loop_drive()``, GIL released), instead of
+        sleeping until another thread handled the events and woke it: no
+        thread hop per message, and its own sends made while it holds the
+        loop are written directly. One thread holds the token at a time, so
+        events stay in order whichever thread handles them; the others wait
+        until it gives the token up and re-check their condition (the batch
+        may have been theirs). Returns early (the caller then waits the usual
+        way) on a thread handling events, or once the loop is ending.
 
-        ``messages``: the caller waits for received messages (get()), so
-        batches of mere completions need not wake it (CH_POLL_MESSAGES: they
-        come along with the next message, or go on after CH_LAZY_MS).
+        ``messages``: the caller waits for received messages (get()), so mere
+        completions need not end its drive (CH_DRIVE_MESSAGES: they come along
+        with the next message, or after CH_LAZY_MS).
         """
         deadline = None if timeout is None else _monotonic() + timeout
-        self._lead(ready, deadline, lib.CH_POLL_MESSAGES if messages else 0)
+        self._lead(ready, deadline, _DRIVE_MESSAGES if messages else 0)
         return None if deadline is None else max(0.0, deadline - _monotonic())
 
     def _lead(self, ready: Callable[[], bool], deadline: Optional[float], flags: int) -> None:
@@ -586,14 +609,15 @@ class LoopCore:
         if bufs is None:
             bufs = local.bufs = _PollBuffers()
         events, arena, seq = bufs.events, bufs.arena, bufs.seq
-        poll_app = lib.ch_loop_poll_app
+        drive = lib.ch_loop_drive
+        release = lib.ch_loop_release
         lock = self.lock
         with lock:
             c = self.c
             if c is None or self.ended or self.c_stopped:
                 return
-            # Before the first look at ready(): a batch ending from now on (its
-            # result possibly missed by that look) makes poll_app() return.
+            # Before the first look at ready(): a token holder leaving from now
+            # on (its batch possibly missed by that look) makes drive() return.
             seq[0] = lib.ch_loop_batch_seq(c)
         while not ready():
             wait = LEAD_SLICE
@@ -601,26 +625,28 @@ class LoopCore:
                 wait = min(wait, deadline - _monotonic())
                 if wait <= 0:
                     return
+            if self._timers:
+                wait = min(wait, self._poll_timeout())
             with lock:
                 c = self.c
                 if c is None or self.ended or self.c_stopped:
                     return
                 self._app_polling += 1
             try:
-                n = poll_app(c, events, BATCH, wait, seq, flags, arena)  # GIL released meanwhile
-                if n > 0:
+                n = drive(c, events, BATCH, wait, seq, flags, arena)  # GIL released meanwhile
+                if n >= 0:
                     self.lead_ident = ident
                     try:
                         self._handle(bufs, n)
                     finally:
                         self.lead_ident = None
-                        lib.ch_loop_poll_done(c)
+                        release(c)
             finally:
                 with lock:
                     self._app_polling -= 1
-                    if not self._app_polling and self.ended:  # see _dispatcher_ends()
+                    if not self._app_polling and self.ended:  # see _loop_ends()
                         self._app_idle.notify_all()
-            if n < 0:
+            if n == _LOOP_ENDED:
                 return
 
     def _handle(self, bufs: _PollBuffers, n: int) -> None:
@@ -703,21 +729,17 @@ class LoopCore:
         if self._batch_end:
             self._end_batch()
 
-    def _dispatcher_ends(self) -> None:
-        uv = self.uv_thread
-        if uv is not None:
-            uv.join(JOIN_LIMIT)
+    def _loop_ends(self) -> None:
         with self.lock:
             self.ended = True
-            # Application threads still inside ch_loop_poll_app() get -1 at once
+            # Application threads still inside ch_loop_drive() get -CH_SHUTDOWN at once
             # (the loop has ended); the loop is freed only after they left.
-            self._app_idle.wait_for(lambda: not self._app_polling, JOIN_LIMIT)
-            if uv is not None and uv.is_alive():
-                logger.error("libchirp: the loop thread did not end; the loop is not freed")
+            if not self._app_idle.wait_for(lambda: not self._app_polling, JOIN_LIMIT):
+                logger.error("libchirp: a thread still drives the loop; the loop is not freed")
             elif self.c is not None:
                 lib.ch_loop_free(self.c)
                 self.c = None
-        # Callbacks queued before the end still run, here on the dispatcher thread.
+        # Callbacks queued before the end still run, here on the background thread.
         while self.calls:
             func, args, kwargs = self.calls.popleft()
             try:
@@ -853,9 +875,10 @@ class NodeCore:
 
         Small messages (up to SEND_COPY_LIMIT bytes) go to the core in batches:
         one ch_node_send_batch() call copies them, takes the loop's lock once
-        and wakes the loop thread at most once. Each C call releases the GIL,
-        so one call per message would also hand the GIL to any other thread
-        waiting for it (the dispatcher), once per message.
+        and wakes the loop's owner at most once (or writes them itself when
+        nobody owns the loop). Each C call releases the GIL, so one call per
+        message would also hand the GIL to any other thread waiting for it,
+        once per message.
         """
         for msg in msgs:
             if not isinstance(msg, MessageBase):
@@ -870,7 +893,7 @@ class NodeCore:
                     raise RuntimeError("Message is still being sent")
                 msg._target()  # parses a received message's address; raises before any send
             if self.closing:
-                failed = [(fut, -1) for fut in futs]
+                failed = [(fut, _REFUSED) for fut in futs]
             else:
                 self._submit_many(msgs, futs, failed)
         for fut, rc in failed:
@@ -924,14 +947,15 @@ class NodeCore:
             flush()
 
     def _submit_send(self, msg: MessageBase, fut: Future, request: Optional[Future]) -> int:
-        """Hand one send to the core (caller holds the lock); 0, a core code, or -1 (closing).
+        """Hand one send to the core (caller holds the lock): 0, a negative core code, or
+        _REFUSED (closing).
 
         header and data are ``bytes`` passed to C as they are (no copy); the
         pending entry keeps them alive until SEND_DONE, even if the message's
         attributes are replaced meanwhile.
         """
         if self.closing:
-            return -1
+            return _REFUSED
         if msg._sending:
             raise RuntimeError("Message is still being sent")
         family, addr = msg._target()
@@ -974,9 +998,16 @@ class NodeCore:
         req: Any = entry[4]
         if req is not None and _pending_request(self.requests, msg._identity, req):
             del self.requests[msg._identity]
-            LoopCore.cancel_timer(req._timer)
+            timer = req._timer
+            LoopCore.cancel_timer(timer)
             self._remember_expired(msg._identity)
-            _set_exception(req, _error(status, text))
+            if status == _TIMEOUT and timer is not None and timer[0] <= _monotonic() + _CLOCK_SLACK:
+                # The send's TIMEOUT started after the request's (at the write), but
+                # libuv's clock counts whole milliseconds, so it may end first by a
+                # fraction of one: the request ran out of time all the same.
+                _set_exception(req, self._request_timeout(msg))
+            else:
+                _set_exception(req, _error(status, text))
 
     def on_sends_done(self, token: int, count: int) -> None:
         """Dispatcher: the sends ``token`` .. ``token + count - 1`` all succeeded."""
@@ -998,7 +1029,7 @@ class NodeCore:
                 raise RuntimeError("a request with this message identity is already pending")
             self.requests[identity] = req
             self.expired.pop(identity, None)
-        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req)
+        req._timer = self.loop.add_timer(self.timeout, self._expire, identity, req, msg)
         try:
             send_future = self.send(msg, req)
         except BaseException:
@@ -1017,14 +1048,22 @@ class NodeCore:
             if exc is not None:
                 _set_exception(req, exc)
 
-    def _expire(self, identity: bytes, req: Any) -> None:
+    def _expire(self, identity: bytes, req: Any, msg: MessageBase) -> None:
         if not _pending_request(self.requests, identity, req):
             return
         del self.requests[identity]
         self._remember_expired(identity)
-        exc = ChirpTimeoutError("Chirp request timed out")
+        _set_exception(req, self._request_timeout(msg))
+
+    def _request_timeout(self, msg: MessageBase) -> ChirpTimeoutError:
+        address = msg.address
+        peer = ("[%s]:%d" if ":" in address else "%s:%d") % (address, msg.port)
+        exc = ChirpTimeoutError(
+            "Chirp request timed out: no answer from %s within %.1f s (TIMEOUT)"
+            % (peer, self.timeout)
+        )
         exc.ecode = lib.CH_TIMEOUT
-        _set_exception(req, exc)
+        return exc
 
     def _remember_expired(self, identity: bytes) -> None:
         expired = self.expired
@@ -1097,9 +1136,9 @@ class NodeCore:
         fut = self._future()
         with self.lock:
             rc = self._submit_release(msg, fut)
-        if rc > 0:
+        if rc < 0:
             fut.set_exception(_error(rc))
-        elif rc < 0:
+        elif rc == _REFUSED:
             fut.set_result(None)
         return fut
 
@@ -1145,20 +1184,20 @@ class NodeCore:
     def _submit_release(self, msg: MessageBase, fut: Future) -> int:
         """Hand one release, completed by ``fut``, to the core (caller holds the lock).
 
-        Returns 0 (submitted), -1 (nothing to release: no slot, or the node is
-        stopping and frees it itself) or a core error code. Releases without a
+        Returns 0 (submitted), _REFUSED (nothing to release: no slot, or the node
+        is stopping and frees it itself) or a negative core error code. Releases without a
         future go through release_many().
         """
         cmsg = msg._c
         if cmsg is None:
-            return -1
+            return _REFUSED
         if msg._sending:
             raise RuntimeError("Message is still being sent; release it when the send is done")
         msg._c = None
         self.held.discard(msg)
         if self.stop_sent:  # cannot happen for held messages; be safe
             self.orphans.append(cmsg)
-            return -1
+            return _REFUSED
         token = next(self.loop._tokens)
         self.releases[token] = (fut, msg._identity, msg._serial)
         rc = lib.ch_node_release(self.c, _cast(_MSG_P, cmsg), token)
@@ -1259,11 +1298,11 @@ class NodeCore:
     # -- stop ----------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the node (PROTOCOL.md 8.1); idempotent, bounded, see ChirpBase.stop()."""
+        """Stop the node; idempotent and bounded, see ChirpBase.stop()."""
         if self.loop.in_dispatcher():
             raise RuntimeError(
-                "stop() cannot be called on the loop's dispatcher thread (from a receive "
-                "handler or a call_soon() callback); call it from another thread"
+                "stop() cannot be called while handling the loop's events, as the dispatcher "
+                "(from a receive handler or a call_soon() callback); call it from another thread"
             )
         with self._stop_lock:
             if self.done:

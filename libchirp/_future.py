@@ -41,13 +41,13 @@ _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 _LAZY = frozenset(("_condition", "_waiters", "_done_callbacks"))
 
 
-class LightFuture(Future):
+class LightFuture(Future[Any]):
     """A Future whose condition is created lazily (see the module docstring).
 
     ``_leader`` (set by the node for its own futures) is the LoopCore whose
     events complete the future: a thread about to wait in ``result()`` or
     ``exception()`` handles those events itself (``LoopCore.lead_until``)
-    instead of sleeping until the dispatcher thread did.
+    instead of sleeping until another thread did.
     """
 
     _leader: Any = None

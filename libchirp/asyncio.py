@@ -5,11 +5,14 @@ Theory of operation
 :class:`Chirp` is a :class:`~libchirp.chirp.ChirpBase` bound to one asyncio
 event loop (the default policy's loop or uvloop). Its coroutine methods and
 futures belong to that loop: ``send()``, ``request()``, ``statistics()`` and
-``Message.release_slot()`` must be called on the asyncio loop's thread and
-return asyncio futures (or awaitables).
+``Message.release_slot()`` must be called on the asyncio loop's thread (or,
+as libchirp 1.x allows, before that loop runs) and return asyncio futures (or
+awaitables).
 
-Hand-off from the chirp dispatcher thread (no busy polling, no per-message
-wake-up): everything the dispatcher produces for an asyncio loop (a received
+Hand-off from the thread handling the chirp loop's events, "the dispatcher"
+(the chirp loop's background thread, or a thread waiting in a future's
+``result()``; no busy polling, no per-message wake-up): everything the
+dispatcher produces for an asyncio loop (a received
 message to handle, a completed send, release or request) is appended to that
 loop's :class:`_Bridge`. The first item of a dispatcher batch registers an
 end-of-batch hook with the core (``LoopCore.at_batch_end``); when the batch is
@@ -25,9 +28,9 @@ Handlers: every received message that does not answer a request runs
 ``handler(msg)`` in its own task. With ``Config.AUTO_RELEASE`` (default) the slot
 is released after the handler returns **or raises** (the exception is logged
 with its traceback through the ``libchirp`` logger; libchirp 1.x leaked the
-slot, PROTOCOL.md 10.14). If the handler started sending the message back
-without awaiting it, the release happens when that send completed. The default
-handler releases the message when AUTO_RELEASE is False.
+slot, docs/protocol.md#compatibility-with-libchirp-1x). If the handler started
+sending the message back without awaiting it, the release happens when that
+send completed. The default handler releases the message when AUTO_RELEASE is False.
 
 Stopping: ``await chirp.astop()`` (or ``async with``) on the asyncio loop; it
 waits (bounded by Config.TIMEOUT) for running handler tasks and then runs the
@@ -43,7 +46,7 @@ import threading
 import weakref
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Callable, Dict, Generator, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Generator, Generic, List, Optional, Tuple, Type, TypeVar
 
 from ._core import START_LIMIT, LoopCore, NodeCore, logger
 from .chirp import ChirpBase
@@ -56,6 +59,12 @@ from .stats import NodeStats
 __all__ = ["Chirp", "ChirpFuture", "Config", "Loop", "Message"]
 
 
+#: A message class (sending returns a future of the message given).
+_M = TypeVar("_M", bound=MessageBase)
+#: The node's own class, for ``async with Chirp(...) as node``.
+_Self = TypeVar("_Self", bound="Chirp")
+
+
 # -- the hand-off ----------------------------------------------------------------------------------
 
 #: One piece of work for the asyncio loop: ``func(*args)``.
@@ -63,7 +72,7 @@ _Item = Tuple[Callable[..., Any], Tuple[Any, ...]]
 
 
 class _Bridge:
-    """Batched hand-off from the chirp dispatcher thread to one asyncio loop."""
+    """Batched hand-off from the thread handling chirp events to one asyncio loop."""
 
     def __init__(self, core: LoopCore, aloop: asyncio.AbstractEventLoop) -> None:
         self.core = core
@@ -179,7 +188,7 @@ def _release_quietly(msg: Any) -> None:
                 node.release_when_sent(msg)
 
 
-def _start_handler(chirp: Chirp, msg: MessageBase) -> None:
+def _start_handler(chirp: Chirp, msg: Message) -> None:
     chirp._start_handler(msg)
 
 
@@ -211,7 +220,7 @@ class Message(MessageBase):
         return af
 
 
-class ChirpFuture:
+class ChirpFuture(Generic[_M]):
     """The awaitable of ``Chirp.request()``: ``await`` it for the reply.
 
     Awaiting returns the reply message and releases its slot when
@@ -233,15 +242,15 @@ class ChirpFuture:
         self._bridge = bridge
         self._auto_release = auto_release
 
-    def __await__(self) -> Generator[Any, None, Any]:
-        msg = yield from self._reply.__await__()
+    def __await__(self) -> Generator[Any, None, _M]:
+        msg: _M = yield from self._reply.__await__()
         if self._auto_release:
             _release_quietly(msg)
         return msg
 
-    async def send_result(self) -> MessageBase:
+    async def send_result(self) -> _M:
         """Wait for the send of the request; return the sent message or raise."""
-        msg: MessageBase = await self._bridge.wrap(self._send)
+        msg: _M = await self._bridge.wrap(self._send)
         return msg
 
     def done(self) -> bool:
@@ -253,9 +262,9 @@ class ChirpFuture:
     def cancel(self) -> bool:
         return self._reply.cancel()
 
-    def result(self) -> Any:
+    def result(self) -> _M:
         """The reply (released when ``auto_release``); raises like asyncio.Future.result()."""
-        msg = self._reply.result()
+        msg: _M = self._reply.result()
         if self._auto_release:
             _release_quietly(msg)
         return msg
@@ -327,6 +336,8 @@ class Chirp(ChirpBase):
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        if running is None and not self._aloop.is_running() and not self._aloop.is_closed():
+            return  # before the asyncio loop runs (as libchirp 1.x allows): its futures wait for it
         if running is not self._aloop:
             raise RuntimeError(
                 "%s() must be called on the thread of the node's asyncio loop" % what
@@ -334,7 +345,7 @@ class Chirp(ChirpBase):
 
     # -- handling ------------------------------------------------------------------------------
 
-    async def handler(self, msg: MessageBase) -> None:
+    async def handler(self, msg: Message) -> None:
         """Handle one received message on the asyncio loop. Override this coroutine.
 
         The default releases the message when AUTO_RELEASE is False (with
@@ -343,11 +354,11 @@ class Chirp(ChirpBase):
         if not self._auto_release:
             _release_quietly(msg)
 
-    def _deliver(self, msg: MessageBase) -> None:
+    def _deliver(self, msg: Message) -> None:
         # Dispatcher thread.
         self._bridge.post(_start_handler, self, msg)
 
-    def _start_handler(self, msg: MessageBase) -> None:
+    def _start_handler(self, msg: Message) -> None:
         # asyncio loop thread.
         if self._closing:
             _release_quietly(msg)
@@ -372,7 +383,7 @@ class Chirp(ChirpBase):
                 pass
             _release_quietly(msg)
 
-    async def _run_handler(self, msg: MessageBase) -> None:
+    async def _run_handler(self, msg: Message) -> None:
         try:
             await self.handler(msg)
         except Exception:
@@ -387,18 +398,19 @@ class Chirp(ChirpBase):
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, msg: MessageBase) -> asyncio.Future[Any]:  # type: ignore[override]
-        """Send ``msg``; returns an asyncio future resolving to ``msg`` (PROTOCOL.md 4.1).
+    def send(self, msg: _M) -> asyncio.Future[_M]:  # type: ignore[override]
+        """Send ``msg``; returns an asyncio future resolving to ``msg`` (docs/modes.md).
 
-        Call on the asyncio loop's thread. ``RuntimeError`` if ``msg`` is still
-        being sent.
+        Call on the asyncio loop's thread, or before that loop runs (as in
+        libchirp 1.x; the future completes once it runs). ``RuntimeError`` if
+        ``msg`` is still being sent.
         """
         self._check_thread("send")
         return self._bridge.wrap(ChirpBase.send(self, msg))
 
     def request(  # type: ignore[override]
-        self, msg: MessageBase, auto_release: bool = True
-    ) -> ChirpFuture:
+        self, msg: _M, auto_release: bool = True
+    ) -> ChirpFuture[_M]:
         """Send ``msg`` and return an awaitable :class:`ChirpFuture` for the reply.
 
         ``await chirp.request(msg)`` returns the reply (its slot released when
@@ -411,7 +423,7 @@ class Chirp(ChirpBase):
             raise TypeError("request() needs a libchirp message, not %s" % type(msg).__name__)
         node = self._node
         assert node is not None
-        req = _ThreadChirpFuture(auto_release=False)
+        req: _ThreadChirpFuture[_M] = _ThreadChirpFuture(auto_release=False)
         node.request(msg, req)
         send_cf = req._send_future
         if send_cf is None:  # pragma: no cover - node.request raised instead
@@ -537,7 +549,7 @@ class Chirp(ChirpBase):
             pass
         ChirpBase.__del__(self)
 
-    async def __aenter__(self) -> Chirp:
+    async def __aenter__(self: _Self) -> _Self:
         return self
 
     async def __aexit__(

@@ -1,15 +1,16 @@
-"""The node base class and the request future (PROTOCOL.md 8.1, 8.3).
+"""The node base class and the request future (docs/interfaces.md, docs/protocol.md#answering).
 
 Theory of operation
 -------------------
 :class:`ChirpBase` is the public face of one chirp node; the work is done by
 ``libchirp._core.NodeCore``. The constructor seals the config, validates it with
 the C core (``ValueError`` with the reference message prefixes), starts the node
-on the loop and blocks (bounded) until the loop thread answered.
+on the loop and blocks (bounded) until the core answered.
 
 Delivery: every received message is first matched against open requests by
 identity (8.3); otherwise it goes to the ``recv`` callable given to the
-constructor, on the dispatcher thread (the interfaces ``libchirp.queue``,
+constructor, on the thread handling the loop's events (the background thread
+or a thread waiting in ``get()``/``result()``; the interfaces ``libchirp.queue``,
 ``libchirp.pool`` and ``libchirp.asyncio`` pass their own). With ``recv=None``
 every message is released at once. Callables that are bound methods of the
 node itself are held weakly, so a node that is dropped without ``stop()`` can be
@@ -19,7 +20,7 @@ garbage-collected, warns with ``ResourceWarning`` and stops in the background.
 complete: after ``stop()`` began they are already failed with
 :class:`~libchirp.errors.ChirpShutdown`. ``stop()`` is idempotent and bounded.
 
-Late replies (a change from libchirp 1.x, issue 4): a reply that arrives after
+Late replies (a change from libchirp 1.x): a reply that arrives after
 its request timed out is released at once (its sender still gets its ACK),
 counted in ``late_replies`` / ``statistics()["late_replies"]`` and dropped; it
 is never delivered as an ordinary message.
@@ -41,42 +42,49 @@ import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only from 3.11 on
 from types import TracebackType
-from typing import Any, Callable, Iterable, List, Optional, Type
+from typing import Any, Callable, Generic, Iterable, List, Optional, Type, TypeVar
 
 from ._core import START_LIMIT, NodeCore
 from ._future import LightFuture
 from .config import Config
 from .loop import Loop
-from .message import MessageBase, MessageThread
+from .message import Message, MessageBase
 from .stats import NodeStats
 
 __all__ = ["ChirpBase", "ChirpFuture"]
 
+#: A message class (sending returns a future of the message given).
+_M = TypeVar("_M", bound=MessageBase)
+#: The node's own class, for ``with Chirp(loop, config) as node``.
+_Self = TypeVar("_Self", bound="ChirpBase")
 
-class ChirpFuture(LightFuture):
+
+class ChirpFuture(LightFuture, Generic[_M]):
     """The future of ``ChirpBase.request()``: resolves to the reply message.
 
     ``result()`` releases the reply's slot when ``auto_release`` was True (the
     ``request()`` argument, independent of ``Config.AUTO_RELEASE``).
     ``send_result()`` waits for the underlying send and returns the sent message.
-    The future fails with ``TimeoutError("Chirp request timed out")`` when no
-    reply arrived within Config.TIMEOUT (send and queue time included); a reply
+    The future fails with ``TimeoutError`` ("Chirp request timed out: no answer
+    from 127.0.0.1:3000 within 5.0 s (TIMEOUT)") when no reply arrived within
+    Config.TIMEOUT (send and queue time included); a reply
     arriving after that is dropped and counted as a late reply.
     """
 
     def __init__(self, auto_release: bool = True) -> None:
         super().__init__()
         self._auto_release = auto_release
-        self._send_future: Optional[Future] = None
-        self._timer: Optional[list] = None
+        self._send_future: Optional[Future[_M]] = None
+        self._timer: Optional[List[Any]] = None
 
-    def result(self, timeout: Optional[float] = None) -> Any:
-        msg = super().result(timeout)
+    def result(self, timeout: Optional[float] = None) -> _M:
+        """The reply message (its slot released when ``auto_release``)."""
+        msg: _M = super().result(timeout)
         if self._auto_release and msg is not None:
             msg.release_slot()
         return msg
 
-    def send_result(self, timeout: Optional[float] = None) -> Any:
+    def send_result(self, timeout: Optional[float] = None) -> _M:
         """Wait for the send of the request; return the sent message or raise."""
         send_future = self._send_future
         if send_future is None:  # request() raised before sending
@@ -114,14 +122,14 @@ class ChirpBase:
     """
 
     #: The class of received messages.
-    _message_class: Type[MessageBase] = MessageThread
+    _message_class: Type[MessageBase] = Message
 
     def __init__(
         self,
         loop: Loop,
         config: Config,
-        recv: Optional[Callable[[MessageBase], Any]] = None,
-        recv_many: Optional[Callable[[List[MessageBase]], Any]] = None,
+        recv: Optional[Callable[[Any], Any]] = None,
+        recv_many: Optional[Callable[[List[Any]], Any]] = None,
     ) -> None:
         self._node: Optional[NodeCore] = None
         self._stopped = False
@@ -129,6 +137,7 @@ class ChirpBase:
             raise TypeError("loop must be a libchirp.Loop, not %s" % type(loop).__name__)
         if not isinstance(config, Config):
             raise TypeError("config must be a libchirp.Config, not %s" % type(config).__name__)
+        config._check_start()  # the cross-field rules, with texts naming the fields
         self._loop = loop
         self._config = config
         was_sealed = config.sealed
@@ -186,21 +195,25 @@ class ChirpBase:
     def statistics(self, timeout: Optional[float] = None) -> NodeStats:
         """Return a snapshot of the node's statistics (see :mod:`libchirp.stats`).
 
-        Thread-safe; blocks until the loop thread answered, at most ``timeout``
+        Thread-safe; blocks until the core answered, at most ``timeout``
         seconds (None: 30 s), else raises ``TimeoutError``. Raises
         :class:`~libchirp.errors.ChirpShutdown` (a ``ConnectionError``) once the
-        node is stopped. Cannot be called on the loop's dispatcher thread (from a
-        ``call_soon()`` callback); the asyncio interface has an awaitable variant.
+        node is stopped. Cannot be called while handling the loop's events (from a
+        ``call_soon()`` or future callback); the asyncio interface has an awaitable
+        variant.
         """
         self._check_process()
         node = self._node
         assert node is not None
         if node.loop.in_dispatcher():
-            raise RuntimeError("statistics() cannot wait on the loop's dispatcher thread")
+            raise RuntimeError(
+                "statistics() cannot wait while handling the loop's events (as the dispatcher)"
+            )
         limit = START_LIMIT if timeout is None else timeout
         fut = node.stats()
         try:
-            return fut.result(limit)
+            stats: NodeStats = fut.result(limit)
+            return stats
         except _FutureTimeout:
             raise TimeoutError("statistics were not answered within %.1f s" % limit) from None
 
@@ -212,8 +225,8 @@ class ChirpBase:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, msg: MessageBase) -> Future:
-        """Send ``msg``; the future resolves to ``msg`` (PROTOCOL.md 4.1) or fails.
+    def send(self, msg: _M) -> Future[_M]:
+        """Send ``msg``; the future resolves to ``msg`` (docs/modes.md) or fails.
 
         Thread-safe. ``RuntimeError`` if ``msg`` is still being sent.
         """
@@ -223,7 +236,7 @@ class ChirpBase:
         assert self._node is not None
         return self._node.send(msg)
 
-    def send_many(self, msgs: Iterable[MessageBase]) -> List[Future]:
+    def send_many(self, msgs: Iterable[_M]) -> List[Future[_M]]:
         """Send several messages; returns one future per message, in order.
 
         Equivalent to ``[send(m) for m in msgs]`` but hands them to the loop
@@ -232,13 +245,13 @@ class ChirpBase:
         non-message and ``RuntimeError`` for a message that is being sent or is
         given twice.
         """
-        batch = list(msgs)
+        batch: List[MessageBase] = list(msgs)
         self._check_process()
         assert self._node is not None
         return self._node.send_many(batch)
 
-    def request(self, msg: MessageBase, auto_release: bool = True) -> ChirpFuture:
-        """Send ``msg`` and return a :class:`ChirpFuture` for the reply (PROTOCOL.md 8.3).
+    def request(self, msg: _M, auto_release: bool = True) -> ChirpFuture[_M]:
+        """Send ``msg``; return a :class:`ChirpFuture` for the reply (docs/protocol.md#answering).
 
         The first received message carrying ``msg.identity`` resolves the future;
         it is not delivered to the interface. Without a reply within
@@ -249,14 +262,14 @@ class ChirpBase:
             raise TypeError("request() needs a libchirp message, not %s" % type(msg).__name__)
         self._check_process()
         assert self._node is not None
-        req = ChirpFuture(auto_release)
+        req: ChirpFuture[_M] = ChirpFuture(auto_release)
         self._node.request(msg, req)
         return req
 
     # -- stopping ------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the node; idempotent and bounded (PROTOCOL.md 8.1).
+        """Stop the node; idempotent and bounded (docs/interfaces.md#common-to-all-interfaces).
 
         Waits up to Config.TIMEOUT for delivered messages to be released; if some
         are not, releases them itself and raises ``RuntimeError("Timeout waiting
@@ -274,7 +287,7 @@ class ChirpBase:
         finally:
             self._stopped = node.done
 
-    def __enter__(self) -> ChirpBase:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(

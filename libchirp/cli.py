@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import errno
+import functools
 import json
 import os
 import queue
@@ -51,9 +51,10 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import wait as _wait_futures
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
+from .config import LIMITS as CONFIG_LIMITS
 from .config import Config
 from .errors import ERROR_NAMES, ChirpError
 from .loop import Loop
@@ -76,6 +77,48 @@ class CliError(Exception):
     """A failure to report as one line on stderr (exit status 1)."""
 
 
+class UsageError(CliError):
+    """Bad arguments found after parsing (options that exclude each other): status 2."""
+
+
+def _config_limit(field: str, note: str) -> Tuple[str, float, float, str]:
+    """The range of a Config field as libchirp.config.LIMITS has it (0 where 0 is allowed)."""
+    lim = CONFIG_LIMITS[field]
+    assert lim.low is not None and lim.high is not None
+    return (field, 0 if lim.zero is not None else lim.low, lim.high, note)
+
+
+#: The limits the command checks its node options against, shown by ``chirp --help``:
+#: option -> (Config field or "", low, high, unit). Where a Config field is named,
+#: the range is that field's in libchirp.config.LIMITS, the one table of them.
+LIMITS: Dict[str, Tuple[str, float, float, str]] = {
+    "--port": ("PORT", CONFIG_LIMITS["PORT"].low or 0, CONFIG_LIMITS["PORT"].high or 0,
+               "or 0: a free port, which the command prints"),
+    "--timeout": _config_limit("TIMEOUT", "seconds"),
+    "--max-slots": _config_limit("MAX_SLOTS", "0 = the mode's default"),
+    "--stats-every": ("", 0.1, 86400.0, "seconds"),
+    "--interval": ("", 0.0, 86400.0, "seconds"),
+}  # fmt: skip
+
+
+def _mark_done(done_at: Dict[int, float], index: int, _future: Any) -> None:
+    """Done callback: note when send number ``index`` completed."""
+    done_at[index] = time.monotonic()
+
+
+def _limits_text() -> str:
+    lines = ["limits of the node options:"]
+    for option, (field, low, high, note) in LIMITS.items():
+        name = "%s (Config.%s)" % (option, field) if field else option
+        lines.append("  %-32s %g..%g, %s" % (name, low, high, note))
+    return "\n".join(lines)
+
+
+def plural(count: int, word: str, many: Optional[str] = None) -> str:
+    """``"1 message"``, ``"2 messages"`` (``many`` for irregular plurals)."""
+    return "%d %s" % (count, word if count == 1 else (many or word + "s"))
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr (exit status 2)."""
 
@@ -93,6 +136,14 @@ def _out(line: str) -> None:
     with _out_lock:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
+
+
+def _out_raw(data: bytes) -> None:
+    """Write bytes to stdout as they are, then a newline, flushed."""
+    with _out_lock:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data + b"\n")
+        sys.stdout.buffer.flush()
 
 
 def _err(line: str) -> None:
@@ -176,6 +227,20 @@ def _int_arg(low: int, high: Optional[int] = None) -> Callable[[str], int]:
     return convert
 
 
+def _port_arg(text: str) -> int:
+    """A listening port: 0 (a free one) or in the range of LIMITS["--port"]."""
+    low, high = (int(x) for x in LIMITS["--port"][1:3])
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an integer: %r" % text) from None
+    if value != 0 and not low <= value <= high:
+        raise argparse.ArgumentTypeError(
+            "must be 0 (a free port) or %d..%d: %s" % (low, high, text)
+        )
+    return value
+
+
 def _float_arg(low: float, high: float) -> Callable[[str], float]:
     def convert(text: str) -> float:
         try:
@@ -190,22 +255,31 @@ def _float_arg(low: float, high: float) -> Callable[[str], float]:
 
 
 def _is_loopback(address: str) -> bool:
-    # Exactly the two addresses chirp never encrypts (PROTOCOL.md 1.2).
+    # Exactly the two addresses chirp never encrypts (docs/tls.md).
     return address in ("127.0.0.1", "::1")
 
 
-def _show_bytes(value: bytes, limit: int) -> str:
-    if limit and len(value) > limit:
-        return "%r...(%d bytes)" % (value[:limit], len(value))
-    return repr(value)
+def _show_bytes(value: bytes, limit: int, fmt: str = "repr") -> str:
+    shown = value[:limit] if limit and len(value) > limit else value
+    text = shown.hex() if fmt == "hex" else repr(shown)
+    if len(shown) < len(value):
+        text += "...(%d bytes)" % len(value)
+    return text
 
 
-def describe(msg: MessageBase, limit: int = 0, verbose: bool = False) -> str:
-    """One line for a message: ``ADDR:PORT header=b'..' data=b'..'`` (repr-escaped)."""
+#: The forms of ``chirp listen --format``.
+FORMATS = ("repr", "hex", "raw")
+
+
+def describe(msg: MessageBase, limit: int = 0, verbose: bool = False, fmt: str = "repr") -> str:
+    """One line for a message: ``ADDR:PORT header=b'..' data=b'..'``.
+
+    ``fmt`` is ``"repr"`` (bytes literals, escaped) or ``"hex"`` (hex digits).
+    """
     line = "%s header=%s data=%s" % (
         format_address(msg.address, msg.port),
-        _show_bytes(msg.header, limit),
-        _show_bytes(msg.data, limit),
+        _show_bytes(msg.header, limit, fmt),
+        _show_bytes(msg.data, limit, fmt),
     )
     if verbose:
         line += " identity=%s serial=%d remote=%s" % (
@@ -224,40 +298,44 @@ def _exc_text(exc: BaseException) -> str:
     return text
 
 
-def free_port() -> int:
-    """A port (>1024) nobody listens on right now, on IPv4 and (if present) IPv6."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
-            s4.bind(("0.0.0.0", 0))
-            port = s4.getsockname()[1]
-            if port <= 1024:
-                continue
-            try:
-                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s6.bind(("::", port))
-            except OSError as exc:
-                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                    return port  # no IPv6 here: the IPv4 check is all we can do
-                continue
-            return port
-    raise CliError("could not find a free port")
+def _wait(
+    fut: Future[Any], limit: float, what: str, stop: Optional[threading.Event] = None
+) -> bool:
+    """Wait until ``fut`` is done; False if ``stop`` was set first (Ctrl-C).
 
-
-def _wait(fut: Future, limit: float, what: str) -> None:
-    """Wait until ``fut`` is done; a future that outlives ``limit`` is a bug, reported."""
-    done, _ = _wait_futures([fut], timeout=limit)
-    if not done:
-        raise CliError("%s did not complete within %.0f s" % (what, limit))
+    A future that outlives ``limit`` is a bug, reported as an error.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CliError("%s did not complete within %.0f s" % (what, limit))
+        # Short slices when interruptible: a signal handler only sets ``stop``.
+        done, _ = _wait_futures([fut], timeout=min(left, 0.05) if stop else left)
+        if done:
+            return True
+        if stop is not None and stop.is_set():
+            return False
 
 
 # -- nodes -----------------------------------------------------------------------------------------
 
 
-def _add_node_options(p: argparse.ArgumentParser, port_help: str, default_port: Any) -> None:
+def _add_node_options(
+    p: argparse.ArgumentParser, port_help: str, default_port: Optional[int]
+) -> None:
     g = p.add_argument_group("node")
     g.add_argument(
-        "--port", type=_int_arg(1025, 65535), default=default_port, metavar="P", help=port_help
+        "--port", type=_port_arg, default=default_port, metavar="P",
+        help=port_help + "; 0: a free one, printed on stderr",
+    )  # fmt: skip
+    g.add_argument(
+        "--bind",
+        action="append",
+        type=_ip_arg,
+        metavar="ADDR",
+        help="listen on this IPv4 or IPv6 address only (once per family; "
+        "default: all addresses of both families)",
     )
     mode = g.add_mutually_exclusive_group()
     mode.add_argument(
@@ -276,7 +354,7 @@ def _add_node_options(p: argparse.ArgumentParser, port_help: str, default_port: 
     )
     g.add_argument(
         "--timeout",
-        type=_float_arg(0.1, 1200.0),
+        type=_float_arg(*LIMITS["--timeout"][1:3]),
         default=5.0,
         metavar="T",
         help="Config.TIMEOUT in seconds (default: %(default)s)",
@@ -298,16 +376,24 @@ def _add_node_options(p: argparse.ArgumentParser, port_help: str, default_port: 
     )
 
 
-def _make_config(args: argparse.Namespace, port: int, note: Optional[str]) -> Config:
+def _make_config(args: argparse.Namespace, note: Optional[str]) -> Config:
     """A Config from the common options; prints the plaintext note once if ``note``."""
     config = Config()
-    config.PORT = port
+    config.PORT = args.port or 0
     config.SYNCHRONOUS = not args.asynchronous
     config.TIMEOUT = args.timeout
+    binds = args.bind or []
+    if sum(":" in a for a in binds) > 1 or sum(":" not in a for a in binds) > 1:
+        raise UsageError("--bind takes at most one IPv4 and one IPv6 address")
+    for address in binds:
+        if ":" in address:
+            config.BIND_V6 = address
+        else:
+            config.BIND_V4 = address
     if args.plaintext and (args.cert or args.dh):
-        raise CliError("--plaintext and --cert/--dh exclude each other")
+        raise UsageError("--plaintext and --cert/--dh exclude each other")
     if bool(args.cert) != bool(args.dh):
-        raise CliError("--cert and --dh go together (TLS needs both files)")
+        raise UsageError("--cert and --dh go together (TLS needs both files)")
     if args.cert:
         for option, path in (("--cert", args.cert), ("--dh", args.dh)):
             if not os.path.isfile(path):
@@ -316,31 +402,32 @@ def _make_config(args: argparse.Namespace, port: int, note: Optional[str]) -> Co
         config.DH_PARAMS_PEM = os.path.abspath(args.dh)
     else:
         config.DISABLE_ENCRYPTION = True
-        if note and not args.plaintext and not getattr(args, "_noted", False):
-            args._noted = True
+        if note and not args.plaintext:
             _err("%s: note: %s" % (args.prog, note))
     return config
 
 
-def _start_node(loop: Loop, make_config: Callable[[int], Config], port: Optional[int]) -> Chirp:
-    """Start a node on ``port`` (None: a free one, retried if taken meanwhile)."""
-    attempts = 1 if port else 5
-    for attempt in range(attempts):
-        use = port or free_port()
-        config = make_config(use)
-        try:
-            return Chirp(loop, config)
-        except OSError as exc:
-            text = exc.strerror or str(exc)
-            in_use = "in use" in text or exc.errno == errno.EADDRINUSE and exc.strerror is None
-            if in_use and attempt + 1 < attempts:
-                continue
-            if in_use:
-                raise CliError("%s (choose another with --port)" % text) from None
-            raise CliError("the node did not start: %s" % text) from None
-        except ChirpError as exc:
-            raise CliError("the node did not start: %s" % exc) from None
-    raise AssertionError("unreachable")
+def _start_node(loop: Loop, config: Config) -> Chirp:
+    """Start a node with ``config`` (PORT 0: the node picks a free port)."""
+    try:
+        return Chirp(loop, config)
+    except OSError as exc:
+        text = exc.strerror or str(exc)
+        if "in use" in text:
+            raise CliError("%s (choose another with --port, or --port 0)" % text) from None
+        raise CliError("the node did not start: %s" % text) from None
+    except ChirpError as exc:
+        raise CliError("the node did not start: %s" % exc) from None
+
+
+def _announce(prog: str, node: Chirp, args: argparse.Namespace) -> None:
+    """Say where a sending node listens when the user chose it (--port/--bind)."""
+    if args.port is not None or args.bind:
+        config = node.config
+        _err(
+            "%s: this node listens on port %d (IPv4 %s, IPv6 %s)"
+            % (prog, node.port, config.BIND_V4, config.BIND_V6)
+        )
 
 
 def _stop_node(node: Chirp, prog: str) -> None:
@@ -351,7 +438,7 @@ def _stop_node(node: Chirp, prog: str) -> None:
 
 
 class _Stopper:
-    """SIGTERM/SIGINT end a command gracefully: ``stopped`` is set, nothing is raised."""
+    """SIGTERM/SIGINT end a command gracefully: ``event`` is set, nothing is raised."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -386,77 +473,88 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def format_stats(stats: Dict[str, Any]) -> List[str]:
-    """Lines of text for a ``statistics()`` snapshot (see :mod:`libchirp.stats`)."""
+def _count(value: Any, word: str, many: Optional[str] = None) -> str:
+    """:func:`plural` for a statistics field that may be missing (``"?"``)."""
+    if not isinstance(value, int):
+        return "? %s" % (many or word + "s")
+    return plural(value, word, many)
+
+
+_REMOTE_HEAD = (
+    "remote", "conns", "slots", "queue", "flight", "idle s", "msgs in", "bytes in",
+    "msgs out", "bytes out", "fail", "tmo", "proto", "tls",
+)  # fmt: skip
+_COUNTERS = (
+    "messages_in", "bytes_in", "messages_out", "bytes_out", "send_failures", "timeouts",
+    "protocol_errors", "tls_errors",
+)  # fmt: skip
+
+
+def _node_line(stats: Dict[str, Any]) -> str:
+    return "node %s port %s: %s, %s, %s, %s, %s, %s" % (
+        stats.get("identity", "?"),
+        stats.get("port", "?"),
+        _count(stats.get("connections"), "connection"),
+        _count(len(stats.get("remotes", {})), "remote"),
+        _count(stats.get("pending_sends"), "pending send"),
+        _count(stats.get("pending_requests"), "pending request"),
+        _count(stats.get("held_messages"), "held message"),
+        _count(stats.get("late_replies"), "late reply", "late replies"),
+    )
+
+
+def _totals_line(stats: Dict[str, Any]) -> str:
     t = stats.get("totals", {})
-    lines = [
-        "node %s port %s: %s connections, %d remotes, %s pending sends, %s pending requests, "
-        "%s held messages, %s late replies"
-        % (
-            stats.get("identity", "?"),
-            stats.get("port", "?"),
-            stats.get("connections", "?"),
-            len(stats.get("remotes", {})),
-            stats.get("pending_sends", "?"),
-            stats.get("pending_requests", "?"),
-            stats.get("held_messages", "?"),
-            stats.get("late_replies", "?"),
-        ),
-        "totals: in %s msgs (%s), out %s msgs (%s), %s send failures, %s timeouts, "
-        "%s protocol errors, %s TLS errors, %s connects"
-        % (
-            t.get("messages_in", "?"),
-            _size(t.get("bytes_in", 0)),
-            t.get("messages_out", "?"),
-            _size(t.get("bytes_out", 0)),
-            t.get("send_failures", "?"),
-            t.get("timeouts", "?"),
-            t.get("protocol_errors", "?"),
-            t.get("tls_errors", "?"),
-            t.get("connects", "?"),
-        ),
-    ]
+    return "totals: in %s (%s), out %s (%s), %s, %s, %s, %s, %s" % (
+        _count(t.get("messages_in"), "msg"),
+        _size(t.get("bytes_in", 0)),
+        _count(t.get("messages_out"), "msg"),
+        _size(t.get("bytes_out", 0)),
+        _count(t.get("send_failures"), "send failure"),
+        _count(t.get("timeouts"), "timeout"),
+        _count(t.get("protocol_errors"), "protocol error"),
+        _count(t.get("tls_errors"), "TLS error"),
+        _count(t.get("connects"), "connect"),
+    )
+
+
+def _remote_row(key: str, r: Dict[str, Any]) -> Tuple[str, ...]:
+    c = r.get("counters", {})
+    return (
+        key,
+        str(r.get("connections", "")),
+        str(r.get("slots_in_use", "")),
+        str(r.get("send_queue", "")),
+        str(r.get("in_flight", "")),
+        "%.1f" % r.get("idle", 0.0),
+    ) + tuple(str(c.get(name, "")) for name in _COUNTERS)
+
+
+def format_stats(stats: Dict[str, Any], previous: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Lines of text for a ``statistics()`` snapshot (see :mod:`libchirp.stats`).
+
+    With ``previous`` (an earlier snapshot) only what changed since: the node
+    line, the totals line and the rows of the remotes whose figures changed (the
+    idle time aside, which always does); nothing at all if nothing changed.
+    """
+    lines = []
+    node, totals = _node_line(stats), _totals_line(stats)
+    if previous is None or node != _node_line(previous):
+        lines.append(node)
+    if previous is None or totals != _totals_line(previous):
+        lines.append(totals)
     remotes = stats.get("remotes", {})
-    if remotes:
-        head = (
-            "remote",
-            "conns",
-            "slots",
-            "queue",
-            "flight",
-            "idle s",
-            "msgs in",
-            "bytes in",
-            "msgs out",
-            "bytes out",
-            "fail",
-            "tmo",
-            "proto",
-            "tls",
-        )
-        rows = [head]
-        for key in sorted(remotes):
-            r = remotes[key]
-            c = r.get("counters", {})
-            rows.append(
-                (
-                    key,
-                    str(r.get("connections", "")),
-                    str(r.get("slots_in_use", "")),
-                    str(r.get("send_queue", "")),
-                    str(r.get("in_flight", "")),
-                    "%.1f" % r.get("idle", 0.0),
-                    str(c.get("messages_in", "")),
-                    str(c.get("bytes_in", "")),
-                    str(c.get("messages_out", "")),
-                    str(c.get("bytes_out", "")),
-                    str(c.get("send_failures", "")),
-                    str(c.get("timeouts", "")),
-                    str(c.get("protocol_errors", "")),
-                    str(c.get("tls_errors", "")),
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    before = {} if previous is None else previous.get("remotes", {})
+    rows: List[Tuple[str, ...]] = [_REMOTE_HEAD]
+    for key in sorted(remotes):
+        row = _remote_row(key, remotes[key])
+        if previous is not None and key in before:
+            old = _remote_row(key, before[key])
+            if row[:5] + row[6:] == old[:5] + old[6:]:
+                continue
+        rows.append(row)
+    if len(rows) > 1:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(_REMOTE_HEAD))]
         for row in rows:
             cells = [row[0].ljust(widths[0])]
             cells += [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
@@ -480,35 +578,29 @@ def cmd_listen(args: argparse.Namespace) -> int:
         "no --cert/--dh given: TLS is off (DISABLE_ENCRYPTION), so remote peers must disable "
         "it too; 127.0.0.1 and ::1 are plain TCP anyway (--plaintext hides this note)"
     )
-
-    def make_config(port: int) -> Config:
-        config = _make_config(args, port, note)
-        config.AUTO_RELEASE = False  # released after printing: a sync sender waits for that
-        if args.max_slots:
-            config.MAX_SLOTS = args.max_slots
-        for address in args.bind or ():
-            if ":" in address:
-                config.BIND_V6 = address
-            else:
-                config.BIND_V4 = address
-        return config
-
-    binds = args.bind or []
-    if sum(":" in a for a in binds) > 1 or sum(":" not in a for a in binds) > 1:
-        raise CliError("--bind takes at most one IPv4 and one IPv6 address")
+    config = _make_config(args, note)
+    config.AUTO_RELEASE = False  # released after printing: a sync sender waits for that
+    if args.max_slots:
+        config.MAX_SLOTS = args.max_slots
     received = echoed = echo_failures = 0
-    pending: collections.deque = collections.deque()
+    pending: collections.deque[Any] = collections.deque()
     wait_limit = 3 * args.timeout + _SLACK
 
-    def echo_done(fut: Future) -> None:
+    def echo_done(fut: Future[Any]) -> None:
         nonlocal echo_failures
         exc = fut.exception()
         if exc is not None:
             echo_failures += 1
             _err("%s: sending back failed: %s" % (prog, _exc_text(exc)))
 
+    def show(msg: MessageBase) -> None:
+        if args.format == "raw":
+            _out_raw(msg.data)
+        else:
+            _out(describe(msg, args.max_bytes, args.verbose, args.format))
+
     with _Stopper() as stopper, Loop() as loop:
-        node = _start_node(loop, make_config, args.port)
+        node = _start_node(loop, config)
         try:
             config = node.config
             mode = "synchronous" if config.SYNCHRONOUS else "asynchronous"
@@ -518,11 +610,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 % (prog, node.port, config.BIND_V4, config.BIND_V6, mode, tls)
             )
             next_stats = time.monotonic() + args.stats_every if args.stats_every else None
+            shown: Optional[Dict[str, Any]] = None  # the statistics printed last
             while not stopper.stopped and not (args.count and received >= args.count):
                 if next_stats is not None and time.monotonic() >= next_stats:
                     next_stats += args.stats_every
-                    for line in format_stats(_statistics(node)):
+                    current = _statistics(node)
+                    for line in format_stats(current, shown):
                         _err("%s: stats: %s" % (prog, line))
+                    shown = current
                 try:
                     msg = node.get(timeout=0.2)
                 except queue.Empty:
@@ -535,7 +630,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                     msg.data = json.dumps(_statistics(node), sort_keys=True).encode()
                 else:
                     received += 1
-                    _out(describe(msg, args.max_bytes, args.verbose))
+                    show(msg)
                     msg.release_slot()
                     if not args.echo:
                         continue
@@ -561,9 +656,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 except queue.Empty:
                     break
             _stop_node(node, prog)
-    summary = "%s: %d messages received" % (prog, received)
+    summary = "%s: %s received" % (prog, plural(received, "message"))
     if args.echo:
-        summary += ", %d echoed, %d echoes failed" % (echoed, echo_failures)
+        summary += ", %d echoed, %s failed" % (echoed, plural(echo_failures, "echo", "echoes"))
     _err(summary)
     return 0
 
@@ -571,38 +666,96 @@ def cmd_listen(args: argparse.Namespace) -> int:
 # -- chirp send ------------------------------------------------------------------------------------
 
 
+def _stdin_lines(stop: threading.Event) -> "queue.Queue[Optional[bytes]]":
+    """Lines of stdin (without the newline) in a queue, None at the end.
+
+    A thread reads them, so waiting for the next line never delays Ctrl-C.
+    """
+    lines: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=1024)
+
+    def read() -> None:
+        try:
+            for line in sys.stdin.buffer:
+                if stop.is_set():
+                    break
+                lines.put(line[:-1] if line.endswith(b"\n") else line)
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _payloads(args: argparse.Namespace, stop: threading.Event) -> Iterator[Optional[bytes]]:
+    """The data of each message to send; None while waiting for a line of stdin."""
+    if args.lines:
+        lines = _stdin_lines(stop)
+        sent = 0
+        while args.count is None or sent < args.count:
+            try:
+                line = lines.get(timeout=0.05)
+            except queue.Empty:
+                yield None  # lets the caller look at Ctrl-C
+                continue
+            if line is None:
+                return
+            sent += 1
+            yield line
+        return
+    if args.file is not None:
+        try:
+            with open(args.file, "rb") as f:
+                template = f.read()
+        except OSError as exc:
+            raise CliError("--file %s: %s" % (args.file, exc.strerror or exc)) from None
+        numbered = False
+    elif args.data == "-":
+        template = sys.stdin.buffer.read()
+        numbered = b"{n}" in template
+    else:
+        template = args.data.encode("utf-8")
+        numbered = b"{n}" in template
+    for i in range(args.count or 1):
+        yield template.replace(b"{n}", b"%d" % i) if numbered else template
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     prog = args.prog
     address, port = args.address
     target = format_address(address, port)
-    if args.data == "-":
-        data_template = sys.stdin.buffer.read()
-    else:
-        data_template = args.data.encode("utf-8")
+    sources = [args.data is not None, args.file is not None, args.lines]
+    if sum(sources) != 1:
+        raise UsageError("give exactly one of DATA, --file FILE or --lines")
+    total = None if args.lines else (args.count or 1)
     header = args.header.encode("utf-8")
-    numbered = b"{n}" in data_template
     note = None
     if not _is_loopback(address):
         note = (
             "no --cert/--dh given: sending without TLS (DISABLE_ENCRYPTION), so %s must "
             "disable encryption too (--plaintext hides this note)" % target
         )
-    ok = failed = 0
+    config = _make_config(args, note)
+    what = "request" if args.request else "send"
+    ok = failed = sent = 0
     wait_limit = 3 * args.timeout + _SLACK
-    with Loop() as loop:
-        node = _start_node(loop, lambda p: _make_config(args, p, note), args.port)
+    interrupted = False
+    with _Stopper() as stopper, Loop() as loop:
+        node = _start_node(loop, config)
         node.disable_queue = True  # stray messages (e.g. echoes when not --request) are dropped
         try:
-            pending: collections.deque = collections.deque()
+            _announce(prog, node, args)
+            pending: collections.deque[Any] = collections.deque()
             done_at: Dict[int, float] = {}
 
-            def finish(item: Tuple[int, MessageBase, float, Future]) -> None:
+            def finish(item: Tuple[int, float, Future[Any]]) -> bool:
+                """Report one send; False if Ctrl-C came first."""
                 nonlocal ok, failed
-                i, msg, start, fut = item
-                _wait(fut, wait_limit, "send %d" % (i + 1))
+                i, start, fut = item
+                if not _wait(fut, wait_limit, "%s %d" % (what, i + 1), stopper.event):
+                    return False
                 took = (done_at.get(i, time.monotonic()) - start) * 1000.0
                 exc = fut.exception()
-                n = "%d/%d" % (i + 1, args.count)
+                n = "%d/%d" % (i + 1, total) if total else "%d" % (i + 1)
                 if exc is not None:
                     failed += 1
                     _out("FAILED %s to %s after %.1f ms: %s" % (n, target, took, _exc_text(exc)))
@@ -613,36 +766,49 @@ def cmd_send(args: argparse.Namespace) -> int:
                 else:
                     ok += 1
                     _out("sent %s to %s in %.1f ms" % (n, target, took))
+                return True
 
-            with _Stopper() as stopper:
-                for i in range(args.count):
-                    if stopper.stopped:
+            began = time.monotonic()
+            for data in _payloads(args, stopper.event):
+                if stopper.stopped:
+                    break
+                if data is None:
+                    continue
+                if args.interval and sent:
+                    # A steady rate: send i starts at began + i * interval.
+                    if stopper.event.wait(
+                        max(0.0, began + sent * args.interval - time.monotonic())
+                    ):
                         break
-                    msg = Message()
-                    msg.address = address
-                    msg.port = port
-                    msg.header = header
-                    msg.data = (
-                        data_template.replace(b"{n}", b"%d" % i) if numbered else data_template
-                    )
-                    start = time.monotonic()
-                    fut = node.request(msg) if args.request else node.send(msg)
-                    fut.add_done_callback(lambda _f, i=i: done_at.__setitem__(i, time.monotonic()))
-                    pending.append((i, msg, start, fut))
-                    while len(pending) >= args.window:
-                        finish(pending.popleft())
-                while pending:
-                    finish(pending.popleft())
-                interrupted = stopper.stopped
+                msg = Message()
+                msg.address = address
+                msg.port = port
+                msg.header = header
+                msg.data = data
+                start = time.monotonic()
+                fut = node.request(msg) if args.request else node.send(msg)
+                fut.add_done_callback(functools.partial(_mark_done, done_at, sent))
+                pending.append((sent, start, fut))
+                sent += 1
+                while len(pending) >= args.window or (pending and pending[0][2].done()):
+                    if not finish(pending.popleft()):
+                        break
+                if stopper.stopped:
+                    break
+            while pending and not stopper.stopped:
+                if not finish(pending.popleft()):
+                    break
+            interrupted = stopper.stopped
         finally:
+            # Unfinished sends (after Ctrl-C) fail here at once: stop() does not wait.
             _stop_node(node, prog)
-    if args.count > 1 or failed:
+    if sent > 1 or failed or interrupted or args.lines:
         _err(
-            "%s: %d of %d %s to %s succeeded, %d failed"
-            % (prog, ok, args.count, "requests" if args.request else "sends", target, failed)
+            "%s: %d of %s to %s succeeded, %d failed"
+            % (prog, ok, plural(sent, what), target, failed)
         )
     if interrupted:
-        _err("%s: interrupted" % prog)
+        _err("%s: interrupted, %s unfinished" % (prog, plural(sent - ok - failed, what)))
         return 130
     return 1 if failed else 0
 
@@ -657,10 +823,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     note = None
     if not _is_loopback(address):
         note = "no --cert/--dh given: asking without TLS (DISABLE_ENCRYPTION)"
+    config = _make_config(args, note)
     with Loop() as loop:
-        node = _start_node(loop, lambda p: _make_config(args, p, note), args.port)
+        node = _start_node(loop, config)
         node.disable_queue = True
         try:
+            _announce(prog, node, args)
             msg = Message()
             msg.address = address
             msg.port = port
@@ -755,17 +923,16 @@ def _package_env() -> Dict[str, str]:
 def _bench_peer(argv: Sequence[str]) -> int:
     """The peer of ``chirp bench`` (child process): echo, or just take, what arrives.
 
-    ``_bench-peer ASYNC_PORT SYNC_PORT``: one asynchronous and one synchronous
-    node. Messages with the header ``oneway`` are taken (released); every other
-    message is sent back. Prints ``READY`` once both nodes run; stops at EOF on
-    stdin and prints ``BYE <echo failures>``.
+    ``_bench-peer``: one asynchronous and one synchronous node, each on a free
+    port. Messages with the header ``oneway`` are taken (released); every other
+    message is sent back. Prints ``READY ASYNC_PORT SYNC_PORT`` once both nodes
+    run; stops at EOF on stdin and prints ``BYE <echo failures>``.
     """
-    ports = [int(p) for p in argv]
     stop = threading.Event()
     failures = [0]
 
     def serve(node: Chirp) -> None:
-        def done(fut: Future) -> None:
+        def done(fut: Future[Any]) -> None:
             if fut.exception() is not None:
                 failures[0] += 1
 
@@ -780,9 +947,9 @@ def _bench_peer(argv: Sequence[str]) -> int:
     with Loop() as loop:
         nodes = []
         try:
-            for port, synchronous in zip(ports, (False, True)):
+            for synchronous in (False, True):
                 config = Config()
-                config.PORT = port
+                config.PORT = 0
                 config.SYNCHRONOUS = synchronous
                 config.DISABLE_ENCRYPTION = True
                 try:
@@ -793,7 +960,7 @@ def _bench_peer(argv: Sequence[str]) -> int:
             threads = [threading.Thread(target=serve, args=(n,), daemon=True) for n in nodes]
             for t in threads:
                 t.start()
-            print("READY", flush=True)
+            print("READY %d %d" % (nodes[0].port, nodes[1].port), flush=True)
             sys.stdin.read()
             stop.set()
             for t in threads:
@@ -816,9 +983,9 @@ def _run_shape(
     limit: float,
 ) -> float:
     """Run one shape against the peer at 127.0.0.1:port; return the elapsed seconds."""
-    pending: collections.deque = collections.deque()
+    pending: collections.deque[Any] = collections.deque()
 
-    def settle(fut: Future) -> Any:
+    def settle(fut: Future[Any]) -> Any:
         _wait(fut, limit, "a bench message")
         exc = fut.exception()
         if exc is not None:
@@ -852,7 +1019,7 @@ def _run_shape(
     return time.perf_counter() - start
 
 
-def _collect(child: subprocess.Popen, lines: List[str], ready: threading.Event) -> None:
+def _collect(child: subprocess.Popen[str], lines: List[str], ready: threading.Event) -> None:
     """Collect the peer's output lines; ``ready`` is set at READY, FAILED or its end."""
     assert child.stdout is not None
     for line in child.stdout:
@@ -862,36 +1029,31 @@ def _collect(child: subprocess.Popen, lines: List[str], ready: threading.Event) 
     ready.set()
 
 
-def _start_bench_peer() -> Tuple[subprocess.Popen, List[int], List[str]]:
-    """Start the peer process on two free ports (retried if one was taken meanwhile).
+def _start_bench_peer() -> Tuple[subprocess.Popen[str], List[int], List[str]]:
+    """Start the peer process; its nodes take free ports and it reports them.
 
     Returns the process, its ports (asynchronous node, synchronous node) and the
     list its output lines are collected in.
     """
-    problem = "no output"
-    for _ in range(3):
-        ports = [free_port(), free_port()]
-        while ports[1] == ports[0]:
-            ports[1] = free_port()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "libchirp", BENCH_PEER] + [str(p) for p in ports],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=_package_env(),
-            text=True,
-        )
-        ready = threading.Event()
-        lines: List[str] = []
-        threading.Thread(target=_collect, args=(child, lines, ready), daemon=True).start()
-        ready.wait(60)
-        if lines and lines[-1] == "READY" and child.poll() is None:
-            return child, ports, lines
-        problem = lines[-1] if lines else "no output"
-        _end_child(child)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "libchirp", BENCH_PEER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=_package_env(),
+        text=True,
+    )
+    ready = threading.Event()
+    lines: List[str] = []
+    threading.Thread(target=_collect, args=(child, lines, ready), daemon=True).start()
+    ready.wait(60)
+    if lines and lines[-1].startswith("READY ") and child.poll() is None:
+        return child, [int(p) for p in lines[-1].split()[1:3]], lines
+    problem = lines[-1] if lines else "no output"
+    _end_child(child)
     raise CliError("the peer node (a child process) did not start: %s" % problem)
 
 
-def _end_child(child: subprocess.Popen) -> None:
+def _end_child(child: subprocess.Popen[str]) -> None:
     """Close the child's stdin (its signal to stop) and wait for it, bounded."""
     if child.stdin is not None:
         try:
@@ -925,16 +1087,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             nodes: Dict[str, Chirp] = {}
             try:
                 for mode in ("async", "sync"):
-
-                    def make_config(p: int, mode: str = mode) -> Config:
-                        config = Config()
-                        config.PORT = p
-                        config.SYNCHRONOUS = mode == "sync"
-                        config.TIMEOUT = args.timeout
-                        config.DISABLE_ENCRYPTION = True  # 127.0.0.1 is never encrypted
-                        return config
-
-                    nodes[mode] = _start_node(loop, make_config, None)
+                    config = Config()
+                    config.PORT = 0  # a free port
+                    config.SYNCHRONOUS = mode == "sync"
+                    config.TIMEOUT = args.timeout
+                    config.DISABLE_ENCRYPTION = True  # 127.0.0.1 is never encrypted
+                    nodes[mode] = _start_node(loop, config)
                 limit = 3 * args.timeout + _SLACK
                 for mode, peer in (("async", peer_ports[0]), ("sync", peer_ports[1])):
                     _run_shape(nodes[mode], peer, "roundtrip", 10, 1, payload, progress, limit)
@@ -994,7 +1152,10 @@ def _run_pki(argv: Sequence[str], prog: str) -> int:
     try:
         from . import pki
     except ImportError as exc:
-        _err("%s pki: error: needs the 'cryptography' package (%s)" % (prog, exc))
+        _err(
+            "%s pki: error: needs the 'cryptography' package, which the extra 'tls' "
+            "installs: pip install 'libchirp[tls]' (%s)" % (prog, exc)
+        )
         return 1
     return pki.main(list(argv), prog="%s pki" % prog)
 
@@ -1007,7 +1168,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
         description="Talk to chirp nodes: listen, send, benchmark, statistics, certificates.",
-        epilog="Run '%s COMMAND --help' for the options of a command." % prog,
+        epilog="Run '%s COMMAND --help' for the options of a command.\n\n%s\n\n"
+        "Exit status: 0 done, 1 the command failed, 2 bad arguments, 130 Ctrl-C "
+        "(chirp listen: 0)." % (prog, _limits_text()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version="libchirp %s" % __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -1025,14 +1189,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     _add_node_options(p, "port to listen on (default: %(default)s)", 2998)
     p.add_argument(
-        "--bind",
-        action="append",
-        type=_ip_arg,
-        metavar="ADDR",
-        help="listen on this IPv4 or IPv6 address only (once per family; "
-        "default: all addresses of both families)",
-    )
-    p.add_argument(
         "--echo",
         action="store_true",
         help="send every message back to its sender (an answer to a request)",
@@ -1045,8 +1201,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="exit after N messages (default: run until Ctrl-C or SIGTERM)",
     )
     p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="repr",
+        help="repr: one line per message, header and data as bytes literals (the default); "
+        "hex: the same with hex digits; raw: only the data, as it is, and a newline",
+    )
+    p.add_argument(
         "--max-slots",
-        type=_int_arg(0, 32),
+        type=_int_arg(*[int(x) for x in LIMITS["--max-slots"][1:3]]),
         default=0,
         metavar="S",
         help="Config.MAX_SLOTS: unreleased messages per connection, 1..32 "
@@ -1067,9 +1230,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stats-every",
-        type=_float_arg(0.1, 86400.0),
+        type=_float_arg(*LIMITS["--stats-every"][1:3]),
         metavar="S",
-        help="print the node's statistics to stderr every S seconds and at exit",
+        help="print the node's statistics to stderr at the first S seconds, then every S "
+        "seconds what changed, and all of them at exit",
     )
     p.add_argument(
         "--serve-stats",
@@ -1086,7 +1250,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "stdout. Exits with status 1 if any send failed. In synchronous mode (the default) a\n"
         "send succeeds once the receiver released the message; in --async mode once it is\n"
         "written. With --request, wait for each answer (e.g. from 'chirp listen --echo')\n"
-        "and print it.",
+        "and print it. Ctrl-C stops at once (status 130).",
     )
     p.add_argument(
         "address",
@@ -1096,13 +1260,30 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "data",
+        nargs="?",
         metavar="DATA",
         help="the data (UTF-8); '{n}' is replaced by the message number; "
-        "'-' reads the data from stdin",
+        "'-' reads the data from stdin (all of it, one message)",
+    )
+    p.add_argument("--file", metavar="FILE", help="send the contents of FILE (bytes, as they are)")
+    p.add_argument(
+        "--lines",
+        action="store_true",
+        help="send each line of stdin as one message (without its newline), as it comes",
     )
     p.add_argument("--header", default="", metavar="H", help="the header (UTF-8)")
     p.add_argument(
-        "--count", type=_int_arg(1), default=1, metavar="N", help="send N messages (default: 1)"
+        "--count",
+        type=_int_arg(1),
+        metavar="N",
+        help="send N messages (default: 1; with --lines: at most N lines, default all)",
+    )
+    p.add_argument(
+        "--interval",
+        type=_float_arg(*LIMITS["--interval"][1:3]),
+        default=0.0,
+        metavar="S",
+        help="start a send every S seconds, a steady rate (default: as fast as the window allows)",
     )
     p.add_argument(
         "--window",
@@ -1198,12 +1379,17 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     try:
         args, extra = parser.parse_known_args(args_list)
         if extra:  # reported by the subcommand, so the message names it
-            parser.commands[args.command].error("unrecognized arguments: " + " ".join(extra))
+            commands: Dict[str, argparse.ArgumentParser]
+            commands = parser.commands  # type: ignore[attr-defined]
+            commands[args.command].error("unrecognized arguments: " + " ".join(extra))
     except SystemExit as exc:  # --help / --version (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     args.prog = "%s %s" % (prog, args.command)
     try:
         return int(args.func(args))
+    except UsageError as exc:
+        _err("%s: error: %s (see --help)" % (args.prog, exc))
+        return 2
     except CliError as exc:
         _err("%s: error: %s" % (args.prog, exc))
         return 1

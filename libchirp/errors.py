@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The C core reports every failure as a ``ch_error_t`` code (PROTOCOL.md 7.3) plus,
+The C core reports every failure as a ``ch_error_t`` code (docs/protocol.md#errors) plus,
 where it has something to say, a text taken from the failing connection or
 node. :func:`chirp_error_to_exception` is the only place that turns such a pair
 into a Python exception; every other module calls it.
@@ -12,7 +12,7 @@ catches anything the core reports) *and* from the builtin users already catch:
 ``ValueError``, ``ConnectionError``, ``TimeoutError``, ``MemoryError``, ``OSError``
 or ``RuntimeError``. Each instance carries the numeric code in ``ecode``.
 
-Deviations from libchirp 1.x (PROTOCOL.md 10.10): SHUTDOWN is a
+Deviations from libchirp 1.x (docs/protocol.md#compatibility-with-libchirp-1x): SHUTDOWN is a
 ``ConnectionError`` (1.x: plain ``Exception``), PROTOCOL_ERROR and TLS_ERROR are
 both ``RuntimeError`` (as in 1.x) and ``ConnectionError``, and the text comes
 from the failing connection instead of "the last error logged on the loop".
@@ -38,6 +38,8 @@ __all__ = [
     "ChirpTimeoutError",
     "ChirpMemoryError",
     "ChirpSendQueueFull",
+    "ChirpConfigRangeError",
+    "ChirpMessageValueError",
     "ChirpShutdown",
     "ChirpCannotConnectError",
     "ChirpInternalError",
@@ -49,7 +51,7 @@ __all__ = [
     "chirp_error_to_exception",
 ]
 
-#: Code -> name, as in ``enum ch_error`` of csrc/chirp_ffi.h (PROTOCOL.md 7.3).
+#: Code -> name, as in ``enum ch_error`` of csrc/chirp_ffi.h (docs/protocol.md#errors).
 ERROR_NAMES: Dict[int, str] = {
     0: "SUCCESS",
     1: "VALUE_ERROR",
@@ -71,6 +73,7 @@ ERROR_NAMES: Dict[int, str] = {
     17: "EMPTY",
     18: "WRITE_ERROR",
     19: "INIT_FAIL",
+    20: "SEND_QUEUE_FULL",
 }
 
 
@@ -135,20 +138,22 @@ class ChirpTimeoutError(ChirpError, TimeoutError):
 
 
 class ChirpMemoryError(ChirpError, MemoryError):
-    """ENOMEM (10): out of memory, a frame over MAX_MSG_SIZE, or a full send queue."""
+    """ENOMEM (10): out of memory, or a frame over MAX_MSG_SIZE."""
 
     ecode = 10
 
 
 class ChirpSendQueueFull(ChirpMemoryError):
-    """ENOMEM (10) from a full send queue: ``Config.MAX_SEND_QUEUE`` messages already
-    wait for that peer, so this one was not queued (and will not be sent).
+    """SEND_QUEUE_FULL (20): ``Config.MAX_SEND_QUEUE`` messages already wait for
+    that peer, so this one was not queued (and will not be sent).
 
     The policy is to fail the send at once, never to block and never to drop a
     queued message; the sends already queued are unaffected. Retry when some of
-    them completed. A ``MemoryError`` like every ENOMEM, so handlers written for
-    the documented ``MemoryError`` keep working.
+    them completed. A ``MemoryError`` (as in earlier releases, which reported
+    ENOMEM), so handlers written for the documented ``MemoryError`` keep working.
     """
+
+    ecode = 20
 
 
 class ChirpShutdown(ChirpError, ConnectionError):
@@ -185,6 +190,25 @@ class ChirpInitFailError(ChirpError, RuntimeError):
     ecode = 19
 
 
+class ChirpConfigRangeError(ChirpValueError, OverflowError):
+    """A ``Config`` value out of its range (docs/config.md, ``libchirp.config.LIMITS``).
+
+    Both a ``ValueError`` and an ``OverflowError``: libchirp 1.x raised
+    ``OverflowError`` when a value did not fit its C field, so handlers written
+    for either keep working. The text names the field, the value and the limits.
+    """
+
+    ecode = 1
+
+
+class ChirpMessageValueError(ValueError, AssertionError):
+    """A value out of range assigned to a message attribute (``Message.port``).
+
+    libchirp 1.x checked these with ``assert``; this class is both a
+    ``ValueError`` and an ``AssertionError`` so old and new handlers work.
+    """
+
+
 class ChirpTypeError(TypeError, AssertionError):
     """A value of the wrong type was assigned to a message attribute.
 
@@ -213,12 +237,8 @@ _CLASSES: Dict[int, Type[ChirpError]] = {
     17: ChirpInternalError,
     18: ChirpWriteError,
     19: ChirpInitFailError,
+    20: ChirpSendQueueFull,
 }
-
-
-#: The C core reports a full send queue as ENOMEM with a text naming the setting
-#: (csrc/node.c, ch__node_do_send); that text selects ChirpSendQueueFull.
-_QUEUE_FULL_MARK = "MAX_SEND_QUEUE"
 
 
 def error_text(code: int, text: Optional[str] = None) -> str:
@@ -234,19 +254,19 @@ def error_text(code: int, text: Optional[str] = None) -> str:
 def chirp_error_to_exception(code: int, text: Optional[str] = None) -> Optional[ChirpError]:
     """Map a C error code (and optional text) to an exception instance.
 
-    Returns ``None`` for SUCCESS (0). ``text`` may be ``str`` or ``bytes``; when it
-    is empty the text is ``CH_<NAME>``, or ``Unknown error: <n>`` for codes that
-    are not in PROTOCOL.md 7.3. The result has an ``ecode`` attribute.
+    Returns ``None`` for SUCCESS (0). ``code`` may have either sign: C functions
+    return ``-CH_<NAME>``, events carry ``CH_<NAME>`` (csrc/error.h); the
+    exception's ``ecode`` is the positive value. ``text`` may be ``str`` or
+    ``bytes``; when it is empty the text is ``CH_<NAME>``, or ``Unknown error:
+    <n>`` for codes that are not in docs/protocol.md#errors.
     """
-    code = int(code)
+    code = abs(int(code))
     if code == 0:
         return None
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8", "replace")
     message = error_text(code, text)
     cls = _CLASSES.get(code, ChirpError)
-    if cls is ChirpMemoryError and _QUEUE_FULL_MARK in message:
-        cls = ChirpSendQueueFull
     exc: ChirpError
     if cls is ChirpAddressInUseError:
         exc = cls(_errno.EADDRINUSE, message)

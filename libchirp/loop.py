@@ -1,22 +1,28 @@
-"""The public event loop (PROTOCOL.md 8.1).
+"""The public event loop (docs/interfaces.md#common-to-all-interfaces).
 
 Theory of operation
 -------------------
 A :class:`Loop` is a thin shell over ``libchirp._core.LoopCore``: it owns the C
-loop and two daemon threads, the libuv **loop thread** (never runs Python) and
-the **dispatcher thread** (runs every Python callback: future resolution,
-message delivery, ``call_soon()``). See docs/architecture.md.
+loop and one daemon thread, the **background thread**. The libuv loop is run
+by one thread at a time, the one holding the loop's ownership token: a thread
+waiting in ``get()``/``get_many()`` or a future's ``result()`` runs it itself,
+and the background thread runs it whenever no such thread does. That thread
+also handles the events (every Python callback: future resolution, message
+delivery, ``call_soon()``); the code calls it "the dispatcher"
+(``LoopCore.in_dispatcher()``). See docs/architecture.md.
 
-``stop()`` marks the loop stopped at once (``running`` becomes False, ``run()``
+``stop()`` before ``run()`` does nothing (libchirp 1.x programs call it in
+cleanup paths that may run before the loop was started). After ``run()``, it
+marks the loop stopped at once (``running`` becomes False, ``run()``
 raises ``Cannot restart loop``); the threads end as soon as no node uses the
 loop: at once if none, otherwise inside the last node's ``stop()``. Stopping
-never hangs: the threads are joined with a bound.
+never hangs: the background thread is joined with a bound.
 
-The threads reference only the core, never the Loop object, so a Loop that is
+The background thread references only the core, never the Loop object, so a Loop that is
 dropped while running is garbage-collected; it then warns with
 ``ResourceWarning`` and asks its core to stop.
 
-``os.fork()`` copies a Loop but not its threads: in the child the copy can
+``os.fork()`` copies a Loop but not its thread: in the child the copy can
 never run. A Loop remembers the process that created it, and every use of it
 or of its nodes in another process raises :class:`ChirpForkError` at once
 (docs/reliability.md); the child starts a Loop of its own. Dropping the copy
@@ -28,9 +34,9 @@ from __future__ import annotations
 import os
 import warnings
 from types import TracebackType
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Optional, Type, TypeVar
 
-from ._core import LoopCore
+from ._core import LoopCore, logger
 from .errors import ChirpError
 
 __all__ = ["Loop", "ChirpForkError"]
@@ -45,6 +51,9 @@ class ChirpForkError(ChirpError, RuntimeError):
             "threads do not exist here; start a new Loop in the child" % (pid, os.getpid())
         )
         self.pid = pid
+
+
+_Self = TypeVar("_Self", bound="Loop")
 
 
 class Loop:
@@ -64,12 +73,30 @@ class Loop:
     def run(self) -> None:
         """Start the threads; no-op if started; ``RuntimeError`` after ``stop()``."""
         self._check_process()
-        self._core.run()
+        core = self._core
+        started = core.started
+        core.run()
+        if not started:
+            logger.debug("loop started")
 
     def stop(self) -> None:
-        """Mark the loop stopped; its threads end once no node uses it (bounded wait)."""
+        """Mark the loop stopped; its threads end once no node uses it (bounded wait).
+
+        Before ``run()`` this does nothing (as in libchirp 1.x): a later ``run()``
+        starts the loop.
+        """
         self._check_process()
-        self._core.request_stop(join=True)
+        core = self._core
+        if not core.started:
+            return
+        again = core.stop_requested
+        core.request_stop(join=True)
+        if again:
+            return
+        if core.nodes:
+            logger.debug("loop stop requested; it ends with its last node")
+        else:
+            logger.debug("loop stopped")
 
     @property
     def running(self) -> bool:
@@ -77,7 +104,7 @@ class Loop:
         return self._core.running
 
     def call_soon(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``func(*args, **kwargs)`` on the dispatcher thread, asynchronously.
+        """Run ``func(*args, **kwargs)`` on the thread handling the loop's events, asynchronously.
 
         Exceptions raised by ``func`` are logged (logger ``libchirp``). Raises
         ``RuntimeError`` once the loop has ended.
@@ -85,7 +112,7 @@ class Loop:
         self._check_process()
         self._core.call_soon(func, args, kwargs)
 
-    def __enter__(self) -> Loop:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(

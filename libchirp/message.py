@@ -1,4 +1,4 @@
-"""Chirp messages (PROTOCOL.md 8.1).
+"""Chirp messages (docs/interfaces.md#common-to-all-interfaces).
 
 Theory of operation
 -------------------
@@ -8,12 +8,16 @@ random identity from the operating system's CSPRNG (``os.urandom``, read 4 KiB
 at a time and cut into identities, since one system call per message is a
 measurable share of a stream's cost; a forked child starts a fresh pool), serial 0,
 empty header/data, address ``0.0.0.0``, port 0 and an all-zero remote identity.
+Its address counts as *unset*: sending it raises ``ValueError`` until
+``address`` is assigned (libchirp 1.x sent it to 0.0.0.0, i.e. the local
+machine).
 
-A *received* message is built by the node on the dispatcher thread from the C
+A *received* message is built by the node, on the thread handling the loop's
+events, from the C
 record (header and data are copied into ``bytes``). It keeps the C pointer in
 ``_c`` and the receiving node's internal state in ``_node`` while it occupies a
 slot (``has_slot``). ``release_slot()`` hands the pointer back to the node, which
-submits the release to the loop thread and drops the pointer at once, so the
+submits the release to the core and drops the pointer at once, so the
 C record is never touched after its release was submitted. Release is
 thread-safe: the node's lock guards the hand-over, so a double release gets a
 ``None`` future for the second call.
@@ -35,7 +39,7 @@ import socket
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from .errors import ChirpTypeError
+from .errors import ChirpMessageValueError, ChirpTypeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._core import NodeCore
@@ -45,7 +49,8 @@ __all__ = ["MessageBase", "MessageThread", "Message"]
 _MAX_HEADER = 0xFFFF
 _MAX_DATA = 0xFFFFFFFF
 _ZERO_ID = bytes(16)
-_ANY_V4 = b"\0\0\0\0"
+#: ``_family`` of a new message whose address was never set.
+_UNSET = -1
 
 
 def _as_bytes(name: str, value: Any, limit: int) -> bytes:
@@ -60,7 +65,8 @@ def _as_bytes(name: str, value: Any, limit: int) -> bytes:
             ) from None
     if len(value) > limit:
         raise ValueError("Message.%s is too long (%d bytes, limit %d)" % (name, len(value), limit))
-    return value
+    result: bytes = value
+    return result
 
 
 #: Identities not handed out yet (list.pop() is atomic, so threads need no lock).
@@ -141,8 +147,8 @@ class MessageBase:
         self._header: bytes = b""
         self._data: bytes = b""
         self._address: str = "0.0.0.0"
-        self._family: int = 4
-        self._packed: Optional[bytes] = _ANY_V4
+        self._family: int = _UNSET
+        self._packed: Optional[bytes] = None
         self._port: int = 0
         self._remote_identity: bytes = _ZERO_ID
         self._c: Any = None
@@ -241,15 +247,23 @@ class MessageBase:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ChirpTypeError("Message.port must be an int, not %s" % type(value).__name__)
         if not 0 <= value <= 0xFFFF:
-            raise ValueError("Message.port must be in 0..65535 (%d)" % value)
+            raise ChirpMessageValueError("Message.port must be in 0..65535 (got %d)" % value)
         self._port = int(value)
 
     # -- internals -----------------------------------------------------------------------------
 
     def _target(self) -> Tuple[int, bytes]:
-        """(family, packed address) for sending; packs lazily for received messages."""
+        """(family, packed address) for sending; packs lazily for received messages.
+
+        Raises ``ValueError`` if the address or the port of a new message was never set.
+        """
         packed = self._packed
         if packed is None:
+            if self._family == _UNSET:
+                raise ValueError(
+                    "Message.address was never set: assign the peer's IP address "
+                    "(msg.address = '127.0.0.1') before sending"
+                )
             self._family, packed, _ = _parse_address(self._address)
             self._packed = packed
         return self._family, packed
@@ -257,7 +271,7 @@ class MessageBase:
     # -- slot ----------------------------------------------------------------------------------
 
     def release_slot(self) -> "Future[Optional[Tuple[bytes, int]]]":
-        """Release the message's slot (sends the owed ACK, PROTOCOL.md 4.2).
+        """Release the message's slot (sends the owed ACK, docs/protocol.md#wire-format).
 
         Returns a ``concurrent.futures.Future`` resolving to ``(identity, serial)``
         once the release is done, or resolved to ``None`` at once if the message
@@ -290,15 +304,15 @@ class MessageBase:
         )
 
 
-class MessageThread(MessageBase):
+class Message(MessageBase):
     """A message whose ``release_slot()`` returns a ``concurrent.futures.Future``.
 
     This is the message class of the thread-based interfaces (``libchirp.queue``,
-    ``libchirp.pool``).
+    ``libchirp.pool``), documented as ``Message``.
     """
 
     __slots__ = ()
 
 
-#: The name the interface modules export.
-Message = MessageThread
+#: The former name of :class:`Message` (the same class).
+MessageThread = Message

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Chirp nodes authenticate each other mutually with certificates of one private
-certificate authority (PROTOCOL.md 1.3 and 1.4). A node reads everything from
-two files:
+certificate authority (docs/tls.md#what-is-negotiated and
+docs/tls.md#the-two-files-a-node-needs). A node reads everything from two files:
 
 * ``CERT_CHAIN_PEM``: one PEM file holding the node's private key, its leaf
   certificate and then the CA certificate. The node trusts every certificate
@@ -31,7 +31,8 @@ Command line::
 
     python -m libchirp.pki ca   --out DIR  [--name CN] [--days N] [--key-size BITS] [--force]
     python -m libchirp.pki node --ca DIR --out FILE [--name CN] [--days N] [--key-size BITS]
-    python -m libchirp.pki dh   --out FILE
+                                [--force]
+    python -m libchirp.pki dh   --out FILE [--force]
 """
 
 from __future__ import annotations
@@ -163,7 +164,11 @@ def _load_ca(ca_dir: Path) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
         raise PkiError(f"CA certificate {cert_path}: unusable: {e}") from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise PkiError(f"CA key {key_path}: not an RSA key")
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    cert_key = cert.public_key()
+    if (
+        not isinstance(cert_key, rsa.RSAPublicKey)
+        or cert_key.public_numbers() != key.public_key().public_numbers()
+    ):
         raise PkiError(f"CA directory {ca_dir}: {CA_KEY_FILE} does not match {CA_CERT_FILE}")
     return key, cert
 
@@ -248,7 +253,7 @@ def issue_node(
     """Issue a node certificate signed by the CA in ``ca_dir``.
 
     Writes ``out_file`` (mode 0600) in the CERT_CHAIN_PEM layout of
-    PROTOCOL.md 1.4: the node's new RSA private key as a PKCS#1
+    docs/tls.md#the-two-files-a-node-needs: the node's new RSA private key as a PKCS#1
     ``RSA PRIVATE KEY`` block, then the node's certificate, then the CA
     certificate. Use the file as ``Config.CERT_CHAIN_PEM``; all nodes with a
     certificate of the same CA accept each other.
@@ -331,7 +336,7 @@ def dh_params_pem(p: int = FFDHE2048_P, g: int = 2) -> bytes:
     The encoding is written out here (DHParameter ::= SEQUENCE { prime
     INTEGER, base INTEGER }) because cryptography, on OpenSSL 3, recognizes
     the RFC 7919 groups and then emits the X9.42 form instead, while
-    DH_PARAMS_PEM is specified as PKCS#3 (PROTOCOL.md 1.3).
+    DH_PARAMS_PEM is specified as PKCS#3 (docs/tls.md#what-is-negotiated).
     """
     body = _der_integer(p) + _der_integer(g)
     der = b"\x30" + _der_length(len(body)) + body
@@ -341,7 +346,7 @@ def dh_params_pem(p: int = FFDHE2048_P, g: int = 2) -> bytes:
     pem = text.encode("ascii")
     with warnings.catch_warnings():
         # Newer cryptography releases deprecate finite-field DH; the chirp
-        # protocol needs it for its TLS 1.2 DHE suites (PROTOCOL.md 1.3).
+        # protocol needs it for its TLS 1.2 DHE suites (docs/tls.md#what-is-negotiated).
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         numbers = serialization.load_pem_parameters(pem).parameter_numbers()  # self-check
         same = isinstance(numbers, dh.DHParameterNumbers) and (numbers.p, numbers.g) == (p, g)
@@ -435,8 +440,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="RSA key size (default: %(default)s)",
     )
 
+    node.add_argument("--force", action="store_true", help="replace an existing --out file")
+
     dhp = sub.add_parser("dh", help="write DH parameters (DH_PARAMS_PEM), RFC 7919 ffdhe2048")
     dhp.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    dhp.add_argument("--force", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -454,6 +462,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m libchirp.pki"
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     try:
+        # Like a CA, an existing node file or DH file is only replaced on request.
+        if args.command != "ca" and not args.force and os.path.exists(args.out):
+            raise PkiError(f"{args.out} exists already (use --force to replace it)")
         if args.command == "ca":
             paths: Sequence[Path] = create_ca(
                 args.out, name=args.name, days=args.days, key_size=args.key_size, force=args.force

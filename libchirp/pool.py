@@ -4,11 +4,11 @@ Theory of operation
 -------------------
 :class:`Chirp` is a :class:`~libchirp.chirp.ChirpBase` plus a
 ``concurrent.futures.ThreadPoolExecutor`` (the constructor's keyword arguments
-go to the executor). The dispatcher thread submits every received message that
+go to the executor). The thread handling the loop's events submits every received message that
 does not answer a request to the pool, where ``handler(msg)`` runs; subclasses
 override it.
 
-Release (PROTOCOL.md 8.2, with the fix of 10.14): with ``Config.AUTO_RELEASE``
+Release (docs/flow-control.md#releasing, fixing a libchirp 1.x leak): with ``Config.AUTO_RELEASE``
 (default) the slot is released after ``handler`` returns **or raises**; an
 exception is logged with its traceback through the ``libchirp`` logger (libchirp
 1.x leaked the slot). If the handler sent the message back (an answer) without
@@ -24,7 +24,7 @@ from outside the handlers: called from a handler it does not wait for that
 handler, but the handler's own message is still held (AUTO_RELEASE happens when
 the handler returns), so the node stop waits Config.TIMEOUT for it and raises.
 
-Threads: ``_deliver`` runs on the dispatcher thread, ``_run`` on pool threads,
+Threads: ``_deliver`` runs on the thread handling the loop's events, ``_run`` on pool threads,
 everything else on any application thread.
 """
 
@@ -39,7 +39,7 @@ from ._core import logger
 from .chirp import ChirpBase
 from .config import Config
 from .loop import Loop
-from .message import Message, MessageBase
+from .message import Message
 
 __all__ = ["Chirp", "Config", "Loop", "Message"]
 
@@ -58,7 +58,7 @@ class Chirp(ChirpBase):
         self._pool = ThreadPoolExecutor(**kwargs)
         self._auto_release = config.AUTO_RELEASE
         self._closing = False
-        self._tasks: Dict[Future[Any], MessageBase] = {}
+        self._tasks: Dict[Future[Any], Message] = {}
         self._tasks_lock = threading.Condition()
         try:
             ChirpBase.__init__(self, loop, config, recv=self._deliver)
@@ -68,7 +68,7 @@ class Chirp(ChirpBase):
 
     # -- handling ------------------------------------------------------------------------------
 
-    def handler(self, msg: MessageBase) -> None:
+    def handler(self, msg: Message) -> None:
         """Handle one received message; runs on a pool thread. Override this.
 
         The default releases the message when AUTO_RELEASE is False (with
@@ -77,7 +77,7 @@ class Chirp(ChirpBase):
         if not self._auto_release:
             msg.release_slot()
 
-    def _deliver(self, msg: MessageBase) -> None:
+    def _deliver(self, msg: Message) -> None:
         # Dispatcher thread.
         if self._closing:
             msg.release_slot()
@@ -98,7 +98,7 @@ class Chirp(ChirpBase):
         if fut.cancelled() and msg is not None:  # never ran: release for it
             msg.release_slot()
 
-    def _run(self, msg: MessageBase) -> None:
+    def _run(self, msg: Message) -> None:
         # Pool thread.
         _local.node = self
         try:

@@ -1,9 +1,10 @@
-"""Queue interface: received messages are taken with ``get()`` (PROTOCOL.md 8.2).
+"""Queue interface: received messages are taken with ``get()`` (docs/flow-control.md#releasing).
 
 Theory of operation
 -------------------
 :class:`Chirp` is both a :class:`~libchirp.chirp.ChirpBase` and a
-``queue.Queue``. The dispatcher thread puts every received message that does
+``queue.Queue``. The thread handling the loop's events (often the one waiting
+in ``get()`` itself) puts every received message that does
 not answer a request into the queue; application threads take them with
 ``get()`` / ``get_nowait()``. With ``Config.AUTO_RELEASE`` (default) the slot
 is released when ``get()`` hands the message out (as in libchirp 1.x), i.e.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import queue as _queue
 from time import monotonic as _monotonic
-from typing import List, Optional
+from typing import List, Optional, cast
 
 from .chirp import ChirpBase
 from .config import Config
@@ -32,7 +33,7 @@ from .message import Message, MessageBase
 __all__ = ["Chirp", "Config", "Loop", "Message"]
 
 
-class Chirp(ChirpBase, _queue.Queue):
+class Chirp(ChirpBase, _queue.Queue[Message]):
     """A chirp node whose received messages are read with ``get()``."""
 
     def __init__(self, loop: Loop, config: Config) -> None:
@@ -51,7 +52,7 @@ class Chirp(ChirpBase, _queue.Queue):
     def disable_queue(self, value: bool) -> None:
         self._disable_queue = bool(value)
 
-    def _enqueue_many(self, msgs: List[MessageBase]) -> None:
+    def _enqueue_many(self, msgs: List[Message]) -> None:
         """Thread handling events: the messages of one batch (one lock, one wake-up)."""
         if self._disable_queue:
             self._release_taken(msgs)
@@ -62,7 +63,7 @@ class Chirp(ChirpBase, _queue.Queue):
             self.unfinished_tasks += n
             self.not_empty.notify(n)
 
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> MessageBase:
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Message:
         """Remove and return a received message (``queue.Empty`` as usual).
 
         With ``Config.AUTO_RELEASE`` the message's slot is released here. Raises
@@ -73,20 +74,20 @@ class Chirp(ChirpBase, _queue.Queue):
 
     def get_many(
         self, max_count: int = 1024, block: bool = True, timeout: Optional[float] = None
-    ) -> List[MessageBase]:
+    ) -> List[Message]:
         """Remove and return up to ``max_count`` received messages, at least one.
 
         Waits like ``get()`` for the first message (``queue.Empty`` when
         ``block`` is False or ``timeout`` passes without one), then takes what
         else is queued without waiting. With ``Config.AUTO_RELEASE`` their slots
-        are released here, in one hand-over to the loop thread. Raises
+        are released here, in one hand-over to the core. Raises
         ``ChirpShutdown`` like ``get()``.
         """
         if max_count < 1:
             raise ValueError("get_many(): max_count must be at least 1 (%r)" % (max_count,))
         return self._take(max_count, block, timeout)
 
-    def _take(self, max_count: int, block: bool, timeout: Optional[float]) -> List[MessageBase]:
+    def _take(self, max_count: int, block: bool, timeout: Optional[float]) -> List[Message]:
         self._check_process()
         if self._shut_down and (self._stopped or not self._qsize()):
             raise ChirpShutdown("the node is stopped")
@@ -137,7 +138,7 @@ class Chirp(ChirpBase, _queue.Queue):
 
         Returns what is left of ``timeout`` for the ordinary wait that follows
         (see ``LoopCore.lead_until``: the thread that waits for a message takes
-        the events itself instead of waiting for the dispatcher to hand it over).
+        the events itself instead of waiting for another thread to hand it over).
         """
         node = self._node
         if node is None or (timeout is not None and timeout < 0):
@@ -147,9 +148,9 @@ class Chirp(ChirpBase, _queue.Queue):
     def _ready(self) -> bool:
         return bool(self._qsize()) or self._shut_down
 
-    def _release_taken(self, msgs: List[MessageBase]) -> None:
+    def _release_taken(self, msgs: List[Message]) -> None:
         """Release without futures (nobody sees them): AUTO_RELEASE of messages
         handed out, or messages not queued because of ``disable_queue``."""
         node = self._node
         if node is not None:
-            node.release_many(msgs)
+            node.release_many(cast(List[MessageBase], msgs))

@@ -1,10 +1,10 @@
-"""The shape of ``Chirp.statistics()`` (node statistics, issue 4).
+"""The shape of ``Chirp.statistics()`` (node statistics).
 
 Theory of operation
 -------------------
-``statistics()`` asks the C core for a snapshot (``ch_node_stats``); the loop
-thread fills it in one go, so the numbers of one snapshot are consistent with
-each other. The dispatcher thread copies it into the plain dictionaries typed
+``statistics()`` asks the C core for a snapshot (``ch_node_stats``); the thread
+running the loop fills it in one go, so the numbers of one snapshot are consistent with
+each other. The thread handling the events copies it into the plain dictionaries typed
 below (and frees the C snapshot); nothing in them refers to C memory.
 
 Counters of a remote start when the core creates the remote record (first send
@@ -14,7 +14,7 @@ whole life. Error counters count connection closes by reason.
 
 Remote keys are ``"address:port"`` for IPv4 (``"127.0.0.1:2998"``) and
 ``"[address]:port"`` for IPv6 (``"[::1]:2998"``); ``port`` is the peer's public
-port from its handshake (PROTOCOL.md 6.1), not the TCP source port.
+port from its handshake (docs/protocol.md#nodes-remotes-and-connections), not the TCP source port.
 
 This module is pure Python and does not need the compiled core.
 """

@@ -1,4 +1,4 @@
-# mk/docs.mk: the Sphinx documentation (issue 4). Included by the main Makefile
+# mk/docs.mk: the Sphinx documentation. Included by the main Makefile
 # (`include mk/docs.mk`), whose PY, VENV and build targets it uses.
 #
 #   make docs    HTML into build/docs; every Sphinx warning is an error

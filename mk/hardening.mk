@@ -1,4 +1,4 @@
-# mk/hardening.mk: fuzzing and sanitizer targets (issue 6). Included at the
+# mk/hardening.mk: fuzzing and sanitizer targets. Included at the
 # end of the main Makefile (`include mk/hardening.mk`), whose CSRCS, CTESTS,
 # CFLAGS_C, LIBS_C and sysdeps target it uses.
 #
@@ -199,9 +199,10 @@ SAN_ENV_asan = PYTHONMALLOC=malloc CHIRP_TEST_TIMEOUT_SCALE=$(ASAN_SCALE) CHIRP_
 # Interpreter code is not instrumented, so it produces no reports of its own;
 # its pthread mutexes are intercepted, and the GIL then orders everything run
 # while holding it: races between two Python threads' calls into the core are
-# hidden unless both calls overlap (cffi drops the GIL during calls), while the
-# loop thread (one long ch_loop_run call without the GIL) against the Python
-# threads, the hand-off that matters, is fully checked. Checked to find a race:
+# hidden unless both calls overlap (cffi drops the GIL during calls). The
+# hand-off that matters is such an overlap: a thread running libuv inside
+# ch_loop_drive (without the GIL) against threads submitting commands or
+# waiting for the ownership token. Checked to find a race:
 # with the lock removed from ch__loop_submit, tests/test_node.py reports it.
 # mk/tsan.supp is for reports inside libraries we do not build (libzmq of the
 # benchmark test so far).
@@ -219,7 +220,8 @@ SAN_ENV_tsan = CHIRP_TEST_TIMEOUT_SCALE=$(TSAN_SCALE) CHIRP_SANITIZER=tsan \
 
 .PHONY: asan tsan
 
-# build/<san>/ready: the sanitizer build of the extension and its venv.
+# build/<san>/ready: the sanitizer build of the extension and its venv, whose bin/chirp
+# is the command line on that build (the doc snippets run it).
 build/%/ready: build_ffi.py mk/sanhook.py $(CSRCS) $(wildcard csrc/*.h) | build fuzz-deps
 	@rm -rf build/$*/venv build/$*/ffi-path; mkdir -p build/$*
 	CC=$(SAN_CC_$*) CHIRP_CFLAGS="$(SAN_CFLAGS_$*)" CHIRP_LDFLAGS="$(SAN_LDFLAGS_$*)" \
@@ -232,6 +234,9 @@ build/%/ready: build_ffi.py mk/sanhook.py $(CSRCS) $(wildcard csrc/*.h) | build 
 	cp mk/sanhook.py $$sp/chirp_sanhook.py; \
 	echo "import chirp_sanhook; chirp_sanhook.install('$$so', '$$deps', '$(CURDIR)/build/$*/loads.log')" \
 		> $$sp/chirp_san.pth; \
+	printf '#!%s\nimport sys\nfrom libchirp.cli import main\nsys.exit(main())\n' \
+		"$(CURDIR)/build/$*/venv/bin/python" > build/$*/venv/bin/chirp; \
+	chmod +x build/$*/venv/bin/chirp; \
 	echo "$$so" > build/$*/ffi-path; echo "$*: extension $$so, python build/$*/venv/bin/python"
 	@touch $@
 

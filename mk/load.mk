@@ -1,4 +1,4 @@
-# mk/load.mk: load targets of the hardening issue (issue 6), outside CI.
+# mk/load.mk: load targets, outside CI.
 # Included at the end of the main Makefile (`include mk/load.mk`), whose PY and
 # build target it uses.
 #
@@ -6,7 +6,7 @@
 #                                 one-way, connection churn); samples RSS and fds of
 #                                 both and fails if either grows (benchmarks/soak.py)
 #   make bench-memory             RSS per idle connection of a node holding 1,000
-#                                 (issue 5 target: <= 64 KiB; benchmarks/memory.py)
+#                                 (target: <= 64 KiB; benchmarks/memory.py)
 #
 # The CI part of the load work is tests/test_load.py (10,000 connections), which
 # `make test` runs with the rest of the suite.

@@ -19,7 +19,7 @@
 
 Nodes are configured with DISABLE_ENCRYPTION=True: the tests talk over loopback
 (where chirp never uses TLS anyway) and the node start-up would otherwise ask
-for CERT_CHAIN_PEM and DH_PARAMS_PEM (PROTOCOL.md 7.2).
+for CERT_CHAIN_PEM and DH_PARAMS_PEM (docs/config.md).
 """
 
 import errno
@@ -100,9 +100,10 @@ def ipv6():
 def find_free_port():
     """Return a port nobody listens on, on 0.0.0.0 and on :: (IPv6 only).
 
-    A chirp node binds both families with the same port (PROTOCOL.md 1.1), so
-    the port must be free on both. Ports are never handed out twice in one test
-    session, so two nodes of one test cannot collide with each other.
+    A chirp node binds both families with the same port
+    (docs/protocol.md#nodes-remotes-and-connections), so the port must be free on both.
+    Ports are never handed out twice in one test session, so two nodes of one
+    test cannot collide with each other.
     """
     # A rejected candidate keeps its IPv4 socket bound until we return, so that
     # the system cannot offer the same port again (it may prefer recent ones).
@@ -259,8 +260,8 @@ class NodeFactory:
                     "node.stop() in teardown (port %d)" % self.port(node),
                 )
             except RuntimeError as exc:
-                # Documented (PROTOCOL.md 8.1): stop() complains about messages
-                # that were never released, after releasing them itself.
+                # Documented (docs/interfaces.md#common-to-all-interfaces): stop()
+                # complains about messages that were never released, after releasing them itself.
                 if "releas" not in str(exc):
                     problems.append("port %d: %r" % (self.port(node), exc))
             except Exception as exc:

@@ -5,7 +5,7 @@ Run as a child process::
     python tests/loadclient.py --port PORT --count N
 
 It raises its own open-file limit, opens N plaintext TCP connections to
-127.0.0.1:PORT and completes the chirp handshake on each (PROTOCOL.md 2.2:
+127.0.0.1:PORT and completes the chirp handshake on each (docs/protocol.md#wire-format:
 read the node's 18 bytes, send ours), in batches smaller than the node's listen
 backlog so that no SYN is dropped. Every connection announces its own port in
 its handshake (``--hs-port-base`` + i), so the node files each one under a
@@ -17,8 +17,8 @@ Lines on stdout tell the parent what happened:
 * ``closed N``: the node has closed all N of them (EOF seen on each);
 * ``error TEXT``: giving up (the process exits with status 1).
 
-With ``--keepalive SECONDS`` every connection sends a NOOP frame (PROTOCOL.md
-3.2) that often, which keeps it from looking idle to the node's garbage
+With ``--keepalive SECONDS`` every connection sends a NOOP frame (docs/protocol.md
+"Wire format") that often, which keeps it from looking idle to the node's garbage
 collector, until a line ``idle`` arrives on stdin; from then on they are quiet.
 The process closes everything and exits when its stdin reaches EOF (or a line
 ``exit`` arrives), so a parent that dies takes it along.

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Chirp decides per connection whether to use TLS from the peer's address
-(PROTOCOL.md 1.2): only exactly ``127.0.0.1`` and ``::1`` are plaintext. To
-test TLS between "hosts" without touching any real network, :class:`Hosts`
+(docs/tls.md#when-a-connection-is-encrypted): only exactly ``127.0.0.1`` and ``::1``
+are plaintext. To test TLS between "hosts" without touching any real network, :class:`Hosts`
 builds a tiny network that exists only for one test:
 
 * ``n`` network namespaces named ``chirphost-<pid>-<seq>-a``, ``-b``, ... (the

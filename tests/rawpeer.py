@@ -1,6 +1,6 @@
 """A raw chirp peer for black-box tests: speaks the wire format by hand.
 
-Everything here follows PROTOCOL.md sections 2 and 3 and is written with
+Everything here follows docs/protocol.md#wire-format and is written with
 struct.pack only; it never imports the package under test, except in the small
 "node harness" at the bottom, which starts real nodes for the tests to talk to.
 
@@ -20,7 +20,7 @@ import threading
 import time
 
 # --------------------------------------------------------------------------------------------
-# Wire format (PROTOCOL.md 2.1, 3.1, 3.2)
+# Wire format (docs/protocol.md#wire-format)
 
 HANDSHAKE_LEN = 18
 HEADER_LEN = 27
@@ -422,7 +422,7 @@ class Harness:
         """Start a libchirp.queue.Chirp; settings are Config attribute names (PORT, ...).
 
         Returns (node, port). DISABLE_ENCRYPTION defaults to True here because a node with
-        encryption on needs certificate files (PROTOCOL.md 7.2).
+        encryption on needs certificate files (docs/config.md).
         """
         import libchirp
         import libchirp.queue

@@ -1,4 +1,4 @@
-"""Batch forms and the cheap paths behind them (issue 5).
+"""Batch forms and the cheap paths behind them.
 
 ``send_many()`` hands many sends over under one lock, ``get_many()`` takes all
 queued messages and releases them in one hand-over (AUTO_RELEASE releases are
@@ -398,3 +398,43 @@ def test_releases_without_a_following_command_are_carried_out(make_node):
     assert got == [m.data for m in msgs]
     stats = b.statistics()
     assert stats["held_messages"] == 0
+
+
+def test_stream_into_full_slots_keeps_moving():
+    """A receiver on its own loop whose slots are all taken: the releases of
+    get_many() let its reader take buffered messages, and the thread driving
+    the loop gets them at once (not after its drive's time slice)."""
+    from conftest import find_free_port, make_config
+
+    count = 94 * 64
+    with libchirp.Loop() as la, libchirp.Loop() as lb:
+        a = libchirp.queue.Chirp(la, make_config(PORT=find_free_port(), SYNCHRONOUS=False))
+        b = libchirp.queue.Chirp(
+            lb, make_config(PORT=find_free_port(), SYNCHRONOUS=False, MAX_SLOTS=32)
+        )
+        try:
+            got = [0]
+
+            def serve():
+                while got[0] < count:
+                    got[0] += len(b.get_many(256, timeout=10))
+
+            t = threading.Thread(target=serve)
+            t.start()
+            futs = []
+            for _ in range(0, count, 64):
+                msgs = []
+                for _ in range(64):
+                    m = libchirp.queue.Message()
+                    m.address, m.port, m.data = "127.0.0.1", b.port, b"x" * 64
+                    msgs.append(m)
+                futs.extend(a.send_many(msgs))
+                while len(futs) > 1024:
+                    futs.pop(0).result(10)
+            for f in futs:
+                f.result(10)
+            t.join(20)
+            assert not t.is_alive() and got[0] == count
+        finally:
+            a.stop()
+            b.stop()

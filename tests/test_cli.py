@@ -18,6 +18,7 @@ too; the entry point itself is checked to be declared. Checked:
 """
 
 import ast
+import json
 import os
 import pty
 import re
@@ -37,6 +38,9 @@ if HERE not in sys.path:
 
 import netns  # noqa: E402
 from conftest import find_free_port  # noqa: E402
+
+from libchirp import cli  # noqa: E402
+from libchirp.config import LIMITS as CONFIG_LIMITS  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -339,7 +343,7 @@ def test_send_to_nobody_fails():
     assert res.returncode == 1
     assert re.match(r"FAILED 1/1 to 127\.0\.0\.1:%d after [\d.]+ ms: \w+" % port, res.stdout)
     assert "CANNOT_CONNECT" in res.stdout or "refused" in res.stdout
-    assert res.stderr.count("\n") == 1 and "0 of 1 sends" in res.stderr
+    assert res.stderr.count("\n") == 1 and "0 of 1 send to" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -362,7 +366,12 @@ def test_bad_address(address, text):
 
 
 BAD_ARGS = [
-    (["send", "127.0.0.1:2998"], 2, "send", r"required: DATA"),
+    (["send", "127.0.0.1:2998"], 2, "send", r"exactly one of DATA, --file FILE or --lines"),
+    (["send", "127.0.0.1:2998", "x", "--lines"], 2, "send", r"exactly one of"),
+    (["send", "127.0.0.1:2998", "--port", "-1", "x"], 2, "send", r"must be 0 \(a free port\)"),
+    (["send", "127.0.0.1:2998", "x", "--interval", "-1"], 2, "send", r"0\.\.86400"),
+    (["listen", "--format", "json"], 2, "listen", r"invalid choice: 'json'"),
+    (["listen", "--bind", "127.0.0.1", "--bind", "127.0.0.2"], 2, "listen", r"at most one IPv4"),
     (["send", "127.0.0.1:2998", "x", "--count", "0"], 2, "send", r"at least 1"),
     (["send", "127.0.0.1:2998", "x", "--sync", "--async"], 2, "send", r"not allowed"),
     (["send", "127.0.0.1:2998", "x", "--timeout", "0"], 2, "send", r"0\.1\.\.1200"),
@@ -371,8 +380,8 @@ BAD_ARGS = [
     (["listen", "--frobnicate"], 2, "listen", r"unrecognized"),
     (["bench", "--count", "x"], 2, "bench", r"not an integer"),
     (["stats"], 2, "stats", r"required"),
-    (["listen", "--cert", "a.pem"], 1, "listen", r"--cert and --dh go together"),
-    (["listen", "--cert", "a.pem", "--dh", "b.pem", "--plaintext"], 1, "listen", r"exclude"),
+    (["listen", "--cert", "a.pem"], 2, "listen", r"--cert and --dh go together"),
+    (["listen", "--cert", "a.pem", "--dh", "b.pem", "--plaintext"], 2, "listen", r"exclude"),
     (["listen", "--cert", "/nonexistent.pem", "--dh", "/x.pem"], 1, "listen", r"no such file"),
     (["frobnicate"], 2, "", r"invalid choice"),
     (["pki", "ca"], 2, "pki ca", r"--out"),
@@ -416,13 +425,11 @@ def test_stats_of_a_running_node(background):
     res = chirp("stats", "127.0.0.1:%d" % port)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert re.match(r"node [0-9a-f]{32} port %d: \d+ connections, \d+ remotes" % port, lines[0])
+    assert re.match(r"node [0-9a-f]{32} port %d: \d+ connections?, \d+ remotes?, " % port, lines[0])
     assert re.match(r"totals: in 2 msgs", lines[1]), lines[1]  # "one" and this request
     assert lines[2].split()[:2] == ["remote", "conns"]
     res = chirp("stats", "127.0.0.1:%d" % port, "--json")
     assert res.returncode == 0, res.stderr
-    import json
-
     stats = json.loads(res.stdout)
     assert stats["port"] == port and stats["totals"]["messages_in"] == 3
     assert all(re.match(r"127\.0\.0\.1:\d+$", key) for key in stats["remotes"])
@@ -627,3 +634,223 @@ def test_pki_tls_between_hosts(certs):
             assert line.startswith(hosts.addr(1) + ":") and line.endswith("data=b'over TLS'")
         finally:
             listener.kill()
+
+
+# -- what a new user trips over --------------------------------------------------------------------
+
+
+def test_help_shows_the_limits_and_exit_statuses():
+    res = chirp("--help")
+    assert res.returncode == 0
+    for option, (field, low, high, _) in cli.LIMITS.items():
+        assert re.search(r"^  %s .*%g\.\.%g" % (re.escape(option), low, high), res.stdout, re.M)
+        if field:
+            assert "Config.%s" % field in res.stdout
+    assert "2 bad arguments" in res.stdout and "130 Ctrl-C" in res.stdout
+    for option in ("--port", "--timeout", "--max-slots"):
+        field, low, high, _ = cli.LIMITS[option]
+        lim = CONFIG_LIMITS[field]
+        assert (low in (lim.low, 0), high) == (True, lim.high), "one table of limits"
+
+
+def test_plural():
+    assert cli.plural(0, "message") == "0 messages"
+    assert cli.plural(1, "message") == "1 message"
+    assert cli.plural(2, "reply", "replies") == "2 replies"
+
+
+def test_one_message_is_singular(background):
+    listener = background("listen", "--port", 0, "--count", 1, "--plaintext")
+    port = listener.ready()
+    res = chirp("send", "127.0.0.1:%d" % port, "x", "--count", 1)
+    assert res.returncode == 0, res.stderr
+    assert listener.finish() == 0
+    assert listener.err[-1] == "chirp listen: 1 message received"
+
+
+def test_sigint_ends_a_request_at_once(background):
+    """Ctrl-C ends ``send --request`` at once, not after the request's timeout."""
+    listener = background("listen", "--port", 0, "--plaintext")  # takes it, never answers
+    port = listener.ready()
+    sender = background("send", "127.0.0.1:%d" % port, "anyone?", "--request", "--timeout", 60)
+    listener.wait_for(listener.out, r"data=b'anyone\?'")
+    start = time.monotonic()
+    sender.proc.send_signal(signal.SIGINT)
+    assert sender.finish(timeout=20) == 130
+    took = time.monotonic() - start
+    assert took < 10, took  # in practice well under a second; the request would wait 60 s
+    assert sender.err[-1] == "chirp send: interrupted, 1 request unfinished", sender.err
+    assert "Traceback" not in "\n".join(sender.err)
+    assert sender.out == []
+
+
+@pytest.mark.parametrize(
+    "fmt,expected",
+    [
+        ("repr", r"^127\.0\.0\.1:\d+ header=b'h' data=b'a\\tb\\x00'$"),
+        ("hex", r"^127\.0\.0\.1:\d+ header=68 data=61096200$"),
+        ("raw", r"^a\tb\x00$"),
+    ],
+)
+def test_listen_format(background, fmt, expected):
+    listener = background("listen", "--port", 0, "--count", 1, "--format", fmt, "--plaintext")
+    port = listener.ready()
+    res = subprocess.run(
+        CHIRP + ["send", "127.0.0.1:%d" % port, "-", "--header", "h"],
+        input=b"a\tb\x00",
+        capture_output=True,
+        timeout=RUN_LIMIT,
+        cwd=ROOT,
+        env=ENV,
+    )
+    assert res.returncode == 0, res.stderr
+    assert listener.finish() == 0
+    assert len(listener.out) == 1 and re.match(expected, listener.out[0]), listener.out
+
+
+def test_send_lines_as_they_come(background):
+    listener = background("listen", "--port", 0, "--count", 3, "--format", "raw", "--plaintext")
+    port = listener.ready()
+    sender = subprocess.Popen(
+        CHIRP + ["send", "127.0.0.1:%d" % port, "--lines"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=ENV,
+    )
+    try:
+        # Each line goes out when it is written, long before stdin ends.
+        for line in (b"first", b"second"):
+            sender.stdin.write(line + b"\n")
+            sender.stdin.flush()
+            listener.wait_for(listener.out, "^%s$" % line.decode(), timeout=20)
+        # The last line may lack its newline.
+        out, err = sender.communicate(b"third", timeout=RUN_LIMIT)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    assert sender.returncode == 0, err
+    assert listener.finish() == 0
+    assert listener.out == ["first", "second", "third"]
+    assert re.match(r"sent 1 to 127\.0\.0\.1:\d+ in [\d.]+ ms$", out.decode().splitlines()[0])
+    assert "3 of 3 sends to 127.0.0.1:%d succeeded, 0 failed" % port in err.decode()
+
+
+def test_send_lines_count_stops_early(background):
+    listener = background("listen", "--port", 0, "--count", 2, "--plaintext")
+    port = listener.ready()
+    res = subprocess.run(
+        CHIRP + ["send", "127.0.0.1:%d" % port, "--lines", "--count", "2"],
+        input=b"a\nb\nc\n",
+        capture_output=True,
+        timeout=RUN_LIMIT,
+        cwd=ROOT,
+        env=ENV,
+    )
+    assert res.returncode == 0, res.stderr
+    assert b"2 of 2 sends" in res.stderr
+    assert listener.finish() == 0
+
+
+def test_send_file(background, tmp_path):
+    payload = bytes(range(256)) * 40
+    (tmp_path / "blob").write_bytes(payload)
+    listener = background("listen", "--port", 0, "--count", 1, "--format", "hex", "--max-bytes", 0)
+    port = listener.ready()
+    res = chirp("send", "127.0.0.1:%d" % port, "--file", tmp_path / "blob")
+    assert res.returncode == 0, res.stderr
+    assert listener.finish() == 0
+    assert listener.out[0].endswith(" data=" + payload.hex())
+    res = chirp("send", "127.0.0.1:%d" % port, "--file", tmp_path / "missing")
+    assert_one_line_error(res, 1, "send", r"--file .*missing: No such file")
+
+
+def test_send_count_and_interval(background):
+    listener = background("listen", "--port", 0, "--count", 4, "--plaintext")
+    port = listener.ready()
+    start = time.monotonic()
+    res = chirp("send", "127.0.0.1:%d" % port, "tick {n}", "--count", 4, "--interval", 0.25)
+    took = time.monotonic() - start
+    assert res.returncode == 0, res.stderr
+    assert took >= 0.75, took  # four sends, 0.25 s apart
+    assert len(res.stdout.splitlines()) == 4
+    assert listener.finish() == 0
+    assert [line.split(" ", 1)[1] for line in listen_lines(listener)] == [
+        "header=b'' data=b'tick %d'" % i for i in range(4)
+    ]
+
+
+def test_port_zero_and_bind_on_every_node_command(background):
+    """``--port 0`` takes a free port and says which; ``--bind`` works for send and stats."""
+    listener = background(
+        "listen", "--port", 0, "--bind", "127.0.0.1", "--serve-stats", "--echo"
+    )  # fmt: skip
+    port = listener.ready()
+    assert port > 0
+    assert any("listening on port %d (IPv4 127.0.0.1, IPv6 ::)" % port in e for e in listener.err)
+    res = chirp("send", "127.0.0.1:%d" % port, "x", "--request", "--port", 0, "--bind", "127.0.0.1")
+    assert res.returncode == 0, res.stderr
+    m = re.search(r"this node listens on port (\d+) \(IPv4 127\.0\.0\.1, IPv6 ::\)", res.stderr)
+    assert m and int(m.group(1)) > 0, res.stderr
+    res = chirp("stats", "127.0.0.1:%d" % port, "--port", 0, "--json")
+    assert res.returncode == 0, res.stderr
+    m = re.search(r"this node listens on port (\d+) \(IPv4 0\.0\.0\.0", res.stderr)
+    assert m, res.stderr
+    assert "127.0.0.1:%s" % m.group(1) in json.loads(res.stdout)["remotes"]
+    listener.proc.send_signal(signal.SIGTERM)
+    assert listener.finish() == 0
+
+
+def test_stats_every_prints_only_what_changed(background):
+    listener = background("listen", "--port", 0, "--stats-every", "0.2", "--plaintext")
+    port = listener.ready()
+    listener.wait_for(listener.err, r"stats: totals: in 0 msgs")
+    time.sleep(1.0)  # five more periods in which nothing happens
+    quiet = [line for line in listener.err if "stats:" in line]
+    assert len(quiet) == 2, quiet  # the first snapshot only: node line and totals
+    assert chirp("send", "127.0.0.1:%d" % port, "x").returncode == 0
+    listener.wait_for(listener.err, r"stats: totals: in 1 msg \(1 B\)")
+    time.sleep(0.6)
+    listener.proc.send_signal(signal.SIGTERM)
+    assert listener.finish() == 0
+    stats = [line.split("stats: ", 1)[1] for line in listener.err if "stats:" in line]
+    assert sum(line.startswith("totals: in 1 msg ") for line in stats) == 2  # change, and exit
+    rows = [line for line in stats if line.startswith("127.0.0.1:")]
+    assert 1 <= len(rows) <= 4, stats  # the sender's row when it changed, and at exit
+
+
+def test_pki_refuses_to_overwrite(tmp_path):
+    assert chirp("pki", "ca", "--out", tmp_path / "ca").returncode == 0
+    for command, args in (
+        ("node", ["--ca", tmp_path / "ca", "--out", tmp_path / "n.pem"]),
+        ("dh", ["--out", tmp_path / "dh.pem"]),
+    ):
+        assert chirp("pki", command, *args).returncode == 0
+        before = (tmp_path / args[-1]).read_bytes()
+        res = chirp("pki", command, *args)
+        assert_one_line_error(res, 1, "pki", r"exists already \(use --force to replace it\)")
+        assert (tmp_path / args[-1]).read_bytes() == before
+        assert chirp("pki", command, *args, "--force").returncode == 0
+    res = chirp("pki", "ca", "--out", tmp_path / "ca")
+    assert_one_line_error(res, 1, "pki", r"use --force")
+
+
+def test_pki_without_cryptography_names_the_extra(tmp_path):
+    block = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "from libchirp.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", block, "pki", "ca", "--out", str(tmp_path / "ca")],
+        capture_output=True,
+        text=True,
+        timeout=RUN_LIMIT,
+        cwd=ROOT,
+        env=ENV,
+    )
+    assert_one_line_error(res, 1, "pki", r"pip install 'libchirp\[tls\]'")
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        assert '"tls": ["cryptography' in f.read()  # the extra named exists

@@ -1,8 +1,9 @@
-"""libchirp.Config: defaults, conversion at set time, sealing (PROTOCOL.md 7.1); pure Python."""
+"""libchirp.Config: defaults, conversion at set time, sealing (docs/config.md); pure Python."""
 
 import pytest
 
 import libchirp
+import libchirp.config
 
 DEFAULTS = {
     "REUSE_TIME": 30.0,
@@ -22,6 +23,8 @@ DEFAULTS = {
     "DISABLE_ENCRYPTION": False,
     "MAX_SEND_QUEUE": 0,
     "AUTO_RELEASE": True,
+    "MAX_CONNECTIONS": 0,
+    "MAX_CONNECTIONS_PER_ADDRESS": 0,
 }
 
 
@@ -56,30 +59,112 @@ def test_float_fields(name):
 
 
 @pytest.mark.parametrize(
-    "name,limit",
+    "name,low,high,zero",
     [
-        ("PORT", 65535),
-        ("BACKLOG", 255),
-        ("MAX_SLOTS", 255),
-        ("BUFFER_SIZE", 2**32 - 1),
-        ("MAX_MSG_SIZE", 2**32 - 1),
-        ("MAX_SEND_QUEUE", 2**32 - 1),
+        ("PORT", 1025, 65535, True),
+        ("BACKLOG", 0, 127, True),
+        ("MAX_SLOTS", 1, 32, True),
+        ("BUFFER_SIZE", 1024, 2**32 - 1, True),
+        ("MAX_MSG_SIZE", 1, 2**32 - 1, False),
+        ("MAX_SEND_QUEUE", 0, 2**32 - 1, True),
+        ("MAX_CONNECTIONS", 1, 1000000, True),
+        ("MAX_CONNECTIONS_PER_ADDRESS", 1, 1000000, True),
     ],
 )
-def test_int_fields_range(name, limit):
+def test_int_fields_range(name, low, high, zero):
+    """Set-time checks use the limits of csrc/config.c; errors are ValueError and OverflowError."""
     cfg = libchirp.Config()
-    setattr(cfg, name, limit)
-    assert getattr(cfg, name) == limit
-    setattr(cfg, name, 0)
-    assert getattr(cfg, name) == 0
-    for bad in (limit + 1, -1):
-        with pytest.raises(ValueError, match=name) as info:
+    for good in (low, high) + ((0,) if zero else ()):
+        setattr(cfg, name, good)
+        assert getattr(cfg, name) == good
+    before = getattr(cfg, name)
+    bad_values = [high + 1, -1] + ([low - 1] if low - 1 > 0 else [])
+    if not zero:
+        bad_values.append(0)
+    for bad in bad_values:
+        with pytest.raises(ValueError, match="Config.%s = %d" % (name, bad)) as info:
             setattr(cfg, name, bad)
-        assert str(limit) in str(info.value)
+        assert isinstance(info.value, OverflowError), "1.x raised OverflowError"
+        assert isinstance(info.value, libchirp.ChirpConfigRangeError)
+        assert libchirp.config.LIMITS[name].text in str(info.value), "the text names the limits"
     for bad in (1.0, "5", None, False):
         with pytest.raises(TypeError):
             setattr(cfg, name, bad)
-    assert getattr(cfg, name) == 0, "a rejected value must not be stored"
+    assert getattr(cfg, name) == before, "a rejected value must not be stored"
+
+
+@pytest.mark.parametrize(
+    "name,value,text",
+    [
+        ("PORT", 1024, "Config: port must be > 1024."),
+        ("PORT", 65536, "Config: port must be <= 65535."),
+        ("TIMEOUT", 0.05, "Config: timeout must be >= 0.1."),
+        ("TIMEOUT", 1200.5, "Config: timeout must be <= 1200."),
+        ("REUSE_TIME", -1.0, "Config: reuse time must be >= 0."),
+        ("REUSE_TIME", 3601.0, "Config: reuse time must be <= 3600."),
+        ("BACKLOG", 128, "Config: backlog must be < 128."),
+        ("MAX_SLOTS", 33, "Config: max slots must be <= 32."),
+        ("BUFFER_SIZE", 1000, "Config: buffer size must be >= 1024 or 0 for the default."),
+        ("MAX_MSG_SIZE", 0, "Config: max message size must be > 0."),
+    ],
+)
+def test_out_of_range_is_refused_when_set(name, value, text):
+    """The check happens once, at assignment, with the 1.x wording, the field and its limits."""
+    cfg = libchirp.Config()
+    with pytest.raises(OverflowError) as info:
+        setattr(cfg, name, value)
+    msg = str(info.value)
+    assert msg.startswith(text), msg
+    assert "Config.%s = %r" % (name, value) in msg and "limits: " in msg
+    assert isinstance(info.value, ValueError) and info.value.ecode == 1
+
+
+def test_port_zero_means_a_free_port():
+    cfg = libchirp.Config()
+    cfg.PORT = 0
+    assert cfg.PORT == 0
+    assert "free port" in libchirp.config.LIMITS["PORT"].zero
+
+
+def test_limits_table_covers_every_field():
+    """libchirp.config.LIMITS is the one table of defaults and limits (chirp --help shows it)."""
+    from libchirp.config import LIMITS
+
+    assert list(LIMITS) == list(DEFAULTS)
+    for name, lim in LIMITS.items():
+        assert lim.default == DEFAULTS[name] and lim.text and lim.meaning, name
+        if lim.low is not None:
+            assert lim.too_low and lim.too_high, name
+
+
+def test_start_check_names_the_certificate_first(tmp_path):
+    """A default Config() fails at node start asking for a certificate, then DH parameters."""
+    cfg = libchirp.Config()
+    with pytest.raises(ValueError) as info:
+        cfg._check_start()
+    assert str(info.value).startswith("Config: CERT_CHAIN_PEM must be set.")
+    assert "DH_PARAMS_PEM" not in str(info.value) and "DISABLE_ENCRYPTION" in str(info.value)
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    cfg.CERT_CHAIN_PEM = cert
+    with pytest.raises(ValueError, match="^Config: DH_PARAMS_PEM must be set."):
+        cfg._check_start()
+    cfg.DH_PARAMS_PEM = tmp_path / "missing.pem"
+    with pytest.raises(ValueError, match="DH params .*missing.pem does not exist.*DH_PARAMS_PEM"):
+        cfg._check_start()
+    cfg.DISABLE_ENCRYPTION = True
+    cfg._check_start()
+
+
+def test_start_check_effective_reuse_time():
+    cfg = libchirp.Config()
+    cfg.DISABLE_ENCRYPTION = True
+    cfg.TIMEOUT = 0.1
+    cfg.REUSE_TIME = 0.2
+    with pytest.raises(OverflowError, match="reuse time must be >= 0.5.*REUSE_TIME = 0.2"):
+        cfg._check_start()
+    cfg.REUSE_TIME = 0.5
+    cfg._check_start()
 
 
 @pytest.mark.parametrize(
@@ -158,7 +243,7 @@ def test_repr_names_fields():
 
 
 def test_config_check_reference_prefixes():
-    """ch_config_check (the start-time rules of 7.2) keeps the reference prefixes."""
+    """ch_config_check, the C core's own check (defence in depth), keeps the 1.x prefixes."""
     from libchirp._core import check_config, fill_config
 
     def check(**fields):
@@ -166,7 +251,7 @@ def test_config_check_reference_prefixes():
         cfg.DISABLE_ENCRYPTION = True
         cfg.PORT = 3000
         for name, value in fields.items():
-            setattr(cfg, name, value)
+            object.__setattr__(cfg, name, value)  # bypass the set-time check: test the C one
         ccfg, _keep = fill_config(cfg)
         check_config(ccfg)
 

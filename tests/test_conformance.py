@@ -1,4 +1,4 @@
-"""One conformance suite for the three interfaces: queue, pool and asyncio (issue 4).
+"""One conformance suite for the three interfaces: queue, pool and asyncio.
 
 Every test runs against each interface through a small adapter that gives the
 test thread the same view of all of them:
@@ -266,6 +266,8 @@ class Kit:
                     msg = chirp.get(timeout=0.05)
                 except queue.Empty:
                     continue
+                except libchirp.ChirpShutdown:
+                    return  # stop() woke this get() (teardown)
                 try:
                     chirp.send(msg)
                 except Exception:

@@ -1,4 +1,4 @@
-"""The error code -> exception mapping (PROTOCOL.md 7.3, 10.10); pure Python."""
+"""The error code -> exception mapping (docs/protocol.md#errors); pure Python."""
 
 import errno
 
@@ -28,6 +28,7 @@ EXPECTED = {
     17: (Exception,),
     18: (ConnectionError,),
     19: (RuntimeError,),
+    20: (MemoryError,),
 }
 
 
@@ -52,7 +53,7 @@ def test_success_is_no_error():
     assert chirp_error_to_exception(0, "") is None
 
 
-@pytest.mark.parametrize("code", [20, 99, -1, 1000])
+@pytest.mark.parametrize("code", [21, 99, 1000])
 def test_unknown_code(code):
     exc = chirp_error_to_exception(code, None)
     assert isinstance(exc, ChirpError)
@@ -107,3 +108,30 @@ def test_names_match_the_c_core():
 def test_type_error_is_also_assertion_error():
     assert issubclass(libchirp.ChirpTypeError, TypeError)
     assert issubclass(libchirp.ChirpTypeError, AssertionError)
+
+
+def test_send_queue_full_has_its_own_code():
+    """SEND_QUEUE_FULL (20) maps to ChirpSendQueueFull whatever the text says."""
+    for text in (None, "", "anything at all", "MAX_SEND_QUEUE"):
+        exc = chirp_error_to_exception(20, text)
+        assert type(exc) is libchirp.ChirpSendQueueFull and exc.ecode == 20
+        assert isinstance(exc, MemoryError) and isinstance(exc, libchirp.ChirpMemoryError)
+    # ENOMEM stays out of memory, even with a text that names the setting
+    assert type(chirp_error_to_exception(10, "MAX_SEND_QUEUE")) is libchirp.ChirpMemoryError
+
+
+def test_range_errors_are_also_the_1x_builtins():
+    """Config ranges: ValueError and OverflowError; Message.port: ValueError and AssertionError."""
+    exc = libchirp.ChirpConfigRangeError("x")
+    assert isinstance(exc, (ValueError)) and isinstance(exc, OverflowError)
+    assert isinstance(exc, ChirpError) and exc.ecode == 1
+    exc2 = libchirp.ChirpMessageValueError("y")
+    assert isinstance(exc2, ValueError) and isinstance(exc2, AssertionError)
+
+
+@pytest.mark.parametrize("code", sorted(EXPECTED))
+def test_negative_codes_map_like_positive_ones(code):
+    """C functions return -CH_<NAME>, events carry CH_<NAME> (csrc/error.h): same exception."""
+    exc = chirp_error_to_exception(-code, "text")
+    assert type(exc) is type(chirp_error_to_exception(code, "text"))
+    assert exc.ecode == code and "text" in str(exc)

@@ -1,4 +1,4 @@
-"""Fault tests (issue 6): peers that die, vanish, restart, stall or never read.
+"""Fault tests: peers that die, vanish, restart, stall or never read.
 
 Real processes and real sockets throughout: the other node runs as a child
 process (tests/nodeproc.py on loopback, tests/hostproc.py inside the private

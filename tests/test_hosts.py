@@ -3,7 +3,8 @@
 Every test builds its own hosts with tests/netns.py (network namespaces joined
 by a veth pair, addresses 10.213.<k>.1 and .2 that exist only inside them) and
 runs nodes there as processes of tests/hostproc.py. Between the hosts the peer
-address is not loopback, so both sides use TLS (PROTOCOL.md 1.2). Checked:
+address is not loopback, so both sides use TLS
+(docs/tls.md#when-a-connection-is-encrypted). Checked:
 
 * messages both ways, in both modes, over TLS (each node once as TLS client,
   once as TLS server), arriving intact (sha256 per message), 1 MiB included;
@@ -516,7 +517,7 @@ def test_plaintext_node_refused_both_ways(net):
 
 def raw_tls_client(certs, cert=None, tls12=False, ciphers=None, tls11=False):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False  # chirp checks no names (PROTOCOL.md 1.3)
+    ctx.check_hostname = False  # chirp checks no names (docs/tls.md#what-is-negotiated)
     ctx.load_verify_locations(certs.ca_cert)
     if cert is not None:
         ctx.load_cert_chain(cert)

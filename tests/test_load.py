@@ -1,10 +1,11 @@
-"""Load: a node with 10,000 concurrent connections (issue 6) and the RSS of idle
-connections (issue 5: at most 64 KiB each).
+"""Load: a node with 10,000 concurrent connections and the RSS of idle
+connections (at most 64 KiB each).
 
 The connections come from a child process (tests/loadclient.py) that speaks
-the handshake with raw sockets on 127.0.0.1 (plaintext, PROTOCOL.md 1.2 and
-2.2); each one announces a handshake port of its own, so the node files them
-under 10,000 remotes, as with 10,000 peers. They send a NOOP every second while
+the handshake with raw sockets on 127.0.0.1 (plaintext,
+docs/tls.md#when-a-connection-is-encrypted, docs/protocol.md#wire-format); each one
+announces a handshake port of its own, so the node files them under 10,000 remotes,
+as with 10,000 peers. They send a NOOP every second while
 the loaded node is measured and then go idle for the garbage collector. The node under
 test lives in this process, next to a normal peer node that makes roundtrips
 to it. RSS is this process's VmRSS. Figures are printed (pytest -s shows them).
@@ -60,7 +61,7 @@ def roundtrip(node, peer, port):
     """peer asks, node answers; returns the seconds from the first send to the reply.
 
     A request written just as the node's garbage collector closes the peer's idle
-    connection fails at the peer (PROTOCOL.md 6.7); that attempt is repeated.
+    connection fails at the peer (docs/protocol.md#errors); that attempt is repeated.
     """
     start = time.monotonic()
     deadline = start + ROUNDTRIP_LIMIT * 5
@@ -209,7 +210,7 @@ def test_stop_with_10k_connections_closes_them_promptly(nofile, make_node, bound
 
 @pytest.mark.timeout(60)
 def test_rss_per_idle_connection_1000():
-    """Issue 5: a node holding 1,000 idle connections, RSS per connection <= 64 KiB."""
+    """A node holding 1,000 idle connections, RSS per connection <= 64 KiB."""
     r = memory.measure(1000)
     print("\n" + memory.describe(r))
     assert r["connections"] == 1000

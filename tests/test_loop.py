@@ -1,4 +1,4 @@
-"""libchirp.Loop: life cycle, call_soon(), context manager, leak warning (PROTOCOL.md 8.1)."""
+"""libchirp.Loop: life cycle, call_soon(), context manager, leak warning (docs/interfaces.md)."""
 
 import gc
 import logging
@@ -38,9 +38,13 @@ def test_run_loop_false(bounded):
 
 @pytest.mark.timeout(30)
 def test_stop_without_run(bounded):
+    """stop() before run() is a no-op (as in libchirp 1.x); stop() after run() is final."""
     loop = libchirp.Loop(run_loop=False)
     bounded(loop.stop, LIMIT, "Loop.stop() of a loop that never ran")
     assert not loop.running
+    loop.run()
+    assert loop.running
+    bounded(loop.stop, LIMIT, "Loop.stop()")
     with pytest.raises(RuntimeError, match="Cannot restart loop"):
         loop.run()
 
@@ -205,8 +209,8 @@ def test_leaked_running_loop_warns():
         del loop
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
-    core.disp_thread.join(10)
-    assert not core.disp_thread.is_alive(), "the leaked loop was not stopped"
+    core.bg_thread.join(10)
+    assert not core.bg_thread.is_alive(), "the leaked loop was not stopped"
     assert core.c is None, "the leaked loop was not freed"
 
 

@@ -12,7 +12,8 @@ import libchirp.queue
 
 
 def test_queue_message_is_message_thread():
-    assert libchirp.queue.Message is libchirp.MessageThread
+    assert libchirp.queue.Message is libchirp.MessageThread is libchirp.Message
+    assert libchirp.Message.__name__ == "Message"
     assert issubclass(libchirp.MessageThread, libchirp.MessageBase)
 
 
@@ -109,7 +110,9 @@ def test_port():
     msg.port = 0
     assert msg.port == 0
     for bad in (65536, -1, 70000):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="65535"):
+            msg.port = bad
+        with pytest.raises(AssertionError):  # what libchirp 1.x raised (an assert)
             msg.port = bad
     for bad in ("80", 80.0, None, True):
         with pytest.raises(TypeError):
@@ -130,4 +133,15 @@ def test_repr():
     msg.port = 2998
     msg.data = b"12345"
     text = repr(msg)
+    assert text.startswith("<Message "), "the documented class name, not MessageThread"
     assert msg.identity.hex() in text and "::1" in text and "2998" in text and "5 bytes" in text
+
+
+def test_send_without_address_is_refused():
+    """A new message's address is unset: sending raises ValueError (1.x sent to 0.0.0.0)."""
+    msg = libchirp.Message()
+    msg.port = 2998
+    with pytest.raises(ValueError, match="address was never set"):
+        msg._target()
+    msg.address = "0.0.0.0"  # set explicitly: the caller means it
+    assert msg._target() == (4, bytes(4))

@@ -1,7 +1,7 @@
 """Real chirp nodes talking over loopback inside one process.
 
-Covers the behaviour an application sees (PROTOCOL.md sections 4-8): both modes,
-slots and back-pressure, answering by re-sending a received message, connection
+Covers the behaviour an application sees (docs/protocol.md, docs/interfaces.md): both
+modes, slots and back-pressure, answering by re-sending a received message, connection
 errors and timeouts, configuration checks, IPv6, large messages, many senders,
 request/answer, stop() and context managers, identities.
 
@@ -147,7 +147,7 @@ def test_received_message_metadata(make_node):
             "port must be the sender's handshake (listening) port"
         )
         assert g.remote_identity == ident
-    # PROTOCOL.md 3.4: one counter per remote, +1 before every frame written to it.
+    # docs/protocol.md#wire-format: one counter per remote, +1 before every frame written to it.
     serials = [g.serial for g in got]
     assert all(isinstance(s, int) and 0 <= s < 2**32 for s in serials)
     assert serials[1] == (serials[0] + 1) % 2**32 and serials[2] == (serials[1] + 1) % 2**32, (
@@ -497,7 +497,7 @@ def test_request_without_answer_times_out(make_node):
     assert isinstance(exc, TimeoutError), repr(exc)
     assert elapsed >= 0.8, "request timed out after %.2f s with TIMEOUT=1.0" % elapsed
     assert fut.send_result(timeout=10) is msg, "the send itself succeeded"
-    # A late answer is dropped and counted (issue 4; libchirp 1.x delivered it as an
+    # A late answer is dropped and counted (libchirp 1.x delivered it as an
     # ordinary message). It is still released, so its synchronous send succeeds.
     answer = responder.send(got)
     assert settle(answer, 10, "late answer") is None
@@ -590,7 +590,7 @@ def test_stop_with_unreleased_messages_does_not_hang(make_node, bounded):
 @pytest.mark.timeout(60)
 def test_stop_fails_messages_queued_for_an_unreachable_peer(make_node, bounded, free_port):
     # Towards a closed port queued messages fail one per connect attempt, with
-    # a pause of 50-549 ms between attempts (PROTOCOL.md 6.7); stop() must not
+    # a pause of 50-549 ms between attempts (docs/protocol.md#errors); stop() must not
     # wait for that but fail them all at once.
     sender = make_node(TIMEOUT=5.0)
     futs = [sender.send(make_node.message(port=free_port, data=b"%d" % i)) for i in range(50)]

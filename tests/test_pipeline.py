@@ -1,7 +1,7 @@
 """Pipelined acknowledgements: the capability NOOP extension (docs/protocol.md).
 
 A libchirp 1.x receiver keeps one ACK buffer per connection, so a sender must
-not have two REQ_ACK frames unacknowledged towards it (PROTOCOL.md 4.2, 10.4).
+not have two REQ_ACK frames unacknowledged towards it (docs/protocol.md#wire-format).
 Our nodes announce that they acknowledge every REQ_ACK frame independently
 with a NOOP frame that also carries the EXT bit and capability bytes in its
 identity; 1.x takes it for a plain NOOP. Only a peer that announced this gets

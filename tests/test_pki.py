@@ -2,7 +2,7 @@
 
 A CA, two nodes of it and a node of a foreign CA are created once per module
 in a temporary directory (RSA key generation is the slow part). The files are
-checked for the CERT_CHAIN_PEM layout of PROTOCOL.md 1.4 (key, leaf, CA) and
+checked for the CERT_CHAIN_PEM layout of docs/tls.md#the-two-files-a-node-needs (key, leaf, CA) and
 then used the way a node uses them, with Python's ssl module over a real
 socketpair: mutual authentication succeeds within one CA, on TLS 1.3 and on
 TLS 1.2 with the DHE suite and the written DH parameters, and fails across
@@ -219,7 +219,7 @@ def describe(tls):
 
 @pytest.mark.parametrize("trust", ["ca_file", "chain_file"])
 def test_tls13_mutual_auth(material, trust):
-    # chirp trusts every certificate of its own chain file (PROTOCOL.md 1.4);
+    # chirp trusts every certificate of its own chain file (docs/tls.md#the-two-files-a-node-needs);
     # verifying against the plain CA file must work as well.
     s_trust = material.ca_cert if trust == "ca_file" else material.node_a
     c_trust = material.ca_cert if trust == "ca_file" else material.node_b

@@ -1,4 +1,4 @@
-"""libchirp.pool: handlers on a thread pool, AUTO_RELEASE, stop() (PROTOCOL.md 8.2, 10.14).
+"""libchirp.pool: handlers on a thread pool, AUTO_RELEASE, stop() (docs/flow-control.md#releasing).
 
 Behaviour shared with the other interfaces (delivery, back-pressure, errors,
 request/answer, stop with in-flight messages) is in test_conformance.py; this

@@ -1,4 +1,6 @@
-"""One test (or a few) per reference quirk of PROTOCOL.md section 10, showing we do better.
+"""One test (or a few) per known libchirp 1.x defect, showing we do better.
+
+The list is in docs/protocol.md#compatibility-with-libchirp-1x.
 
 Raw peers (tests/rawpeer.py) talk plain TCP on 127.0.0.1 to real nodes. Timing assertions are
 upper bounds with generous slack; the machine running them is shared and noisy.

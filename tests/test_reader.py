@@ -1,7 +1,7 @@
 """Property tests for the C frame reader (csrc/reader.c) through the CFFI module.
 
 The reader is driven the way a connection drives it: feed a piece, act on the
-event, feed the rest. A small Python model of PROTOCOL.md 2 and 3.3 says which
+event, feed the rest. A small Python model of docs/protocol.md#wire-format says which
 events any byte string must produce; the C reader has to agree with it for
 arbitrary bytes, whether the stream is fed whole or cut into random pieces
 (including empty ones). Frames built with ch_writer_header must round-trip.
@@ -115,7 +115,7 @@ def run(data, sizes=None, max_msg_size=1 << 20):
 
 
 def model(data, max_msg_size=1 << 20):
-    """The events PROTOCOL.md 2 and 3.3 prescribe for data."""
+    """The events docs/protocol.md#wire-format prescribe for data."""
     if len(data) < 18:
         return []
     events = [("handshake", struct.unpack(">H", data[:2])[0], data[2:18])]
@@ -279,7 +279,7 @@ def test_writer_matches_struct(ident, serial, data_len, header_len, typ, port):
     assert bytes(hs) == struct.pack(">H", port) + ident
 
 
-# --- fixed vectors (PROTOCOL.md 9.1, 9.3) ------------------------------------
+# --- fixed vectors (docs/protocol.md#wire-format) ------------------------------------
 
 
 def test_vector_9_1_whole_and_bytewise():

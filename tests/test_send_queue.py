@@ -1,6 +1,6 @@
-"""Bounded send queue (Config.MAX_SEND_QUEUE, issue 6 "Resource limits").
+"""Bounded send queue (Config.MAX_SEND_QUEUE, docs/config.md#bounded-send-queue).
 
-Policy (docs/config.md, "Bounded send queue"): when MAX_SEND_QUEUE messages
+Policy (docs/config.md#bounded-send-queue): when MAX_SEND_QUEUE messages
 already wait to be written to a peer, the next send to it fails at once with
 ChirpSendQueueFull (a MemoryError naming the limit); queued messages are never
 dropped and all still complete; once the queue has room, sends succeed again.
@@ -38,7 +38,7 @@ def assert_queue_full(exc, limit, port):
     assert isinstance(exc, ChirpSendQueueFull), repr(exc)
     assert isinstance(exc, ChirpMemoryError) and isinstance(exc, MemoryError)
     assert isinstance(exc, libchirp.ChirpError)
-    assert exc.ecode == 10
+    assert exc.ecode == 20  # SEND_QUEUE_FULL, its own code
     text = str(exc)
     assert "MAX_SEND_QUEUE = %d" % limit in text, text
     assert "127.0.0.1:%d" % port in text, text
@@ -161,11 +161,14 @@ def test_async_non_reading_peer_fills_queue_then_everything_queued_is_delivered(
 
 def test_queue_full_error_mapping():
     exc = chirp_error_to_exception(
-        10,
+        20,
         b"send queue to 127.0.0.1:3000 is full: MAX_SEND_QUEUE = 4 messages wait to be"
         b" written; this one was not queued",
     )
     assert_queue_full(exc, 4, 3000)
     assert type(chirp_error_to_exception(10, "out of memory")) is ChirpMemoryError
+    assert (
+        type(chirp_error_to_exception(10, "MAX_SEND_QUEUE")) is ChirpMemoryError
+    )  # code, not text
     assert type(chirp_error_to_exception(10)) is ChirpMemoryError
     assert libchirp.ChirpSendQueueFull is ChirpSendQueueFull

@@ -1,4 +1,4 @@
-"""Node statistics: ``Chirp.statistics()`` built from the core's ch_node_stats (issue 4).
+"""Node statistics: ``Chirp.statistics()`` built from the core's ch_node_stats.
 
 Counters are checked with exact values where the traffic is exact (messages and
 bytes of a known exchange) and as lower bounds where the core may legitimately
@@ -144,7 +144,8 @@ def test_protocol_error_counter(make_node):
     port = make_node.port(node)
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
         raw.sendall(struct.pack(">H", 4000) + b"\xa0" * 16)
-        # A NOOP with REQ_ACK (type 0x05) is invalid (PROTOCOL.md 9.3): the node closes.
+        # A NOOP with REQ_ACK (type 0x05) is invalid (docs/protocol.md#wire-format): the node
+        # closes.
         raw.sendall(b"\0" * 16 + struct.pack(">IIHB", 1, 0, 0, 0x05))
         raw.settimeout(WAIT)
         try:

@@ -1,6 +1,6 @@
-"""Wire-level tests: raw TCP peers against a real node (PROTOCOL.md sections 2-6 and 9).
+"""Wire-level tests: raw TCP peers against a real node (docs/protocol.md).
 
-Every test replays something PROTOCOL.md states about the bytes on the wire; the raw peer
+Every test replays something docs/protocol.md states about the bytes on the wire; the raw peer
 (tests/rawpeer.py) is written by hand from the protocol text, plain TCP on loopback.
 """
 
@@ -37,7 +37,7 @@ VECTOR_9_1_CLIENT_HS = bytes.fromhex("0fa0a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
 
 
 def test_vector_self_check():
-    """The hand-made packers reproduce the PROTOCOL.md 9.1 bytes exactly."""
+    """The hand-made packers reproduce the docs/protocol.md#wire-format bytes exactly."""
     assert rp.pack_handshake(4000, rp.CLIENT_ID) == VECTOR_9_1_CLIENT_HS
     assert rp.pack_frame(MSG_ID, 7, rp.REQ_ACK, b"hdr", b"hello") == VECTOR_9_1_FRAME
     assert len(VECTOR_9_1_FRAME) == 35
@@ -153,7 +153,7 @@ def test_unknown_type_bit_is_data_without_ack(h):
 
 
 BAD_CONTROL_FRAMES = {
-    # PROTOCOL.md 9.3 vector: NOOP with data_len 1 plus the byte
+    # docs/protocol.md#wire-format vector: NOOP with data_len 1 plus the byte
     "noop_with_data": bytes.fromhex("00" * 16 + "0000000200000001000004") + b"x",
     "noop_req_ack": rp.pack_header(rp.ZERO_ID, 3, 0, 0, 0x05),
     "ack_req_ack": rp.pack_header(MSG_ID, 3, 0, 0, 0x03),
@@ -407,7 +407,7 @@ def test_two_remotes_same_ip_different_handshake_port(h):
 
 
 def _write_cert_material(tmp_path):
-    """Generate CA + leaf + key in one PEM (1.4) and a PKCS#3 DH file (RFC 7919 ffdhe2048)."""
+    """Generate CA + leaf + key in one PEM and a PKCS#3 DH file (RFC 7919 ffdhe2048)."""
     crypto = pytest.importorskip("cryptography")
     del crypto
     import datetime
@@ -513,7 +513,7 @@ def test_loopback_is_plaintext_with_encryption_enabled(h, tmp_path, host):
 
 
 # ------------------------------------------------------------------------------------------
-# More framing and flow control (sections 3-6)
+# More framing and flow control
 
 
 def test_random_chunking_of_a_frame_stream(h):
@@ -1030,7 +1030,8 @@ def test_request_times_out_then_late_reply_is_dropped(h):
     f = conn.recv_frame()
     exc = rp.future_error(cf, 5.0, "unanswered request")
     assert isinstance(exc, TimeoutError), repr(exc)
-    # Issue 4 (libchirp 1.x delivered it as an ordinary message): dropped and counted.
+    # A change from libchirp 1.x (which delivered it as an ordinary message): dropped and
+    # counted.
     conn.send(rp.pack_frame(f.identity, 1, 0x01, b"", b"late"))
     ack = conn.recv_frame()  # released at once, so the REQ_ACK is still acknowledged
     assert ack.type == rp.ACK and ack.identity == req.identity

@@ -26,11 +26,13 @@ __all__ = ["AsyncChirpCommunicator"]
 # ---------------------------------------------------------------------------
 
 
-def _wrap(future: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+def _wrap(
+    future: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop
+) -> asyncio.Future[Any]:
     """An asyncio future of ``loop`` following a kiwipy future (results that are futures too)."""
     out = loop.create_future()
 
-    def copy(f: concurrent.futures.Future) -> None:
+    def copy(f: concurrent.futures.Future[Any]) -> None:
         if out.done():
             return
         if f.cancelled():
@@ -84,7 +86,7 @@ class AsyncChirpCommunicator:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    def _adapt(self, subscriber: Callable) -> Callable:
+    def _adapt(self, subscriber: Callable[..., Any]) -> Callable[..., Any]:
         if not _is_coroutine(subscriber):
 
             def plain(*args: Any, **kwargs: Any) -> Any:
@@ -101,22 +103,28 @@ class AsyncChirpCommunicator:
 
         return coro
 
-    async def add_rpc_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+    async def add_rpc_subscriber(
+        self, subscriber: Callable[..., Any], identifier: Any = None
+    ) -> Any:
         return self._comm.add_rpc_subscriber(self._adapt(subscriber), identifier)
 
     async def remove_rpc_subscriber(self, identifier: Any) -> None:
         self._comm.remove_rpc_subscriber(identifier)
 
-    async def add_task_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+    async def add_task_subscriber(
+        self, subscriber: Callable[..., Any], identifier: Any = None
+    ) -> Any:
         return self._comm.add_task_subscriber(self._adapt(subscriber), identifier)
 
     async def remove_task_subscriber(self, identifier: Any) -> None:
         self._comm.remove_task_subscriber(identifier)
 
-    async def add_broadcast_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+    async def add_broadcast_subscriber(
+        self, subscriber: Callable[..., Any], identifier: Any = None
+    ) -> Any:
         if isinstance(subscriber, kiwipy.BroadcastFilter):
             # the filters stay visible to the mesh; what they pass runs on the loop
-            adapted: Callable = kiwipy.BroadcastFilter(self._adapt(subscriber._subscriber))
+            adapted: Any = kiwipy.BroadcastFilter(self._adapt(subscriber._subscriber))
             adapted._subject_filters = subscriber._subject_filters
             adapted._sender_filters = subscriber._sender_filters
         else:
@@ -126,10 +134,10 @@ class AsyncChirpCommunicator:
     async def remove_broadcast_subscriber(self, identifier: Any) -> None:
         self._comm.remove_broadcast_subscriber(identifier)
 
-    async def rpc_send(self, recipient_id: Any, msg: Any) -> asyncio.Future:
+    async def rpc_send(self, recipient_id: Any, msg: Any) -> asyncio.Future[Any]:
         return _wrap(self._comm.rpc_send(recipient_id, msg), self._loop)
 
-    async def task_send(self, task: Any, no_reply: bool = False) -> Optional[asyncio.Future]:
+    async def task_send(self, task: Any, no_reply: bool = False) -> Optional[asyncio.Future[Any]]:
         future = self._comm.task_send(task, no_reply)
         return None if future is None else _wrap(future, self._loop)
 
@@ -144,5 +152,5 @@ def _is_coroutine(func: Any) -> bool:
     return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
 
 
-async def _call(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
+async def _call(func: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
     return func(*args, **kwargs)

@@ -105,7 +105,9 @@ Decoder = Callable[[bytes], Any]
 class _Member:
     __slots__ = ("id", "address", "port", "version", "info", "last_seen")
 
-    def __init__(self, mid: str, address: str, port: int, version: int, info: Dict) -> None:
+    def __init__(
+        self, mid: str, address: str, port: int, version: int, info: Dict[str, Any]
+    ) -> None:
         self.id = mid
         self.address = address
         self.port = port
@@ -120,7 +122,7 @@ class _OutTask:
     __slots__ = ("id", "queue", "body", "no_reply", "future", "assignee", "excluded")
 
     def __init__(
-        self, tid: str, queue: str, body: bytes, no_reply: bool, future: kiwipy.Future
+        self, tid: str, queue: str, body: bytes, no_reply: bool, future: kiwipy.Future[Any]
     ) -> None:
         self.id = tid
         self.queue = queue
@@ -154,7 +156,7 @@ class _Consumer:
     """The local side of one task queue: push subscribers and pull waiters."""
 
     def __init__(self, prefetch: int) -> None:
-        self.subscribers: "OrderedDict[Any, Callable]" = OrderedDict()
+        self.subscribers: "OrderedDict[Any, Callable[..., Any]]" = OrderedDict()
         self.prefetch = prefetch
         self.running = 0
         self.pull_waiting = 0
@@ -176,7 +178,7 @@ class _Deferred:
 
     __slots__ = ("future",)
 
-    def __init__(self, future: concurrent.futures.Future) -> None:
+    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
         self.future = future
 
 
@@ -242,7 +244,7 @@ class ChirpCommunicator(kiwipy.Communicator):
     ``config`` a :class:`libchirp.Config` for TLS and timeouts (PORT and
     SYNCHRONOUS are set here; without one the node is plaintext),
     ``outbox`` a file for the durable outbox. Methods may be called from any
-    thread; futures are ``kiwipy.Future``.
+    thread; futures are ``kiwipy.Future[Any]``.
     """
 
     def __init__(
@@ -280,8 +282,8 @@ class ChirpCommunicator(kiwipy.Communicator):
         self._digest = 0
         self._push_queued = False
         # local subscribers
-        self._rpc_subs: Dict[Any, Callable] = {}
-        self._bcast_subs: "OrderedDict[Any, Callable]" = OrderedDict()
+        self._rpc_subs: Dict[Any, Callable[..., Any]] = {}
+        self._bcast_subs: "OrderedDict[Any, Callable[..., Any]]" = OrderedDict()
         self._consumers: Dict[str, _Consumer] = {}
         self._task_sub_queue: Dict[Any, str] = {}
         # routing, derived from membership
@@ -289,16 +291,16 @@ class ChirpCommunicator(kiwipy.Communicator):
         self._task_route: Dict[str, Dict[str, int]] = {}
         self._bcast_route: List[Tuple[str, List[Any]]] = []
         # outstanding work
-        self._rpcs: Dict[str, Tuple[kiwipy.Future, str]] = {}
+        self._rpcs: Dict[str, Tuple[kiwipy.Future[Any], str]] = {}
         self._tasks: Dict[str, _OutTask] = {}
         self._pending: Dict[str, Deque[str]] = {}
         self._credit: Dict[Tuple[str, str], _Credit] = {}
         self._last_dispatch: Dict[str, float] = {}
-        self._recovered: List[kiwipy.Future] = []
+        self._recovered: List[kiwipy.Future[Any]] = []
         # threads and the node
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, "kiwi-work")
         self._bcast_lane = concurrent.futures.ThreadPoolExecutor(1, "kiwi-bcast")
-        self._local: "_queue.SimpleQueue[Optional[Tuple[bytes, Dict, bytes]]]" = (
+        self._local: "_queue.SimpleQueue[Optional[Tuple[bytes, Dict[str, Any], bytes]]]" = (
             _queue.SimpleQueue()
         )
         self._loop = Loop()
@@ -371,7 +373,11 @@ class ChirpCommunicator(kiwipy.Communicator):
         self.close()
 
     def _add_subscriber(
-        self, table: Dict[Any, Callable], subscriber: Callable, identifier: Any, kind: str
+        self,
+        table: Dict[Any, Callable[..., Any]],
+        subscriber: Callable[..., Any],
+        identifier: Any,
+        kind: str,
     ) -> Any:
         """Enter an RPC or broadcast subscriber under its (or a new) identifier."""
         with self._lock:
@@ -384,7 +390,9 @@ class ChirpCommunicator(kiwipy.Communicator):
             self._changed()
         return identifier
 
-    def _remove_subscriber(self, table: Dict[Any, Callable], identifier: Any, text: str) -> None:
+    def _remove_subscriber(
+        self, table: Dict[Any, Callable[..., Any]], identifier: Any, text: str
+    ) -> None:
         """Remove an RPC or broadcast subscriber; ``text`` is the error's %-format."""
         with self._lock:
             self._ensure_open()
@@ -392,14 +400,17 @@ class ChirpCommunicator(kiwipy.Communicator):
                 raise ValueError(text % identifier)
             self._changed()
 
-    def add_rpc_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+    def add_rpc_subscriber(self, subscriber: Callable[..., Any], identifier: Any = None) -> Any:
         return self._add_subscriber(self._rpc_subs, subscriber, identifier, "RPC")
 
     def remove_rpc_subscriber(self, identifier: Any) -> None:
         self._remove_subscriber(self._rpc_subs, identifier, "Unknown subscriber '%s'")
 
     def add_task_subscriber(
-        self, subscriber: Callable, identifier: Any = None, queue: str = DEFAULT_TASK_QUEUE
+        self,
+        subscriber: Callable[..., Any],
+        identifier: Any = None,
+        queue: str = DEFAULT_TASK_QUEUE,
     ) -> Any:
         with self._lock:
             self._ensure_open()
@@ -422,13 +433,15 @@ class ChirpCommunicator(kiwipy.Communicator):
             del self._consumers[queue].subscribers[identifier]
             self._changed()
 
-    def add_broadcast_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+    def add_broadcast_subscriber(
+        self, subscriber: Callable[..., Any], identifier: Any = None
+    ) -> Any:
         return self._add_subscriber(self._bcast_subs, subscriber, identifier, "Broadcast")
 
     def remove_broadcast_subscriber(self, identifier: Any) -> None:
         self._remove_subscriber(self._bcast_subs, identifier, "Broadcast subscriber '%s' unknown")
 
-    def rpc_send(self, recipient_id: Any, msg: Any) -> kiwipy.Future:
+    def rpc_send(self, recipient_id: Any, msg: Any) -> kiwipy.Future[Any]:
         """Call the member that subscribed ``recipient_id``; a future for the answer."""
         self._ensure_open()
         future = kiwipy.Future()
@@ -445,7 +458,7 @@ class ChirpCommunicator(kiwipy.Communicator):
             self._send_to(owner, b"R", {"f": self.id, "c": corr, "to": recipient_id}, data)
         return future
 
-    def task_send(self, task: Any, no_reply: bool = False) -> Optional[kiwipy.Future]:
+    def task_send(self, task: Any, no_reply: bool = False) -> Optional[kiwipy.Future[Any]]:
         return self._task_send(DEFAULT_TASK_QUEUE, task, no_reply)
 
     def broadcast_send(
@@ -476,7 +489,7 @@ class ChirpCommunicator(kiwipy.Communicator):
                 consumer.prefetch = max(1, int(prefetch_count))
         return ChirpTaskQueue(self, queue_name)
 
-    def recovered_tasks(self) -> List[kiwipy.Future]:
+    def recovered_tasks(self) -> List[kiwipy.Future[Any]]:
         """Futures of the tasks taken over from the outbox when this communicator started."""
         return list(self._recovered)
 
@@ -517,12 +530,14 @@ class ChirpCommunicator(kiwipy.Communicator):
             raise kiwipy.CommunicatorClosed()
 
     @staticmethod
-    def _fail(future: Optional[kiwipy.Future], exc: BaseException) -> None:
+    def _fail(future: Optional[kiwipy.Future[Any]], exc: BaseException) -> None:
         if future is not None and not future.done():
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 future.set_exception(exc)
 
-    def _make(self, address: str, port: int, kind: bytes, meta: Dict, data: bytes) -> Message:
+    def _make(
+        self, address: str, port: int, kind: bytes, meta: Dict[str, Any], data: bytes
+    ) -> Message:
         msg = Message()
         msg.address = address
         msg.port = port
@@ -530,7 +545,7 @@ class ChirpCommunicator(kiwipy.Communicator):
         msg.data = data
         return msg
 
-    def _send_to(self, mid: Optional[str], kind: bytes, meta: Dict, data: bytes) -> None:
+    def _send_to(self, mid: Optional[str], kind: bytes, meta: Dict[str, Any], data: bytes) -> None:
         """Send to a member (or to ourselves, without the network). Lock held or not."""
         if mid == self.id:
             self._local.put((kind, meta, data))
@@ -545,7 +560,7 @@ class ChirpCommunicator(kiwipy.Communicator):
         address: str,
         port: int,
         kind: bytes,
-        meta: Dict,
+        meta: Dict[str, Any],
         data: bytes,
         mid: Optional[str] = None,
     ) -> None:
@@ -559,7 +574,7 @@ class ChirpCommunicator(kiwipy.Communicator):
         if mid is not None:
             future.add_done_callback(lambda f: self._sent(f, mid))
 
-    def _sent(self, future: concurrent.futures.Future, mid: str) -> None:
+    def _sent(self, future: concurrent.futures.Future[Any], mid: str) -> None:
         if future.cancelled() or future.exception() is None:
             return
         _LOG.debug("send to member %s failed: %s", mid, future.exception())
@@ -567,7 +582,13 @@ class ChirpCommunicator(kiwipy.Communicator):
             self._forget(mid)
 
     def _reply(
-        self, meta_in: Dict, address: Optional[str], port: int, kind: bytes, meta: Dict, data: bytes
+        self,
+        meta_in: Dict[str, Any],
+        address: Optional[str],
+        port: int,
+        kind: bytes,
+        meta: Dict[str, Any],
+        data: bytes,
     ) -> None:
         if meta_in.get("f") == self.id or address is None:
             self._local.put((kind, meta, data))
@@ -614,7 +635,9 @@ class ChirpCommunicator(kiwipy.Communicator):
         return {"f": self.id, "w": want}, encode(entries)
 
     def _refresh_routes(self) -> None:
-        everyone: List[Tuple[str, Dict]] = [(m.id, m.info) for m in self._members.values()]
+        everyone: List[Tuple[str, Dict[str, Any]]] = [
+            (m.id, m.info) for m in self._members.values()
+        ]
         everyone.append((self.id, self._info()))  # our own last: we win RPC identifiers
         rpc: Dict[Any, str] = {}
         tq: Dict[str, Dict[str, int]] = {}
@@ -643,7 +666,7 @@ class ChirpCommunicator(kiwipy.Communicator):
         parts.append("%s:%d" % (self.id, self._version))
         self._digest = zlib.crc32("|".join(sorted(parts)).encode())
 
-    def _merge(self, view: Dict, address: str, port: int) -> None:
+    def _merge(self, view: Dict[str, Any], address: str, port: int) -> None:
         sender = view.get("f")
         changed = False
         new: List[_Member] = []
@@ -787,7 +810,7 @@ class ChirpCommunicator(kiwipy.Communicator):
     # -- internals: handling messages -----------------------------------------
 
     def _handle(
-        self, kind: bytes, meta: Dict, data: bytes, address: Optional[str], port: int
+        self, kind: bytes, meta: Dict[str, Any], data: bytes, address: Optional[str], port: int
     ) -> None:
         if self._closed:
             return
@@ -801,8 +824,8 @@ class ChirpCommunicator(kiwipy.Communicator):
             if stranger or meta.get("d") != self._digest:
                 # views differ, or a member we forgot (or never knew) speaks: exchange views
                 with self._lock:
-                    self._tombstones.pop(meta.get("f"), None)
-                    self._send_addr(address, port, b"G", *self._view(True))
+                    self._tombstones.pop(meta.get("f") or "", None)
+                    self._send_addr(address or "127.0.0.1", port, b"G", *self._view(True))
         elif kind == b"G":
             meta["m"] = decode(data)
             with self._lock:
@@ -858,7 +881,9 @@ class ChirpCommunicator(kiwipy.Communicator):
             result = result.future  # nothing deeper expected
         self._follow(result, pending, done)
 
-    def _run_rpc(self, meta: Dict, data: bytes, address: Optional[str], port: int) -> None:
+    def _run_rpc(
+        self, meta: Dict[str, Any], data: bytes, address: Optional[str], port: int
+    ) -> None:
         corr = meta["c"]
 
         def answer(kind: str, value: Any) -> None:
@@ -883,7 +908,7 @@ class ChirpCommunicator(kiwipy.Communicator):
             return
         self._follow(value, lambda: answer("pend", None), answer)
 
-    def _on_rpc_answer(self, meta: Dict, data: bytes) -> None:
+    def _on_rpc_answer(self, meta: Dict[str, Any], data: bytes) -> None:
         corr, kind = meta["c"], meta["k"]
         with self._lock:
             entry = self._rpcs.pop(corr, None)
@@ -897,10 +922,10 @@ class ChirpCommunicator(kiwipy.Communicator):
 
     def _resolve(
         self,
-        future: Optional[kiwipy.Future],
+        future: Optional[kiwipy.Future[Any]],
         kind: str,
         data: bytes,
-        inner: Optional[kiwipy.Future] = None,
+        inner: Optional[kiwipy.Future[Any]] = None,
     ) -> None:
         if future is None or future.done():
             return
@@ -923,7 +948,7 @@ class ChirpCommunicator(kiwipy.Communicator):
 
     # -- tasks: the sending side ----------------------------------------------
 
-    def _task_send(self, queue: str, task: Any, no_reply: bool) -> Optional[kiwipy.Future]:
+    def _task_send(self, queue: str, task: Any, no_reply: bool) -> Optional[kiwipy.Future[Any]]:
         self._ensure_open()
         body = self._encoder(task)
         tid = uuid.uuid4().hex
@@ -973,9 +998,9 @@ class ChirpCommunicator(kiwipy.Communicator):
                 task.body,
             )
 
-    def _on_task_answer(self, meta: Dict, data: bytes) -> None:
+    def _on_task_answer(self, meta: Dict[str, Any], data: bytes) -> None:
         tid, kind, queue, mid = meta["c"], meta["k"], meta["q"], meta["f"]
-        inner: Optional[kiwipy.Future] = None
+        inner: Optional[kiwipy.Future[Any]] = None
         with self._lock:
             credit = self._credit.get((mid, queue))
             if credit is not None and "fr" in meta:
@@ -1007,7 +1032,9 @@ class ChirpCommunicator(kiwipy.Communicator):
 
     # -- tasks: the working side ----------------------------------------------
 
-    def _on_task(self, meta: Dict, data: bytes, address: Optional[str], port: int) -> None:
+    def _on_task(
+        self, meta: Dict[str, Any], data: bytes, address: Optional[str], port: int
+    ) -> None:
         sender, queue = meta["f"], meta["q"]
         with self._lock:
             consumer = self._consumer(queue)
@@ -1025,7 +1052,7 @@ class ChirpCommunicator(kiwipy.Communicator):
                 return
         self._pool.submit(self._run_task, consumer, meta, data, address, port)
 
-    def _outcome_meta(self, meta: Dict, kind: str) -> Dict[str, Any]:
+    def _outcome_meta(self, meta: Dict[str, Any], kind: str) -> Dict[str, Any]:
         consumer = self._consumers.get(meta["q"])
         free = consumer.free() if consumer is not None else 0
         seen = consumer.received.get(meta["f"], 0) if consumer is not None else 0
@@ -1033,7 +1060,7 @@ class ChirpCommunicator(kiwipy.Communicator):
 
     def _finish_task(
         self,
-        meta: Dict,
+        meta: Dict[str, Any],
         address: Optional[str],
         port: int,
         kind: str,
@@ -1080,7 +1107,12 @@ class ChirpCommunicator(kiwipy.Communicator):
             self._reply({"f": sender}, address or None, port, b"c", meta, b"")
 
     def _run_task(
-        self, consumer: _Consumer, meta: Dict, data: bytes, address: Optional[str], port: int
+        self,
+        consumer: _Consumer,
+        meta: Dict[str, Any],
+        data: bytes,
+        address: Optional[str],
+        port: int,
     ) -> None:
         def pending() -> None:
             if not meta.get("nr"):
@@ -1135,7 +1167,7 @@ class ChirpCommunicator(kiwipy.Communicator):
 
     # -- broadcasts -----------------------------------------------------------
 
-    def _run_broadcast(self, meta: Dict, data: bytes) -> None:
+    def _run_broadcast(self, meta: Dict[str, Any], data: bytes) -> None:
         try:
             body = self._decoder(data)
         except Exception:
@@ -1171,7 +1203,7 @@ class ChirpIncomingTask:
         self,
         comm: ChirpCommunicator,
         queue: str,
-        meta: Dict,
+        meta: Dict[str, Any],
         data: bytes,
         address: Optional[str],
         port: int,
@@ -1196,7 +1228,7 @@ class ChirpIncomingTask:
     def state(self) -> str:
         return self._state
 
-    def process(self) -> kiwipy.Future:
+    def process(self) -> kiwipy.Future[Any]:
         """Take the task on: its outcome is what the returned future is set to."""
         if self._state != TASK_PENDING:
             raise kiwipy.InvalidStateError("The task is %s" % self._state)
@@ -1213,7 +1245,7 @@ class ChirpIncomingTask:
         self._comm._finish_task(self._meta, self._address, self._port, "requeue", None, True)
 
     @contextlib.contextmanager
-    def processing(self) -> Iterator[kiwipy.Future]:
+    def processing(self) -> Iterator[kiwipy.Future[Any]]:
         """Process in a ``with`` block; if the outcome is not set by its end, requeue."""
         outcome = self.process()
         try:
@@ -1227,7 +1259,7 @@ class ChirpIncomingTask:
                 self._state = TASK_PENDING
                 self.requeue()
 
-    def _done(self, outcome: kiwipy.Future) -> None:
+    def _done(self, outcome: kiwipy.Future[Any]) -> None:
         if self._state != TASK_PROCESSING:
             return
         if outcome.cancelled():
@@ -1253,10 +1285,10 @@ class ChirpTaskQueue:
         self._comm = comm
         self.name = name
 
-    def task_send(self, task: Any, no_reply: bool = False) -> Optional[kiwipy.Future]:
+    def task_send(self, task: Any, no_reply: bool = False) -> Optional[kiwipy.Future[Any]]:
         return self._comm._task_send(self.name, task, no_reply)
 
-    def add_task_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+    def add_task_subscriber(self, subscriber: Callable[..., Any], identifier: Any = None) -> Any:
         return self._comm.add_task_subscriber(subscriber, identifier, queue=self.name)
 
     def remove_task_subscriber(self, identifier: Any) -> None:

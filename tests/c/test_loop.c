@@ -6,10 +6,12 @@
  * (ch_node_send_batch) arrives whole and in order (payloads read from the
  * poll's arena or from the message), and its messages are
  * released with one ch_node_release_batch (coalesced RELEASE_DONE events);
- * an application thread polling with CH_POLL_MESSAGES still gets the
- * completion of a send when no message comes (parked completions go on);
- * stopping nodes and the loop ends with ch_loop_poll() answering -1 (the loop
- * closed cleanly).
+ * an application thread driving with CH_DRIVE_MESSAGES still gets the
+ * completion of a send when no message comes (after CH_LAZY_MS); a second
+ * loop is driven by its own thread alone (ch_loop_poll), the first by a
+ * background thread (ch_loop_run) and this thread; stopping nodes and the
+ * loop ends with ch_loop_poll() answering -CH_SHUTDOWN (the loop closed
+ * cleanly).
  */
 #include "unit.h"
 #include "events.h"
@@ -174,11 +176,11 @@ static void test_batch(int sync)
     }
     /* Refused whole: a bad family, a payload shorter than the lengths, n < 0. */
     sends[7].family = 5;
-    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), -CH_VALUE_ERROR);
     sends[7].family = 4;
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen - 1),
-             CH_VALUE_ERROR);
-    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, -1, payload, plen), CH_VALUE_ERROR);
+             -CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_send_batch(a, (const char *)sends, -1, payload, plen), -CH_VALUE_ERROR);
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, 0, payload, 0), CH_SUCCESS);
 
     nkept = nheld = nbad = ncopied = 0;
@@ -186,7 +188,7 @@ static void test_batch(int sync)
     CHECK_EQ(ch_node_send_batch(a, (const char *)sends, NBATCH, payload, plen), CH_SUCCESS);
     memset(payload, 0, sizeof(payload)); /* the core copied it */
     /* Release what arrived after every poll, one call for all of it. */
-    CHECK_EQ(ch_node_release_batch(b, held, -1, 2000), CH_VALUE_ERROR);
+    CHECK_EQ(ch_node_release_batch(b, held, -1, 2000), -CH_VALUE_ERROR);
     CHECK_EQ(ch_node_release_batch(b, held, 0, 2000), CH_SUCCESS);
     int submitted = 0, calls = 0;
     uint64_t deadline = uv_hrtime() + (uint64_t)(unit_seconds(20) * 1e9);
@@ -227,8 +229,8 @@ static void test_batch(int sync)
     CHECK_EQ(stop_node(b, 14), 0);
 }
 
-/* The receiving side of test_lazy_completions: a second loop whose
- * dispatcher releases everything it receives. */
+/* The receiving side of test_lazy_completions: a second loop, driven only
+ * by the thread that releases everything it receives. */
 static ch_loop_t *loop2;
 
 static void dispatch2(void *arg)
@@ -256,36 +258,21 @@ static void app_poll(void *arg)
     app_poller_t *p = arg;
     uint64_t deadline = uv_hrtime() + (uint64_t)(unit_seconds(10) * 1e9);
     uint64_t seq = ch_loop_batch_seq(loop);
-    do /* a batch ending elsewhere returns 0 at once: poll again */
-        p->n = ch_loop_poll_app(loop, p->evs, 8, unit_seconds(10), &seq, CH_POLL_MESSAGES,
-                                NULL);
-    while (p->n == 0 && uv_hrtime() < deadline);
-    if (p->n > 0)
-        ch_loop_poll_done(loop);
-}
-
-/* A dispatcher thread as in Python (it never keeps the lease for long). */
-static volatile int disp_stop;
-static int disp_took;
-
-static void dispatch1(void *arg)
-{
-    (void)arg;
-    ch_event_t evs[8];
-    while (!disp_stop) {
-        int n = ch_loop_poll(loop, evs, 8, 0.05, NULL);
-        if (n < 0)
+    for (;;) {
+        p->n = ch_loop_drive(loop, p->evs, 8, unit_seconds(10), &seq, CH_DRIVE_MESSAGES, NULL);
+        if (p->n >= 0)
+            ch_loop_release(loop);
+        if (p->n != 0 && p->n != CH_DRIVE_AGAIN)
             break;
-        for (int i = 0; i < n; i++)
-            disp_took += evs[i].type == CH_EV_SEND_DONE;
+        if (uv_hrtime() >= deadline)
+            break;
     }
 }
 
 static void test_lazy_completions(void)
 {
     CHECK_EQ(ch_loop_new(&loop2), CH_SUCCESS);
-    uv_thread_t loop2_thread, disp2;
-    uv_thread_create(&loop2_thread, run_loop, loop2);
+    uv_thread_t disp2;
     uv_thread_create(&disp2, dispatch2, NULL);
     /* b runs on loop2 (its dispatcher is dispatch2); the sends below find out
      * whether it started. */
@@ -312,20 +299,13 @@ static void test_lazy_completions(void)
     }
     CHECK(ok);
     /* Now only the completion of the next send comes to this loop: a thread
-     * waiting for messages gets it all the same (not stranded), and the
-     * dispatcher does not (an application poller is preferred). */
-    uv_thread_t disp;
-    disp_stop = disp_took = 0;
-    uv_thread_create(&disp, dispatch1, NULL); /* its first poll ends this thread's lease */
-    app_poller_t p = {.n = -2};
+     * waiting for messages gets it all the same (not stranded). */
+    app_poller_t p = {.n = CH_DRIVE_AGAIN};
     uv_thread_create(&p.thread, app_poll, &p);
     uv_sleep(50); /* let it wait (if not yet, it takes the event at once: also fine) */
     CHECK_EQ(ch_node_send(a, 7001, (const char *)id, 4, (const char *)lo, pb, "y", 1, NULL, 0),
              CH_SUCCESS);
     uv_thread_join(&p.thread);
-    disp_stop = 1;
-    uv_thread_join(&disp);
-    CHECK_EQ(disp_took, 0);
     CHECK_EQ(p.n, 1);
     int seen = 0;
     for (int i = 0; i < p.n; i++)
@@ -338,7 +318,6 @@ static void test_lazy_completions(void)
     ch_node_stop(b, 24);
     ch_loop_stop(loop2);
     uv_thread_join(&disp2);
-    uv_thread_join(&loop2_thread);
     ch_loop_free(loop2);
 }
 

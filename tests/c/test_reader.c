@@ -1,7 +1,7 @@
 /*
  * test_reader.c: unit tests for the frame reader (csrc/reader.c).
  *
- * The vectors come from PROTOCOL.md 9.1 and 9.3. Every stream is fed through
+ * The vectors come from docs/protocol.md#wire-format. Every stream is fed through
  * one driver, drive(), which splits the input into chunks of a given size (0
  * means the whole buffer at once) and feeds each chunk until the reader has
  * consumed it, the way a connection would: after CH_RD_DATA_HEADER it calls
@@ -187,7 +187,7 @@ static void test_handshake_vector(void)
     ch_reader_free(r);
 }
 
-/* PROTOCOL.md 9.3: the handshake split 5 + 13 is accepted here (10.2). */
+/* docs/protocol.md#wire-format: the handshake split 5 + 13 is accepted here. */
 static void test_handshake_fragmented(void)
 {
     ch_reader_t *r = ch_reader_new(1024);
@@ -326,7 +326,7 @@ static void test_control_types(void)
     }
 }
 
-/* PROTOCOL.md 9.3: type 0x08 is a data message, no ACK owed. */
+/* docs/protocol.md#wire-format: type 0x08 is a data message, no ACK owed. */
 static void test_unknown_bit_is_data(void)
 {
     uint8_t f[27], buf[64];
@@ -352,7 +352,7 @@ static void test_unknown_bit_is_data(void)
         CHECK_EQ(ev.ev[2].flags, CH_MSGF_INLINE | CH_MSGF_ACK_OWED);
 }
 
-/* PROTOCOL.md 9.3: NOOP 00*16 00000002 00000001 0000 04 + 1 data byte. */
+/* docs/protocol.md#wire-format: NOOP 00*16 00000002 00000001 0000 04 + 1 data byte. */
 static void test_noop_with_payload(void)
 {
     static const uint8_t noop[28] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -381,7 +381,7 @@ static void test_noop_with_payload(void)
         CHECK_EQ(ev.ev[1].rc, -CH_PROTOCOL_ERROR);
 }
 
-/* PROTOCOL.md 9.3: type 0x05 (NOOP + REQ_ACK) with zero lengths. */
+/* docs/protocol.md#wire-format: type 0x05 (NOOP + REQ_ACK) with zero lengths. */
 static void test_noop_req_ack(void)
 {
     uint8_t f[27], buf[64];
@@ -447,8 +447,8 @@ static void test_size_limit(void)
         CHECK_EQ(ev.ev[2].rc, CH_RD_MESSAGE);
 }
 
-/* PROTOCOL.md 10.7: a 32-bit sum of 0xFFFFFFF0 + 0x20 wraps to 0x10 and
- * would pass; the 64-bit sum must reject it, even with the largest limit. */
+/* docs/protocol.md#compatibility-with-libchirp-1x: a 32-bit sum of
+ * 0xFFFFFFF0 + 0x20 wraps to 0x10 and would pass; the 64-bit sum must reject it, even with the largest limit. */
 static void test_size_overflow(void)
 {
     uint8_t f[27], buf[64];

@@ -6,7 +6,7 @@
  * way a connection moves bytes between the engine and its socket. The tests
  * cover the handshake (TLS 1.3 by default, TLS 1.2 with the DHE suite when the
  * client is limited to it), plaintext in both directions up to 1 MiB, the
- * rejections PROTOCOL.md 1.3 requires (client without a certificate, peer of
+ * rejections docs/tls.md#what-is-negotiated requires (client without a certificate, peer of
  * a foreign CA, a plaintext peer) and the context's file errors.
  *
  * Test material: the directory named by the environment variable
@@ -337,7 +337,7 @@ out:
     SSL_CTX_free(ctx);
 }
 
-/* PROTOCOL.md 1.5 and 2.2: the client sends its 18-byte chirp handshake as
+/* docs/protocol.md#wire-format: the client sends its 18-byte chirp handshake as
  * soon as its TLS handshake is done, so it reaches the server together with
  * the client's Finished message. The server must find it right after its
  * own handshake completes, and the 18 bytes travel as one record. */
@@ -501,7 +501,7 @@ out:
     SSL_CTX_free(cctx);
 }
 
-/* PROTOCOL.md 1.2: a peer that does not use TLS sends its 18-byte chirp
+/* docs/tls.md#when-a-connection-is-encrypted: a peer that does not use TLS sends its 18-byte chirp
  * handshake; both roles must fail with a useful hint. */
 static void test_plaintext_peer(void)
 {

@@ -6,7 +6,7 @@
  * 10.211.0.1, which exists only there and disappears with the process. A
  * node dialing 10.211.0.1 sees a non-loopback peer and so does the acceptor
  * (Linux uses the destination as source address), so both sides encrypt
- * (PROTOCOL.md 1.2). Certificates are made with the openssl tool in a
+ * (docs/tls.md#when-a-connection-is-encrypted). Certificates are made with the openssl tool in a
  * temporary directory. Checked: messages both ways in synchronous mode, a
  * 1 MiB message, a node with a foreign-CA chain never gets a message through
  * (its send fails with TLS_ERROR or PROTOCOL_ERROR and nothing is delivered),

@@ -3,7 +3,7 @@
  * (csrc/writer.c).
  *
  * The writer's output is compared byte for byte with the vectors of
- * PROTOCOL.md 9.1, 9.2 and 9.3. A round trip then encodes pseudo-random
+ * docs/protocol.md#wire-format. A round trip then encodes pseudo-random
  * frames, feeds them to a reader (whole and one byte at a time) and checks
  * that every field and body byte comes back unchanged.
  */

@@ -8,7 +8,7 @@
  * header bytes, data bytes). MAX_MSG_SIZE is 1 MiB, so a frame that announces
  * more is refused before the reader allocates anything.
  *
- * An independent model of PROTOCOL.md 2 and 3.3 (model() below, written from
+ * An independent model of docs/protocol.md#wire-format (model() below, written from
  * the specification and not from reader.c) first computes the events the
  * stream must produce and where in the stream each one must be reported. The
  * stream is then fed to a fresh reader three times:
@@ -80,7 +80,7 @@ static uint32_t be32(const uint8_t *p)
 
 static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 
-/* The specification's view of the stream (PROTOCOL.md 2.1, 3.1, 3.3): the
+/* The specification's view of the stream (docs/protocol.md#wire-format): the
  * handshake, then frames until the stream ends or a frame is refused. */
 static size_t model(const uint8_t *d, size_t n, expect_t *out)
 {

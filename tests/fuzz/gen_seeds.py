@@ -2,7 +2,7 @@
 """Write the seed corpus of the frame reader fuzzer (tests/fuzz/fuzz_reader.c).
 
 Each seed is one byte stream as a peer sends it: the 18-byte handshake
-(port, identity) followed by frames (PROTOCOL.md 3.1). The set covers every
+(port, identity) followed by frames (docs/protocol.md#wire-format). The set covers every
 frame type the protocol knows, the edge cases of the receiver rules (3.3) and
 a few refused frames, so the fuzzer starts from inputs that reach deep into
 the reader. The files are deterministic; re-running this script rewrites
