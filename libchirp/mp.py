@@ -61,6 +61,7 @@ batches reach the host, in the order they were made.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import itertools
 import logging
@@ -73,7 +74,20 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import (
+    Any,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    Type,
+    TypedDict,
+    TypeVar,
+    Union,
+)
 
 from .config import Config
 from .loop import Loop
@@ -135,7 +149,21 @@ _F_EOF = 1
 _F_PUSH = 2
 
 _Key = Tuple[str, int]
+#: A handle's TLS setting: (CERT_CHAIN_PEM, DH_PARAMS_PEM, DISABLE_ENCRYPTION, BIND_V4, BIND_V6).
 _TLS = Tuple[Optional[str], Optional[str], bool, str, str]
+
+
+class _Spec(TypedDict):
+    """What a handle is, and all that pickling it carries."""
+
+    #: box ids: [the queue's] or [receiving, sending] for a Connection (0: none).
+    qids: List[int]
+    address: str
+    port: int
+    tls: _TLS
+    mode: str
+    maxsize: int
+
 
 _reqids = itertools.count(1)
 _registry_lock = threading.Lock()
@@ -183,7 +211,9 @@ def _node_config(tls: _TLS, port: int = 0) -> Config:
     return cfg
 
 
-def _header(kind: bytes, qid: int, reqid: int = 0, n: int = 0, wait: float = 0.0, f: int = 0):
+def _header(
+    kind: bytes, qid: int, reqid: int = 0, n: int = 0, wait: float = 0.0, f: int = 0
+) -> bytes:
     return _HDR.pack(kind, qid, reqid, n, int(max(0.0, wait) * 1000), f)
 
 
@@ -342,7 +372,9 @@ class _Host:
                     self.cond.notify_all()
             self._flush()
 
-    def _handle(self, m: MessageBase, sends: List[_Send], release: List[MessageBase]):
+    def _handle(
+        self, m: MessageBase, sends: List[_Send], release: List[MessageBase]
+    ) -> Optional[_Box]:
         try:
             kind, qid, reqid, n, wait_ms, flags = _HDR.unpack(m.header)
         except struct.error:
@@ -486,12 +518,12 @@ class _Host:
                     raise
                 for (_, track), fut in zip(sends, futs):
                     if track is not None:
-                        fut.add_done_callback(lambda f, t=track: self._delivered(f, t))
+                        fut.add_done_callback(functools.partial(self._delivered, track=track))
             finally:
                 with self.cond:
                     self.flushing = False
 
-    def _delivered(self, fut: Future, track: _Track) -> None:
+    def _delivered(self, fut: Future[MessageBase], track: _Track) -> None:
         box, batch, key, pushed, pos = track
         failed = fut.exception() is not None
         sends: List[_Send] = []
@@ -526,7 +558,9 @@ class _Host:
 
     # -- the hosting process's own handles ---------------------------------------------------
 
-    def put_local(self, qid: int, items: List[bytes], block: bool, timeout: Optional[float]):
+    def put_local(
+        self, qid: int, items: List[bytes], block: bool, timeout: Optional[float]
+    ) -> None:
         sends: List[_Send] = []
         release: List[MessageBase] = []
         with self.cond:
@@ -630,6 +664,18 @@ def _name_qid(name: str) -> int:
 # ------------------------------------------------------------------------------------------
 
 
+class _Inbound:
+    """A D batch a client received and has not handed out completely."""
+
+    __slots__ = ("msg", "items", "pos")
+
+    def __init__(self, msg: MessageBase) -> None:
+        self.msg = msg
+        self.items = _unpack(msg.data)
+        #: the next item to hand out; the message is released after the last one.
+        self.pos = 0
+
+
 class _Runtime:
     """This process's client node for one TLS setting (used by handles of remote boxes)."""
 
@@ -643,9 +689,8 @@ class _Runtime:
         self.cond = threading.Condition(threading.Lock())
         #: request id -> answer, for requests somebody waits for.
         self.pending: Dict[int, Optional[MessageBase]] = {}
-        #: pushed batches and late answers per box: [message, items, next index].
-        self.inbox: Dict[int, Deque[List[Any]]] = {}
-        self.subs: set = set()
+        #: pushed batches and late answers per box.
+        self.inbox: Dict[int, Deque[_Inbound]] = {}
         self.endpoints: "weakref.WeakSet[_Remote]" = weakref.WeakSet()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="libchirp.mp client", daemon=True)
@@ -661,7 +706,7 @@ class _Runtime:
                 if self.stopping:
                     return
                 raise
-            drop: List[MessageBase] = []
+            drop: List[Message] = []
             with self.cond:
                 for m in msgs:
                     try:
@@ -672,7 +717,7 @@ class _Runtime:
                     if reqid in self.pending and not flags & _F_PUSH:
                         self.pending[reqid] = m
                     elif kind == _D:
-                        self.inbox.setdefault(qid, deque()).append([m, _unpack(m.data), 0])
+                        self.inbox.setdefault(qid, deque()).append(_Inbound(m))
                     else:
                         drop.append(m)
                 self.cond.notify_all()
@@ -710,13 +755,13 @@ class _Runtime:
         with self.cond:
             self.cond.notify_all()
 
-    def give_back(self, key: _Key, qid: int, items: List[bytes], entries: List[List[Any]]):
+    def give_back(self, key: _Key, qid: int, items: List[bytes], entries: List[_Inbound]) -> None:
         """Return items received but not handed out to the front of their box, then
         release their messages (so that the host never counts them as delivered
         before it has them back)."""
         back = list(items)
-        for _, its, pos in entries:
-            back.extend(its[pos:])
+        for entry in entries:
+            back.extend(entry.items[entry.pos :])
         if back:
             try:
                 hdr = _header(_R, qid, 0, len(back))
@@ -724,7 +769,7 @@ class _Runtime:
             except Exception:
                 _log.warning("libchirp.mp: could not return %d item(s) to %s:%d", len(back), *key)
         for entry in entries:
-            entry[0].release_slot()
+            entry.msg.release_slot()
 
     def stop(self) -> None:
         for ep in list(self.endpoints):
@@ -739,7 +784,7 @@ class _Runtime:
         for m in _late_messages(self.node):
             kind, qid = _HDR.unpack(m.header)[:2] if len(m.header) == _HDR.size else (b"", 0)
             if kind == _D:
-                self.inbox.setdefault(qid, deque()).append([m, _unpack(m.data), 0])
+                self.inbox.setdefault(qid, deque()).append(_Inbound(m))
             else:
                 m.release_slot()
         with self.cond:
@@ -748,7 +793,7 @@ class _Runtime:
             stale = [m for m in self.pending.values() if m is not None]
         for qid, entries in inbox:
             if entries:
-                m = entries[0][0]
+                m = entries[0].msg
                 self.give_back((m.address, m.port), qid, [], list(entries))
         for m in stale:
             m.release_slot()
@@ -952,7 +997,9 @@ class _Remote:
         n = len(batch)
         fut.add_done_callback(lambda f: self._sent(f, n, None))
 
-    def _sent(self, fut: Optional[Future], n: int, exc: Optional[BaseException]) -> None:
+    def _sent(
+        self, fut: Optional[Future[MessageBase]], n: int, exc: Optional[BaseException]
+    ) -> None:
         if fut is not None:
             exc = fut.exception()
         with self.pcond:
@@ -994,13 +1041,13 @@ class _Remote:
         box = self.rt.inbox.get(self.qid)
         while box and len(out) < n:
             entry = box[0]
-            msg, items, pos = entry
+            items, pos = entry.items, entry.pos
             k = min(n - len(out), len(items) - pos)
             out.extend(items[pos : pos + k])
-            entry[2] = pos + k
-            if entry[2] >= len(items):
+            entry.pos = pos + k
+            if entry.pos >= len(items):
                 box.popleft()
-                msg.release_slot()
+                entry.msg.release_slot()
         return out
 
     def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
@@ -1125,19 +1172,23 @@ def _dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+#: How a handle reaches one of its boxes.
+_Endpoint = Union["_Local", "_Remote"]
+
+
 class _Handle:
     """What queues and connections share: where the host is, and the pid check."""
 
-    _spec: Dict[str, Any]
+    _spec: _Spec
 
-    def _setup(self, spec: Dict[str, Any], host: Optional[_Host]) -> None:
+    def _setup(self, spec: _Spec, host: Optional[_Host]) -> None:
         self._spec = spec
         self._pid = os.getpid()
         self._host_obj = host
-        self._eps: Dict[int, Any] = {}
+        self._eps: Dict[int, _Endpoint] = {}
         self._closed = False
 
-    def _ep(self, qid: int) -> Any:
+    def _ep(self, qid: int) -> _Endpoint:
         if self._pid != os.getpid():  # inherited through fork: become a client
             _graveyard.append(self.__dict__.copy())
             self._pid = os.getpid()
@@ -1151,8 +1202,7 @@ class _Handle:
             if self._host_obj is not None:
                 ep = _Local(self._host_obj, qid)
             else:
-                tls = _tls_of(CONFIG) if CONFIG is not None else tuple(spec["tls"])
-                rt = _runtime(tls)  # type: ignore[arg-type]
+                rt = _runtime(_tls_of(CONFIG) if CONFIG is not None else spec["tls"])
                 ep = _Remote(rt, (spec["address"], spec["port"]), qid, spec["mode"] == "push")
             self._eps[qid] = ep
         return ep
@@ -1160,27 +1210,35 @@ class _Handle:
     def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
         return (_rebuild, (type(self), self._spec))
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> _Spec:
         return self._spec
 
 
-def _rebuild(cls: type, spec: Dict[str, Any]) -> Any:
+_H = TypeVar("_H", bound=_Handle)
+
+
+def _new_handle(cls: Type[_H], spec: _Spec, host: Optional[_Host]) -> _H:
     obj = cls.__new__(cls)
-    obj._setup(dict(spec), None)
+    obj._setup(spec, host)
     return obj
 
 
+def _rebuild(cls: Type[_H], spec: _Spec) -> _H:
+    """Unpickle (or copy) a handle; it reaches its box as a client, in any process."""
+    return _new_handle(cls, spec.copy(), None)
+
+
 def _make_spec(
-    qids: List[int], host: _Host, address: Optional[str], mode: str, maxsize: int
-) -> Dict[str, Any]:
-    return {
-        "qids": qids,
-        "address": address or ADDRESS,
-        "port": host.port,
-        "tls": list(host.tls),
-        "mode": mode,
-        "maxsize": maxsize,
-    }
+    qids: List[int], address: str, port: int, tls: _TLS, mode: str, maxsize: int
+) -> _Spec:
+    return _Spec(
+        qids=qids,
+        address=address,
+        port=port,
+        tls=tls,
+        mode=_check_mode(mode),
+        maxsize=maxsize,
+    )
 
 
 def _check_mode(mode: str) -> str:
@@ -1215,7 +1273,8 @@ class Queue(_Handle):
             maxsize = 0
         host = _host(_tls_of(config), port)
         qid = host.new_box(maxsize, _name_qid(name) if name else 0)
-        self._setup(_make_spec([qid], host, address, _check_mode(mode), maxsize), host)
+        spec = _make_spec([qid], address or ADDRESS, host.port, host.tls, mode, maxsize)
+        self._setup(spec, host)
 
     @property
     def _qid(self) -> int:
@@ -1347,15 +1406,8 @@ def attach(
     files (default :data:`CONFIG`).
     """
     cls = SimpleQueue if simple else Queue
-    spec = {
-        "qids": [_name_qid(name)],
-        "address": address,
-        "port": int(port),
-        "tls": list(_tls_of(config)),
-        "mode": _check_mode(mode),
-        "maxsize": maxsize,
-    }
-    return _rebuild(cls, spec)
+    spec = _make_spec([_name_qid(name)], address, int(port), _tls_of(config), mode, maxsize)
+    return _new_handle(cls, spec, None)
 
 
 class SimpleQueue(Queue):
@@ -1484,9 +1536,8 @@ def Pipe(
     b = host.new_box(0) if duplex else 0
 
     def end(rq: int, sq: int) -> Connection:
-        c = Connection.__new__(Connection)
-        c._setup(_make_spec([rq, sq], host, address, "pull", 0), host)
-        return c
+        spec = _make_spec([rq, sq], address or ADDRESS, host.port, host.tls, "pull", 0)
+        return _new_handle(Connection, spec, host)
 
     if duplex:
         return end(a, b), end(b, a)
