@@ -64,7 +64,9 @@ def make_config(args: argparse.Namespace) -> Optional[libchirp.Config]:
     return config
 
 
-def start_workers(tasks: mp.Queue, results: mp.Queue, n: int, tag: str) -> List:
+def start_workers(
+    tasks: mp.Queue, results: mp.Queue, n: int, tag: str
+) -> List[multiprocessing.context.SpawnProcess]:
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=work, args=(tasks, results, "%s/%d" % (tag, i))) for i in range(n)]
     for p in procs:
@@ -74,15 +76,14 @@ def start_workers(tasks: mp.Queue, results: mp.Queue, n: int, tag: str) -> List:
 
 def host(args: argparse.Namespace) -> int:
     config = make_config(args)
-    kw = dict(address=args.address, port=args.port, config=config)
-    tasks = mp.Queue(name="tasks", **kw)
-    results = mp.Queue(name="results", **kw)
+    tasks = mp.Queue(name="tasks", address=args.address, port=args.port, config=config)
+    results = mp.Queue(name="results", address=args.address, port=args.port, config=config)
     print("hosting tasks and results at %s:%d" % tasks.address, flush=True)
     procs = start_workers(tasks, results, args.workers, args.tag)
     t0 = time.monotonic()
     tasks.put_many([(i, task_size(i)) for i in range(args.tasks)])
-    done: Counter = Counter()
-    by: Counter = Counter()
+    done: Counter[int] = Counter()
+    by: Counter[str] = Counter()
     bad = 0
     for _ in range(args.tasks):
         i, value, tag, _pid = results.get(timeout=args.timeout)
