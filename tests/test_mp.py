@@ -13,11 +13,14 @@
   (and confirmed with join_thread) is recorded by exactly one consumer in pull
   mode; in push mode nothing is lost (the killed consumer's batch in hand may
   be delivered again);
-* a Pipe carries objects both ways between processes and bytes, reports
-  EOFError after the other end closed; a queue travels through a pipe and a
+* a Pipe carries objects both ways between processes and bytes (spawn, fork
+  and forkserver), reports EOFError after the other end closed; a queue travels through a pipe and a
   pipe end through a queue;
 * get(timeout) and put(timeout) (maxsize) honour their timeouts across
-  processes; close() wakes a thread blocked in get().
+  processes; close() wakes a thread blocked in get();
+* the settings mp.ADDRESS, mp.CONFIG and mp.TIMEOUT, set on the package,
+  reach the handles and nodes made afterwards (the modules of libchirp.mp
+  read them from the package).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from collections import Counter
 import mp_workers
 import pytest
 
+import libchirp
 from libchirp import mp
+from libchirp.mp import host, wire
 
 pytestmark = [pytest.mark.multiprocess]
 
@@ -123,14 +128,14 @@ def test_push_batches_reach_a_consumer_in_the_order_they_were_made():
             line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
             msgs = frame.f_locals.get("msgs") or []
             if line.startswith("self._flush(") and any(
-                mp._HDR.unpack(m.header)[0] == mp._S for m in msgs
+                wire._HDR.unpack(m.header)[0] == wire._S for m in msgs
             ):
                 held.set()
                 resume.wait(20)
         return local
 
     def trace(frame, event, arg):
-        if frame.f_code is mp._Host._run.__code__:
+        if frame.f_code is host._Host._run.__code__:
             return local
         return None
 
@@ -287,7 +292,7 @@ def test_consumer_killed_loses_nothing(tmp_path, mode):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("method", ["spawn", "fork"])
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
 def test_pipe_ping_pong(method):
     ctx = multiprocessing.get_context(method)
     a, b = mp.Pipe()
@@ -388,6 +393,33 @@ def test_local_interface():
     assert b.get_many(10) == [1, 2]
     with pytest.raises(ValueError):
         mp.Queue(mode="sideways")
+
+
+@pytest.mark.timeout(30)
+def test_module_settings_apply_to_what_is_made_afterwards(monkeypatch):
+    """mp.ADDRESS, mp.CONFIG and mp.TIMEOUT, set on the package, reach the
+    handles and the nodes (host and client) made after they were set."""
+    config = libchirp.Config()
+    config.BIND_V4, config.BIND_V6 = "127.0.0.1", "::1"
+    monkeypatch.setattr(mp, "CONFIG", config)
+    monkeypatch.setattr(mp, "TIMEOUT", 77.0)
+    monkeypatch.setattr(mp, "ADDRESS", "192.0.2.1")  # advertised only, never dialled here
+    a, b = mp.Pipe()
+    assert repr(a).startswith("<libchirp.mp.Connection 192.0.2.1:")
+    a.send("local")
+    assert b.recv() == "local"
+    port = free_port()
+    q = mp.Queue(name="settings", port=port)
+    assert q.address == ("192.0.2.1", port)
+    remote = mp.attach("127.0.0.1", port, "settings")
+    remote.put("through the client node")
+    assert q.get(timeout=10) == "through the client node"
+    for node in (q._host_obj.node, remote._ep(remote._qid).rt.node):
+        assert node.config.TIMEOUT == 77.0
+        assert (node.config.BIND_V4, node.config.BIND_V6) == ("127.0.0.1", "::1")
+    remote.close()
+    for end in (a, b):
+        end.close()
 
 
 @pytest.mark.timeout(30)
