@@ -67,8 +67,12 @@ CHUNK = 1.0
 #: declares the host unreachable.
 SLACK = 30.0
 
+#: The header of every message: kind, box id, request id (or subscription id),
+#: count of items, wait in ms, flags.
 _HDR = struct.Struct("!cQQIIB")
+#: The kinds (see the module docstring).
 _P, _R, _W, _S, _U, _C, _Z, _D, _E = (b"P", b"R", b"W", b"S", b"U", b"C", b"Z", b"D", b"E")
+#: Flags: end of file (a pipe's writer closed, or no such box); a pushed D batch.
 _F_EOF = 1
 _F_PUSH = 2
 
