@@ -11,7 +11,7 @@ LIBS_C := $(shell pkg-config --libs libuv openssl 2>/dev/null)
 CSRCS := $(filter-out csrc/chirp_ffi.h,$(wildcard csrc/*.c))
 CTESTS := $(patsubst tests/c/%.c,build/ctest/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all sysdeps testdeps venv build demo test check ctest pytest bench bench-kiwi clean lint typecheck
+.PHONY: all sysdeps testdeps venv build demo test check ctest pytest bench bench-kiwi bench-mp clean lint typecheck
 
 all: build
 
@@ -65,6 +65,9 @@ ctest: sysdeps $(CTESTS)
 build/ctest/%: tests/c/%.c $(CSRCS) $(wildcard csrc/*.h) $(wildcard tests/c/*.h)
 	@mkdir -p build/ctest
 	$(CC) $(CFLAGS_C) -Icsrc -o $@ $< $(CSRCS) $(LIBS_C)
+
+bench-mp: build
+	$(PY) benchmarks/mp_bench.py
 
 bench: build
 	$(PY) benchmarks/run.py

@@ -71,6 +71,7 @@ ELSEWHERE = {
     "kiwi_rpc_client.py": "tests/test_kiwi_examples.py",
     "kiwi_rpc_server.py": "tests/test_kiwi_examples.py",
     "kiwi_worker.py": "tests/test_kiwi_examples.py",
+    "mp_two_hosts.py": "tests/test_mp_hosts.py",
 }
 
 
@@ -96,6 +97,8 @@ def test_example_reads_as_a_pattern(name):
     functions = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert not functions & {"free_port", "find_free_port"}, "use Config.PORT = 0"
     ports = re.findall(r"^\s+\w+\.PORT = (\S+)", source, re.M)
+    # libchirp.mp takes the port of its node as an argument (mp.Queue(port=...))
+    ports += re.findall(r"\bport=([\w.]+)", source)
     if "Config()" in source:
         assert ports and all(p in ("0", "port", "args.port") for p in ports), ports
     assert '"--port"' in source

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import libchirp
 import libchirp.asyncio
 import libchirp.pool
 import libchirp.queue
+from libchirp import mp
 from libchirp.config import LIMITS, Limit
 from libchirp.stats import NodeStats
 
@@ -135,3 +136,30 @@ def errors(fut: Future[libchirp.queue.Message]) -> str:
     except TimeoutError:
         return "timed out"
     return "ok"
+
+
+def mp_interface() -> None:
+    mp.CONFIG = config()
+    mp.TIMEOUT = 60.0
+    mp.ADDRESS = "127.0.0.1"
+    q = mp.Queue(maxsize=10, mode="push", port=0, name="tasks")
+    assert_type(q.address, "tuple[str, int]")
+    q.put({"task": 1}, timeout=1.0)
+    q.put_many(range(3))
+    assert_type(q.get_many(10, timeout=1.0), List[Any])
+    assert_type(q.qsize(), int)
+    other = mp.attach("127.0.0.1", 7000, "tasks", config=config())
+    assert_type(other, mp.Queue)
+    simple = mp.SimpleQueue()
+    assert_type(simple, mp.SimpleQueue)
+    reader, writer = mp.Pipe(duplex=False)
+    assert_type(reader, mp.Connection)
+    writer.send_bytes(b"data", 1, 2)
+    assert_type(reader.recv_bytes(), bytes)
+    assert_type(reader.poll(0.5), bool)
+    try:
+        q.get_nowait()
+    except mp.Empty:
+        pass
+    for c in (reader, writer, q, other, simple):
+        c.close()

@@ -1,0 +1,356 @@
+"""How a handle reaches its box: directly in the hosting process, or as a client.
+
+Part of :mod:`libchirp.mp` (its docstring has the overview, :mod:`.wire` the
+messages). A handle (:mod:`.handles`) has one endpoint per box it uses:
+:class:`_Local` in the process that hosts the box (calls into the
+:class:`~libchirp.mp.host._Host`, under its lock), :class:`_Remote` in any
+other process (messages through this process's
+:class:`~libchirp.mp.runtime._Runtime`). A :class:`_Remote` producer sends its
+items in batches in the background, at most :data:`~libchirp.mp.wire.PUT_WINDOW`
+unacknowledged; a consumer asks for items (pull) or subscribes and takes what
+the host pushes (push), and gives back what it received but did not hand out
+when it closes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from queue import Empty, Full
+from typing import Deque, List, Optional, Tuple
+
+from ..message import MessageBase
+from .host import _Host
+from .runtime import _Runtime
+from .wire import (
+    _C,
+    _D,
+    _F_EOF,
+    _HDR,
+    _P,
+    _S,
+    _U,
+    _W,
+    _Z,
+    CHUNK,
+    PUT_BATCH,
+    PUT_BATCH_BYTES,
+    PUT_WINDOW,
+    SLACK,
+    _header,
+    _Key,
+    _pack,
+    _to_msg,
+    _unpack,
+)
+
+#: Request ids of this process (pull requests, subscriptions, probes).
+_reqids = itertools.count(1)
+
+
+class _Local:
+    """A handle in the hosting process: direct access to the box."""
+
+    def __init__(self, host: _Host, qid: int) -> None:
+        self.host = host
+        self.qid = qid
+        self.closed = False
+
+    def put(self, item: bytes, block: bool, timeout: Optional[float]) -> None:
+        self.host.put_local(self.qid, [item], block, timeout)
+
+    def put_many(self, items: List[bytes]) -> None:
+        self.host.put_local(self.qid, items, True, None)
+
+    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
+        return self.host.get_local(self.qid, n, block, timeout, self)
+
+    def poll(self, timeout: Optional[float]) -> bool:
+        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with self.host.cond:
+            box = self.host.boxes[self.qid]
+            while not box.items and not box.eof:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.host.cond.wait(left)
+            return True
+
+    def size(self) -> Tuple[int, bool]:
+        return self.host.size_local(self.qid)
+
+    def flush(self, timeout: Optional[float]) -> None:
+        pass
+
+    def close_writer(self) -> None:
+        self.host.close_local(self.qid)
+
+    def close(self, flush_limit: Optional[float] = None) -> None:
+        self.closed = True
+        with self.host.cond:
+            self.host.cond.notify_all()
+
+
+class _Remote:
+    """A handle in another process: talks to the host's node."""
+
+    def __init__(self, rt: _Runtime, key: _Key, qid: int, push: bool) -> None:
+        self.rt = rt
+        self.key = key
+        self.qid = qid
+        self.push = push
+        self.subscribed = 0
+        self.buffer: Deque[bytes] = deque()
+        # producer state
+        self.pcond = threading.Condition(threading.Lock())
+        self.outbox: List[bytes] = []
+        self.outbytes = 0
+        self.inflight = 0
+        self.sending = False
+        self.unacked = 0
+        self.error: Optional[BaseException] = None
+        self.lost = 0
+        self.closed = False
+        self.no_flush = False
+        rt.endpoints.add(self)
+
+    # -- producing -------------------------------------------------------------------------
+
+    def put(self, item: bytes, block: bool, timeout: Optional[float], limit: int) -> None:
+        with self.pcond:
+            if self.error is not None:
+                raise self._failure()
+            if self.unacked >= limit:
+                if not block:
+                    raise Full
+                end = None if timeout is None else time.monotonic() + timeout
+                while self.unacked >= limit:
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise Full
+                    self.pcond.wait(left)
+                    if self.error is not None:
+                        raise self._failure()
+            self.outbox.append(item)
+            self.outbytes += len(item)
+            self.unacked += 1
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send the batches the window has room for, one thread at a time.
+
+        Both the putting thread and the acknowledgement callbacks send batches.
+        A batch is taken under the lock but sent after it (pickling it takes a
+        while), so two threads sending on their own could send them in the
+        other order and the host would queue the later items first. So only the
+        thread that finds no send under way takes and sends, until the window
+        is full or the outbox empty; the others leave their batches to it.
+        """
+        while True:
+            with self.pcond:
+                if self.sending or self.error is not None:
+                    return
+                batch = self._take_batch()
+                if not batch:
+                    return
+                self.sending = True
+            try:
+                self._send_batch(batch)
+            finally:
+                with self.pcond:
+                    self.sending = False
+
+    def _take_batch(self) -> Optional[List[bytes]]:
+        """A batch to send now, if the window has room (pcond held)."""
+        if self.inflight >= PUT_WINDOW or not self.outbox:
+            return None
+        out = self.outbox
+        if len(out) > PUT_BATCH or self.outbytes > PUT_BATCH_BYTES:
+            n, size = 0, 0
+            while n < len(out) and n < PUT_BATCH and (n == 0 or size < PUT_BATCH_BYTES):
+                size += len(out[n])
+                n += 1
+            batch, self.outbox = out[:n], out[n:]
+            self.outbytes -= size
+        else:
+            batch, self.outbox, self.outbytes = out, [], 0
+        self.inflight += 1
+        return batch
+
+    def _send_batch(self, batch: List[bytes]) -> None:
+        msg = _to_msg(self.key, _header(_P, self.qid, 0, len(batch)), _pack(batch))
+        try:
+            fut = self.rt.node.send(msg)
+        except Exception as exc:
+            self._sent(None, len(batch), exc)
+            return
+        n = len(batch)
+        fut.add_done_callback(lambda f: self._sent(f, n, None))
+
+    def _sent(
+        self, fut: Optional[Future[MessageBase]], n: int, exc: Optional[BaseException]
+    ) -> None:
+        if fut is not None:
+            exc = fut.exception()
+        with self.pcond:
+            self.inflight -= 1
+            if exc is not None:
+                if self.error is None:
+                    self.error = exc
+                    self.lost = self.unacked
+            else:
+                self.unacked -= n
+            self.pcond.notify_all()
+        self._pump()
+
+    def _failure(self) -> ConnectionError:
+        return ConnectionError(
+            "put to %s:%d failed (%s); %d item(s) put since the last confirmed one "
+            "are not known to have arrived" % (self.key[0], self.key[1], self.error, self.lost)
+        )
+
+    def flush(self, timeout: Optional[float]) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self.pcond:
+            while self.unacked and self.error is None:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("%d item(s) not yet confirmed by the host" % self.unacked)
+                self.pcond.wait(left)
+            if self.error is not None:
+                raise self._failure()
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def _from_inbox(self, n: int) -> List[bytes]:
+        """Items already here (rt.cond held): the local buffer, then pushed/late batches."""
+        out: List[bytes] = []
+        buf = self.buffer
+        while buf and len(out) < n:
+            out.append(buf.popleft())
+        box = self.rt.inbox.get(self.qid)
+        while box and len(out) < n:
+            entry = box[0]
+            items, pos = entry.items, entry.pos
+            k = min(n - len(out), len(items) - pos)
+            out.extend(items[pos : pos + k])
+            entry.pos = pos + k
+            if entry.pos >= len(items):
+                box.popleft()
+                entry.msg.release_slot()
+        return out
+
+    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
+        rt = self.rt
+        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with rt.cond:
+            out = self._from_inbox(n)
+        if out:
+            return out
+        if self.push:
+            return self._get_pushed(n, block, end)
+        while True:
+            if self.closed:
+                raise ValueError("closed while waiting in get()")
+            left = None if end is None else end - time.monotonic()
+            wait = 0.0 if not block else min(CHUNK, left) if left is not None else CHUNK
+            wait = max(0.0, wait)
+            reqid = next(_reqids)
+            answer = rt.request(
+                self.key, _header(_W, self.qid, reqid, n, wait), reqid, wait + SLACK
+            )
+            kind, _, _, _, _, flags = _HDR.unpack(answer.header)
+            if kind == _D:
+                items = _unpack(answer.data)
+                answer.release_slot()  # taken: the host's delivery completes now
+                return items
+            answer.release_slot()
+            if flags & _F_EOF:
+                with rt.cond:
+                    out = self._from_inbox(n)
+                if out:
+                    return out
+                raise EOFError
+            if not block or (end is not None and time.monotonic() >= end):
+                with rt.cond:
+                    out = self._from_inbox(n)
+                if out:
+                    return out
+                raise Empty
+
+    def _get_pushed(self, n: int, block: bool, end: Optional[float]) -> List[bytes]:
+        rt = self.rt
+        if not self.subscribed:
+            self.subscribed = next(_reqids)
+            rt.node.send(_to_msg(self.key, _header(_S, self.qid, self.subscribed)))
+        probe_at = time.monotonic() + CHUNK
+        while True:
+            with rt.cond:
+                while True:
+                    out = self._from_inbox(n)
+                    if out:
+                        return out
+                    now = time.monotonic()
+                    if self.closed:
+                        raise ValueError("closed while waiting in get()")
+                    if not block or (end is not None and now >= end):
+                        raise Empty
+                    if now >= probe_at:
+                        break
+                    left = probe_at - now if end is None else min(probe_at, end) - now
+                    rt.cond.wait(left)
+            # Nothing for a while: make sure the host is still there (and learn EOF).
+            _, eof = self.size()
+            if eof:
+                raise EOFError
+            probe_at = time.monotonic() + CHUNK
+
+    def poll(self, timeout: Optional[float]) -> bool:
+        try:
+            items = self.get(1, timeout is None or timeout > 0, timeout)
+        except Empty:
+            return False
+        except EOFError:
+            return True
+        with self.rt.cond:
+            self.buffer.extendleft(reversed(items))
+        return True
+
+    def size(self) -> Tuple[int, bool]:
+        reqid = next(_reqids)
+        answer = self.rt.request(self.key, _header(_Z, self.qid, reqid), reqid, SLACK)
+        _, _, _, n, _, flags = _HDR.unpack(answer.header)
+        answer.release_slot()
+        return n, bool(flags & _F_EOF)
+
+    def close_writer(self) -> None:
+        self.rt.node.send(_to_msg(self.key, _header(_C, self.qid))).result(SLACK)
+
+    def close(self, flush_limit: Optional[float] = None) -> None:
+        """Flush puts, stop the subscription, return items received but not handed out."""
+        if self.closed:
+            return
+        self.closed = True
+        rt = self.rt
+        try:
+            if not self.no_flush:
+                self.flush(flush_limit)
+        finally:
+            if self.subscribed:
+                # The host answers after it sent its last batch to us (in order
+                # on the connection), so once the answer is here every pushed
+                # batch is in the inbox and goes back below, in order.
+                reqid = next(_reqids)
+                try:
+                    answer = rt.request(self.key, _header(_U, self.qid, reqid), reqid, SLACK)
+                    answer.release_slot()
+                except ConnectionError:
+                    pass
+            with rt.cond:
+                back = list(self.buffer)
+                self.buffer.clear()
+                entries = list(rt.inbox.pop(self.qid, ()))
+            rt.give_back(self.key, self.qid, back, entries)

@@ -1,0 +1,461 @@
+"""The host: the boxes (queues, pipe directions) this process hosts, and their node.
+
+Part of :mod:`libchirp.mp` (its docstring has the overview, :mod:`.wire` the
+messages). A :class:`_Host` exists once per TLS setting and port in the
+process that created queues or pipes; it runs one chirp node and a thread
+that serves every box hosted there. The hosting process's own handles work on
+the boxes directly (``put_local``, ``get_local``, ...; see :mod:`.client`).
+
+Threads: the host's state is guarded by one condition variable
+(``_Host.cond``); its thread takes received messages in batches; delivery
+callbacks run on whichever thread handles the loop's events and only take the
+lock, requeue and send. Sends are issued outside the lock, but in the order
+they were collected under it: the host queues them and one thread at a time
+sends the queue (``_Host._flush``); a producer handle likewise sends its
+batches one thread at a time (``_Remote._pump`` in :mod:`.client`). Chirp
+writes the messages to one peer in the order they were sent, so batches reach
+a consumer, and put batches reach the host, in the order they were made.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue as _queue
+import struct
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from queue import Empty, Full
+from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
+
+from ..loop import Loop
+from ..message import MessageBase
+from ..queue import Chirp
+from .wire import (
+    _C,
+    _D,
+    _E,
+    _F_EOF,
+    _F_PUSH,
+    _HDR,
+    _P,
+    _R,
+    _S,
+    _TLS,
+    _U,
+    _W,
+    _Z,
+    PUSH_BATCH,
+    PUSH_BATCH_BYTES,
+    PUSH_WINDOW,
+    _header,
+    _Key,
+    _late_messages,
+    _node_config,
+    _pack,
+    _to_msg,
+    _unpack,
+)
+
+if TYPE_CHECKING:
+    from .client import _Local
+
+_log = logging.getLogger("libchirp")
+
+
+class _Box:
+    """One queue (or one direction of a pipe) in its hosting process."""
+
+    __slots__ = (
+        "qid",
+        "maxsize",
+        "items",
+        "held",
+        "waiters",
+        "subs",
+        "rr",
+        "eof",
+        "taken",
+        "flying",
+        "failed",
+    )
+
+    def __init__(self, qid: int, maxsize: int) -> None:
+        self.qid = qid
+        self.maxsize = maxsize
+        self.items: Deque[bytes] = deque()
+        #: put messages not yet accepted because the box is full.
+        self.held: Deque[Tuple[MessageBase, List[bytes]]] = deque()
+        #: pull requests: (client, reqid, n, expiry).
+        self.waiters: Deque[Tuple[_Key, int, int, float]] = deque()
+        #: push subscribers: client -> [batches in flight, subscription id].
+        self.subs: Dict[_Key, List[int]] = {}
+        self.rr = 0
+        self.eof = False
+        #: items handed out so far: the position of the next batch in the box's order.
+        self.taken = 0
+        #: deliveries (D batches) in flight per client.
+        self.flying: Dict[_Key, int] = {}
+        #: failed deliveries per client, (position, items), kept until none is in flight.
+        self.failed: Dict[_Key, List[Tuple[int, List[bytes]]]] = {}
+
+    def hand_out(self, key: _Key, batch: List[bytes]) -> int:
+        """Note a batch on its way to ``key``; its position in the box's order."""
+        pos = self.taken
+        self.taken += len(batch)
+        self.flying[key] = self.flying.get(key, 0) + 1
+        return pos
+
+    def full(self) -> bool:
+        return bool(self.maxsize) and len(self.items) >= self.maxsize
+
+
+#: a message to send, and for a D batch: (box, items, client, pushed, position).
+_Track = Tuple["_Box", List[bytes], _Key, bool, int]
+_Send = Tuple[MessageBase, Optional[_Track]]
+
+
+class _Host:
+    """The boxes hosted by this process for one TLS setting, and their node."""
+
+    def __init__(self, tls: _TLS, port: int = 0) -> None:
+        self.tls = tls
+        self.loop = Loop()
+        try:
+            self.node = Chirp(self.loop, _node_config(tls, port))
+        except BaseException:
+            self.loop.stop()
+            raise
+        self.port = self.node.port
+        self.cond = threading.Condition(threading.Lock())
+        self.boxes: Dict[int, _Box] = {}
+        self.stopping = False
+        #: sends and releases collected under the lock, issued in this order by _flush.
+        self.outq: List[_Send] = []
+        self.outrel: List[MessageBase] = []
+        self.flushing = False
+        self.thread = threading.Thread(target=self._run, name="libchirp.mp host", daemon=True)
+        self.thread.start()
+
+    def new_box(self, maxsize: int, qid: int = 0) -> int:
+        with self.cond:
+            if qid:
+                if qid not in self.boxes:
+                    self.boxes[qid] = _Box(qid, maxsize)
+                return qid
+            while True:
+                qid = int.from_bytes(os.urandom(8), "big") or 1
+                if qid not in self.boxes:
+                    self.boxes[qid] = _Box(qid, maxsize)
+                    return qid
+
+    # -- the host thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        node = self.node
+        idle = 0.2
+        while not self.stopping:
+            try:
+                msgs = node.get_many(1024, timeout=idle)
+            except _queue.Empty:
+                msgs = []
+            except Exception:
+                if self.stopping:
+                    return
+                raise
+            sends: List[_Send] = []
+            release: List[MessageBase] = []
+            with self.cond:
+                touched = set()
+                for m in msgs:
+                    try:
+                        box = self._handle(m, sends, release)
+                    except Exception:
+                        _log.exception("libchirp.mp: bad message from %s:%d", m.address, m.port)
+                        release.append(m)
+                        continue
+                    if box is not None:
+                        touched.add(box)
+                for box in touched:
+                    self._serve(box, sends, release)
+                idle = self._expire(sends)
+                self._enqueue(sends, release)
+                if msgs:
+                    self.cond.notify_all()
+            self._flush()
+
+    def _handle(
+        self, m: MessageBase, sends: List[_Send], release: List[MessageBase]
+    ) -> Optional[_Box]:
+        try:
+            kind, qid, reqid, n, wait_ms, flags = _HDR.unpack(m.header)
+        except struct.error:
+            release.append(m)
+            return None
+        box = self.boxes.get(qid)
+        key = (m.address, m.port)
+        if box is None:
+            release.append(m)
+            if kind in (_W, _Z):
+                sends.append((_to_msg(key, _header(_E, qid, reqid, 0, 0, _F_EOF)), None))
+            return None
+        if kind == _P:
+            items = _unpack(m.data)
+            if box.full() or box.held:
+                box.held.append((m, items))
+            else:
+                box.items.extend(items)
+                release.append(m)
+        elif kind == _R:
+            box.items.extendleft(reversed(_unpack(m.data)))
+            release.append(m)
+        elif kind == _W:
+            release.append(m)
+            box.waiters.append((key, reqid, max(1, n), time.monotonic() + wait_ms / 1000.0))
+        elif kind == _S:
+            release.append(m)
+            box.subs.setdefault(key, [0, reqid])
+        elif kind == _U:
+            release.append(m)
+            box.subs.pop(key, None)
+            # the answer follows every batch pushed to this client before
+            sends.append((_to_msg(key, _header(_E, qid, reqid, 0, 0, 0)), None))
+        elif kind == _C:
+            release.append(m)
+            box.eof = True
+        elif kind == _Z:
+            release.append(m)
+            f = _F_EOF if box.eof else 0
+            sends.append((_to_msg(key, _header(_E, qid, reqid, len(box.items), 0, f)), None))
+        else:
+            release.append(m)
+        return box
+
+    def _expire(self, sends: List[_Send]) -> float:
+        """Answer pull requests whose wait is over; return the time to the next expiry."""
+        now = time.monotonic()
+        nearest = 0.2
+        for box in self.boxes.values():
+            if not box.waiters:
+                continue
+            keep: Deque[Tuple[_Key, int, int, float]] = deque()
+            for w in box.waiters:
+                if w[3] <= now or (box.eof and not box.items):
+                    f = _F_EOF if box.eof else 0
+                    sends.append((_to_msg(w[0], _header(_E, box.qid, w[1], 0, 0, f)), None))
+                else:
+                    keep.append(w)
+                    nearest = min(nearest, w[3] - now)
+            box.waiters = keep
+        return max(0.001, nearest)
+
+    def _serve(self, box: _Box, sends: List[_Send], release: List[MessageBase]) -> None:
+        """Hand out what the box can (lock held); collect the messages to send."""
+        items = box.items
+        while box.waiters and items:
+            key, reqid, n, _ = box.waiters.popleft()
+            k = min(n, len(items))
+            batch = [items.popleft() for _ in range(k)]
+            msg = _to_msg(key, _header(_D, box.qid, reqid, k), _pack(batch))
+            sends.append((msg, (box, batch, key, False, box.hand_out(key, batch))))
+        if box.eof and not items and box.waiters:
+            for key, reqid, _, _ in box.waiters:
+                sends.append((_to_msg(key, _header(_E, box.qid, reqid, 0, 0, _F_EOF)), None))
+            box.waiters.clear()
+        if items and box.subs:
+            keys = list(box.subs)
+            idle = 0
+            while items and idle < len(keys):
+                box.rr = (box.rr + 1) % len(keys)
+                key = keys[box.rr]
+                sub = box.subs[key]
+                if sub[0] >= PUSH_WINDOW:
+                    idle += 1
+                    continue
+                idle = 0
+                # an even share of what is there now, for each subscriber in turn
+                k = min(PUSH_BATCH, -(-len(items) // len(keys)))
+                batch = []
+                size = 0
+                while len(batch) < k and size < PUSH_BATCH_BYTES:
+                    item = items.popleft()
+                    batch.append(item)
+                    size += len(item)
+                k = len(batch)
+                sub[0] += 1
+                msg = _to_msg(key, _header(_D, box.qid, sub[1], k, 0, _F_PUSH), _pack(batch))
+                sends.append((msg, (box, batch, key, True, box.hand_out(key, batch))))
+        while box.held and not box.full():
+            m, batch = box.held.popleft()
+            items.extend(batch)
+            release.append(m)
+
+    def _enqueue(self, sends: List[_Send], release: List[MessageBase]) -> None:
+        """Queue what a locked section collected for :meth:`_flush` (lock held).
+
+        The order of this queue is the order in which the boxes handed out
+        their items; sending it in that order is what keeps the batches of one
+        producer in order at a consumer that has several in flight.
+        """
+        self.outq.extend(sends)
+        self.outrel.extend(release)
+
+    def _flush(self) -> None:
+        """Issue the queued sends and releases (lock not held), one thread at a time.
+
+        Several threads serve boxes (the host thread, delivery callbacks, the
+        hosting process's own handles). If each sent what it had collected on
+        its own, a thread that collected batch 1 for a consumer could be
+        overtaken by one that collected batch 2 after it. So whoever finds no
+        flush under way sends the whole queue, in order, until it is empty;
+        the others leave their sends to it.
+        """
+        while True:
+            with self.cond:
+                if self.flushing or not (self.outq or self.outrel):
+                    return
+                self.flushing = True
+                sends, self.outq = self.outq, []
+                release, self.outrel = self.outrel, []
+            try:
+                for m in release:
+                    m.release_slot()
+                if not sends:
+                    continue
+                try:
+                    futs = self.node.send_many([s[0] for s in sends])
+                except Exception:
+                    if self.stopping:
+                        return
+                    raise
+                for (_, track), fut in zip(sends, futs):
+                    if track is not None:
+                        fut.add_done_callback(functools.partial(self._delivered, track=track))
+            finally:
+                with self.cond:
+                    self.flushing = False
+
+    def _delivered(self, fut: Future[MessageBase], track: _Track) -> None:
+        box, batch, key, pushed, pos = track
+        failed = fut.exception() is not None
+        sends: List[_Send] = []
+        release: List[MessageBase] = []
+        with self.cond:
+            left = box.flying.get(key, 1) - 1
+            if left:
+                box.flying[key] = left
+            else:
+                box.flying.pop(key, None)
+            if failed:
+                # The client did not take them. They go back to the front once
+                # no other batch to this client is in flight, all at once and
+                # in the box's order (the failures of several batches may be
+                # reported in any order).
+                box.failed.setdefault(key, []).append((pos, batch))
+                box.subs.pop(key, None)
+                box.waiters = deque(w for w in box.waiters if w[0] != key)
+            elif pushed:
+                sub = box.subs.get(key)
+                if sub is not None:
+                    sub[0] -= 1
+            if not left and key in box.failed:
+                for _, back in sorted(box.failed.pop(key), key=lambda e: e[0], reverse=True):
+                    box.items.extendleft(reversed(back))
+            if self.stopping:
+                return
+            self._serve(box, sends, release)
+            self._enqueue(sends, release)
+            self.cond.notify_all()
+        self._flush()
+
+    # -- the hosting process's own handles ---------------------------------------------------
+
+    def put_local(
+        self, qid: int, items: List[bytes], block: bool, timeout: Optional[float]
+    ) -> None:
+        sends: List[_Send] = []
+        release: List[MessageBase] = []
+        with self.cond:
+            box = self.boxes[qid]
+            if box.full():
+                if not block:
+                    raise Full
+                end = None if timeout is None else time.monotonic() + timeout
+                while box.full():
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise Full
+                    self.cond.wait(left)
+            box.items.extend(items)
+            self._serve(box, sends, release)
+            self._enqueue(sends, release)
+            self.cond.notify_all()
+        self._flush()
+
+    def get_local(
+        self, qid: int, n: int, block: bool, timeout: Optional[float], ep: Optional[_Local] = None
+    ) -> List[bytes]:
+        sends: List[_Send] = []
+        release: List[MessageBase] = []
+        with self.cond:
+            box = self.boxes[qid]
+            if not box.items:
+                if box.eof:
+                    raise EOFError
+                if not block:
+                    raise Empty
+                end = None if timeout is None else time.monotonic() + timeout
+                while not box.items:
+                    if box.eof:
+                        raise EOFError
+                    if self.stopping:
+                        raise OSError("the host of this queue stopped")
+                    if ep is not None and ep.closed:
+                        raise ValueError("closed while waiting in get()")
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise Empty
+                    self.cond.wait(left)
+            k = min(n, len(box.items))
+            out = [box.items.popleft() for _ in range(k)]
+            if box.held:
+                self._serve(box, sends, release)
+                self._enqueue(sends, release)
+        self._flush()
+        return out
+
+    def close_local(self, qid: int) -> None:
+        sends: List[_Send] = []
+        release: List[MessageBase] = []
+        with self.cond:
+            box = self.boxes[qid]
+            box.eof = True
+            self._serve(box, sends, release)
+            self._enqueue(sends, release)
+            self.cond.notify_all()
+        self._flush()
+
+    def size_local(self, qid: int) -> Tuple[int, bool]:
+        with self.cond:
+            box = self.boxes[qid]
+            return len(box.items), box.eof
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            held = [m for box in self.boxes.values() for m, _ in box.held]
+            for box in self.boxes.values():
+                box.held.clear()
+            self.cond.notify_all()
+        for m in held:
+            m.release_slot()
+        self.thread.join(5)
+        for m in _late_messages(self.node):
+            m.release_slot()
+        try:
+            self.node.stop()
+        finally:
+            self.loop.stop()

@@ -1,0 +1,279 @@
+"""What exists once per process: the client node, the registry of hosts, fork and exit.
+
+Part of :mod:`libchirp.mp` (its docstring has the overview). Handles of boxes
+hosted elsewhere talk to their host through this process's :class:`_Runtime`
+for their TLS setting: a Loop, a chirp node on a free port and a reader
+thread that sorts what arrives (answers to requests, pushed batches). The
+registry makes one :class:`_Runtime` per TLS setting and one
+:class:`~libchirp.mp.host._Host` per TLS setting and port (:func:`_runtime`,
+:func:`_host`).
+
+Fork: a child made by ``fork`` inherits the registry, but not the threads of
+its Loops. :func:`_after_fork_in_child` empties the registry (and takes a new
+lock) so that the child makes nodes of its own; the inherited chirp objects
+are kept referenced in :data:`_graveyard` for ever, never stopped, so their
+finalizers never run in the child. Handles notice the new pid themselves
+(:mod:`.handles`). Exit: :func:`_shutdown` flushes and closes client handles
+and stops the clients, then the hosts; it runs at exit (``atexit``) and at the
+exit of a ``multiprocessing`` child (:func:`_register_finalizer`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue as _queue
+import struct
+import threading
+import time
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
+
+from ..loop import Loop
+from ..message import Message, MessageBase
+from ..queue import Chirp
+from .host import _Host
+from .wire import (
+    _D,
+    _F_PUSH,
+    _HDR,
+    _R,
+    _TLS,
+    SLACK,
+    _header,
+    _Key,
+    _late_messages,
+    _node_config,
+    _pack,
+    _to_msg,
+    _unpack,
+)
+
+if TYPE_CHECKING:
+    from .client import _Remote
+
+_log = logging.getLogger("libchirp")
+
+
+class _Inbound:
+    """A D batch a client received and has not handed out completely."""
+
+    __slots__ = ("msg", "items", "pos")
+
+    def __init__(self, msg: MessageBase) -> None:
+        self.msg = msg
+        self.items = _unpack(msg.data)
+        #: the next item to hand out; the message is released after the last one.
+        self.pos = 0
+
+
+class _Runtime:
+    """This process's client node for one TLS setting (used by handles of remote boxes)."""
+
+    def __init__(self, tls: _TLS) -> None:
+        self.loop = Loop()
+        try:
+            self.node = Chirp(self.loop, _node_config(tls))
+        except BaseException:
+            self.loop.stop()
+            raise
+        self.cond = threading.Condition(threading.Lock())
+        #: request id -> answer, for requests somebody waits for.
+        self.pending: Dict[int, Optional[MessageBase]] = {}
+        #: pushed batches and late answers per box.
+        self.inbox: Dict[int, Deque[_Inbound]] = {}
+        self.endpoints: "weakref.WeakSet[_Remote]" = weakref.WeakSet()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="libchirp.mp client", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            try:
+                msgs = self.node.get_many(1024, timeout=0.2)
+            except _queue.Empty:
+                continue
+            except Exception:
+                if self.stopping:
+                    return
+                raise
+            drop: List[Message] = []
+            with self.cond:
+                for m in msgs:
+                    try:
+                        kind, qid, reqid, n, _, flags = _HDR.unpack(m.header)
+                    except struct.error:
+                        drop.append(m)
+                        continue
+                    if reqid in self.pending and not flags & _F_PUSH:
+                        self.pending[reqid] = m
+                    elif kind == _D:
+                        self.inbox.setdefault(qid, deque()).append(_Inbound(m))
+                    else:
+                        drop.append(m)
+                self.cond.notify_all()
+            for m in drop:
+                m.release_slot()
+
+    def request(self, key: _Key, header: bytes, reqid: int, limit: float) -> MessageBase:
+        """Send a request and wait for its answer (``ConnectionError`` if none comes)."""
+        with self.cond:
+            self.pending[reqid] = None
+        fut = self.node.send(_to_msg(key, header))
+        fut.add_done_callback(lambda f: self._wake())
+        end = time.monotonic() + limit
+        with self.cond:
+            try:
+                while self.pending[reqid] is None:
+                    if fut.done() and fut.exception() is not None:
+                        raise ConnectionError(
+                            "cannot reach the host of this queue at %s:%d: %s"
+                            % (key[0], key[1], fut.exception())
+                        )
+                    left = end - time.monotonic()
+                    if left <= 0 or self.stopping:
+                        raise ConnectionError(
+                            "the host of this queue at %s:%d did not answer" % key
+                        )
+                    self.cond.wait(left)
+                answer = self.pending[reqid]
+                assert answer is not None
+                return answer
+            finally:
+                self.pending.pop(reqid, None)
+
+    def _wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def give_back(self, key: _Key, qid: int, items: List[bytes], entries: List[_Inbound]) -> None:
+        """Return items received but not handed out to the front of their box, then
+        release their messages (so that the host never counts them as delivered
+        before it has them back)."""
+        back = list(items)
+        for entry in entries:
+            back.extend(entry.items[entry.pos :])
+        if back:
+            try:
+                hdr = _header(_R, qid, 0, len(back))
+                self.node.send(_to_msg(key, hdr, _pack(back))).result(SLACK)
+            except Exception:
+                _log.warning("libchirp.mp: could not return %d item(s) to %s:%d", len(back), *key)
+        for entry in entries:
+            entry.msg.release_slot()
+
+    def stop(self) -> None:
+        for ep in list(self.endpoints):
+            try:
+                ep.close(flush_limit=30.0)
+            except Exception:
+                pass
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(5)
+        for m in _late_messages(self.node):
+            kind, qid = _HDR.unpack(m.header)[:2] if len(m.header) == _HDR.size else (b"", 0)
+            if kind == _D:
+                self.inbox.setdefault(qid, deque()).append(_Inbound(m))
+            else:
+                m.release_slot()
+        with self.cond:
+            inbox = list(self.inbox.items())
+            self.inbox.clear()
+            stale = [m for m in self.pending.values() if m is not None]
+        for qid, entries in inbox:
+            if entries:
+                m = entries[0].msg
+                self.give_back((m.address, m.port), qid, [], list(entries))
+        for m in stale:
+            m.release_slot()
+        try:
+            self.node.stop()
+        finally:
+            self.loop.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# The registry, and what fork and exit do to it
+# ------------------------------------------------------------------------------------------
+
+_registry_lock = threading.Lock()
+_hosts: Dict[Tuple[_TLS, int], _Host] = {}
+_runtimes: Dict[_TLS, _Runtime] = {}
+#: chirp objects inherited through fork: kept alive, never touched.
+_graveyard: List[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _graveyard.extend(_hosts.values())
+    _graveyard.extend(_runtimes.values())
+    _hosts.clear()
+    _runtimes.clear()
+    _registry_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _host(tls: _TLS, port: int = 0) -> _Host:
+    with _registry_lock:
+        host = _hosts.get((tls, port))
+        if host is None:
+            _register_finalizer()
+            host = _hosts[(tls, port)] = _Host(tls, port)
+        return host
+
+
+def _runtime(tls: _TLS) -> _Runtime:
+    with _registry_lock:
+        rt = _runtimes.get(tls)
+        if rt is None:
+            _register_finalizer()
+            rt = _runtimes[tls] = _Runtime(tls)
+        return rt
+
+
+def _shutdown() -> None:
+    """At exit: flush and close client handles, then stop clients and hosts."""
+    with _registry_lock:
+        runtimes = list(_runtimes.values())
+        hosts = list(_hosts.values())
+        _runtimes.clear()
+        _hosts.clear()
+    for rt in runtimes:
+        try:
+            rt.stop()
+        except Exception:
+            pass
+    for host in hosts:
+        try:
+            host.stop()
+        except Exception:
+            pass
+
+
+atexit.register(_shutdown)
+
+
+_finalizer_pid = 0
+
+
+def _register_finalizer() -> None:
+    """Also stop at the exit of a ``multiprocessing`` child (registry lock held).
+
+    Children started by fork leave through ``os._exit`` without running atexit,
+    after multiprocessing's own finalizers, whose registry a new child empties;
+    so register once per process, when this process first needs a node.
+    """
+    global _finalizer_pid
+    if _finalizer_pid == os.getpid():
+        return
+    _finalizer_pid = os.getpid()
+    from multiprocessing import util
+
+    util.Finalize(None, _shutdown, exitpriority=100)

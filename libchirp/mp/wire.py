@@ -1,0 +1,148 @@
+"""The protocol between handles and hosts: header, message kinds, batches, limits.
+
+Part of :mod:`libchirp.mp` (its docstring has the overview; docs/mp.md the
+interface). Clients talk to a host with chirp messages in SYNCHRONOUS mode.
+The header (:data:`_HDR`) names the kind, the box, a request id, a count, a
+wait and flags; the data is a pickled list of item bytes (:func:`_pack`). The
+host never unpickles items.
+
+* ``P`` put: a batch of items. The host appends it and *then* releases the
+  message, which acknowledges it to the producer (SYNCHRONOUS): an acknowledged
+  batch is in the host's memory. A producer keeps at most :data:`PUT_WINDOW`
+  batches unacknowledged and collects new items meanwhile, so batches grow
+  while the host is busy. A box with ``maxsize`` that is full keeps the message
+  unreleased until there is room, which stalls the producer (slots).
+* ``W`` want (pull mode): "give me up to n items, wait at most w ms". The host
+  releases it at once and answers later with exactly one message to the
+  client's node: ``D`` with items, or ``E`` (empty, or end of file for a
+  pipe). The host sends ``D`` synchronously; the client releases it only when
+  its thread has taken the items, so if the client dies first the send fails
+  and the host puts the items back at the front of the box.
+* ``S``/``U`` subscribe/unsubscribe (push mode): the host sends ``D`` batches
+  ahead of demand, round-robin over subscribers, at most :data:`PUSH_WINDOW`
+  unacknowledged batches per subscriber. The client releases a pushed batch
+  when its last item was handed out; a failed delivery puts the batch back
+  (once no other batch to that client is in flight, all of them in the box's
+  order). The host answers ``U`` with ``E`` after the last batch it pushed to
+  that client, so the client knows when it has every batch it must give back.
+* ``R`` return: items a closing client had received but not handed out go back
+  to the front of the box. ``C`` close: the writing end of a pipe closed.
+  ``Z`` stat: the host answers ``E`` with the box's size (also a liveness probe).
+
+This module also holds how the nodes of :mod:`libchirp.mp` are configured
+(:func:`_node_config`: SYNCHRONOUS, manual release, :data:`SLOTS`), since the
+acknowledgements above rely on it, and how a queue's name becomes its box id
+(:func:`_name_qid`), on which a host and :func:`~libchirp.mp.attach` agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import queue as _queue
+import struct
+from typing import Iterator, List, Optional, Tuple
+
+from .. import mp  # the settings (mp.CONFIG, mp.TIMEOUT) are read from the package at use
+from ..config import Config
+from ..message import Message, MessageBase
+from ..queue import Chirp
+
+#: Unacknowledged put batches per producer handle.
+PUT_WINDOW = 4
+#: Items and bytes per put batch at most.
+PUT_BATCH = 4096
+PUT_BATCH_BYTES = 1 << 20
+#: Items a producer handle holds unacknowledged before put() blocks.
+PUT_LIMIT = 65536
+#: Pushed batches in flight per subscriber, and items per pushed batch.
+PUSH_WINDOW = 4
+PUSH_BATCH = 256
+PUSH_BATCH_BYTES = 1 << 20
+#: Slots per connection of this module's nodes.
+SLOTS = 16
+#: Longest wait of one pull request; longer waits are repeated (liveness).
+CHUNK = 1.0
+#: How long past its wait a client waits for the host's answer before it
+#: declares the host unreachable.
+SLACK = 30.0
+
+#: The header of every message: kind, box id, request id (or subscription id),
+#: count of items, wait in ms, flags.
+_HDR = struct.Struct("!cQQIIB")
+#: The kinds (see the module docstring).
+_P, _R, _W, _S, _U, _C, _Z, _D, _E = (b"P", b"R", b"W", b"S", b"U", b"C", b"Z", b"D", b"E")
+#: Flags: end of file (a pipe's writer closed, or no such box); a pushed D batch.
+_F_EOF = 1
+_F_PUSH = 2
+
+_Key = Tuple[str, int]
+#: A handle's TLS setting: (CERT_CHAIN_PEM, DH_PARAMS_PEM, DISABLE_ENCRYPTION, BIND_V4, BIND_V6).
+_TLS = Tuple[Optional[str], Optional[str], bool, str, str]
+
+
+def _tls_of(config: Optional[Config]) -> _TLS:
+    """The TLS setting of ``config``, by default of ``mp.CONFIG`` (None: plaintext)."""
+    c = config if config is not None else mp.CONFIG
+    if c is None:
+        return (None, None, False, "0.0.0.0", "::")
+    return (c.CERT_CHAIN_PEM, c.DH_PARAMS_PEM, c.DISABLE_ENCRYPTION, c.BIND_V4, c.BIND_V6)
+
+
+def _node_config(tls: _TLS, port: int = 0) -> Config:
+    """The Config of a host's or a client's node."""
+    cfg = Config()
+    cfg.PORT = port
+    cfg.SYNCHRONOUS = True
+    cfg.AUTO_RELEASE = False
+    cfg.MAX_SLOTS = SLOTS
+    cfg.TIMEOUT = mp.TIMEOUT
+    cert, dh, disable, bind4, bind6 = tls
+    cfg.BIND_V4, cfg.BIND_V6 = bind4, bind6
+    if cert is not None:
+        cfg.CERT_CHAIN_PEM = cert
+    if dh is not None:
+        cfg.DH_PARAMS_PEM = dh
+    # Without certificates, loopback is the only place a node can talk at all.
+    cfg.DISABLE_ENCRYPTION = disable or (cert is None and dh is None)
+    return cfg
+
+
+def _header(
+    kind: bytes, qid: int, reqid: int = 0, n: int = 0, wait: float = 0.0, f: int = 0
+) -> bytes:
+    return _HDR.pack(kind, qid, reqid, n, int(max(0.0, wait) * 1000), f)
+
+
+def _pack(items: List[bytes]) -> bytes:
+    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack(data: bytes) -> List[bytes]:
+    items = pickle.loads(data) if data else []
+    if type(items) is not list:
+        raise ValueError("malformed batch")
+    return items
+
+
+def _late_messages(node: Chirp) -> Iterator[MessageBase]:
+    """The messages still queued on ``node`` once its thread has ended, without blocking."""
+    while True:
+        try:
+            late = node.get_many(1024, block=False)
+        except _queue.Empty:
+            return
+        yield from late
+
+
+def _to_msg(key: _Key, header: bytes, data: bytes = b"") -> MessageBase:
+    msg = Message()
+    msg.address, msg.port = key
+    msg.header = header
+    msg.data = data
+    return msg
+
+
+def _name_qid(name: str) -> int:
+    """The box id of the queue called ``name`` (``Queue(name=...)``, ``attach``)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") or 1

@@ -1,0 +1,132 @@
+"""Process targets for tests/test_mp*.py (importable by spawned children).
+
+Producers put ``(producer, seq)`` tuples; consumers take until they get
+``None`` and report what they got. A consumer checks on its own that the items
+of each producer came in increasing order (a consumer sees a subsequence of
+each producer's stream, which must keep the producer's order).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from libchirp import mp
+
+
+def produce(q: mp.Queue, producer: int, n: int, first: int = 0) -> None:
+    for i in range(first, first + n):
+        q.put((producer, i))
+    q.join_thread()
+    q.close()
+
+
+def consume(q: mp.Queue, out: Any, name: str, batch: int = 1, delay: float = 0.0) -> None:
+    """Take items until None; report (name, items, order_ok) through ``out``."""
+    got: List[Tuple[int, int]] = []
+    last: Dict[int, int] = {}
+    order_ok = True
+    done = False
+    while not done:
+        items = q.get_many(batch, timeout=60) if batch > 1 else [q.get(timeout=60)]
+        for item in items:
+            if item is None:
+                done = True
+                # anything after the sentinel in this batch goes back
+                rest = items[items.index(None) + 1 :]
+                for r in rest:
+                    q.put(r)
+                break
+            p, i = item
+            if last.get(p, -1) >= i:
+                order_ok = False
+            last[p] = i
+            got.append(item)
+            if delay:
+                time.sleep(delay)
+    q.close()
+    out.put((name, got, order_ok))
+
+
+def record(q: mp.Queue, path: str, delay: float) -> None:
+    """Take items for ever, appending each to ``path`` right after get() returned."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    while True:
+        item = q.get(timeout=60)
+        if item is None:
+            os.write(fd, b"END\n")
+            break
+        os.write(fd, b"%d %d\n" % item)
+        if delay:
+            time.sleep(delay)
+    os.close(fd)
+    q.close()
+
+
+def echo(conn: mp.Connection, n: int) -> None:
+    """Answer n objects, then start n exchanges of its own, then close."""
+    for _ in range(n):
+        obj = conn.recv()
+        conn.send({"echo": obj})
+    for i in range(n):
+        conn.send({"ask": i})
+        answer = conn.recv()
+        assert answer == {"answer": i}, answer
+    data = conn.recv_bytes()
+    conn.send_bytes(data[::-1])
+    conn.close()
+
+
+def use_queue_from_pipe(conn: mp.Connection, n: int) -> None:
+    """Receive a queue through a pipe, put n items into it; send a pipe end back through it."""
+    q: mp.Queue = conn.recv()
+    for i in range(n):
+        q.put(i)
+    a, b = mp.Pipe()
+    q.put(b)
+    q.join_thread()
+    a.send("through a pipe sent through a queue")
+    assert a.recv() == "thanks"
+    conn.close()
+    a.close()
+    q.close()
+
+
+def get_with_timeout(q: mp.Queue, out: Any, timeout: float) -> None:
+    t = time.monotonic()
+    try:
+        q.get(timeout=timeout)
+        out.put(("item", time.monotonic() - t))
+    except mp.Empty:
+        out.put(("empty", time.monotonic() - t))
+    q.close()
+
+
+def put_full(q: mp.Queue, out: Any, n: int, timeout: float) -> None:
+    """Put until Full; report how many went in and how long the last put waited."""
+    t = time.monotonic()
+    k: Optional[int] = None
+    for i in range(n):
+        t = time.monotonic()
+        try:
+            q.put(i, timeout=timeout)
+        except mp.Full:
+            k = i
+            break
+    out.put((k, time.monotonic() - t))
+    q.cancel_join_thread()
+
+
+def take(q: mp.Queue, out: Any, n: int) -> None:
+    """Get n items one by one and report them, in the order got, through ``out``."""
+    got = [q.get(timeout=30) for _ in range(n)]
+    q.close()
+    out.put(got)
+
+
+def take_one_and_wait(q: mp.Queue, out: Any) -> None:
+    """Get one item, report it, then hold whatever else arrives until killed."""
+    out.put(q.get(timeout=30))
+    out.join_thread()
+    time.sleep(60)

@@ -1,0 +1,489 @@
+"""libchirp.mp: queues and pipes across processes (docs/mp.md).
+
+* 4 producers and 4 consumers move 100,000 items through a queue, with spawn
+  and with fork, in pull and in push mode: every item arrives exactly once and
+  each consumer sees each producer's items in the order they were put;
+* push mode: batches made by two threads of the host for one consumer reach
+  it in the order they were made, even when the thread that made the earlier
+  one sends last (the host thread is held at that point by a trace function);
+* pull mode balances by demand (a consumer 10x slower takes about a tenth of
+  a fast one's share); push mode hands items out ahead of demand (the slow
+  consumer takes far more than in pull mode);
+* a consumer SIGKILLed in the middle of a run loses nothing: every item put
+  (and confirmed with join_thread) is recorded by exactly one consumer in pull
+  mode; in push mode nothing is lost (the killed consumer's batch in hand may
+  be delivered again);
+* a Pipe carries objects both ways between processes and bytes (spawn, fork
+  and forkserver), reports EOFError after the other end closed; a queue travels through a pipe and a
+  pipe end through a queue;
+* get(timeout) and put(timeout) (maxsize) honour their timeouts across
+  processes; close() wakes a thread blocked in get();
+* the settings mp.ADDRESS, mp.CONFIG and mp.TIMEOUT, set on the package,
+  reach the handles and nodes made afterwards (the modules of libchirp.mp
+  read them from the package).
+"""
+
+from __future__ import annotations
+
+import linecache
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import mp_workers
+import pytest
+from conftest import SANITIZER
+
+import libchirp
+from libchirp import mp
+from libchirp.mp import host, wire
+
+pytestmark = [pytest.mark.multiprocess]
+
+#: Tests whose children are made by fork() while the parent's threads move data
+#: do not run under AddressSanitizer (docs/testing.md#fork-under-addresssanitizer).
+fork_hangs_under_asan = pytest.mark.skipif(
+    SANITIZER == "asan",
+    reason="LLVM 14's ASan runtime takes no lock around fork(): a child forked while "
+    "another thread held an ASan allocator lock blocks for ever at its first malloc",
+)
+
+N_ITEMS = 100_000
+
+
+def collect(out, n, limit=90.0):
+    results = []
+    for _ in range(n):
+        results.append(out.get(timeout=limit))
+    return results
+
+
+def run_fan(method: str, mode: str, n_items: int, producers: int = 4, consumers: int = 4):
+    ctx = multiprocessing.get_context(method)
+    q = mp.Queue(mode=mode)
+    out = mp.Queue()
+    per = n_items // producers
+    batch = 256 if mode == "pull" else 1
+    cons = [
+        ctx.Process(target=mp_workers.consume, args=(q, out, "c%d" % i, batch))
+        for i in range(consumers)
+    ]
+    prods = [ctx.Process(target=mp_workers.produce, args=(q, p, per)) for p in range(producers)]
+    for p in cons + prods:
+        p.start()
+    try:
+        for p in prods:
+            p.join(90)
+            assert p.exitcode == 0, "producer exit %s" % p.exitcode
+        for _ in range(consumers):
+            q.put(None)
+        results = collect(out, consumers)
+        for p in cons:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        for p in cons + prods:
+            if p.is_alive():
+                p.kill()
+    got = Counter()
+    for name, items, order_ok in results:
+        assert order_ok, "%s saw a producer's items out of order" % name
+        got.update(items)
+    expected = {(p, i) for p in range(producers) for i in range(per)}
+    assert set(got) == expected, "missing %d, unexpected %d" % (
+        len(expected - set(got)),
+        len(set(got) - expected),
+    )
+    dups = [k for k, v in got.items() if v != 1]
+    assert not dups, "%d items delivered more than once" % len(dups)
+    return {name: len(items) for name, items, _ in results}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    "method,mode",
+    [
+        ("spawn", "pull"),
+        pytest.param("fork", "pull", marks=fork_hangs_under_asan),
+        ("spawn", "push"),
+        pytest.param("fork", "push", marks=fork_hangs_under_asan),
+    ],
+)
+def test_four_by_four_exactly_once(method, mode):
+    shares = run_fan(method, mode, N_ITEMS)
+    assert sum(shares.values()) == N_ITEMS
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@fork_hangs_under_asan
+@pytest.mark.timeout(60)
+def test_push_batches_reach_a_consumer_in_the_order_they_were_made():
+    """Two threads of the host serve the same subscriber; the one that made the
+    earlier batch sends last. The host thread is held (by a trace function, in
+    the real code) right after it made a batch for a new subscriber and before
+    it sent anything; meanwhile a put() of the hosting process makes the next
+    batch for that subscriber and sends. The consumer must still get the
+    items in the order they were put."""
+    ctx = multiprocessing.get_context("fork")
+    out = mp.Queue()
+    out.qsize()  # this process's default host exists before tracing starts
+    held, resume = threading.Event(), threading.Event()
+
+    def local(frame, event, arg):
+        if event == "line" and not held.is_set():
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            msgs = frame.f_locals.get("msgs") or []
+            if line.startswith("self._flush(") and any(
+                wire._HDR.unpack(m.header)[0] == wire._S for m in msgs
+            ):
+                held.set()
+                resume.wait(20)
+        return local
+
+    def trace(frame, event, arg):
+        if frame.f_code is host._Host._run.__code__:
+            return local
+        return None
+
+    threading.settrace(trace)
+    try:
+        q = mp.Queue(mode="push", port=free_port())  # a host (and thread) of its own
+    finally:
+        threading.settrace(None)
+    q.put_many(range(10))
+    p = ctx.Process(target=mp_workers.take, args=(q, out, 11))
+    p.start()
+    try:
+        # the consumer subscribes; the host thread makes [0..9] for it and is held
+        assert held.wait(30), "the host thread did not serve the subscription"
+        q.put(10)  # served and sent by this thread: [10] to the same subscriber
+        time.sleep(0.2)
+        resume.set()
+        assert out.get(timeout=30) == list(range(11))
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        resume.set()
+        if p.is_alive():
+            p.kill()
+
+
+@fork_hangs_under_asan
+@pytest.mark.timeout(60)
+def test_batches_of_a_killed_consumer_go_back_in_order():
+    """Three pushed batches in flight to a consumer that is SIGKILLed fail one
+    by one; their items go back to the front of the queue in the order they
+    were put, not one batch in front of the other."""
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue(mode="push")
+    out = mp.Queue()
+    p = ctx.Process(target=mp_workers.take_one_and_wait, args=(q, out))
+    p.start()
+    try:
+        q.put(0)
+        assert out.get(timeout=30) == 0
+        for i in (1, 2, 3):
+            q.put(i)  # one batch each: the window of the subscriber has room
+        time.sleep(0.3)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        back = []
+        while len(back) < 3:
+            back.extend(q.get_many(10, timeout=10))
+        assert back == [1, 2, 3]
+    finally:
+        if p.is_alive():
+            p.kill()
+
+
+def run_balance(mode: str, n_items: int, fast_delay: float = 0.002):
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue(mode=mode)
+    out = mp.Queue()
+    delays = [fast_delay] * 3 + [fast_delay * 10]
+    cons = [
+        ctx.Process(target=mp_workers.consume, args=(q, out, "c%d" % i, 1, d))
+        for i, d in enumerate(delays)
+    ]
+    for p in cons:
+        p.start()
+    # let every consumer connect (and subscribe in push mode) first
+    for i in range(4):
+        q.put((99, -1 - i))
+    time.sleep(1.0)
+    q.put_many([(0, i) for i in range(n_items)])
+    for _ in cons:
+        q.put(None)
+    try:
+        results = {name: len(items) for name, items, _ in collect(out, 4)}
+        for p in cons:
+            p.join(30)
+    finally:
+        for p in cons:
+            if p.is_alive():
+                p.kill()
+    fast = [results["c0"], results["c1"], results["c2"]]
+    return results["c3"], sum(fast) / 3.0
+
+
+@fork_hangs_under_asan
+@pytest.mark.timeout(120)
+def test_pull_balances_push_does_not():
+    slow_pull, fast_pull = run_balance("pull", 600)
+    ratio_pull = slow_pull / fast_pull
+    # the slow consumer works at a tenth of the speed: about a tenth of the share
+    assert ratio_pull < 0.25, (slow_pull, fast_pull)
+    slow_push, fast_push = run_balance("push", 600)
+    ratio_push = slow_push / fast_push
+    # push: each consumer gets an even share of what is queued, whatever its speed
+    assert ratio_push > 0.6, (slow_push, fast_push, ratio_pull)
+
+
+def read_records(path):
+    seen = []
+    if not os.path.exists(path):
+        return seen
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip() == b"END":
+                continue
+            p, i = line.split()
+            seen.append((int(p), int(i)))
+    return seen
+
+
+@fork_hangs_under_asan
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_consumer_killed_loses_nothing(tmp_path, mode):
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue(mode=mode)
+    n = 3000
+    paths = [str(tmp_path / ("c%d" % i)) for i in range(4)]
+    # consumer 0 is the victim; all are a little slow so that the run lasts
+    cons = [
+        ctx.Process(target=mp_workers.record, args=(q, paths[i], 0.002 if i else 0.004))
+        for i in range(4)
+    ]
+    prods = [ctx.Process(target=mp_workers.produce, args=(q, p, n // 2)) for p in range(2)]
+    for p in cons + prods:
+        p.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(read_records(paths[0])) < 100:
+            assert time.monotonic() < deadline, "victim did not start"
+            time.sleep(0.01)
+        os.kill(cons[0].pid, signal.SIGKILL)
+        cons[0].join(10)
+        for p in prods:
+            p.join(60)
+            assert p.exitcode == 0, "a producer failed: its puts were not all confirmed"
+        for _ in range(3):
+            q.put(None)
+        for p in cons[1:]:
+            p.join(60)
+            assert p.exitcode == 0
+    finally:
+        for p in cons + prods:
+            if p.is_alive():
+                p.kill()
+    records = [read_records(path) for path in paths]
+    got = Counter(x for r in records for x in r)
+    expected = {(p, i) for p in range(2) for i in range(n // 2)}
+    assert set(got) == expected, "lost %d items" % len(expected - set(got))
+    dups = {k for k, v in got.items() if v > 1}
+    if mode == "pull":
+        assert not dups, "%d items delivered twice" % len(dups)
+    else:
+        # only items the victim had handed out from its last batch come again
+        assert dups <= set(records[0]), dups
+        assert len(dups) <= mp.PUSH_BATCH * mp.PUSH_WINDOW
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "method", ["spawn", pytest.param("fork", marks=fork_hangs_under_asan), "forkserver"]
+)
+def test_pipe_ping_pong(method):
+    ctx = multiprocessing.get_context(method)
+    a, b = mp.Pipe()
+    n = 200
+    p = ctx.Process(target=mp_workers.echo, args=(b, n))
+    p.start()
+    try:
+        for i in range(n):
+            a.send({"i": i, "data": [i] * 3})
+            assert a.recv() == {"echo": {"i": i, "data": [i] * 3}}
+        for i in range(n):
+            assert a.recv() == {"ask": i}
+            a.send({"answer": i})
+        assert not a.poll(0.1)
+        a.send_bytes(b"0123456789", 2, 5)
+        assert a.poll(10)
+        assert a.recv_bytes() == b"65432"
+        with pytest.raises(EOFError):
+            a.recv()  # the child closed its end
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+    a.close()
+    with pytest.raises(OSError):
+        a.recv()
+
+
+@pytest.mark.timeout(90)
+def test_queue_through_pipe_and_pipe_through_queue():
+    ctx = multiprocessing.get_context("spawn")
+    a, b = mp.Pipe()
+    q = mp.Queue()
+    p = ctx.Process(target=mp_workers.use_queue_from_pipe, args=(b, 50))
+    p.start()
+    try:
+        a.send(q)
+        assert [q.get(timeout=30) for _ in range(50)] == list(range(50))
+        end = q.get(timeout=30)
+        assert isinstance(end, mp.Connection)
+        assert end.recv() == "through a pipe sent through a queue"
+        end.send("thanks")
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+
+
+@fork_hangs_under_asan
+@pytest.mark.timeout(60)
+def test_get_timeout_and_put_full_across_processes():
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue()
+    out = mp.Queue()
+    p = ctx.Process(target=mp_workers.get_with_timeout, args=(q, out, 0.5))
+    p.start()
+    kind, waited = out.get(timeout=30)
+    p.join(10)
+    assert kind == "empty"
+    assert 0.45 <= waited < 3.0, waited
+
+    full = mp.Queue(maxsize=10)
+    p = ctx.Process(target=mp_workers.put_full, args=(full, out, 100, 0.5))
+    p.start()
+    k, waited = out.get(timeout=30)
+    p.join(30)
+    assert k is not None and 10 <= k <= 30, k
+    assert 0.45 <= waited < 3.0, waited
+    assert full.full()
+    assert full.qsize() >= 10
+    assert full.get(timeout=5) == 0
+
+
+@pytest.mark.timeout(30)
+def test_local_interface():
+    q = mp.SimpleQueue()
+    assert q.empty()
+    q.put({"a": 1})
+    assert q.qsize() == 1
+    assert q.get() == {"a": 1}
+    t = time.monotonic()
+    with pytest.raises(mp.Empty):
+        q.get(timeout=0.2)
+    assert time.monotonic() - t >= 0.19
+    with pytest.raises(mp.Empty):
+        q.get_nowait()
+    b = mp.Queue(maxsize=2)
+    b.put_nowait(1)
+    b.put(2)
+    assert b.full()
+    with pytest.raises(mp.Full):
+        b.put_nowait(3)
+    t = time.monotonic()
+    with pytest.raises(mp.Full):
+        b.put(3, timeout=0.2)
+    assert time.monotonic() - t >= 0.19
+    assert b.get_many(10) == [1, 2]
+    with pytest.raises(ValueError):
+        mp.Queue(mode="sideways")
+
+
+@pytest.mark.timeout(30)
+def test_module_settings_apply_to_what_is_made_afterwards(monkeypatch):
+    """mp.ADDRESS, mp.CONFIG and mp.TIMEOUT, set on the package, reach the
+    handles and the nodes (host and client) made after they were set."""
+    config = libchirp.Config()
+    config.BIND_V4, config.BIND_V6 = "127.0.0.1", "::1"
+    monkeypatch.setattr(mp, "CONFIG", config)
+    monkeypatch.setattr(mp, "TIMEOUT", 77.0)
+    monkeypatch.setattr(mp, "ADDRESS", "192.0.2.1")  # advertised only, never dialled here
+    a, b = mp.Pipe()
+    assert repr(a).startswith("<libchirp.mp.Connection 192.0.2.1:")
+    a.send("local")
+    assert b.recv() == "local"
+    port = free_port()
+    q = mp.Queue(name="settings", port=port)
+    assert q.address == ("192.0.2.1", port)
+    remote = mp.attach("127.0.0.1", port, "settings")
+    remote.put("through the client node")
+    assert q.get(timeout=10) == "through the client node"
+    for node in (q._host_obj.node, remote._ep(remote._qid).rt.node):
+        assert node.config.TIMEOUT == 77.0
+        assert (node.config.BIND_V4, node.config.BIND_V6) == ("127.0.0.1", "::1")
+    remote.close()
+    for end in (a, b):
+        end.close()
+
+
+@pytest.mark.timeout(30)
+def test_close_wakes_blocked_get():
+    q = mp.Queue()
+    errors = []
+
+    def wait():
+        try:
+            q.get(timeout=20)
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.2)
+    q.close()
+    t.join(5)
+    assert not t.is_alive()
+    assert isinstance(errors[0], ValueError)
+    with pytest.raises(ValueError):
+        q.put(1)
+
+
+@pytest.mark.timeout(90)
+def test_example_two_hosts_on_one_host():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    example = os.path.join(root, "examples", "mp_two_hosts.py")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    res = subprocess.run(
+        [sys.executable, example, "demo", "--port", str(free), "--tasks", "500"],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        cwd=root,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "RESULT OK tasks=500" in res.stdout, res.stdout
