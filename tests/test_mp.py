@@ -44,11 +44,16 @@ from libchirp.mp import host, wire
 pytestmark = [pytest.mark.multiprocess]
 
 #: Tests whose children are made by fork() while the parent's threads move data
-#: do not run under AddressSanitizer (docs/testing.md#fork-under-addresssanitizer).
-fork_hangs_under_asan = pytest.mark.skipif(
-    SANITIZER == "asan",
-    reason="LLVM 14's ASan runtime takes no lock around fork(): a child forked while "
+#: do not run under the sanitizers (docs/testing.md#fork-under-addresssanitizer):
+#: ASan's runtime takes no lock around fork(), and TSan refuses threads in the
+#: child of a multi-threaded fork.
+FORK_REASONS = {
+    "asan": "LLVM 14's ASan runtime takes no lock around fork(): a child forked while "
     "another thread held an ASan allocator lock blocks for ever at its first malloc",
+    "tsan": "TSan does not support threads after a multi-threaded fork",
+}
+fork_unsafe_under_sanitizer = pytest.mark.skipif(
+    SANITIZER in FORK_REASONS, reason=FORK_REASONS.get(SANITIZER, "")
 )
 
 N_ITEMS = 100_000
@@ -107,9 +112,9 @@ def run_fan(method: str, mode: str, n_items: int, producers: int = 4, consumers:
     "method,mode",
     [
         ("spawn", "pull"),
-        pytest.param("fork", "pull", marks=fork_hangs_under_asan),
+        pytest.param("fork", "pull", marks=fork_unsafe_under_sanitizer),
         ("spawn", "push"),
-        pytest.param("fork", "push", marks=fork_hangs_under_asan),
+        pytest.param("fork", "push", marks=fork_unsafe_under_sanitizer),
     ],
 )
 def test_four_by_four_exactly_once(method, mode):
@@ -125,7 +130,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-@fork_hangs_under_asan
+@fork_unsafe_under_sanitizer
 @pytest.mark.timeout(60)
 def test_push_batches_reach_a_consumer_in_the_order_they_were_made():
     """Two threads of the host serve the same subscriber; the one that made the
@@ -178,7 +183,7 @@ def test_push_batches_reach_a_consumer_in_the_order_they_were_made():
             p.kill()
 
 
-@fork_hangs_under_asan
+@fork_unsafe_under_sanitizer
 @pytest.mark.timeout(60)
 def test_batches_of_a_killed_consumer_go_back_in_order():
     """Three pushed batches in flight to a consumer that is SIGKILLed fail one
@@ -236,7 +241,7 @@ def run_balance(mode: str, n_items: int, fast_delay: float = 0.002):
     return results["c3"], sum(fast) / 3.0
 
 
-@fork_hangs_under_asan
+@fork_unsafe_under_sanitizer
 @pytest.mark.timeout(120)
 def test_pull_balances_push_does_not():
     slow_pull, fast_pull = run_balance("pull", 600)
@@ -262,7 +267,7 @@ def read_records(path):
     return seen
 
 
-@fork_hangs_under_asan
+@fork_unsafe_under_sanitizer
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["pull", "push"])
 def test_consumer_killed_loses_nothing(tmp_path, mode):
@@ -312,7 +317,7 @@ def test_consumer_killed_loses_nothing(tmp_path, mode):
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
-    "method", ["spawn", pytest.param("fork", marks=fork_hangs_under_asan), "forkserver"]
+    "method", ["spawn", pytest.param("fork", marks=fork_unsafe_under_sanitizer), "forkserver"]
 )
 def test_pipe_ping_pong(method):
     ctx = multiprocessing.get_context(method)
@@ -364,7 +369,7 @@ def test_queue_through_pipe_and_pipe_through_queue():
             p.kill()
 
 
-@fork_hangs_under_asan
+@fork_unsafe_under_sanitizer
 @pytest.mark.timeout(60)
 def test_get_timeout_and_put_full_across_processes():
     ctx = multiprocessing.get_context("fork")
