@@ -13,7 +13,7 @@
  * into Python.
  */
 
-#define CH_VERSION_STAMP 10010
+#define CH_VERSION_STAMP 10011
 
 /* Error codes; values 0-19 are those of libchirp 1.x (docs/protocol.md#errors), later ones are
  * appended. Sign convention (csrc/error.h): a function returns 0 or a negative
@@ -190,6 +190,11 @@ int ch_loop_drive(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uin
 /* Give the token up: commands submitted meanwhile (sends made while handling
  * the batch) are carried out first, gathered. */
 void ch_loop_release(ch_loop_t *loop);
+/* ch_loop_release() if the calling thread holds the token (1), else nothing
+ * (0): for a caller unwinding from an exception (a KeyboardInterrupt raised
+ * between a drive returning and its release) that cannot know whether its
+ * drive took the token. */
+int ch_loop_release_if_owner(ch_loop_t *loop);
 uint64_t ch_loop_batch_seq(ch_loop_t *loop);
 /* Make the token holder's drive return 0 (e.g. to re-read its timers). */
 void ch_loop_kick(ch_loop_t *loop);

@@ -67,6 +67,7 @@ struct ch_loop_s {
     int ended;
     int owned;        /* the ownership token is taken */
     int owner_bg;     /* ... by the background thread */
+    uv_thread_t owner_thread; /* ... by this thread (valid while owned) */
     int sleeping;     /* the owner is (about to be) blocked in the I/O poll */
     int nudged;       /* a thread wanted the owner's attention while it was awake:
                          it must look again instead of blocking in the I/O poll */

@@ -567,6 +567,7 @@ int ch__loop_submit_many(ch_loop_t *loop, const ch__cmd_t *cmds, size_t n, int l
             direct = 1;
             loop->owned = 1;
             loop->owner_bg = 0;
+            loop->owner_thread = uv_thread_self();
         } else if (loop->owned || ch__loop_embedding(loop)) {
             /* An owner carries them out; or, embedded, the embedding loop is
              * the next owner (lazy commands wait for no background thread). */
@@ -763,6 +764,7 @@ static int ch__loop_drive_nowait(ch_loop_t *loop, ch_event_t *out, int max, uint
     loop->embed_lapsed = 0;
     loop->owned = 1;
     loop->owner_bg = 0;
+    loop->owner_thread = uv_thread_self();
     loop->owner_nowait = 1;
     loop->kicked = 0; /* the caller looks at its timers after every drive */
     loop->embed_thread = uv_thread_self();
@@ -870,6 +872,7 @@ take:
     }
     loop->owned = 1;
     loop->owner_bg = bg;
+    loop->owner_thread = uv_thread_self();
     *seq = loop->batch_seq;
     /* 2. Run the loop until there are events for the caller. */
     for (;;) {
@@ -940,6 +943,17 @@ void ch_loop_release(ch_loop_t *loop)
     uv_mutex_lock(&loop->lock);
     ch__loop_release_locked(loop, needs_run, due);
     uv_mutex_unlock(&loop->lock);
+}
+
+int ch_loop_release_if_owner(ch_loop_t *loop)
+{
+    uv_thread_t self = uv_thread_self();
+    uv_mutex_lock(&loop->lock);
+    int mine = loop->owned && uv_thread_equal(&self, &loop->owner_thread);
+    uv_mutex_unlock(&loop->lock);
+    if (mine)
+        ch_loop_release(loop);
+    return mine;
 }
 
 void ch_loop_embed(ch_loop_t *loop, int on)

@@ -91,7 +91,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
     ) from _exc
 
 #: The C API version this Python code was written against (CH_VERSION_STAMP).
-_EXPECTED_STAMP = 10010
+_EXPECTED_STAMP = 10011
 
 _stamp = lib.ch_version_stamp()
 if _stamp != _EXPECTED_STAMP:  # pragma: no cover - depends on the build
@@ -536,18 +536,22 @@ class LoopCore:
         if bufs is None:
             bufs = self._embed_bufs = _PollBuffers()
         self.embed_runs += 1
-        for _ in range(EMBED_BATCHES):
-            n = _drive(c, bufs.events, BATCH, 0.0, bufs.seq, _DRIVE_NOWAIT, bufs.arena)
-            if n < 0:
-                return n == _DRIVE_AGAIN, -1.0
-            self.lead_ident = _get_ident()
-            try:
-                self._handle(bufs, n)
-            finally:
-                self.lead_ident = None
-                _release(c)
-            if n < BATCH:
-                break
+        try:
+            for _ in range(EMBED_BATCHES):
+                n = _drive(c, bufs.events, BATCH, 0.0, bufs.seq, _DRIVE_NOWAIT, bufs.arena)
+                if n < 0:
+                    return n == _DRIVE_AGAIN, -1.0
+                self.lead_ident = _get_ident()
+                try:
+                    self._handle(bufs, n)
+                finally:
+                    self.lead_ident = None
+                    _release(c)
+                if n < BATCH:
+                    break
+        except BaseException:
+            lib.ch_loop_release_if_owner(c)  # a KeyboardInterrupt after _drive() (see _lead_drive)
+            raise
         ms = _backend_timeout(c)
         delay = ms / 1000.0 if ms >= 0 else -1.0
         if self._timers:
@@ -795,12 +799,14 @@ class LoopCore:
                     return
             if self._timers:
                 wait = min(wait, self._poll_timeout())
-            with lock:
-                c = self.c
-                if c is None or self.ended or self.c_stopped:
-                    return
-                self._app_polling += 1
+            polling = False
             try:
+                with lock:
+                    c = self.c
+                    if c is None or self.ended or self.c_stopped:
+                        return
+                    self._app_polling += 1
+                    polling = True
                 n = drive(c, events, BATCH, wait, seq, flags, arena)  # GIL released meanwhile
                 if n >= 0:
                     self.lead_ident = ident
@@ -809,11 +815,19 @@ class LoopCore:
                     finally:
                         self.lead_ident = None
                         release(c)
+            except BaseException:
+                # A signal's exception (Ctrl-C's KeyboardInterrupt) can be raised
+                # between drive() returning with the token and the try above:
+                # give the token up, or every other thread waits for it for ever.
+                if polling:
+                    lib.ch_loop_release_if_owner(c)
+                raise
             finally:
-                with lock:
-                    self._app_polling -= 1
-                    if not self._app_polling and self.ended:  # see _loop_ends()
-                        self._app_idle.notify_all()
+                if polling:
+                    with lock:
+                        self._app_polling -= 1
+                        if not self._app_polling and self.ended:  # see _loop_ends()
+                            self._app_idle.notify_all()
             if n == _LOOP_ENDED:
                 return
 
@@ -1484,8 +1498,15 @@ class NodeCore:
 
     # -- stop ----------------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Stop the node; idempotent and bounded, see ChirpBase.stop()."""
+    def stop(self, undelivered: Optional[Callable[[], List[MessageBase]]] = None) -> None:
+        """Stop the node; idempotent and bounded, see ChirpBase.stop().
+
+        ``undelivered``: the interface's hook that takes out and returns the
+        received messages it never handed to the application (a queue's
+        content), called once the wait for releases is over. They are not
+        released: the stop detaches them unacknowledged, so a SYNCHRONOUS
+        sender's send fails instead of succeeding for a message nobody got.
+        """
         if self.loop.in_dispatcher():
             raise RuntimeError(
                 "stop() cannot be called while handling the loop's events, as the dispatcher "
@@ -1500,8 +1521,17 @@ class NodeCore:
             deadline = _monotonic() + self.timeout
             while self.held and _monotonic() < deadline:
                 time.sleep(0.005)
+            dropped = undelivered() if undelivered is not None else []
             with self.lock:
-                leaked = list(self.held)
+                leaked = list(self.held.difference(dropped))
+            if dropped:
+                logger.warning(
+                    "libchirp: the node on port %d stops with %d received message%s never "
+                    "taken by the application; %s not acknowledged (a SYNCHRONOUS sender's "
+                    "send fails)",
+                    self.port, len(dropped), "" if len(dropped) == 1 else "s",
+                    "it is" if len(dropped) == 1 else "they are",
+                )  # fmt: skip
             releases = []
             for msg in leaked:
                 try:
@@ -1570,13 +1600,10 @@ class NodeCore:
             if self.stop_sent or self.c is None:
                 return
             self.closing = True
-            leaked = list(self.held)
-        for msg in leaked:
-            try:
-                self.release(msg)
-            except RuntimeError:
-                pass
-        with self.lock:
+            # Received messages are not released: nobody can tell whether the
+            # application took them (the node was dropped with its queue), so
+            # they are freed unacknowledged after NODE_STOPPED and their
+            # SYNCHRONOUS senders see the send fail rather than succeed.
             self.stop_sent = True
             self.free_on_stop = True
             rc = lib.ch_node_stop(self.c, self.loop.next_token())

@@ -274,18 +274,26 @@ class ChirpBase:
         Waits up to Config.TIMEOUT for delivered messages to be released; if some
         are not, releases them itself and raises ``RuntimeError("Timeout waiting
         for released messages, maybe a message was not released.")`` after the
-        node stopped. Queued sends fail with SHUTDOWN; every pending future
-        completes. If the loop was asked to stop and this was its last node, the
-        loop's threads end here.
+        node stopped. Messages the interface still queues then (never handed to
+        the application) are not acknowledged: a SYNCHRONOUS sender's send
+        fails. Queued sends fail with SHUTDOWN; every pending future completes.
+        If the loop was asked to stop and this was its last node, the loop's
+        threads end here.
         """
         node = self._node
         if node is None:
             return
         self._check_process()
         try:
-            node.stop()
+            node.stop(self._take_undelivered)
         finally:
             self._stopped = node.done
+
+    def _take_undelivered(self) -> List[MessageBase]:
+        """The interface's received messages never handed to the application,
+        taken out (called by the stop once it waited for releases; see
+        ``NodeCore.stop``). Interfaces that queue messages override it."""
+        return []
 
     def __enter__(self: _Self) -> _Self:
         return self

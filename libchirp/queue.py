@@ -133,6 +133,17 @@ class Chirp(ChirpBase, _queue.Queue[Message]):
             self.not_empty.notify_all()
         ChirpBase.stop(self)
 
+    def _take_undelivered(self) -> List[MessageBase]:
+        """Empty the queue for the stop: nobody took these messages, so they
+        are not acknowledged (get() raises ChirpShutdown from now on)."""
+        with self.mutex:
+            msgs = list(self.queue)
+            self.queue.clear()
+            self.unfinished_tasks = max(0, self.unfinished_tasks - len(msgs))
+            if msgs:
+                self.all_tasks_done.notify_all()
+        return cast(List[MessageBase], msgs)
+
     def _lead(self, timeout: Optional[float]) -> Optional[float]:
         """Handle the loop's events on this thread until a message is queued.
 

@@ -252,14 +252,17 @@ def test_snippet_runs(snippet, tmp_path):
         )  # fmt: skip
         assert server.poll() is None, "%s ended early" % snippet.name
     finally:
-        server.send_signal(signal.SIGINT)
+        server.send_signal(signal.SIGINT)  # what a user does: Ctrl-C
         try:
             server.wait(10)
+            interrupted = True
         except subprocess.TimeoutExpired:
+            interrupted = False
             server.kill()
             server.wait(10)
         output = server.stdout.read()
         server.stdout.close()
+    assert interrupted, "%s did not end within 10 s of Ctrl-C:\n%s" % (snippet.name, output)
     assert "Traceback" not in output or "KeyboardInterrupt" in output, output
 
 

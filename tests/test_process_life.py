@@ -1,12 +1,15 @@
 """Process life: os.fork() with a running Loop, and stop() while threads wait in get()
 (docs/reliability.md, "Process life")."""
 
+import gc
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
+import warnings
 
 import pytest
 from conftest import SANITIZER, TIMEOUT_SCALE, make_config
@@ -207,3 +210,103 @@ def test_stop_hands_out_queued_messages_before_shutdown(make_node):
     sent.result(10)
     with pytest.raises(ChirpShutdown):
         node.get()
+
+
+def wait_queued(node, count=1):
+    deadline = time.monotonic() + 10 * TIMEOUT_SCALE
+    while node.qsize() < count:
+        assert time.monotonic() < deadline, "the message was not queued"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+def test_stop_does_not_acknowledge_messages_nobody_took(make_node, caplog):
+    """A SYNCHRONOUS send succeeds only once the receiver's application got the
+    message: a node that stops with it still queued must not release it."""
+    sender = make_node(SYNCHRONOUS=True, TIMEOUT=10.0)
+    node = make_node(TIMEOUT=0.5)
+    sent = sender.send(message(node.port, b"precious"))
+    wait_queued(node)
+    with caplog.at_level("WARNING", logger="libchirp"):
+        node.stop()  # no RuntimeError: the application held nothing
+    assert any("never taken" in r.getMessage() for r in caplog.records)
+    with pytest.raises(libchirp.ChirpError):
+        sent.result(20 * TIMEOUT_SCALE)
+    with pytest.raises(ChirpShutdown):
+        node.get(timeout=1)
+
+
+@pytest.mark.timeout(60)
+def test_dropped_node_does_not_acknowledge_its_queue(make_node, loop):
+    """A node garbage-collected with messages queued (never taken) does not
+    acknowledge them either: their SYNCHRONOUS sender sees the send fail."""
+    sender = make_node(SYNCHRONOUS=True, TIMEOUT=10.0)
+    node = libchirp.queue.Chirp(loop, make_config(TIMEOUT=0.5))
+    sent = sender.send(message(node.port, b"precious"))
+    wait_queued(node)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del node
+        gc.collect()
+    with pytest.raises(libchirp.ChirpError):
+        sent.result(20 * TIMEOUT_SCALE)
+
+
+#: A program blocked in get() when Ctrl-C comes: the KeyboardInterrupt ends the
+#: wait, and leaving the with block (stop) and Loop.stop() finish at once.
+CTRL_C_QUEUE = """
+import libchirp, libchirp.queue
+config = libchirp.Config()
+config.DISABLE_ENCRYPTION = True
+config.PORT = 0
+loop = libchirp.Loop()
+try:
+    with libchirp.queue.Chirp(loop, config) as node:
+        print("ready", flush=True)
+        node.get()
+finally:
+    loop.stop()
+    print("stopped", flush=True)
+"""
+
+#: The same with the loop embedded in asyncio (libchirp.asyncio): the asyncio
+#: loop waits with the chirp loop's backend fd among its readers.
+CTRL_C_ASYNCIO = """
+import asyncio, libchirp, libchirp.asyncio
+async def main():
+    config = libchirp.Config()
+    config.DISABLE_ENCRYPTION = True
+    config.PORT = 0
+    loop = libchirp.Loop()
+    try:
+        async with libchirp.asyncio.Chirp(loop, config, asyncio.get_running_loop()):
+            print("ready", flush=True)
+            await asyncio.sleep(3600)
+    finally:
+        loop.stop()
+        print("stopped", flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("program", [CTRL_C_QUEUE, CTRL_C_ASYNCIO], ids=["queue", "asyncio"])
+def test_ctrl_c_ends_a_program_waiting_for_messages(program):
+    # Several rounds and pauses: the interrupt lands at different points of the
+    # waiting thread's drive (in the I/O poll, just after a drive returned).
+    for pause in (0.2, 0.35, 0.5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", program], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(pause)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=10 * TIMEOUT_SCALE)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert "stopped" in out and "KeyboardInterrupt" in out, out
+        assert proc.returncode != 0
