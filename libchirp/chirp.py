@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`ChirpBase` is the public face of one chirp node; the work is done by
-``libchirp._core.NodeCore``. The constructor seals the config, validates it with
+``libchirp._core.node.NodeCore``. The constructor seals the config, validates it with
 the C core (``ValueError`` with the reference message prefixes), starts the node
 on the loop and blocks (bounded) until the core answered.
 
@@ -44,7 +44,7 @@ from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only fr
 from types import TracebackType
 from typing import Any, Callable, Generic, Iterable, List, Optional, Type, TypeVar
 
-from ._core import START_LIMIT, NodeCore
+from ._core import START_LIMIT, NodeCore, Timer
 from ._future import LightFuture
 from .config import Config
 from .loop import Loop
@@ -75,7 +75,7 @@ class ChirpFuture(LightFuture, Generic[_M]):
         super().__init__()
         self._auto_release = auto_release
         self._send_future: Optional[Future[_M]] = None
-        self._timer: Optional[List[Any]] = None
+        self._timer: Optional[Timer] = None  # the expiry, armed by NodeCore.request()
 
     def result(self, timeout: Optional[float] = None) -> _M:
         """The reply message (its slot released when ``auto_release``)."""

@@ -23,7 +23,7 @@ its limits and what 0 means where 0 is special; docs/config.md and
   function ``ch_config_check`` checks everything again (defence in depth).
 
 A node seals the Config it starts with: setting an attribute afterwards raises
-``RuntimeError``. Filling the C struct is done by ``libchirp._core``; this module
+``RuntimeError``. Filling the C struct is done by ``libchirp._core.cconfig``; this module
 is pure Python and does not need the compiled core.
 """
 

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A :class:`Loop` is a thin shell over ``libchirp._core.LoopCore``: it owns the C
+A :class:`Loop` is a thin shell over ``libchirp._core.loopcore.LoopCore``: it owns the C
 loop and one daemon thread, the **background thread**. The libuv loop is run
 by one thread at a time, the one holding the loop's ownership token: a thread
 waiting in ``get()``/``get_many()`` or a future's ``result()`` runs it itself,
