@@ -47,8 +47,8 @@ from typing import Any, Callable, Generic, Iterable, List, Optional, Type, TypeV
 from ._core import START_LIMIT, NodeCore, Timer
 from ._future import LightFuture
 from .config import Config
-from .loop import Loop
-from .message import Message, MessageBase
+from .loop import Loop, loop_core
+from .message import Message, MessageBase, release_when_sent
 from .stats import NodeStats
 
 __all__ = ["ChirpBase", "ChirpFuture"]
@@ -144,13 +144,13 @@ class ChirpBase:
         config._seal()
         deliver = None if recv is None else _weak_recv(recv, self)
         deliver_many = None if recv_many is None else _weak_recv(recv_many, self, many=True)
-        node = NodeCore(loop._core, config, deliver, self._message_class, deliver_many)
+        node = NodeCore(loop_core(loop), config, deliver, self._message_class, deliver_many)
         self._prepare_node(node)
         try:
             node.start(config)
         except BaseException:
             if not was_sealed:
-                object.__setattr__(config, "_sealed", False)
+                config._unseal()
             raise
         self._node = node
 
@@ -219,9 +219,7 @@ class ChirpBase:
 
     def _release_after_handler(self, msg: MessageBase) -> None:
         """AUTO_RELEASE after a handler: release now, or when the message's send is done."""
-        node = msg._node
-        if node is not None and msg._c is not None:
-            node.release_when_sent(msg)
+        release_when_sent(msg)
 
     # -- sending -------------------------------------------------------------------------------
 

@@ -392,6 +392,10 @@ class Config:
     def __delattr__(self, name: str) -> None:
         raise AttributeError("Config fields cannot be deleted (%s)" % name)
 
+    def _unseal(self) -> None:
+        """Undo _seal() of a node that failed to start (the Config was not sealed before)."""
+        object.__setattr__(self, "_sealed", False)
+
     def _seal(self) -> None:
         """Make the config read-only (called by a node at start)."""
         object.__setattr__(self, "_sealed", True)

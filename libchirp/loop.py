@@ -150,3 +150,8 @@ class Loop:
         core = self._core
         state = "running" if core.running else ("stopped" if core.stop_requested else "new")
         return "<libchirp.Loop %s nodes=%d>" % (state, len(core.nodes))
+
+
+def loop_core(loop: Loop) -> LoopCore:
+    """The LoopCore of ``loop``: for the interfaces of this package, not part of the API."""
+    return loop._core

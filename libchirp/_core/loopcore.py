@@ -245,6 +245,11 @@ class LoopCore:
         self._detaching.append(host)
         host.detach()
 
+    def embedder_for(self, key: Any) -> Any:
+        """The host embedding the loop if it was made for ``key`` (an asyncio loop), else None."""
+        host = self.embedder
+        return host if host is not None and host.key is key else None
+
     def poke(self) -> None:
         """After a submission to the core: on the embedding loop's own thread, arm its
         run for what the submission left (the core does not wake that thread, see

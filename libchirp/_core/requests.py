@@ -64,8 +64,11 @@ class Requests:
         self.expired: OrderedDict[bytes, None] = OrderedDict()
         self.late_replies = 0
 
-    def request(self, msg: MessageBase, req: Any) -> None:
-        """Register ``req`` (a ChirpFuture) under msg.identity, arm its timer, send."""
+    def request(self, msg: MessageBase, req: Any) -> Future:
+        """Register ``req`` (a ChirpFuture) under msg.identity, arm its timer, send.
+
+        Returns the future of the send (also kept in ``req._send_future``).
+        """
         identity = msg._identity
         req._leader = self.loop
         with self.lock:
@@ -91,6 +94,7 @@ class Requests:
             exc = send_future.exception()
             if exc is not None:
                 _set_exception(req, exc)
+        return send_future
 
     def _expire(self, identity: bytes, req: Any, msg: MessageBase) -> None:
         if not _pending_request(self.requests, identity, req):
