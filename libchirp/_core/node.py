@@ -13,6 +13,11 @@ carries it back and the dispatcher (``events.handle_batch``) calls the node's
 * ``receives.Receives``: received messages, delivery, releases;
 * ``nodestats.Statistics``: statistics snapshots.
 
+The mixins share the node's state, all set in ``NodeCore.__init__`` (each table
+by the ``_init_*`` method of its mixin): ``loop``, ``lock``, ``c``, the flags
+``closing`` and ``stop_sent``, and each other's tables where one concern meets
+another (a received reply resolves a request; a finished send may release).
+
 Events carry ``node_token`` (given to ``ch_node_new``), which the dispatcher
 maps to the NodeCore. Public objects (``Loop``, ``ChirpBase``) are *not*
 referenced by the threads or by the cores, so a leaked public object is

@@ -11,33 +11,16 @@ A mixin of :class:`~libchirp._core.node.NodeCore` (state made by
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Dict, Set
+from typing import Any, Callable, Dict
 
-from ..message import MessageBase
 from ..stats import CounterStats, NodeStats, RemoteStats, remote_key
 from .capi import _NULL, _string, _text, lib
 from .outcomes import _error, _set_exception, _set_result, _shutdown_error
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .loopcore import LoopCore
-
 
 class Statistics:
     """Statistics snapshots (mixin of NodeCore, see the module docstring)."""
-
-    loop: LoopCore
-    lock: threading.RLock
-    c: Any
-    stop_sent: bool
-    port: int
-    identity: bytes
-    late_replies: int
-    requests: Dict[bytes, Any]
-    sends: Dict[int, Any]
-    held: Set[MessageBase]
-    _future: Callable[[], Future]
 
     def _init_stats(self) -> None:
         self.stats_pending: Dict[int, Future] = {}

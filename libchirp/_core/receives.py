@@ -21,9 +21,8 @@ A mixin of :class:`~libchirp._core.node.NodeCore` (state made by
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 
 from ..message import MessageBase
 from .capi import _MSG_P, _MSG_PP, _cast, _text, ffi, lib
@@ -33,9 +32,6 @@ from .outcomes import _REFUSED, _error, _set_exception, _set_result
 from .requests import DROP_LATE_REPLIES
 from .timers import cancel_timer
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .loopcore import LoopCore
-
 #: Token of releases nobody waits for (release_many): their completions are only
 #: counted, so that stop() can let the owed ACKs go out first. Real tokens start at 2.
 _QUIET_RELEASE = 1
@@ -43,16 +39,6 @@ _QUIET_RELEASE = 1
 
 class Receives:
     """Receiving and releasing (mixin of NodeCore, see the module docstring)."""
-
-    loop: LoopCore
-    lock: threading.RLock
-    c: Any
-    closing: bool
-    stop_sent: bool
-    requests: Dict[bytes, Any]
-    release_after_send: Set[MessageBase]
-    _future: Callable[[], Future]
-    _remember_expired: Callable[[bytes], None]
 
     def _init_receives(
         self,

@@ -16,20 +16,16 @@ A mixin of :class:`~libchirp._core.node.NodeCore` (state made by
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from typing import Any, Callable, Dict
 
 from ..errors import ChirpTimeoutError
 from ..message import MessageBase
 from .capi import lib
 from .outcomes import _error, _set_exception
 from .timers import cancel_timer
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .loopcore import LoopCore
 
 #: How many expired request identities are remembered (late replies are dropped).
 EXPIRED_MEMORY = 10000
@@ -53,11 +49,6 @@ def _pending_request(requests: Dict[bytes, Any], identity: bytes, req: Any) -> b
 
 class Requests:
     """The request table of a node (mixin of NodeCore, see the module docstring)."""
-
-    loop: LoopCore
-    lock: threading.RLock
-    timeout: float
-    send: Callable[..., Future]
 
     def _init_requests(self) -> None:
         self.requests: Dict[bytes, Any] = {}  # identity -> ChirpFuture (has ._timer)

@@ -16,16 +16,12 @@ A mixin of :class:`~libchirp._core.node.NodeCore`: the state it uses is made by
 from __future__ import annotations
 
 import struct
-import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..message import MessageBase
 from .capi import _text, lib
 from .outcomes import _REFUSED, _error, _set_exception, _set_result, _submit_error
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .loopcore import LoopCore
 
 #: One message of ch_node_send_batch() (ch_send_t, CH_SEND_SIZE bytes):
 #: token, data_len, header_len, port, family, identity, addr.
@@ -65,16 +61,6 @@ class PendingSend:
 
 class Sends:
     """The send half of a node (mixin of NodeCore, see the module docstring)."""
-
-    loop: LoopCore
-    lock: threading.RLock
-    c: Any
-    closing: bool
-    requests: Dict[bytes, Any]
-    release_after_send: Set[MessageBase]
-    _future: Callable[[], Future]
-    release: Callable[[MessageBase], Future]
-    _request_send_failed: Callable[[MessageBase, Any, int, str], None]
 
     def _init_sends(self) -> None:
         self.sends: Dict[int, PendingSend] = {}  # token -> the pending send
