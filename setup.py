@@ -6,7 +6,7 @@ setup(
     name="libchirp",
     version="2.0.0.dev0",
     description="Message-passing for distributed systems, compatible with libchirp 1.x",
-    packages=["libchirp", "libchirp.kiwi", "libchirp.mp"],
+    packages=["libchirp", "libchirp._core", "libchirp.kiwi", "libchirp.mp"],
     package_data={"libchirp": ["py.typed"]},
     python_requires=">=3.9",
     setup_requires=["cffi>=1.15"],

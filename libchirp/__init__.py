@@ -1,7 +1,7 @@
 """libchirp: message-passing between nodes over TCP/TLS, compatible with libchirp 1.x.
 
 A small C core on libuv does all networking on a background thread; this
-package drives it through CFFI (``libchirp._ffi``, wrapped by ``libchirp._core``).
+package drives it through CFFI (``libchirp._ffi``, wrapped by the package ``libchirp._core``).
 Interfaces (each exports ``Chirp``, ``Config``, ``Loop`` and ``Message``):
 
 * :mod:`libchirp.queue`: ``get()`` received messages (a ``queue.Queue``);

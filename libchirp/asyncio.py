@@ -99,8 +99,8 @@ from ._future import LightFuture
 from .chirp import ChirpBase
 from .chirp import ChirpFuture as _ThreadChirpFuture
 from .config import Config
-from .loop import Loop
-from .message import MessageBase
+from .loop import Loop, loop_core
+from .message import MessageBase, release_when_sent
 from .stats import NodeStats
 
 __all__ = ["Chirp", "ChirpFuture", "Config", "Loop", "Message"]
@@ -197,7 +197,7 @@ class _Embedder:
             return
         self.aloop.add_reader(self.fd, self._ready)
         self.reading = True
-        self._run_soon()  # what is pending already
+        self.run_soon()  # what is pending already
 
     def _stop(self) -> None:
         aloop = self.aloop
@@ -218,7 +218,8 @@ class _Embedder:
             return
         self._run()
 
-    def _run_soon(self) -> None:
+    def run_soon(self) -> None:
+        """Run the loop soon, once (asyncio loop's thread)."""
         if not self.soon:
             self.soon = True
             self.aloop.call_soon(self._soon_run)
@@ -262,7 +263,7 @@ class _Embedder:
     def timer_added(self, delay: float) -> None:
         """Run the loop after ``delay`` seconds at the latest (earlier timers are kept)."""
         if delay <= 0:
-            self._run_soon()
+            self.run_soon()
             return
         aloop = self.aloop
         when = aloop.time() + delay + _TIMER_SLACK
@@ -334,12 +335,12 @@ class _Bridge:
 
     def _run(self) -> None:
         # asyncio loop thread.
-        host = self.core.embedder
-        if host is not None and host.key is self.aloop:
+        host = self.core.embedder_for(self.aloop)
+        if host is not None:
             # Events came from another thread: the embedded loop lapsed (the asyncio
             # loop was blocked or not running) or a thread drove it while waiting.
             # Drive it here again (a lapse ends: the background thread stands aside).
-            host._run_soon()
+            host.run_soon()
         with self._lock:
             items, self._scheduled = self._scheduled or [], None
         for func, args in items:
@@ -397,13 +398,8 @@ def _copy(cf: Future[Any], af: asyncio.Future[Any], reply: bool = False) -> None
 
 
 def _release_quietly(msg: Any) -> None:
-    if isinstance(msg, MessageBase) and msg._c is not None:
-        try:
-            MessageBase.release_slot(msg)
-        except RuntimeError:  # still being sent
-            node = msg._node
-            if node is not None:
-                node.release_when_sent(msg)
+    if isinstance(msg, MessageBase):
+        release_when_sent(msg)
 
 
 def _start_handler(chirp: Chirp, msg: Message) -> None:
@@ -541,7 +537,7 @@ class Chirp(ChirpBase):
         self._closing = False
         #: Handler tasks not yet done, with their messages (asyncio loop thread).
         self._tasks: Dict[asyncio.Task[None], MessageBase] = {}
-        core = loop._core
+        core = loop_core(loop)
         self._bridge_key = ("asyncio", id(asyncio_loop))
         self._bridge: _Bridge = core.acquire_shared(
             self._bridge_key, lambda: _Bridge(core, asyncio_loop)
@@ -565,7 +561,7 @@ class Chirp(ChirpBase):
         if self._bridge_held:
             self._bridge_held = False
             self._bridge.nodes.discard(self)
-            self._loop._core.release_shared(self._bridge_key)
+            self._bridge.core.release_shared(self._bridge_key)
 
     @property
     def asyncio_loop(self) -> asyncio.AbstractEventLoop:
@@ -575,8 +571,7 @@ class Chirp(ChirpBase):
     @property
     def embedded(self) -> bool:
         """True while the node's Loop is embedded in its asyncio loop (module docstring)."""
-        host = self._loop._core.embedder
-        return host is not None and host.key is self._aloop
+        return self._bridge.core.embedder_for(self._aloop) is not None
 
     def _check_thread(self, what: str) -> None:
         try:
@@ -671,10 +666,7 @@ class Chirp(ChirpBase):
         node = self._node
         assert node is not None
         req: _ThreadChirpFuture[_M] = _ThreadChirpFuture(auto_release=False)
-        node.request(msg, req)
-        send_cf = req._send_future
-        if send_cf is None:  # pragma: no cover - node.request raised instead
-            raise RuntimeError("the request was not sent")
+        send_cf = node.request(msg, req)
         reply = self._bridge.wrap(req, reply=True)
         reply.add_done_callback(lambda af: req.cancel() if af.cancelled() else None)
         return ChirpFuture(reply, send_cf, self._bridge, auto_release)

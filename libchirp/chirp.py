@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`ChirpBase` is the public face of one chirp node; the work is done by
-``libchirp._core.NodeCore``. The constructor seals the config, validates it with
+``libchirp._core.node.NodeCore``. The constructor seals the config, validates it with
 the C core (``ValueError`` with the reference message prefixes), starts the node
 on the loop and blocks (bounded) until the core answered.
 
@@ -44,11 +44,11 @@ from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only fr
 from types import TracebackType
 from typing import Any, Callable, Generic, Iterable, List, Optional, Type, TypeVar
 
-from ._core import START_LIMIT, NodeCore
+from ._core import START_LIMIT, NodeCore, Timer
 from ._future import LightFuture
 from .config import Config
-from .loop import Loop
-from .message import Message, MessageBase
+from .loop import Loop, loop_core
+from .message import Message, MessageBase, release_when_sent
 from .stats import NodeStats
 
 __all__ = ["ChirpBase", "ChirpFuture"]
@@ -75,7 +75,7 @@ class ChirpFuture(LightFuture, Generic[_M]):
         super().__init__()
         self._auto_release = auto_release
         self._send_future: Optional[Future[_M]] = None
-        self._timer: Optional[List[Any]] = None
+        self._timer: Optional[Timer] = None  # the expiry, armed by NodeCore.request()
 
     def result(self, timeout: Optional[float] = None) -> _M:
         """The reply message (its slot released when ``auto_release``)."""
@@ -144,13 +144,13 @@ class ChirpBase:
         config._seal()
         deliver = None if recv is None else _weak_recv(recv, self)
         deliver_many = None if recv_many is None else _weak_recv(recv_many, self, many=True)
-        node = NodeCore(loop._core, config, deliver, self._message_class, deliver_many)
+        node = NodeCore(loop_core(loop), config, deliver, self._message_class, deliver_many)
         self._prepare_node(node)
         try:
             node.start(config)
         except BaseException:
             if not was_sealed:
-                object.__setattr__(config, "_sealed", False)
+                config._unseal()
             raise
         self._node = node
 
@@ -219,9 +219,7 @@ class ChirpBase:
 
     def _release_after_handler(self, msg: MessageBase) -> None:
         """AUTO_RELEASE after a handler: release now, or when the message's send is done."""
-        node = msg._node
-        if node is not None and msg._c is not None:
-            node.release_when_sent(msg)
+        release_when_sent(msg)
 
     # -- sending -------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ its limits and what 0 means where 0 is special; docs/config.md and
   function ``ch_config_check`` checks everything again (defence in depth).
 
 A node seals the Config it starts with: setting an attribute afterwards raises
-``RuntimeError``. Filling the C struct is done by ``libchirp._core``; this module
+``RuntimeError``. Filling the C struct is done by ``libchirp._core.cconfig``; this module
 is pure Python and does not need the compiled core.
 """
 
@@ -391,6 +391,10 @@ class Config:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError("Config fields cannot be deleted (%s)" % name)
+
+    def _unseal(self) -> None:
+        """Undo _seal() of a node that failed to start (the Config was not sealed before)."""
+        object.__setattr__(self, "_sealed", False)
 
     def _seal(self) -> None:
         """Make the config read-only (called by a node at start)."""

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A :class:`Loop` is a thin shell over ``libchirp._core.LoopCore``: it owns the C
+A :class:`Loop` is a thin shell over ``libchirp._core.loopcore.LoopCore``: it owns the C
 loop and one daemon thread, the **background thread**. The libuv loop is run
 by one thread at a time, the one holding the loop's ownership token: a thread
 waiting in ``get()``/``get_many()`` or a future's ``result()`` runs it itself,
@@ -150,3 +150,8 @@ class Loop:
         core = self._core
         state = "running" if core.running else ("stopped" if core.stop_requested else "new")
         return "<libchirp.Loop %s nodes=%d>" % (state, len(core.nodes))
+
+
+def loop_core(loop: Loop) -> LoopCore:
+    """The LoopCore of ``loop``: for the interfaces of this package, not part of the API."""
+    return loop._core

@@ -316,3 +316,14 @@ class Message(MessageBase):
 
 #: The former name of :class:`Message` (the same class).
 MessageThread = Message
+
+
+def release_when_sent(msg: MessageBase) -> None:
+    """Release ``msg``'s slot now, or once its pending send is done; nothing without a slot.
+
+    For the interfaces of this package (AUTO_RELEASE after a handler, a reply
+    nobody will see), which discard the release's future; not part of the API.
+    """
+    node = msg._node
+    if node is not None and msg._c is not None:
+        node.release_when_sent(msg)
