@@ -107,6 +107,7 @@ def counts(node):
     return st["connections"], len(st["remotes"])
 
 
+@pytest.mark.slow  # 10,000 connections: make test runs it, make check leaves it out
 @pytest.mark.timeout(90)
 def test_10k_connections_responsive_and_memory_released_after_gc(nofile, make_node):
     node = make_node(**NODE_CONFIG)
