@@ -108,7 +108,16 @@ def main() -> int:
     ap.add_argument("--big-items", type=int, default=3000, help="64 KiB items per run")
     ap.add_argument("--pull-items", type=int, default=10_000, help="items for pull with get()")
     ap.add_argument("--roundtrips", type=int, default=5000)
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run only the rows whose implementation contains this text (repeatable; "
+        "'ping-pong' for the Pipe rows); the first row of each size stays the base",
+    )
+    ap.add_argument("--sizes", default="64,65536", help="item sizes (64 and/or 65536)")
     args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
 
     ctx = multiprocessing.get_context("spawn")
     impls: List[Tuple[str, Callable[[], Any], Any]] = [
@@ -120,9 +129,13 @@ def main() -> int:
     ]
     rows: List[List[str]] = []
     for size, n in ((64, args.items), (65536, args.big_items)):
+        if size not in sizes:
+            continue
         for consumers in (1, 4):
             base = None
             for name, make, many in impls:
+                if args.only and base is not None and not any(o in name for o in args.only):
+                    continue
                 count = n
                 if name.endswith("pull, get()"):
                     count = min(n, args.pull_items)
@@ -134,6 +147,8 @@ def main() -> int:
                      "%.2fx" % (rate / base)]
                 )  # fmt: skip
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    if args.only and not any("ping-pong" in o for o in args.only):
+        return report(rows)
     base_rt = pingpong(ctx.Pipe, args.roundtrips)
     rt = pingpong(cmp.Pipe, args.roundtrips)
     rows.append(
@@ -148,7 +163,10 @@ def main() -> int:
             "%.2fx" % (rt / base_rt),
         ]
     )
+    return report(rows)
 
+
+def report(rows: List[List[str]]) -> int:
     print("%s, Python %s, %s, %s" % (platform.node(), platform.python_version(),
           time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "spawn"))  # fmt: skip
     print()

@@ -24,7 +24,7 @@ from typing import Deque, List, Optional, Tuple
 
 from ..message import MessageBase
 from .host import _Host
-from .runtime import _Runtime
+from .runtime import _Inbound, _Runtime
 from .wire import (
     _C,
     _D,
@@ -36,6 +36,8 @@ from .wire import (
     _W,
     _Z,
     CHUNK,
+    PULL_AHEAD,
+    PULL_BATCH,
     PUT_BATCH,
     PUT_BATCH_BYTES,
     PUT_WINDOW,
@@ -44,7 +46,6 @@ from .wire import (
     _Key,
     _pack,
     _to_msg,
-    _unpack,
 )
 
 #: Request ids of this process (pull requests, subscriptions, probes).
@@ -104,6 +105,11 @@ class _Remote:
         self.push = push
         self.subscribed = 0
         self.buffer: Deque[bytes] = deque()
+        # pull credit: items asked for per get() (grows while this consumer is
+        # fast, see _credit), and the size and arrival time of the last batch
+        self.credit = 1
+        self.batch_n = 0
+        self.batch_at = 0.0
         # producer state
         self.pcond = threading.Condition(threading.Lock())
         self.outbox: List[bytes] = []
@@ -236,22 +242,53 @@ class _Remote:
             entry = box[0]
             items, pos = entry.items, entry.pos
             k = min(n - len(out), len(items) - pos)
-            out.extend(items[pos : pos + k])
-            entry.pos = pos + k
-            if entry.pos >= len(items):
+            entry.pos = pos = pos + k
+            if pos >= len(items):
                 box.popleft()
-                entry.msg.release_slot()
+                entry.done()
+            elif entry.lease is not None:
+                lf, slot, reqid = entry.lease
+                lf.count(slot, reqid, pos)
+            out.extend(items[pos - k : pos])
         return out
+
+    def _credit(self) -> int:
+        """Items to ask for in a get(): about PULL_AHEAD seconds of this
+        consumer's consumption, at most twice the last credit (rt.cond held).
+
+        The rate is that of the last batch: its items over the time from its
+        arrival until the consumer asked again, which is the consumer's own
+        time (waits for the host come after). A consumer that needs more than
+        PULL_AHEAD per item asks for one item at a time.
+        """
+        if self.batch_n:
+            dt = time.monotonic() - self.batch_at
+            target = int(self.batch_n * PULL_AHEAD / dt) if dt > 0 else PULL_BATCH
+            self.credit = max(1, min(PULL_BATCH, 2 * self.credit, target))
+            self.batch_n = 0
+        return self.credit
 
     def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
         rt = self.rt
-        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
         with rt.cond:
             out = self._from_inbox(n)
         if out:
             return out
+        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
         if self.push:
             return self._get_pushed(n, block, end)
+        return self._pull(n, block, end)
+
+    def _pull(self, n: int, block: bool, end: Optional[float], take: bool = True) -> List[bytes]:
+        """Ask the host for items until some come (pull mode); hand out up to ``n``.
+
+        ``get()`` (n == 1) asks for its credit, leased (:mod:`.lease`): the
+        items it does not hand out stay in the inbox, acknowledged to the host
+        when the last one was handed out. Without a lease the host holds, a
+        request asks for ``n`` items only. With ``take`` false, the items stay
+        in the inbox (poll).
+        """
+        rt = self.rt
         while True:
             if self.closed:
                 raise ValueError("closed while waiting in get()")
@@ -259,26 +296,36 @@ class _Remote:
             wait = 0.0 if not block else min(CHUNK, left) if left is not None else CHUNK
             wait = max(0.0, wait)
             reqid = next(_reqids)
+            with rt.cond:
+                out = self._from_inbox(n) if take else []
+                if out or (not take and rt.inbox.get(self.qid)):
+                    return out  # another thread's request brought them
+                data = rt.lease_for(self.key, reqid)
+                want = max(n, self._credit()) if self.key in rt.lease_ok else n
             answer = rt.request(
-                self.key, _header(_W, self.qid, reqid, n, wait), reqid, wait + SLACK
+                self.key, _header(_W, self.qid, reqid, want, wait), reqid, wait + SLACK, data
             )
             kind, _, _, _, _, flags = _HDR.unpack(answer.header)
             if kind == _D:
-                items = _unpack(answer.data)
-                answer.release_slot()  # taken: the host's delivery completes now
-                return items
+                entry = _Inbound(answer)
+                with rt.cond:
+                    entry.lease = rt.lease_answer(reqid, kind, flags)
+                    rt.inbox.setdefault(self.qid, deque()).append(entry)
+                    self.batch_n, self.batch_at = len(entry.items), time.monotonic()
+                    out = self._from_inbox(n) if take else []
+                if out or not take:
+                    return out
+                continue
+            with rt.cond:
+                rt.lease_answer(reqid, kind, flags)
             answer.release_slot()
-            if flags & _F_EOF:
+            if flags & _F_EOF or not block or (end is not None and time.monotonic() >= end):
                 with rt.cond:
-                    out = self._from_inbox(n)
-                if out:
-                    return out
-                raise EOFError
-            if not block or (end is not None and time.monotonic() >= end):
-                with rt.cond:
-                    out = self._from_inbox(n)
-                if out:
-                    return out
+                    out = self._from_inbox(n) if take else []
+                    if out or (not take and rt.inbox.get(self.qid)):
+                        return out
+                if flags & _F_EOF:
+                    raise EOFError
                 raise Empty
 
     def _get_pushed(self, n: int, block: bool, end: Optional[float]) -> List[bytes]:
@@ -302,21 +349,32 @@ class _Remote:
                         break
                     left = probe_at - now if end is None else min(probe_at, end) - now
                     rt.cond.wait(left)
-            # Nothing for a while: make sure the host is still there (and learn EOF).
+            # Nothing for a while: make sure the host is still there (and learn EOF),
+            # and that it has our subscription (S is idempotent; a delivery that
+            # failed, or an S that got lost, would otherwise leave us waiting).
+            rt.node.send(_to_msg(self.key, _header(_S, self.qid, self.subscribed)))
             _, eof = self.size()
             if eof:
                 raise EOFError
             probe_at = time.monotonic() + CHUNK
 
     def poll(self, timeout: Optional[float]) -> bool:
+        block = timeout is None or timeout > 0
+        with self.rt.cond:
+            if self.buffer or self.rt.inbox.get(self.qid):
+                return True
         try:
-            items = self.get(1, timeout is None or timeout > 0, timeout)
+            if self.push:
+                items = self.get(1, block, timeout)
+                with self.rt.cond:
+                    self.buffer.extendleft(reversed(items))
+            else:  # fetch without handing out: the items stay leased
+                end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+                self._pull(1, block, end, take=False)
         except Empty:
             return False
         except EOFError:
             return True
-        with self.rt.cond:
-            self.buffer.extendleft(reversed(items))
         return True
 
     def size(self) -> Tuple[int, bool]:

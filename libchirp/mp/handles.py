@@ -4,20 +4,21 @@ Part of :mod:`libchirp.mp` (its docstring has the overview; docs/mp.md the
 interface). A handle is only a description of its boxes (:class:`_Spec`: box
 ids, the host's advertised address and port, the mode, the TLS setting), and
 that is all pickling it carries (:func:`_rebuild`). Which endpoint
-(:mod:`.client`) a handle uses is decided on use, by comparing
-``os.getpid()``: in the process that created it, the box is local; a handle
-inherited through fork notices the new pid and becomes a client, as does an
-unpickled one. Items are pickled here and unpickled here, by the consumer.
+(:mod:`.client`) a handle uses is decided on use, by comparing the process
+id (``runtime.PID``, which the fork hook of :mod:`.runtime` keeps up to date:
+``os.getpid()`` is a system call): in the process that created it, the box
+is local; a handle inherited through fork notices the new pid and becomes a
+client, as does an unpickled one. Items are pickled here and unpickled here, by the consumer.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, TypedDict, TypeVar, Union
 
 from .. import mp  # the settings (mp.ADDRESS, mp.CONFIG) are read from the package at use
 from ..config import Config
+from . import runtime as _rt
 from .client import _Local, _Remote
 from .host import _Host
 from .runtime import _graveyard, _host, _runtime
@@ -51,15 +52,15 @@ class _Handle:
 
     def _setup(self, spec: _Spec, host: Optional[_Host]) -> None:
         self._spec = spec
-        self._pid = os.getpid()
+        self._pid = _rt.PID
         self._host_obj = host
         self._eps: Dict[int, _Endpoint] = {}
         self._closed = False
 
     def _ep(self, qid: int) -> _Endpoint:
-        if self._pid != os.getpid():  # inherited through fork: become a client
+        if self._pid != _rt.PID:  # inherited through fork: become a client
             _graveyard.append(self.__dict__.copy())
-            self._pid = os.getpid()
+            self._pid = _rt.PID
             self._host_obj = None
             self._eps = {}
         ep = self._eps.get(qid)
@@ -219,13 +220,13 @@ class Queue(_Handle):
     def join_thread(self, timeout: Optional[float] = None) -> None:
         """Wait until the host confirmed every item this process put (raises a failure)."""
         ep = self._eps.get(self._qid)
-        if ep is not None and self._pid == os.getpid():
+        if ep is not None and self._pid == _rt.PID:
             ep.flush(timeout)
 
     def cancel_join_thread(self) -> None:
         """Do not wait at close or exit for the host to confirm this process's puts
         (unconfirmed items may then be lost, as with ``multiprocessing``)."""
-        if self._pid == os.getpid():
+        if self._pid == _rt.PID:
             ep = self._ep(self._qid)
             if isinstance(ep, _Remote):
                 ep.no_flush = True
@@ -236,7 +237,7 @@ class Queue(_Handle):
             return
         try:
             for ep in self._eps.values():
-                if self._pid == os.getpid():
+                if self._pid == _rt.PID:
                     ep.close()
         finally:
             self._closed = True
@@ -370,12 +371,12 @@ class Connection(_Handle):
         if self._closed:
             return
         try:
-            if self._pid == os.getpid() and self._sq:
+            if self._pid == _rt.PID and self._sq:
                 ep = self._ep(self._sq)
                 ep.flush(SLACK)
                 ep.close_writer()
             for ep in self._eps.values():
-                if self._pid == os.getpid():
+                if self._pid == _rt.PID:
                     ep.close()
         finally:
             self._closed = True

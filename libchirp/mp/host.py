@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
 from ..loop import Loop
 from ..message import MessageBase
 from ..queue import Chirp
+from .lease import HostLeases, Lease
 from .wire import (
     _C,
     _D,
     _E,
     _F_EOF,
+    _F_LEASE,
     _F_PUSH,
     _HDR,
     _P,
@@ -89,8 +91,8 @@ class _Box:
         self.items: Deque[bytes] = deque()
         #: put messages not yet accepted because the box is full.
         self.held: Deque[Tuple[MessageBase, List[bytes]]] = deque()
-        #: pull requests: (client, reqid, n, expiry).
-        self.waiters: Deque[Tuple[_Key, int, int, float]] = deque()
+        #: pull requests: (client, reqid, n, expiry, lease).
+        self.waiters: Deque[_Waiter] = deque()
         #: push subscribers: client -> [batches in flight, subscription id].
         self.subs: Dict[_Key, List[int]] = {}
         self.rr = 0
@@ -99,7 +101,8 @@ class _Box:
         self.taken = 0
         #: deliveries (D batches) in flight per client.
         self.flying: Dict[_Key, int] = {}
-        #: failed deliveries per client, (position, items), kept until none is in flight.
+        #: failed deliveries per client, (position, items not handed out), kept
+        #: until none is in flight.
         self.failed: Dict[_Key, List[Tuple[int, List[bytes]]]] = {}
 
     def hand_out(self, key: _Key, batch: List[bytes]) -> int:
@@ -113,8 +116,10 @@ class _Box:
         return bool(self.maxsize) and len(self.items) >= self.maxsize
 
 
-#: a message to send, and for a D batch: (box, items, client, pushed, position).
-_Track = Tuple["_Box", List[bytes], _Key, bool, int]
+#: a pull request: (client, reqid, n, expiry, lease).
+_Waiter = Tuple[_Key, int, int, float, Optional[Lease]]
+#: a message to send, and for a D batch: (box, items, client, pushed, position, lease).
+_Track = Tuple["_Box", List[bytes], _Key, bool, int, Optional[Lease]]
 _Send = Tuple[MessageBase, Optional[_Track]]
 
 
@@ -137,6 +142,7 @@ class _Host:
         self.outq: List[_Send] = []
         self.outrel: List[MessageBase] = []
         self.flushing = False
+        self.leases = HostLeases()
         self.thread = threading.Thread(target=self._run, name="libchirp.mp host", daemon=True)
         self.thread.start()
 
@@ -214,7 +220,9 @@ class _Host:
             release.append(m)
         elif kind == _W:
             release.append(m)
-            box.waiters.append((key, reqid, max(1, n), time.monotonic() + wait_ms / 1000.0))
+            lease = self.leases.lease(m.data, reqid) if m.data else None
+            expiry = time.monotonic() + wait_ms / 1000.0
+            box.waiters.append((key, reqid, max(1, n), expiry, lease))
         elif kind == _S:
             release.append(m)
             box.subs.setdefault(key, [0, reqid])
@@ -241,10 +249,10 @@ class _Host:
         for box in self.boxes.values():
             if not box.waiters:
                 continue
-            keep: Deque[Tuple[_Key, int, int, float]] = deque()
+            keep: Deque[_Waiter] = deque()
             for w in box.waiters:
                 if w[3] <= now or (box.eof and not box.items):
-                    f = _F_EOF if box.eof else 0
+                    f = (_F_EOF if box.eof else 0) | (_F_LEASE if w[4] is not None else 0)
                     sends.append((_to_msg(w[0], _header(_E, box.qid, w[1], 0, 0, f)), None))
                 else:
                     keep.append(w)
@@ -256,14 +264,16 @@ class _Host:
         """Hand out what the box can (lock held); collect the messages to send."""
         items = box.items
         while box.waiters and items:
-            key, reqid, n, _ = box.waiters.popleft()
+            key, reqid, n, _, lease = box.waiters.popleft()
             k = min(n, len(items))
             batch = [items.popleft() for _ in range(k)]
-            msg = _to_msg(key, _header(_D, box.qid, reqid, k), _pack(batch))
-            sends.append((msg, (box, batch, key, False, box.hand_out(key, batch))))
+            f = _F_LEASE if lease is not None else 0
+            msg = _to_msg(key, _header(_D, box.qid, reqid, k, 0, f), _pack(batch))
+            sends.append((msg, (box, batch, key, False, box.hand_out(key, batch), lease)))
         if box.eof and not items and box.waiters:
-            for key, reqid, _, _ in box.waiters:
-                sends.append((_to_msg(key, _header(_E, box.qid, reqid, 0, 0, _F_EOF)), None))
+            for key, reqid, _, _, lease in box.waiters:
+                f = _F_EOF | (_F_LEASE if lease is not None else 0)
+                sends.append((_to_msg(key, _header(_E, box.qid, reqid, 0, 0, f)), None))
             box.waiters.clear()
         if items and box.subs:
             keys = list(box.subs)
@@ -287,7 +297,7 @@ class _Host:
                 k = len(batch)
                 sub[0] += 1
                 msg = _to_msg(key, _header(_D, box.qid, sub[1], k, 0, _F_PUSH), _pack(batch))
-                sends.append((msg, (box, batch, key, True, box.hand_out(key, batch))))
+                sends.append((msg, (box, batch, key, True, box.hand_out(key, batch), None)))
         while box.held and not box.full():
             m, batch = box.held.popleft()
             items.extend(batch)
@@ -339,7 +349,7 @@ class _Host:
                     self.flushing = False
 
     def _delivered(self, fut: Future[MessageBase], track: _Track) -> None:
-        box, batch, key, pushed, pos = track
+        box, batch, key, pushed, pos, lease = track
         failed = fut.exception() is not None
         sends: List[_Send] = []
         release: List[MessageBase] = []
@@ -353,7 +363,11 @@ class _Host:
                 # The client did not take them. They go back to the front once
                 # no other batch to this client is in flight, all at once and
                 # in the box's order (the failures of several batches may be
-                # reported in any order).
+                # reported in any order). Of a leased batch, the items its
+                # consumer had handed out are gone.
+                if lease is not None:
+                    done = self.leases.handed_out(lease, len(batch))
+                    pos, batch = pos + done, batch[done:]
                 box.failed.setdefault(key, []).append((pos, batch))
                 box.subs.pop(key, None)
                 box.waiters = deque(w for w in box.waiters if w[0] != key)

@@ -29,14 +29,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
 
 from ..loop import Loop
 from ..message import Message, MessageBase
 from ..queue import Chirp
 from .host import _Host
+from .lease import LeaseFile
 from .wire import (
     _D,
+    _F_LEASE,
     _F_PUSH,
     _HDR,
     _R,
@@ -57,16 +59,28 @@ if TYPE_CHECKING:
 _log = logging.getLogger("libchirp")
 
 
+#: A lease a batch holds: its file, its slot, the request id it answers.
+_Lease = Tuple[LeaseFile, int, int]
+
+
 class _Inbound:
     """A D batch a client received and has not handed out completely."""
 
-    __slots__ = ("msg", "items", "pos")
+    __slots__ = ("msg", "items", "pos", "lease")
 
-    def __init__(self, msg: MessageBase) -> None:
+    def __init__(self, msg: MessageBase, lease: Optional[_Lease] = None) -> None:
         self.msg = msg
         self.items = _unpack(msg.data)
         #: the next item to hand out; the message is released after the last one.
         self.pos = 0
+        #: where the count of items handed out goes (:mod:`.lease`), if the host reads it.
+        self.lease = lease
+
+    def done(self) -> None:
+        """Acknowledge the batch (all handed out or given back); free its slot."""
+        self.msg.release_slot()
+        if self.lease is not None:
+            self.lease[0].give(self.lease[1])
 
 
 class _Runtime:
@@ -85,6 +99,11 @@ class _Runtime:
         #: pushed batches and late answers per box.
         self.inbox: Dict[int, Deque[_Inbound]] = {}
         self.endpoints: "weakref.WeakSet[_Remote]" = weakref.WeakSet()
+        #: lease files per host (None: leases are not possible with it), the
+        #: hosts that confirmed theirs, and the slots of unanswered requests.
+        self.leases: Dict[_Key, Optional[LeaseFile]] = {}
+        self.lease_ok: Set[_Key] = set()
+        self.leased: Dict[int, Tuple[_Key, LeaseFile, int]] = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="libchirp.mp client", daemon=True)
         self.thread.start()
@@ -109,19 +128,63 @@ class _Runtime:
                         continue
                     if reqid in self.pending and not flags & _F_PUSH:
                         self.pending[reqid] = m
-                    elif kind == _D:
-                        self.inbox.setdefault(qid, deque()).append(_Inbound(m))
+                        continue
+                    # pushed, or the late answer to a request nobody waits for
+                    lease = None if flags & _F_PUSH else self.lease_answer(reqid, kind, flags)
+                    if kind == _D:
+                        self.inbox.setdefault(qid, deque()).append(_Inbound(m, lease))
                     else:
                         drop.append(m)
                 self.cond.notify_all()
             for m in drop:
                 m.release_slot()
 
-    def request(self, key: _Key, header: bytes, reqid: int, limit: float) -> MessageBase:
+    def lease_for(self, key: _Key, reqid: int) -> bytes:
+        """A lease slot for the batch answering ``reqid`` from ``key``: the request's
+        data naming it (empty without one). Lock held."""
+        if key in self.leases:
+            lf = self.leases[key]
+        else:
+            lf = self.leases[key] = LeaseFile.create()
+        if lf is None:
+            return b""
+        slot = lf.take(reqid)
+        if slot is None:
+            return b""
+        self.leased[reqid] = (key, lf, slot)
+        return lf.data(slot)
+
+    def lease_answer(self, reqid: int, kind: bytes, flags: int) -> Optional[_Lease]:
+        """The lease of the batch answering ``reqid`` (None: no lease, or no batch). Lock held.
+
+        The first answer of a host tells whether it holds the file: once it
+        does, the file is unlinked (the host keeps it mapped); a host that
+        could not open it gets no leases from then on.
+        """
+        held = self.leased.pop(reqid, None)
+        if held is None:
+            return None
+        key, lf, slot = held
+        if flags & _F_LEASE:
+            if key not in self.lease_ok:
+                self.lease_ok.add(key)
+                lf.unlink()
+            if kind == _D:
+                return (lf, slot, reqid)
+        elif kind == _D:
+            self.leases[key] = None
+            self.lease_ok.discard(key)
+            lf.unlink()
+        lf.give(slot)
+        return None
+
+    def request(
+        self, key: _Key, header: bytes, reqid: int, limit: float, data: bytes = b""
+    ) -> MessageBase:
         """Send a request and wait for its answer (``ConnectionError`` if none comes)."""
         with self.cond:
             self.pending[reqid] = None
-        fut = self.node.send(_to_msg(key, header))
+        fut = self.node.send(_to_msg(key, header, data))
         fut.add_done_callback(lambda f: self._wake())
         end = time.monotonic() + limit
         with self.cond:
@@ -155,14 +218,20 @@ class _Runtime:
         back = list(items)
         for entry in entries:
             back.extend(entry.items[entry.pos :])
+        returned = True
         if back:
             try:
                 hdr = _header(_R, qid, 0, len(back))
                 self.node.send(_to_msg(key, hdr, _pack(back))).result(SLACK)
             except Exception:
+                returned = False
                 _log.warning("libchirp.mp: could not return %d item(s) to %s:%d", len(back), *key)
         for entry in entries:
-            entry.msg.release_slot()
+            if returned and entry.lease is not None:
+                # the host has the rest back: it must not put them back again
+                lf, slot, reqid = entry.lease
+                lf.count(slot, reqid, len(entry.items))
+            entry.done()
 
     def stop(self) -> None:
         for ep in list(self.endpoints):
@@ -190,6 +259,9 @@ class _Runtime:
                 self.give_back((m.address, m.port), qid, [], list(entries))
         for m in stale:
             m.release_slot()
+        for lf in self.leases.values():
+            if lf is not None:
+                lf.unlink()
         try:
             self.node.stop()
         finally:
@@ -205,10 +277,14 @@ _hosts: Dict[Tuple[_TLS, int], _Host] = {}
 _runtimes: Dict[_TLS, _Runtime] = {}
 #: chirp objects inherited through fork: kept alive, never touched.
 _graveyard: List[Any] = []
+#: This process's id, kept up to date by the fork hook below (``os.getpid()`` is
+#: a system call, and handles compare it on every use).
+PID = os.getpid()
 
 
 def _after_fork_in_child() -> None:
-    global _registry_lock
+    global _registry_lock, PID
+    PID = os.getpid()
     _graveyard.extend(_hosts.values())
     _graveyard.extend(_runtimes.values())
     _hosts.clear()

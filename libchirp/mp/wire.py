@@ -12,12 +12,15 @@ host never unpickles items.
   batches unacknowledged and collects new items meanwhile, so batches grow
   while the host is busy. A box with ``maxsize`` that is full keeps the message
   unreleased until there is room, which stalls the producer (slots).
-* ``W`` want (pull mode): "give me up to n items, wait at most w ms". The host
+* ``W`` want (pull mode): "give me up to n items, wait at most w ms", its data
+  naming a lease slot (:mod:`.lease`; empty without one). The host
   releases it at once and answers later with exactly one message to the
   client's node: ``D`` with items, or ``E`` (empty, or end of file for a
-  pipe). The host sends ``D`` synchronously; the client releases it only when
-  its thread has taken the items, so if the client dies first the send fails
-  and the host puts the items back at the front of the box.
+  pipe), flagged :data:`_F_LEASE` if the host holds the lease. The host sends
+  ``D`` synchronously; the client releases it only when it has handed out
+  its last item (or given the rest back), so if the client dies first the
+  send fails and the host puts back the items the lease counter says were
+  not handed out (all of them without a lease) at the front of the box.
 * ``S``/``U`` subscribe/unsubscribe (push mode): the host sends ``D`` batches
   ahead of demand, round-robin over subscribers, at most :data:`PUSH_WINDOW`
   unacknowledged batches per subscriber. The client releases a pushed batch
@@ -59,6 +62,10 @@ PUT_LIMIT = 65536
 PUSH_WINDOW = 4
 PUSH_BATCH = 256
 PUSH_BATCH_BYTES = 1 << 20
+#: Items a pull consumer asks for per request at most (its credit, see
+#: :mod:`.lease`), and how much of its own consumption time it holds ahead.
+PULL_BATCH = 256
+PULL_AHEAD = 0.01
 #: Slots per connection of this module's nodes.
 SLOTS = 16
 #: Longest wait of one pull request; longer waits are repeated (liveness).
@@ -72,9 +79,11 @@ SLACK = 30.0
 _HDR = struct.Struct("!cQQIIB")
 #: The kinds (see the module docstring).
 _P, _R, _W, _S, _U, _C, _Z, _D, _E = (b"P", b"R", b"W", b"S", b"U", b"C", b"Z", b"D", b"E")
-#: Flags: end of file (a pipe's writer closed, or no such box); a pushed D batch.
+#: Flags: end of file (a pipe's writer closed, or no such box); a pushed D batch;
+#: the host holds the lease named in the W request this answers (:mod:`.lease`).
 _F_EOF = 1
 _F_PUSH = 2
+_F_LEASE = 4
 
 _Key = Tuple[str, int]
 #: A handle's TLS setting: (CERT_CHAIN_PEM, DH_PARAMS_PEM, DISABLE_ENCRYPTION, BIND_V4, BIND_V6).
