@@ -130,3 +130,24 @@ def take_one_and_wait(q: mp.Queue, out: Any) -> None:
     out.put(q.get(timeout=30))
     out.join_thread()
     time.sleep(60)
+
+
+def take_and_hold(q: mp.Queue, out: Any, n: int, close: bool, lease_dir: str = "") -> None:
+    """Get n items one by one; report them, the items leased ahead (held in the
+    inbox, not handed out) and the lease files; close the queue first if
+    ``close``; then wait to be killed. ``lease_dir`` moves this process's lease
+    files where the host does not look."""
+    from libchirp.mp import lease
+
+    if lease_dir:
+        lease.LEASE_DIR = lease_dir
+    got = [q.get(timeout=30) for _ in range(n)]
+    ep = q._ep(q._qid)
+    rt = ep.rt  # type: ignore[union-attr]
+    held = sum(len(e.items) - e.pos for e in rt.inbox.get(q._qid, ()))
+    paths = [lf.path for lf in rt.leases.values() if lf is not None]
+    if close:
+        q.close()
+    out.put((got, held, paths))
+    out.join_thread()
+    time.sleep(60)

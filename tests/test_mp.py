@@ -9,6 +9,9 @@
 * pull mode balances by demand (a consumer 10x slower takes about a tenth of
   a fast one's share); push mode hands items out ahead of demand (the slow
   consumer takes far more than in pull mode);
+* a fast pull consumer that holds items leased ahead of its get()s gives
+  back exactly those it had not handed out, SIGKILLed or closing; one whose
+  lease the host cannot read gets no items ahead;
 * a consumer SIGKILLed in the middle of a run loses nothing: every item put
   (and confirmed with join_thread) is recorded by exactly one consumer in pull
   mode; in push mode nothing is lost (the killed consumer's batch in hand may
@@ -252,6 +255,75 @@ def test_pull_balances_push_does_not():
     ratio_push = slow_push / fast_push
     # push: each consumer gets an even share of what is queued, whatever its speed
     assert ratio_push > 0.6, (slow_push, fast_push, ratio_pull)
+
+
+@fork_unsafe_under_sanitizer
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["kill", "close", "no-lease"])
+def test_pull_credit_items_held_come_back_exactly_once(tmp_path, how):
+    """A fast pull consumer holds items it was given ahead of its get()s (its
+    credit, leased). SIGKILLed, or closing its handle, it gives back exactly
+    the items it had not handed out: every item is got once. Its lease file is
+    gone from /dev/shm. A consumer whose lease file the host cannot open
+    (no_lease: another directory) gets one item per get(), none ahead."""
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue()
+    out = mp.Queue()
+    n, first = 2000, 100
+    q.put_many(range(n))
+    lease_dir = str(tmp_path) if how == "no-lease" else ""
+    p = ctx.Process(
+        target=mp_workers.take_and_hold, args=(q, out, first, how == "close", lease_dir)
+    )
+    p.start()
+    try:
+        got, held, paths = out.get(timeout=30)
+        assert got == list(range(first))
+        if how == "no-lease":
+            assert held == 0
+        else:
+            assert held > 0, "no items were leased ahead of demand"
+            assert paths and not any(os.path.exists(path) for path in paths)
+        if how != "close":
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        rest = []
+        while len(rest) < n - first:
+            rest.extend(q.get_many(n, timeout=10))
+        if how == "close":
+            assert rest == list(range(first, n))  # given back to the front, in order
+        else:
+            assert sorted(rest) == list(range(first, n)), "lost or duplicated items"
+        with pytest.raises(mp.Empty):
+            q.get(timeout=0.5)
+    finally:
+        if p.is_alive():
+            p.kill()
+
+
+def test_lease_counter_of_a_reused_slot_means_completed():
+    """The host reads a failed batch's counter: the items handed out, or all
+    of them when the slot already belongs to a later batch (generation)."""
+    from libchirp.mp import lease
+
+    lf = lease.LeaseFile.create()
+    if lf is None:
+        pytest.skip("no %s" % lease.LEASE_DIR)
+    try:
+        leases = lease.HostLeases()
+        slot = lf.take(7)
+        held = leases.lease(lf.data(slot), 7)
+        assert held is not None
+        assert leases.handed_out(held, 5) == 0
+        lf.count(slot, 7, 3)
+        assert leases.handed_out(held, 5) == 3
+        lf.give(slot)
+        assert lf.take(8) == slot  # reused by the batch answering request 8
+        assert leases.handed_out(held, 5) == 5
+        assert leases.lease(b"\0\0\0\0../../etc/passwd", 9) is None
+        assert leases.lease(lease._SLOT.pack(lease.LEASE_SLOTS) + lf.name.encode(), 9) is None
+    finally:
+        lf.unlink()
 
 
 def read_records(path):
