@@ -35,6 +35,7 @@ from .wire import (
     _U,
     _W,
     _Z,
+    AHEAD_WAIT,
     CHUNK,
     PULL_AHEAD,
     PULL_BATCH,
@@ -77,7 +78,7 @@ class _Local:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self.host.cond.wait(left)
+                self.host._wait(left)
             return True
 
     def size(self) -> Tuple[int, bool]:
@@ -110,6 +111,11 @@ class _Remote:
         self.credit = 1
         self.batch_n = 0
         self.batch_at = 0.0
+        #: a pipe's reader asks for the next item as soon as it has taken one
+        #: (``ahead``: that request, its send and its deadline), see _pull
+        self.read_ahead = False
+        self.want_ahead = False
+        self.ahead: Optional[Tuple[int, Future[MessageBase], float]] = None
         # producer state
         self.pcond = threading.Condition(threading.Lock())
         self.outbox: List[bytes] = []
@@ -243,12 +249,15 @@ class _Remote:
             items, pos = entry.items, entry.pos
             k = min(n - len(out), len(items) - pos)
             entry.pos = pos = pos + k
-            if pos >= len(items):
-                box.popleft()
-                entry.done()
-            elif entry.lease is not None:
+            if entry.lease is not None:
                 lf, slot, reqid = entry.lease
                 lf.count(slot, reqid, pos)
+                if pos >= len(items):
+                    box.popleft()
+                    self.rt.ack(entry)
+            elif pos >= len(items):
+                box.popleft()
+                entry.done()
             out.extend(items[pos - k : pos])
         return out
 
@@ -289,22 +298,29 @@ class _Remote:
         in the inbox (poll).
         """
         rt = self.rt
+        self.want_ahead = False
         while True:
             if self.closed:
                 raise ValueError("closed while waiting in get()")
             left = None if end is None else end - time.monotonic()
             wait = 0.0 if not block else min(CHUNK, left) if left is not None else CHUNK
             wait = max(0.0, wait)
-            reqid = next(_reqids)
-            with rt.cond:
-                out = self._from_inbox(n) if take else []
-                if out or (not take and rt.inbox.get(self.qid)):
-                    return out  # another thread's request brought them
-                data = rt.lease_for(self.key, reqid)
-                want = max(n, self._credit()) if self.key in rt.lease_ok else n
-            answer = rt.request(
-                self.key, _header(_W, self.qid, reqid, want, wait), reqid, wait + SLACK, data
-            )
+            if self.ahead is not None:
+                reqid, fut, deadline = self.ahead
+                got = rt.answer(self.key, reqid, fut, deadline, end)
+                if got is None:
+                    raise Empty  # the request stays out; the next call waits for it
+                answer = got
+                self.ahead = None
+            else:
+                with rt.cond:
+                    out = self._from_inbox(n) if take else []
+                    if out or (not take and rt.inbox.get(self.qid)):
+                        return out  # another thread's request brought them
+                reqid, fut = self._ask(n, wait)
+                got = rt.answer(self.key, reqid, fut, time.monotonic() + wait + SLACK)
+                assert got is not None
+                answer = got
             kind, _, _, _, _, flags = _HDR.unpack(answer.header)
             if kind == _D:
                 entry = _Inbound(answer)
@@ -313,6 +329,7 @@ class _Remote:
                     rt.inbox.setdefault(self.qid, deque()).append(entry)
                     self.batch_n, self.batch_at = len(entry.items), time.monotonic()
                     out = self._from_inbox(n) if take else []
+                    self.want_ahead = self.read_ahead and take and not rt.inbox.get(self.qid)
                 if out or not take:
                     return out
                 continue
@@ -328,12 +345,31 @@ class _Remote:
                     raise EOFError
                 raise Empty
 
+    def ask_ahead(self) -> None:
+        """A pipe's reader that took an item and answers with a send: ask for the
+        next item now, after that send (so the host gets both together), so that
+        the host can hand it out as soon as the other end sends it."""
+        if self.want_ahead and self.ahead is None and not self.closed:
+            self.want_ahead = False
+            reqid, fut = self._ask(1, AHEAD_WAIT)
+            self.ahead = (reqid, fut, time.monotonic() + AHEAD_WAIT + SLACK)
+
+    def _ask(self, n: int, wait: float) -> Tuple[int, Future[MessageBase]]:
+        """Send a pull request for ``n`` items (or the credit), leased if possible."""
+        rt = self.rt
+        reqid = next(_reqids)
+        with rt.cond:
+            data = rt.lease_for(self.key, reqid)
+            want = max(n, self._credit()) if self.key in rt.lease_ok else n
+        return reqid, rt.ask(self.key, _header(_W, self.qid, reqid, want, wait), reqid, data)
+
     def _get_pushed(self, n: int, block: bool, end: Optional[float]) -> List[bytes]:
         rt = self.rt
         if not self.subscribed:
             self.subscribed = next(_reqids)
             rt.node.send(_to_msg(self.key, _header(_S, self.qid, self.subscribed)))
         probe_at = time.monotonic() + CHUNK
+        looked = False  # at the node's queue: pushed batches wait there until read
         while True:
             with rt.cond:
                 while True:
@@ -344,11 +380,16 @@ class _Remote:
                     if self.closed:
                         raise ValueError("closed while waiting in get()")
                     if not block or (end is not None and now >= end):
-                        raise Empty
+                        if looked:
+                            raise Empty
+                        looked = True
+                        rt.wait(0.0)
+                        continue
                     if now >= probe_at:
                         break
                     left = probe_at - now if end is None else min(probe_at, end) - now
-                    rt.cond.wait(left)
+                    rt.wait(left)
+                    looked = True
             # Nothing for a while: make sure the host is still there (and learn EOF),
             # and that it has our subscription (S is idempotent; a delivery that
             # failed, or an S that got lost, would otherwise leave us waiting).
@@ -397,6 +438,23 @@ class _Remote:
             if not self.no_flush:
                 self.flush(flush_limit)
         finally:
+            if self.ahead is not None:
+                # the host answers a pipe's request ahead soon (AHEAD_WAIT); its
+                # items, if any, go back below
+                reqid, fut, deadline = self.ahead
+                self.ahead = None
+                try:
+                    answer = rt.answer(self.key, reqid, fut, deadline)
+                    assert answer is not None
+                    kind, _, _, _, _, flags = _HDR.unpack(answer.header)
+                    with rt.cond:
+                        lease = rt.lease_answer(reqid, kind, flags)
+                        if kind == _D:
+                            rt.inbox.setdefault(self.qid, deque()).append(_Inbound(answer, lease))
+                    if kind != _D:
+                        answer.release_slot()
+                except ConnectionError:
+                    pass
             if self.subscribed:
                 # The host answers after it sent its last batch to us (in order
                 # on the connection), so once the answer is here every pushed
@@ -408,6 +466,7 @@ class _Remote:
                 except ConnectionError:
                     pass
             with rt.cond:
+                rt.flush_acks()
                 back = list(self.buffer)
                 self.buffer.clear()
                 entries = list(rt.inbox.pop(self.qid, ()))

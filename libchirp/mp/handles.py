@@ -346,13 +346,23 @@ class Connection(_Handle):
         ep = self._ep(self._sq)
         if isinstance(ep, _Remote):
             ep.put(data, True, None, PUT_LIMIT)
+            if self._rq:
+                reader = self._eps.get(self._rq)
+                if isinstance(reader, _Remote) and reader.want_ahead:
+                    reader.ask_ahead()
         else:
             ep.put(data, True, None)
+
+    def _reader(self) -> _Endpoint:
+        ep = self._ep(self._rq)
+        if isinstance(ep, _Remote):
+            ep.read_ahead = True
+        return ep
 
     def recv_bytes(self, maxlength: Optional[int] = None) -> bytes:
         """Receive the bytes of one send; ``EOFError`` once the other end closed."""
         self._check(True)
-        data = self._ep(self._rq).get(1, True, None)[0]
+        data = self._reader().get(1, True, None)[0]
         if maxlength is not None and len(data) > maxlength:
             raise OSError("bad message length")
         return data
@@ -364,7 +374,7 @@ class Connection(_Handle):
     def poll(self, timeout: Optional[float] = 0.0) -> bool:
         """Whether there is something to receive (or end of file), waiting up to ``timeout``."""
         self._check(True)
-        return self._ep(self._rq).poll(timeout)
+        return self._reader().poll(timeout)
 
     def close(self) -> None:
         """Close this end: the other end's recv raises ``EOFError`` after the rest."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import queue as _queue
 import struct
 import threading
 import time
@@ -32,7 +31,7 @@ from queue import Empty, Full
 from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
 
 from ..loop import Loop
-from ..message import MessageBase
+from ..message import Message, MessageBase
 from ..queue import Chirp
 from .lease import HostLeases, Lease
 from .wire import (
@@ -53,11 +52,14 @@ from .wire import (
     PUSH_BATCH,
     PUSH_BATCH_BYTES,
     PUSH_WINDOW,
+    READ_LAZY,
+    READ_SLICE,
     _header,
     _Key,
     _late_messages,
     _node_config,
     _pack,
+    _Reader,
     _to_msg,
     _unpack,
 )
@@ -135,7 +137,11 @@ class _Host:
             self.loop.stop()
             raise
         self.port = self.node.port
-        self.cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self.cond = threading.Condition(lock)
+        #: what the host thread waits on while this process's threads read (on the
+        #: same lock; nobody but stop() notifies it, so their reads do not wake it)
+        self.idle = threading.Condition(lock)
         self.boxes: Dict[int, _Box] = {}
         self.stopping = False
         #: sends and releases collected under the lock, issued in this order by _flush.
@@ -143,6 +149,11 @@ class _Host:
         self.outrel: List[MessageBase] = []
         self.flushing = False
         self.leases = HostLeases()
+        self.reader = _Reader(self.node, self.cond)
+        #: when the next pull request's wait is over (the readers' timeout).
+        self.next_expiry = 0.0
+        #: until when the host thread leaves the reading to this process's threads.
+        self.lazy_until = 0.0
         self.thread = threading.Thread(target=self._run, name="libchirp.mp host", daemon=True)
         self.thread.start()
 
@@ -161,37 +172,83 @@ class _Host:
     # -- the host thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        node = self.node
-        idle = 0.2
+        reader = self.reader
         while not self.stopping:
-            try:
-                msgs = node.get_many(1024, timeout=idle)
-            except _queue.Empty:
-                msgs = []
-            except Exception:
-                if self.stopping:
-                    return
-                raise
-            sends: List[_Send] = []
-            release: List[MessageBase] = []
             with self.cond:
-                touched = set()
-                for m in msgs:
-                    try:
-                        box = self._handle(m, sends, release)
-                    except Exception:
-                        _log.exception("libchirp.mp: bad message from %s:%d", m.address, m.port)
-                        release.append(m)
-                        continue
-                    if box is not None:
-                        touched.add(box)
-                for box in touched:
-                    self._serve(box, sends, release)
-                idle = self._expire(sends)
-                self._enqueue(sends, release)
-                if msgs:
-                    self.cond.notify_all()
+                # A thread of this process that waits reads the node itself (see
+                # _wait); leave it the reading while it does, and for READ_LAZY
+                # after, since it may be back at once (a ping-pong).
+                lazy = self.lazy_until - time.monotonic()
+                if reader.reading or lazy > 0:
+                    self.idle.wait(max(lazy, READ_LAZY))
+                    continue
+                try:
+                    msgs = reader.take(max(0.0, self.next_expiry - time.monotonic()))
+                except Exception:
+                    if self.stopping:
+                        return
+                    raise
+                self._process(msgs)
             self._flush()
+
+    def _process(self, msgs: List[Message]) -> None:
+        """Handle what a reader took from the node, serve, expire (lock held); the
+        sends are queued for :meth:`_flush`."""
+        sends: List[_Send] = []
+        release: List[MessageBase] = []
+        touched = set()
+        for m in msgs:
+            try:
+                box = self._handle(m, sends, release)
+            except Exception:
+                _log.exception("libchirp.mp: bad message from %s:%d", m.address, m.port)
+                release.append(m)
+                continue
+            if box is not None:
+                touched.add(box)
+        for box in touched:
+            self._serve(box, sends, release)
+        self.next_expiry = time.monotonic() + self._expire(sends)
+        self._enqueue(sends, release)
+        if msgs:
+            self.cond.notify_all()
+
+    def _wait(self, limit: Optional[float]) -> None:
+        """A thread of the hosting process waits up to ``limit`` (lock held) for a
+        change of the boxes: it reads and serves the node itself if no other
+        thread does (so an item a client puts reaches it without a hop through
+        the host thread), else it waits until the reader woke it."""
+        reader = self.reader
+        step = READ_SLICE if limit is None else max(0.0, min(READ_SLICE, limit))
+        if reader.reading or self.stopping:
+            if step > 0:
+                self.cond.wait(step)
+            return
+        if self.outq or self.outrel:
+            # what the last round left (releases, see below) goes out before this one blocks
+            self._flush_unlocked()
+            return
+        try:
+            msgs = reader.take(max(0.0, min(step, self.next_expiry - time.monotonic())))
+        except Exception:
+            if self.stopping:
+                return
+            raise
+        finally:
+            self.lazy_until = time.monotonic() + READ_LAZY
+        self._process(msgs)
+        if self.outq:
+            self._flush_unlocked()
+        # else only releases: they go with the next flush (this thread's next put
+        # or wait, the host thread's next round), not before this thread's item
+
+    def _flush_unlocked(self) -> None:
+        """:meth:`_flush` from a thread that holds the lock."""
+        self.cond.release()
+        try:
+            self._flush()
+        finally:
+            self.cond.acquire()
 
     def _handle(
         self, m: MessageBase, sends: List[_Send], release: List[MessageBase]
@@ -331,19 +388,19 @@ class _Host:
                 sends, self.outq = self.outq, []
                 release, self.outrel = self.outrel, []
             try:
+                # sends first: a release is an acknowledgement nobody waits for
+                if sends:
+                    try:
+                        futs = self.node.send_many([s[0] for s in sends])
+                    except Exception:
+                        if self.stopping:
+                            return
+                        raise
+                    for (_, track), fut in zip(sends, futs):
+                        if track is not None:
+                            fut.add_done_callback(functools.partial(self._delivered, track=track))
                 for m in release:
                     m.release_slot()
-                if not sends:
-                    continue
-                try:
-                    futs = self.node.send_many([s[0] for s in sends])
-                except Exception:
-                    if self.stopping:
-                        return
-                    raise
-                for (_, track), fut in zip(sends, futs):
-                    if track is not None:
-                        fut.add_done_callback(functools.partial(self._delivered, track=track))
             finally:
                 with self.cond:
                     self.flushing = False
@@ -402,7 +459,7 @@ class _Host:
                     left = None if end is None else end - time.monotonic()
                     if left is not None and left <= 0:
                         raise Full
-                    self.cond.wait(left)
+                    self._wait(left)
             box.items.extend(items)
             self._serve(box, sends, release)
             self._enqueue(sends, release)
@@ -432,12 +489,13 @@ class _Host:
                     left = None if end is None else end - time.monotonic()
                     if left is not None and left <= 0:
                         raise Empty
-                    self.cond.wait(left)
+                    self._wait(left)
             k = min(n, len(box.items))
             out = [box.items.popleft() for _ in range(k)]
-            if box.held:
-                self._serve(box, sends, release)
-                self._enqueue(sends, release)
+            if not box.held and not self.outq:
+                return out  # queued releases go with the next flush
+            self._serve(box, sends, release)
+            self._enqueue(sends, release)
         self._flush()
         return out
 
@@ -460,6 +518,7 @@ class _Host:
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
+            self.idle.notify_all()
             held = [m for box in self.boxes.values() for m, _ in box.held]
             for box in self.boxes.values():
                 box.held.clear()

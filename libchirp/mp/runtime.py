@@ -2,8 +2,12 @@
 
 Part of :mod:`libchirp.mp` (its docstring has the overview). Handles of boxes
 hosted elsewhere talk to their host through this process's :class:`_Runtime`
-for their TLS setting: a Loop, a chirp node on a free port and a reader
-thread that sorts what arrives (answers to requests, pushed batches). The
+for their TLS setting: a Loop and a chirp node on a free port. There is no
+reader thread: a thread that waits for an answer or a pushed batch reads the
+node itself and sorts what arrives (:meth:`_Runtime.wait`), so a message
+reaches the thread waiting for it without a hop. Messages nobody waits for
+(pushed batches while no thread is in ``get()``) stay in the node's queue
+until somebody waits, holding their slots as they would in the inbox. The
 registry makes one :class:`_Runtime` per TLS setting and one
 :class:`~libchirp.mp.host._Host` per TLS setting and port (:func:`_runtime`,
 :func:`_host`).
@@ -23,16 +27,16 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import queue as _queue
 import struct
 import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
 
 from ..loop import Loop
-from ..message import Message, MessageBase
+from ..message import MessageBase
 from ..queue import Chirp
 from .host import _Host
 from .lease import LeaseFile
@@ -43,12 +47,14 @@ from .wire import (
     _HDR,
     _R,
     _TLS,
+    READ_SLICE,
     SLACK,
     _header,
     _Key,
     _late_messages,
     _node_config,
     _pack,
+    _Reader,
     _to_msg,
     _unpack,
 )
@@ -104,39 +110,41 @@ class _Runtime:
         self.leases: Dict[_Key, Optional[LeaseFile]] = {}
         self.lease_ok: Set[_Key] = set()
         self.leased: Dict[int, Tuple[_Key, LeaseFile, int]] = {}
+        #: leased batches handed out completely, acknowledged at the next wait.
+        self.acks: List[_Inbound] = []
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="libchirp.mp client", daemon=True)
-        self.thread.start()
+        self.reader = _Reader(self.node, self.cond)
 
-    def _run(self) -> None:
-        while not self.stopping:
+    def wait(self, limit: Optional[float]) -> None:
+        """Wait up to ``limit`` (lock held) for messages: read and sort them if no
+        other thread does (:class:`~.wire._Reader`), else wait until it did."""
+        if self.acks:
+            self.flush_acks()
+        step = READ_SLICE if limit is None else max(0.0, min(READ_SLICE, limit))
+        if self.reader.reading:
+            if step > 0:
+                self.cond.wait(step)
+            return
+        try:
+            msgs = self.reader.take(step)
+        except Exception:
+            if self.stopping:
+                return
+            raise
+        for m in msgs:
             try:
-                msgs = self.node.get_many(1024, timeout=0.2)
-            except _queue.Empty:
+                kind, qid, reqid, n, _, flags = _HDR.unpack(m.header)
+            except struct.error:
+                m.release_slot()
                 continue
-            except Exception:
-                if self.stopping:
-                    return
-                raise
-            drop: List[Message] = []
-            with self.cond:
-                for m in msgs:
-                    try:
-                        kind, qid, reqid, n, _, flags = _HDR.unpack(m.header)
-                    except struct.error:
-                        drop.append(m)
-                        continue
-                    if reqid in self.pending and not flags & _F_PUSH:
-                        self.pending[reqid] = m
-                        continue
-                    # pushed, or the late answer to a request nobody waits for
-                    lease = None if flags & _F_PUSH else self.lease_answer(reqid, kind, flags)
-                    if kind == _D:
-                        self.inbox.setdefault(qid, deque()).append(_Inbound(m, lease))
-                    else:
-                        drop.append(m)
-                self.cond.notify_all()
-            for m in drop:
+            if reqid in self.pending and not flags & _F_PUSH:
+                self.pending[reqid] = m
+                continue
+            # pushed, or the late answer to a request nobody waits for
+            lease = None if flags & _F_PUSH else self.lease_answer(reqid, kind, flags)
+            if kind == _D:
+                self.inbox.setdefault(qid, deque()).append(_Inbound(m, lease))
+            else:
                 m.release_slot()
 
     def lease_for(self, key: _Key, reqid: int) -> bytes:
@@ -182,11 +190,24 @@ class _Runtime:
         self, key: _Key, header: bytes, reqid: int, limit: float, data: bytes = b""
     ) -> MessageBase:
         """Send a request and wait for its answer (``ConnectionError`` if none comes)."""
+        fut = self.ask(key, header, reqid, data)
+        answer = self.answer(key, reqid, fut, time.monotonic() + limit)
+        assert answer is not None
+        return answer
+
+    def ask(self, key: _Key, header: bytes, reqid: int, data: bytes = b"") -> "Future[Any]":
+        """Send a request whose answer :meth:`answer` waits for."""
         with self.cond:
             self.pending[reqid] = None
         fut = self.node.send(_to_msg(key, header, data))
         fut.add_done_callback(lambda f: self._wake())
-        end = time.monotonic() + limit
+        return fut
+
+    def answer(
+        self, key: _Key, reqid: int, fut: "Future[Any]", end: float, until: Optional[float] = None
+    ) -> Optional[MessageBase]:
+        """The answer to request ``reqid``; ``ConnectionError`` if none came by ``end``;
+        None if ``until`` came first (the request stays pending: ask again later)."""
         with self.cond:
             try:
                 while self.pending[reqid] is None:
@@ -195,17 +216,30 @@ class _Runtime:
                             "cannot reach the host of this queue at %s:%d: %s"
                             % (key[0], key[1], fut.exception())
                         )
-                    left = end - time.monotonic()
-                    if left <= 0 or self.stopping:
+                    now = time.monotonic()
+                    if until is not None and now >= until:
+                        return None
+                    if now >= end or self.stopping:
                         raise ConnectionError(
                             "the host of this queue at %s:%d did not answer" % key
                         )
-                    self.cond.wait(left)
-                answer = self.pending[reqid]
-                assert answer is not None
-                return answer
-            finally:
+                    self.wait(min(end, until) - now if until is not None else end - now)
+            except BaseException:
                 self.pending.pop(reqid, None)
+                raise
+            return self.pending.pop(reqid)
+
+    def ack(self, entry: _Inbound) -> None:
+        """A leased batch was handed out completely (lock held): acknowledge it at
+        the next wait, not now (the lease counter already tells the host)."""
+        self.acks.append(entry)
+        if len(self.acks) >= 16:
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        acks, self.acks = self.acks, []
+        for entry in acks:
+            entry.done()
 
     def _wake(self) -> None:
         with self.cond:
@@ -241,8 +275,8 @@ class _Runtime:
                 pass
         with self.cond:
             self.stopping = True
+            self.flush_acks()
             self.cond.notify_all()
-        self.thread.join(5)
         for m in _late_messages(self.node):
             kind, qid = _HDR.unpack(m.header)[:2] if len(m.header) == _HDR.size else (b"", 0)
             if kind == _D:

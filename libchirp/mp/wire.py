@@ -44,6 +44,7 @@ import hashlib
 import pickle
 import queue as _queue
 import struct
+import threading
 from typing import Iterator, List, Optional, Tuple
 
 from .. import mp  # the settings (mp.CONFIG, mp.TIMEOUT) are read from the package at use
@@ -70,6 +71,14 @@ PULL_AHEAD = 0.01
 SLOTS = 16
 #: Longest wait of one pull request; longer waits are repeated (liveness).
 CHUNK = 1.0
+#: The wait of a pipe reader's request for its next item, sent as soon as it
+#: took one (an answer that comes quickly needs no request after the recv()).
+AHEAD_WAIT = 0.05
+#: Longest read of a node by a waiting thread before it re-checks what it waits for.
+READ_SLICE = 0.2
+#: How long a host's own thread leaves the reading to the hosting process's
+#: threads after one of them stopped reading (it may be back at once).
+READ_LAZY = 0.002
 #: How long past its wait a client waits for the host's answer before it
 #: declares the host unreachable.
 SLACK = 30.0
@@ -132,6 +141,39 @@ def _unpack(data: bytes) -> List[bytes]:
     if type(items) is not list:
         raise ValueError("malformed batch")
     return items
+
+
+class _Reader:
+    """Whoever waits reads: the role of reading a node, for threads waiting for what it brings.
+
+    A thread that waits for a message (an answer, an item) takes the
+    messages from the node itself, if no other thread does, instead of
+    sleeping until another thread took them and woke it: the thread that
+    waits in ``get_many()`` runs the node's loop itself (docs/architecture.md),
+    so a message goes from the socket to a waiting thread without a hop. The
+    others wait on ``cond`` and are woken after each read. Methods are called
+    with ``cond`` held.
+    """
+
+    def __init__(self, node: Chirp, cond: threading.Condition) -> None:
+        self.node = node
+        self.cond = cond
+        self.reading = False
+
+    def take(self, timeout: float) -> List[Message]:
+        """What arrives within ``timeout`` (0: what is there), the lock released meanwhile."""
+        self.reading = True
+        self.cond.release()
+        try:
+            if timeout > 0:
+                return self.node.get_many(1024, timeout=timeout)
+            return self.node.get_many(1024, block=False)
+        except _queue.Empty:
+            return []
+        finally:
+            self.cond.acquire()
+            self.reading = False
+            self.cond.notify_all()
 
 
 def _late_messages(node: Chirp) -> Iterator[MessageBase]:
