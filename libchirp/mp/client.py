@@ -347,8 +347,8 @@ class _Remote:
 
     def ask_ahead(self) -> None:
         """A pipe's reader that took an item and answers with a send: ask for the
-        next item now, after that send (so the host gets both together), so that
-        the host can hand it out as soon as the other end sends it."""
+        next item now, before that send, so that the host can hand it out as
+        soon as the other end sends it (instead of after this end's next recv())."""
         if self.want_ahead and self.ahead is None and not self.closed:
             self.want_ahead = False
             reqid, fut = self._ask(1, AHEAD_WAIT)

@@ -345,11 +345,13 @@ class Connection(_Handle):
     def _put(self, data: bytes) -> None:
         ep = self._ep(self._sq)
         if isinstance(ep, _Remote):
-            ep.put(data, True, None, PUT_LIMIT)
             if self._rq:
+                # the request for the next item goes first: the host has it when
+                # the other end answers this send
                 reader = self._eps.get(self._rq)
                 if isinstance(reader, _Remote) and reader.want_ahead:
                     reader.ask_ahead()
+            ep.put(data, True, None, PUT_LIMIT)
         else:
             ep.put(data, True, None)
 
