@@ -44,6 +44,7 @@ from .wire import (
     PUT_WINDOW,
     SLACK,
     _header,
+    _Item,
     _Key,
     _pack,
     _to_msg,
@@ -64,10 +65,10 @@ class _Local:
     def put(self, item: bytes, block: bool, timeout: Optional[float]) -> None:
         self.host.put_local(self.qid, [item], block, timeout)
 
-    def put_many(self, items: List[bytes]) -> None:
+    def put_many(self, items: List[_Item]) -> None:
         self.host.put_local(self.qid, items, True, None)
 
-    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
+    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[_Item]:
         return self.host.get_local(self.qid, n, block, timeout, self)
 
     def poll(self, timeout: Optional[float]) -> bool:
@@ -105,7 +106,7 @@ class _Remote:
         self.qid = qid
         self.push = push
         self.subscribed = 0
-        self.buffer: Deque[bytes] = deque()
+        self.buffer: Deque[_Item] = deque()
         # pull credit: items asked for per get() (grows while this consumer is
         # fast, see _credit), and the size and arrival time of the last batch
         self.credit = 1
@@ -118,7 +119,7 @@ class _Remote:
         self.ahead: Optional[Tuple[int, Future[MessageBase], float]] = None
         # producer state
         self.pcond = threading.Condition(threading.Lock())
-        self.outbox: List[bytes] = []
+        self.outbox: List[_Item] = []
         self.outbytes = 0
         self.inflight = 0
         self.sending = False
@@ -175,7 +176,7 @@ class _Remote:
                 with self.pcond:
                     self.sending = False
 
-    def _take_batch(self) -> Optional[List[bytes]]:
+    def _take_batch(self) -> Optional[List[_Item]]:
         """A batch to send now, if the window has room (pcond held)."""
         if self.inflight >= PUT_WINDOW or not self.outbox:
             return None
@@ -192,7 +193,7 @@ class _Remote:
         self.inflight += 1
         return batch
 
-    def _send_batch(self, batch: List[bytes]) -> None:
+    def _send_batch(self, batch: List[_Item]) -> None:
         msg = _to_msg(self.key, _header(_P, self.qid, 0, len(batch)), _pack(batch))
         try:
             fut = self.rt.node.send(msg)
@@ -237,9 +238,9 @@ class _Remote:
 
     # -- consuming -------------------------------------------------------------------------
 
-    def _from_inbox(self, n: int) -> List[bytes]:
+    def _from_inbox(self, n: int) -> List[_Item]:
         """Items already here (rt.cond held): the local buffer, then pushed/late batches."""
-        out: List[bytes] = []
+        out: List[_Item] = []
         buf = self.buffer
         while buf and len(out) < n:
             out.append(buf.popleft())
@@ -277,7 +278,7 @@ class _Remote:
             self.batch_n = 0
         return self.credit
 
-    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
+    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[_Item]:
         rt = self.rt
         with rt.cond:
             out = self._from_inbox(n)
@@ -288,7 +289,7 @@ class _Remote:
             return self._get_pushed(n, block, end)
         return self._pull(n, block, end)
 
-    def _pull(self, n: int, block: bool, end: Optional[float], take: bool = True) -> List[bytes]:
+    def _pull(self, n: int, block: bool, end: Optional[float], take: bool = True) -> List[_Item]:
         """Ask the host for items until some come (pull mode); hand out up to ``n``.
 
         ``get()`` (n == 1) asks for its credit, leased (:mod:`.lease`): the
@@ -363,7 +364,7 @@ class _Remote:
             want = max(n, self._credit()) if self.key in rt.lease_ok else n
         return reqid, rt.ask(self.key, _header(_W, self.qid, reqid, want, wait), reqid, data)
 
-    def _get_pushed(self, n: int, block: bool, end: Optional[float]) -> List[bytes]:
+    def _get_pushed(self, n: int, block: bool, end: Optional[float]) -> List[_Item]:
         rt = self.rt
         if not self.subscribed:
             self.subscribed = next(_reqids)

@@ -367,11 +367,12 @@ class Connection(_Handle):
         data = self._reader().get(1, True, None)[0]
         if maxlength is not None and len(data) > maxlength:
             raise OSError("bad message length")
-        return data
+        return data if type(data) is bytes else bytes(data)
 
     def recv(self) -> Any:
         """Receive one object; ``EOFError`` once the other end closed and all was read."""
-        return pickle.loads(self.recv_bytes())
+        self._check(True)
+        return pickle.loads(self._reader().get(1, True, None)[0])
 
     def poll(self, timeout: Optional[float] = 0.0) -> bool:
         """Whether there is something to receive (or end of file), waiting up to ``timeout``."""

@@ -55,6 +55,7 @@ from .wire import (
     READ_LAZY,
     READ_SLICE,
     _header,
+    _Item,
     _Key,
     _late_messages,
     _node_config,
@@ -90,9 +91,9 @@ class _Box:
     def __init__(self, qid: int, maxsize: int) -> None:
         self.qid = qid
         self.maxsize = maxsize
-        self.items: Deque[bytes] = deque()
+        self.items: Deque[_Item] = deque()
         #: put messages not yet accepted because the box is full.
-        self.held: Deque[Tuple[MessageBase, List[bytes]]] = deque()
+        self.held: Deque[Tuple[MessageBase, List[_Item]]] = deque()
         #: pull requests: (client, reqid, n, expiry, lease).
         self.waiters: Deque[_Waiter] = deque()
         #: push subscribers: client -> [batches in flight, subscription id].
@@ -105,9 +106,9 @@ class _Box:
         self.flying: Dict[_Key, int] = {}
         #: failed deliveries per client, (position, items not handed out), kept
         #: until none is in flight.
-        self.failed: Dict[_Key, List[Tuple[int, List[bytes]]]] = {}
+        self.failed: Dict[_Key, List[Tuple[int, List[_Item]]]] = {}
 
-    def hand_out(self, key: _Key, batch: List[bytes]) -> int:
+    def hand_out(self, key: _Key, batch: List[_Item]) -> int:
         """Note a batch on its way to ``key``; its position in the box's order."""
         pos = self.taken
         self.taken += len(batch)
@@ -121,7 +122,7 @@ class _Box:
 #: a pull request: (client, reqid, n, expiry, lease).
 _Waiter = Tuple[_Key, int, int, float, Optional[Lease]]
 #: a message to send, and for a D batch: (box, items, client, pushed, position, lease).
-_Track = Tuple["_Box", List[bytes], _Key, bool, int, Optional[Lease]]
+_Track = Tuple["_Box", List[_Item], _Key, bool, int, Optional[Lease]]
 _Send = Tuple[MessageBase, Optional[_Track]]
 
 
@@ -445,7 +446,7 @@ class _Host:
     # -- the hosting process's own handles ---------------------------------------------------
 
     def put_local(
-        self, qid: int, items: List[bytes], block: bool, timeout: Optional[float]
+        self, qid: int, items: List[_Item], block: bool, timeout: Optional[float]
     ) -> None:
         sends: List[_Send] = []
         release: List[MessageBase] = []
@@ -468,7 +469,7 @@ class _Host:
 
     def get_local(
         self, qid: int, n: int, block: bool, timeout: Optional[float], ep: Optional[_Local] = None
-    ) -> List[bytes]:
+    ) -> List[_Item]:
         sends: List[_Send] = []
         release: List[MessageBase] = []
         with self.cond:

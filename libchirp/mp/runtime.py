@@ -50,6 +50,7 @@ from .wire import (
     READ_SLICE,
     SLACK,
     _header,
+    _Item,
     _Key,
     _late_messages,
     _node_config,
@@ -245,7 +246,7 @@ class _Runtime:
         with self.cond:
             self.cond.notify_all()
 
-    def give_back(self, key: _Key, qid: int, items: List[bytes], entries: List[_Inbound]) -> None:
+    def give_back(self, key: _Key, qid: int, items: List[_Item], entries: List[_Inbound]) -> None:
         """Return items received but not handed out to the front of their box, then
         release their messages (so that the host never counts them as delivered
         before it has them back)."""

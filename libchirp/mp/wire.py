@@ -3,8 +3,9 @@
 Part of :mod:`libchirp.mp` (its docstring has the overview; docs/mp.md the
 interface). Clients talk to a host with chirp messages in SYNCHRONOUS mode.
 The header (:data:`_HDR`) names the kind, the box, a request id, a count, a
-wait and flags; the data is a pickled list of item bytes (:func:`_pack`). The
-host never unpickles items.
+wait and flags; the data is a batch of items: their count, their lengths and
+the items back to back (:func:`_pack`); receivers keep the items as slices of
+the message's data. The host never unpickles items.
 
 * ``P`` put: a batch of items. The host appends it and *then* releases the
   message, which acknowledges it to the producer (SYNCHRONOUS): an acknowledged
@@ -41,11 +42,10 @@ acknowledgements above rely on it, and how a queue's name becomes its box id
 from __future__ import annotations
 
 import hashlib
-import pickle
 import queue as _queue
 import struct
 import threading
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 from .. import mp  # the settings (mp.CONFIG, mp.TIMEOUT) are read from the package at use
 from ..config import Config
@@ -132,13 +132,35 @@ def _header(
     return _HDR.pack(kind, qid, reqid, n, int(max(0.0, wait) * 1000), f)
 
 
-def _pack(items: List[bytes]) -> bytes:
-    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+#: An item as a handle or host holds it: the pickle's bytes, or a slice of the
+#: batch it came in (nobody copies it out: the host hands it on, the consumer
+#: unpickles it from there).
+_Item = Union[bytes, memoryview]
+_COUNT = struct.Struct("!I")
 
 
-def _unpack(data: bytes) -> List[bytes]:
-    items = pickle.loads(data) if data else []
-    if type(items) is not list:
+def _pack(items: List[_Item]) -> bytes:
+    """A batch: the count, the lengths, then the items back to back (one copy)."""
+    n = len(items)
+    return b"".join([_COUNT.pack(n), struct.pack("!%dI" % n, *map(len, items)), *items])
+
+
+def _unpack(data: bytes) -> List[_Item]:
+    """The items of a batch, as slices of ``data`` (no copy)."""
+    if not data:
+        return []
+    try:
+        (n,) = _COUNT.unpack_from(data)
+        lengths = struct.unpack_from("!%dI" % n, data, _COUNT.size)
+    except struct.error:
+        raise ValueError("malformed batch") from None
+    view = memoryview(data)
+    off = _COUNT.size + 4 * n
+    items: List[_Item] = []
+    for size in lengths:
+        items.append(view[off : off + size])
+        off += size
+    if off != len(data):
         raise ValueError("malformed batch")
     return items
 
