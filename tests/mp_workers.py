@@ -151,3 +151,51 @@ def take_and_hold(q: mp.Queue, out: Any, n: int, close: bool, lease_dir: str = "
     out.put((got, held, paths))
     out.join_thread()
     time.sleep(60)
+
+
+def take_slowly_after_a_while(q: mp.Queue, out: Any, n: int, first: int, pause: float) -> None:
+    """With mp.TIMEOUT of 2 s: get ``first`` items, pause past TIMEOUT/2 (the
+    items held ahead are then given back), then get the rest; report all of
+    them and how many items were given back."""
+    got = [q.get(timeout=30) for _ in range(first)]
+    ep = q._ep(q._qid)
+    rt = ep.rt  # type: ignore[union-attr]
+    returned = []
+    give_back = rt.give_back
+
+    def counting(key: Any, qid: int, items: Any, entries: Any) -> None:
+        returned.append(sum(len(e.items) - e.pos for e in entries) + len(items))
+        give_back(key, qid, items, entries)
+
+    rt.give_back = counting
+    time.sleep(pause)
+    got += [q.get(timeout=30) for _ in range(n - first)]
+    q.close()
+    out.put((got, returned))
+
+
+def echo_once_then_close(conn: mp.Connection, out: Any, pause: float) -> None:
+    """Receive one object, send it back, wait a little (the other end sends
+    again meanwhile) and close, without receiving any more; report how many
+    items the close gave back."""
+    conn.send(conn.recv())
+    rt = conn._ep(conn._rq).rt  # type: ignore[union-attr]
+    returned = []
+    give_back = rt.give_back
+
+    def counting(key: Any, qid: int, items: Any, entries: Any) -> None:
+        returned.append(sum(len(e.items) - e.pos for e in entries) + len(items))
+        give_back(key, qid, items, entries)
+
+    rt.give_back = counting
+    time.sleep(pause)
+    conn.close()
+    out.put(("closed", sum(returned)))
+    out.join_thread()
+
+
+def receive(conn: mp.Connection, out: Any, n: int) -> None:
+    """Receive n objects and report them through ``out``."""
+    got = [conn.recv() for _ in range(n)]
+    conn.close()
+    out.put(got)

@@ -10,8 +10,9 @@
   a fast one's share); push mode hands items out ahead of demand (the slow
   consumer takes far more than in pull mode);
 * a fast pull consumer that holds items leased ahead of its get()s gives
-  back exactly those it had not handed out, SIGKILLed or closing; one whose
-  lease the host cannot read gets no items ahead;
+  back exactly those it had not handed out, SIGKILLed or closing, or when it
+  held them past half of mp.TIMEOUT; one whose lease the host cannot read
+  gets no items ahead; a pipe end's request ahead is given back at close;
 * a consumer SIGKILLed in the middle of a run loses nothing: every item put
   (and confirmed with join_thread) is recorded by exactly one consumer in pull
   mode; in push mode nothing is lost (the killed consumer's batch in hand may
@@ -299,6 +300,64 @@ def test_pull_credit_items_held_come_back_exactly_once(tmp_path, how):
     finally:
         if p.is_alive():
             p.kill()
+
+
+@fork_unsafe_under_sanitizer
+@pytest.mark.timeout(60)
+def test_items_held_past_half_the_timeout_go_back(monkeypatch):
+    """A consumer that held items ahead (its credit) for more than half of
+    mp.TIMEOUT gives them back instead of handing them out (the host would put
+    them back after TIMEOUT); they come again, in order, exactly once."""
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue()
+    out = mp.Queue()
+    n, first = 1000, 100
+    q.put_many(range(n))
+    monkeypatch.setattr(mp, "TIMEOUT", 2.0)  # for the child's node and batches
+    p = ctx.Process(target=mp_workers.take_slowly_after_a_while, args=(q, out, n, first, 1.2))
+    p.start()
+    monkeypatch.undo()
+    try:
+        got, returned = out.get(timeout=30)
+        assert got == list(range(n))
+        assert returned and returned[0] > 0, returned
+        p.join(10)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+
+
+@fork_unsafe_under_sanitizer
+@pytest.mark.timeout(60)
+def test_pipe_request_ahead_is_given_back_at_close(monkeypatch):
+    """A pipe end that received and answered has asked for the next item
+    ahead; what that request brings after it closed goes to another holder of
+    the same end (a copy in a third process), once."""
+    from libchirp.mp import client
+
+    ctx = multiprocessing.get_context("fork")
+    # the request ahead waits long enough for the second send on a busy machine
+    monkeypatch.setattr(client, "AHEAD_WAIT", 5.0)
+    a, b = mp.Pipe()
+    out = mp.Queue()
+    first = ctx.Process(target=mp_workers.echo_once_then_close, args=(b, out, 1.0))
+    first.start()
+    second = None
+    try:
+        a.send("one")
+        assert a.recv() == "one"  # the reply follows b's request ahead
+        a.send("two")  # handed to b's request ahead, b closes without taking it
+        assert out.get(timeout=30) == ("closed", 1)
+        first.join(10)
+        second = ctx.Process(target=mp_workers.receive, args=(b, out, 1))
+        second.start()
+        assert out.get(timeout=30) == ["two"]
+        second.join(10)
+    finally:
+        for p in (first, second):
+            if p is not None and p.is_alive():
+                p.kill()
 
 
 def test_lease_counter_of_a_reused_slot_means_completed():

@@ -107,6 +107,8 @@ class _Remote:
         self.push = push
         self.subscribed = 0
         self.buffer: Deque[_Item] = deque()
+        #: batches held too long (_Inbound.expires): they go back, see _give_back_stale
+        self.stale: List[_Inbound] = []
         # pull credit: items asked for per get() (grows while this consumer is
         # fast, see _credit), and the size and arrival time of the last batch
         self.credit = 1
@@ -245,6 +247,9 @@ class _Remote:
         while buf and len(out) < n:
             out.append(buf.popleft())
         box = self.rt.inbox.get(self.qid)
+        if box and box[0].expires <= time.monotonic():
+            while box and box[0].expires <= time.monotonic():
+                self.stale.append(box.popleft())
         while box and len(out) < n:
             entry = box[0]
             items, pos = entry.items, entry.pos
@@ -261,6 +266,15 @@ class _Remote:
                 entry.done()
             out.extend(items[pos - k : pos])
         return out
+
+    def _give_back_stale(self) -> None:
+        """Give back what is left of batches held too long (see _Inbound)."""
+        with self.rt.cond:
+            stale, self.stale = self.stale, []
+        now = time.monotonic()
+        back = [e for e in stale if e.abandon > now]
+        if back:
+            self.rt.give_back(self.key, self.qid, [], back)
 
     def _credit(self) -> int:
         """Items to ask for in a get(): about PULL_AHEAD seconds of this
@@ -282,6 +296,8 @@ class _Remote:
         rt = self.rt
         with rt.cond:
             out = self._from_inbox(n)
+        if self.stale:
+            self._give_back_stale()
         if out:
             return out
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -470,5 +486,8 @@ class _Remote:
                 rt.flush_acks()
                 back = list(self.buffer)
                 self.buffer.clear()
-                entries = list(rt.inbox.pop(self.qid, ()))
+                now = time.monotonic()
+                entries = [e for e in self.stale if e.abandon > now]
+                entries += rt.inbox.pop(self.qid, ())
+                self.stale = []
             rt.give_back(self.key, self.qid, back, entries)

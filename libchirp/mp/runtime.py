@@ -35,6 +35,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
 
+from .. import mp  # the settings (mp.TIMEOUT) are read from the package at use
 from ..loop import Loop
 from ..message import MessageBase
 from ..queue import Chirp
@@ -73,11 +74,19 @@ _Lease = Tuple[LeaseFile, int, int]
 class _Inbound:
     """A D batch a client received and has not handed out completely."""
 
-    __slots__ = ("msg", "items", "pos", "lease")
+    __slots__ = ("msg", "items", "pos", "lease", "expires", "abandon")
 
     def __init__(self, msg: MessageBase, lease: Optional[_Lease] = None) -> None:
         self.msg = msg
         self.items = _unpack(msg.data)
+        # The host's node waits TIMEOUT for the acknowledgement, then puts back
+        # what it believes was not handed out. So a batch held for half of that
+        # gives back the rest instead of handing it out, and one held for most
+        # of it is abandoned (neither handed out nor acknowledged: the host
+        # puts the rest back).
+        now = time.monotonic()
+        self.expires = now + mp.TIMEOUT / 2
+        self.abandon = now + mp.TIMEOUT * 0.9
         #: the next item to hand out; the message is released after the last one.
         self.pos = 0
         #: where the count of items handed out goes (:mod:`.lease`), if the host reads it.
