@@ -106,7 +106,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=100_000, help="64 B items per run")
     ap.add_argument("--big-items", type=int, default=3000, help="64 KiB items per run")
-    ap.add_argument("--pull-items", type=int, default=10_000, help="items for pull with get()")
+    ap.add_argument(
+        "--pull-items", type=int, default=None, help="items for pull with get() (default: --items)"
+    )
     ap.add_argument("--roundtrips", type=int, default=5000)
     ap.add_argument(
         "--only",
@@ -137,7 +139,7 @@ def main() -> int:
                 if args.only and base is not None and not any(o in name for o in args.only):
                     continue
                 count = n
-                if name.endswith("pull, get()"):
+                if name.endswith("pull, get()") and args.pull_items is not None:
                     count = min(n, args.pull_items)
                 rate = throughput(make, count, size, consumers, many)
                 base = base or rate
