@@ -8,6 +8,10 @@ Processes are started with spawn. Prints a markdown table with ratios against
 ``multiprocessing.Queue`` (throughput) and ``multiprocessing.Pipe`` (latency).
 
     .venv/bin/python benchmarks/mp_bench.py [--items N] [--big-items N] [--roundtrips N]
+        [--pull-items N] [--sizes 64,65536] [--only TEXT ...]
+
+``--only`` keeps the rows whose implementation contains TEXT (and the
+``multiprocessing.Queue`` row each ratio needs; ``--only ping-pong`` the Pipe).
 """
 
 from __future__ import annotations
