@@ -457,10 +457,12 @@ class _Remote:
         finally:
             if self.ahead is not None:
                 # the host answers a pipe's request ahead soon (AHEAD_WAIT); its
-                # items, if any, go back below
+                # items, if any, go back below (a later answer goes to the inbox,
+                # given back when the runtime stops)
                 reqid, fut, deadline = self.ahead
                 self.ahead = None
                 try:
+                    deadline = min(deadline, time.monotonic() + AHEAD_WAIT + CHUNK)
                     answer = rt.answer(self.key, reqid, fut, deadline)
                     assert answer is not None
                     kind, _, _, _, _, flags = _HDR.unpack(answer.header)

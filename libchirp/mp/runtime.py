@@ -218,6 +218,7 @@ class _Runtime:
     ) -> Optional[MessageBase]:
         """The answer to request ``reqid``; ``ConnectionError`` if none came by ``end``;
         None if ``until`` came first (the request stays pending: ask again later)."""
+        looked = False  # at the node's queue once at least (a poll(0) must see what came)
         with self.cond:
             try:
                 while self.pending[reqid] is None:
@@ -228,7 +229,12 @@ class _Runtime:
                         )
                     now = time.monotonic()
                     if until is not None and now >= until:
-                        return None
+                        if looked:
+                            return None
+                        looked = True
+                        self.wait(0.0)
+                        continue
+                    looked = True
                     if now >= end or self.stopping:
                         raise ConnectionError(
                             "the host of this queue at %s:%d did not answer" % key
