@@ -35,6 +35,7 @@ from .wire import (
     _U,
     _W,
     _Z,
+    AHEAD_CREDIT,
     AHEAD_WAIT,
     CHUNK,
     PULL_AHEAD,
@@ -110,10 +111,12 @@ class _Remote:
         #: batches held too long (_Inbound.expires): they go back, see _give_back_stale
         self.stale: List[_Inbound] = []
         # pull credit: items asked for per get() (grows while this consumer is
-        # fast, see _credit), and the size and arrival time of the last batch
+        # fast, see _credit); items handed out so far, and the count and time
+        # at the start of the current measurement of the consumer's rate
         self.credit = 1
-        self.batch_n = 0
-        self.batch_at = 0.0
+        self.handed = 0
+        self.rate_n = 0
+        self.rate_at = 0.0
         #: a pipe's reader asks for the next item as soon as it has taken one
         #: (``ahead``: that request, its send and its deadline), see _pull
         self.read_ahead = False
@@ -254,6 +257,7 @@ class _Remote:
             entry = box[0]
             items, pos = entry.items, entry.pos
             k = min(n - len(out), len(items) - pos)
+            self.handed += k
             entry.pos = pos = pos + k
             if entry.lease is not None:
                 lf, slot, reqid = entry.lease
@@ -268,34 +272,75 @@ class _Remote:
         return out
 
     def _give_back_stale(self) -> None:
-        """Give back what is left of batches held too long (see _Inbound)."""
+        """Give back what is left of batches held too long (see _Inbound), and
+        the later batches held (so that the items come again in their order)."""
+        self._settle_ahead()
         with self.rt.cond:
             stale, self.stale = self.stale, []
+            stale += self.rt.inbox.pop(self.qid, ())
         now = time.monotonic()
         back = [e for e in stale if e.abandon > now]
         if back:
             self.rt.give_back(self.key, self.qid, [], back)
 
+    def _settle_ahead(self) -> None:
+        """Wait for the answer to the request ahead (the host answers within
+        AHEAD_WAIT) and put its items into the inbox. An answer later than
+        AHEAD_WAIT + 1 s goes to the inbox when it comes (given back when the
+        runtime stops, or handed out)."""
+        if self.ahead is None:
+            return
+        rt = self.rt
+        reqid, fut, deadline = self.ahead
+        self.ahead = None
+        try:
+            deadline = min(deadline, time.monotonic() + AHEAD_WAIT + CHUNK)
+            answer = rt.answer(self.key, reqid, fut, deadline)
+        except ConnectionError:
+            return
+        assert answer is not None
+        kind, _, _, _, _, flags = _HDR.unpack(answer.header)
+        with rt.cond:
+            lease = rt.lease_answer(reqid, kind, flags)
+            if kind == _D:
+                rt.inbox.setdefault(self.qid, deque()).append(_Inbound(answer, lease))
+        if kind != _D:
+            answer.release_slot()
+
     def _credit(self) -> int:
         """Items to ask for in a get(): about PULL_AHEAD seconds of this
         consumer's consumption, at most twice the last credit (rt.cond held).
 
-        The rate is that of the last batch: its items over the time from its
-        arrival until the consumer asked again, which is the consumer's own
-        time (waits for the host come after). A consumer that needs more than
-        PULL_AHEAD per item asks for one item at a time.
+        The rate is the items handed out since the last measurement over the
+        time since, which is the consumer's own time: a measurement starts
+        again when a batch arrives after the consumer waited for it. A
+        consumer that needs more than PULL_AHEAD per item asks for one item
+        at a time.
         """
-        if self.batch_n:
-            dt = time.monotonic() - self.batch_at
-            target = int(self.batch_n * PULL_AHEAD / dt) if dt > 0 else PULL_BATCH
+        k = self.handed - self.rate_n
+        if k > 0:
+            now = time.monotonic()
+            dt = now - self.rate_at
+            target = int(k * PULL_AHEAD / dt) if dt > 0 else PULL_BATCH
             self.credit = max(1, min(PULL_BATCH, 2 * self.credit, target))
-            self.batch_n = 0
+            self.rate_n, self.rate_at = self.handed, now
         return self.credit
 
     def get(self, n: int, block: bool, timeout: Optional[float]) -> List[_Item]:
         rt = self.rt
         with rt.cond:
             out = self._from_inbox(n)
+            if self.credit >= AHEAD_CREDIT and self.ahead is None and not self.push:
+                # a fast consumer asks for its next batch when it has handed out
+                # half of its last one, so that the answer is here when it needs it
+                box = rt.inbox.get(self.qid)
+                entry = box[-1] if box else None
+                half = entry is not None and 2 * entry.pos >= len(entry.items)
+            else:
+                half = False
+        if half:
+            self.want_ahead = True
+            self.ask_ahead()
         if self.stale:
             self._give_back_stale()
         if out:
@@ -344,7 +389,7 @@ class _Remote:
                 with rt.cond:
                     entry.lease = rt.lease_answer(reqid, kind, flags)
                     rt.inbox.setdefault(self.qid, deque()).append(entry)
-                    self.batch_n, self.batch_at = len(entry.items), time.monotonic()
+                    self.rate_n, self.rate_at = self.handed, time.monotonic()
                     out = self._from_inbox(n) if take else []
                     self.want_ahead = self.read_ahead and take and not rt.inbox.get(self.qid)
                 if out or not take:
@@ -363,9 +408,12 @@ class _Remote:
                 raise Empty
 
     def ask_ahead(self) -> None:
-        """A pipe's reader that took an item and answers with a send: ask for the
-        next item now, before that send, so that the host can hand it out as
-        soon as the other end sends it (instead of after this end's next recv())."""
+        """Ask for the next items before they are needed: a pipe's reader that
+        took an item and answers with a send asks before that send, so that the
+        host can hand the reply out as soon as the other end sends it (instead
+        of after this end's next recv()); a fast queue consumer asks when half of
+        its last batch is handed out. The request waits AHEAD_WAIT at most; the
+        next get() waits for its answer (see _pull)."""
         if self.want_ahead and self.ahead is None and not self.closed:
             self.want_ahead = False
             reqid, fut = self._ask(1, AHEAD_WAIT)
@@ -455,25 +503,7 @@ class _Remote:
             if not self.no_flush:
                 self.flush(flush_limit)
         finally:
-            if self.ahead is not None:
-                # the host answers a pipe's request ahead soon (AHEAD_WAIT); its
-                # items, if any, go back below (a later answer goes to the inbox,
-                # given back when the runtime stops)
-                reqid, fut, deadline = self.ahead
-                self.ahead = None
-                try:
-                    deadline = min(deadline, time.monotonic() + AHEAD_WAIT + CHUNK)
-                    answer = rt.answer(self.key, reqid, fut, deadline)
-                    assert answer is not None
-                    kind, _, _, _, _, flags = _HDR.unpack(answer.header)
-                    with rt.cond:
-                        lease = rt.lease_answer(reqid, kind, flags)
-                        if kind == _D:
-                            rt.inbox.setdefault(self.qid, deque()).append(_Inbound(answer, lease))
-                    if kind != _D:
-                        answer.release_slot()
-                except ConnectionError:
-                    pass
+            self._settle_ahead()  # its items go back below
             if self.subscribed:
                 # The host answers after it sent its last batch to us (in order
                 # on the connection), so once the answer is here every pushed

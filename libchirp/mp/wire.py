@@ -74,6 +74,9 @@ CHUNK = 1.0
 #: The wait of a pipe reader's request for its next item, sent as soon as it
 #: took one (an answer that comes quickly needs no request after the recv()).
 AHEAD_WAIT = 0.05
+#: A queue consumer whose credit is at least this asks for its next batch when
+#: it has handed out half of its last one (the same way).
+AHEAD_CREDIT = 16
 #: Longest read of a node by a waiting thread before it re-checks what it waits for.
 READ_SLICE = 0.2
 #: How long a host's own thread leaves the reading to the hosting process's
