@@ -153,14 +153,11 @@ def take_and_hold(q: mp.Queue, out: Any, n: int, close: bool, lease_dir: str = "
     time.sleep(60)
 
 
-def take_slowly_after_a_while(q: mp.Queue, out: Any, n: int, first: int, pause: float) -> None:
-    """With mp.TIMEOUT of 2 s: get ``first`` items, pause past TIMEOUT/2 (the
-    items held ahead are then given back), then get the rest; report all of
-    them and how many items were given back."""
-    got = [q.get(timeout=30) for _ in range(first)]
-    ep = q._ep(q._qid)
-    rt = ep.rt  # type: ignore[union-attr]
-    returned = []
+def count_give_backs(ep: Any) -> List[int]:
+    """From now on, note how many items the client runtime of ``ep`` gives back
+    to its host each time (the list returned)."""
+    rt = ep.rt
+    returned: List[int] = []
     give_back = rt.give_back
 
     def counting(key: Any, qid: int, items: Any, entries: Any) -> None:
@@ -168,6 +165,15 @@ def take_slowly_after_a_while(q: mp.Queue, out: Any, n: int, first: int, pause: 
         give_back(key, qid, items, entries)
 
     rt.give_back = counting
+    return returned
+
+
+def take_slowly_after_a_while(q: mp.Queue, out: Any, n: int, first: int, pause: float) -> None:
+    """With mp.TIMEOUT of 2 s: get ``first`` items, pause past TIMEOUT/2 (the
+    items held ahead are then given back), then get the rest; report all of
+    them and how many items were given back."""
+    got = [q.get(timeout=30) for _ in range(first)]
+    returned = count_give_backs(q._ep(q._qid))
     time.sleep(pause)
     got += [q.get(timeout=30) for _ in range(n - first)]
     q.close()
@@ -179,15 +185,7 @@ def echo_once_then_close(conn: mp.Connection, out: Any, pause: float) -> None:
     again meanwhile) and close, without receiving any more; report how many
     items the close gave back."""
     conn.send(conn.recv())
-    rt = conn._ep(conn._rq).rt  # type: ignore[union-attr]
-    returned = []
-    give_back = rt.give_back
-
-    def counting(key: Any, qid: int, items: Any, entries: Any) -> None:
-        returned.append(sum(len(e.items) - e.pos for e in entries) + len(items))
-        give_back(key, qid, items, entries)
-
-    rt.give_back = counting
+    returned = count_give_backs(conn._ep(conn._rq))
     time.sleep(pause)
     conn.close()
     out.put(("closed", sum(returned)))

@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import multiprocessing
 import os
@@ -124,6 +125,19 @@ def run_fan(method: str, mode: str, n_items: int, producers: int = 4, consumers:
 def test_four_by_four_exactly_once(method, mode):
     shares = run_fan(method, mode, N_ITEMS)
     assert sum(shares.values()) == N_ITEMS
+
+
+@contextlib.contextmanager
+def reaped(*procs):
+    """Start the processes; on the way out kill those still alive."""
+    for p in procs:
+        p.start()
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
 
 
 def free_port():
@@ -276,8 +290,7 @@ def test_pull_credit_items_held_come_back_exactly_once(tmp_path, how):
     p = ctx.Process(
         target=mp_workers.take_and_hold, args=(q, out, first, how == "close", lease_dir)
     )
-    p.start()
-    try:
+    with reaped(p):
         got, held, paths = out.get(timeout=30)
         assert got == list(range(first))
         if how == "no-lease":
@@ -297,9 +310,6 @@ def test_pull_credit_items_held_come_back_exactly_once(tmp_path, how):
             assert sorted(rest) == list(range(first, n)), "lost or duplicated items"
         with pytest.raises(mp.Empty):
             q.get(timeout=0.5)
-    finally:
-        if p.is_alive():
-            p.kill()
 
 
 @fork_unsafe_under_sanitizer
@@ -315,17 +325,13 @@ def test_items_held_past_half_the_timeout_go_back(monkeypatch):
     q.put_many(range(n))
     monkeypatch.setattr(mp, "TIMEOUT", 2.0)  # for the child's node and batches
     p = ctx.Process(target=mp_workers.take_slowly_after_a_while, args=(q, out, n, first, 1.2))
-    p.start()
-    monkeypatch.undo()
-    try:
+    with reaped(p):
+        monkeypatch.undo()
         got, returned = out.get(timeout=30)
         assert got == list(range(n))
         assert returned and returned[0] > 0, returned
         p.join(10)
         assert p.exitcode == 0
-    finally:
-        if p.is_alive():
-            p.kill()
 
 
 @fork_unsafe_under_sanitizer
@@ -341,23 +347,15 @@ def test_pipe_request_ahead_is_given_back_at_close(monkeypatch):
     monkeypatch.setattr(client, "AHEAD_WAIT", 5.0)
     a, b = mp.Pipe()
     out = mp.Queue()
-    first = ctx.Process(target=mp_workers.echo_once_then_close, args=(b, out, 1.0))
-    first.start()
-    second = None
-    try:
+    with reaped(ctx.Process(target=mp_workers.echo_once_then_close, args=(b, out, 1.0))) as (p,):
         a.send("one")
         assert a.recv() == "one"  # the reply follows b's request ahead
         a.send("two")  # handed to b's request ahead, b closes without taking it
         assert out.get(timeout=30) == ("closed", 1)
-        first.join(10)
-        second = ctx.Process(target=mp_workers.receive, args=(b, out, 1))
-        second.start()
+        p.join(10)
+    with reaped(ctx.Process(target=mp_workers.receive, args=(b, out, 1))) as (p,):
         assert out.get(timeout=30) == ["two"]
-        second.join(10)
-    finally:
-        for p in (first, second):
-            if p is not None and p.is_alive():
-                p.kill()
+        p.join(10)
 
 
 def test_lease_counter_of_a_reused_slot_means_completed():
