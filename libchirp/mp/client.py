@@ -74,7 +74,7 @@ class _Local:
 
     def poll(self, timeout: Optional[float]) -> bool:
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        with self.host.cond:
+        with self.host.lock:
             box = self.host.boxes[self.qid]
             while not box.items and not box.eof:
                 left = None if end is None else end - time.monotonic()
@@ -94,7 +94,7 @@ class _Local:
 
     def close(self, flush_limit: Optional[float] = None) -> None:
         self.closed = True
-        with self.host.cond:
+        with self.host.lock:
             self.host.cond.notify_all()
 
 
@@ -123,7 +123,8 @@ class _Remote:
         self.want_ahead = False
         self.ahead: Optional[Tuple[int, Future[MessageBase], float]] = None
         # producer state
-        self.pcond = threading.Condition(threading.Lock())
+        self.plock = threading.Lock()
+        self.pcond = threading.Condition(self.plock)
         self.outbox: List[_Item] = []
         self.outbytes = 0
         self.inflight = 0
@@ -138,7 +139,7 @@ class _Remote:
     # -- producing -------------------------------------------------------------------------
 
     def put(self, item: bytes, block: bool, timeout: Optional[float], limit: int) -> None:
-        with self.pcond:
+        with self.plock:
             if self.error is not None:
                 raise self._failure()
             if self.unacked >= limit:
@@ -168,7 +169,7 @@ class _Remote:
         is full or the outbox empty; the others leave their batches to it.
         """
         while True:
-            with self.pcond:
+            with self.plock:
                 if self.sending or self.error is not None:
                     return
                 batch = self._take_batch()
@@ -178,7 +179,7 @@ class _Remote:
             try:
                 self._send_batch(batch)
             finally:
-                with self.pcond:
+                with self.plock:
                     self.sending = False
 
     def _take_batch(self) -> Optional[List[_Item]]:
@@ -213,7 +214,7 @@ class _Remote:
     ) -> None:
         if fut is not None:
             exc = fut.exception()
-        with self.pcond:
+        with self.plock:
             self.inflight -= 1
             if exc is not None:
                 if self.error is None:
@@ -232,7 +233,7 @@ class _Remote:
 
     def flush(self, timeout: Optional[float]) -> None:
         end = None if timeout is None else time.monotonic() + timeout
-        with self.pcond:
+        with self.plock:
             while self.unacked and self.error is None:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
@@ -244,7 +245,7 @@ class _Remote:
     # -- consuming -------------------------------------------------------------------------
 
     def _from_inbox(self, n: int) -> List[_Item]:
-        """Items already here (rt.cond held): the local buffer, then pushed/late batches."""
+        """Items already here (rt.lock held): the local buffer, then pushed/late batches."""
         out: List[_Item] = []
         buf = self.buffer
         while buf and len(out) < n:
@@ -259,9 +260,9 @@ class _Remote:
             k = min(n - len(out), len(items) - pos)
             self.handed += k
             entry.pos = pos = pos + k
-            if entry.lease is not None:
-                lf, slot, reqid = entry.lease
-                lf.count(slot, reqid, pos)
+            c = entry.counter
+            if c is not None:
+                c[0](c[1], c[2], c[3] | pos)
                 if pos >= len(items):
                     box.popleft()
                     self.rt.ack(entry)
@@ -275,7 +276,7 @@ class _Remote:
         """Give back what is left of batches held too long (see _Inbound), and
         the later batches held (so that the items come again in their order)."""
         self._settle_ahead()
-        with self.rt.cond:
+        with self.rt.lock:
             stale, self.stale = self.stale, []
             stale += self.rt.inbox.pop(self.qid, ())
         now = time.monotonic()
@@ -300,7 +301,7 @@ class _Remote:
             return
         assert answer is not None
         kind, _, _, _, _, flags = _HDR.unpack(answer.header)
-        with rt.cond:
+        with rt.lock:
             lease = rt.lease_answer(reqid, kind, flags)
             if kind == _D:
                 rt.inbox.setdefault(self.qid, deque()).append(_Inbound(answer, lease))
@@ -309,7 +310,7 @@ class _Remote:
 
     def _credit(self) -> int:
         """Items to ask for in a get(): about PULL_AHEAD seconds of this
-        consumer's consumption, at most twice the last credit (rt.cond held).
+        consumer's consumption, at most twice the last credit (rt.lock held).
 
         The rate is the items handed out since the last measurement over the
         time since, which is the consumer's own time: a measurement starts
@@ -328,7 +329,7 @@ class _Remote:
 
     def get(self, n: int, block: bool, timeout: Optional[float]) -> List[_Item]:
         rt = self.rt
-        with rt.cond:
+        with rt.lock:
             out = self._from_inbox(n)
             if self.credit >= AHEAD_CREDIT and self.ahead is None and not self.push:
                 # a fast consumer asks for its next batch when it has handed out
@@ -375,7 +376,7 @@ class _Remote:
                 answer = got
                 self.ahead = None
             else:
-                with rt.cond:
+                with rt.lock:
                     out = self._from_inbox(n) if take else []
                     if out or (not take and rt.inbox.get(self.qid)):
                         return out  # another thread's request brought them
@@ -386,8 +387,8 @@ class _Remote:
             kind, _, _, _, _, flags = _HDR.unpack(answer.header)
             if kind == _D:
                 entry = _Inbound(answer)
-                with rt.cond:
-                    entry.lease = rt.lease_answer(reqid, kind, flags)
+                with rt.lock:
+                    entry.set_lease(rt.lease_answer(reqid, kind, flags))
                     rt.inbox.setdefault(self.qid, deque()).append(entry)
                     self.rate_n, self.rate_at = self.handed, time.monotonic()
                     out = self._from_inbox(n) if take else []
@@ -395,11 +396,11 @@ class _Remote:
                 if out or not take:
                     return out
                 continue
-            with rt.cond:
+            with rt.lock:
                 rt.lease_answer(reqid, kind, flags)
             answer.release_slot()
             if flags & _F_EOF or not block or (end is not None and time.monotonic() >= end):
-                with rt.cond:
+                with rt.lock:
                     out = self._from_inbox(n) if take else []
                     if out or (not take and rt.inbox.get(self.qid)):
                         return out
@@ -423,7 +424,7 @@ class _Remote:
         """Send a pull request for ``n`` items (or the credit), leased if possible."""
         rt = self.rt
         reqid = next(_reqids)
-        with rt.cond:
+        with rt.lock:
             data = rt.lease_for(self.key, reqid)
             want = max(n, self._credit()) if self.key in rt.lease_ok else n
         return reqid, rt.ask(self.key, _header(_W, self.qid, reqid, want, wait), reqid, data)
@@ -436,7 +437,7 @@ class _Remote:
         probe_at = time.monotonic() + CHUNK
         looked = False  # at the node's queue: pushed batches wait there until read
         while True:
-            with rt.cond:
+            with rt.lock:
                 while True:
                     out = self._from_inbox(n)
                     if out:
@@ -466,13 +467,13 @@ class _Remote:
 
     def poll(self, timeout: Optional[float]) -> bool:
         block = timeout is None or timeout > 0
-        with self.rt.cond:
+        with self.rt.lock:
             if self.buffer or self.rt.inbox.get(self.qid):
                 return True
         try:
             if self.push:
                 items = self.get(1, block, timeout)
-                with self.rt.cond:
+                with self.rt.lock:
                     self.buffer.extendleft(reversed(items))
             else:  # fetch without handing out: the items stay leased
                 end = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -514,7 +515,7 @@ class _Remote:
                     answer.release_slot()
                 except ConnectionError:
                     pass
-            with rt.cond:
+            with rt.lock:
                 rt.flush_acks()
                 back = list(self.buffer)
                 self.buffer.clear()

@@ -189,10 +189,11 @@ class Queue(_Handle):
 
     def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
         """Remove and return an item; ``queue.Empty`` when none comes in time."""
-        self._check_open()
+        if self._closed:
+            raise ValueError("Queue is closed")
         if timeout is not None and timeout < 0:
             raise ValueError("'timeout' must be a non-negative number")
-        return pickle.loads(self._ep(self._qid).get(1, block, timeout)[0])
+        return pickle.loads(self._ep(self._spec["qids"][0]).get(1, block, timeout)[0])
 
     def get_nowait(self) -> Any:
         return self.get(False)

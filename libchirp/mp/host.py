@@ -7,8 +7,9 @@ that serves every box hosted there. The hosting process's own handles work on
 the boxes directly (``put_local``, ``get_local``, ...; see :mod:`.client`).
 
 Threads: the host's state is guarded by one condition variable
-(``_Host.cond``); its thread takes received messages in batches; delivery
-callbacks run on whichever thread handles the loop's events and only take the
+(``_Host.cond``, taken as its lock ``_Host.lock`` where nobody waits); its
+thread (or a waiting thread of the hosting process) takes received messages
+in batches; delivery callbacks run on whichever thread handles the loop's events and only take the
 lock, requeue and send. Sends are issued outside the lock, but in the order
 they were collected under it: the host queues them and one thread at a time
 sends the queue (``_Host._flush``); a producer handle likewise sends its
@@ -138,7 +139,8 @@ class _Host:
             self.loop.stop()
             raise
         self.port = self.node.port
-        lock = threading.Lock()
+        #: guards the host's state; ``with lock`` (a Condition's __enter__ is Python code)
+        self.lock = lock = threading.Lock()
         self.cond = threading.Condition(lock)
         #: what the host thread waits on while this process's threads read (on the
         #: same lock; nobody but stop() notifies it, so their reads do not wake it)
@@ -159,7 +161,7 @@ class _Host:
         self.thread.start()
 
     def new_box(self, maxsize: int, qid: int = 0) -> int:
-        with self.cond:
+        with self.lock:
             if qid:
                 if qid not in self.boxes:
                     self.boxes[qid] = _Box(qid, maxsize)
@@ -175,7 +177,7 @@ class _Host:
     def _run(self) -> None:
         reader = self.reader
         while not self.stopping:
-            with self.cond:
+            with self.lock:
                 # A thread of this process that waits reads the node itself (see
                 # _wait); leave it the reading while it does, and for READ_LAZY
                 # after, since it may be back at once (a ping-pong).
@@ -382,7 +384,7 @@ class _Host:
         the others leave their sends to it.
         """
         while True:
-            with self.cond:
+            with self.lock:
                 if self.flushing or not (self.outq or self.outrel):
                     return
                 self.flushing = True
@@ -403,7 +405,7 @@ class _Host:
                 for m in release:
                     m.release_slot()
             finally:
-                with self.cond:
+                with self.lock:
                     self.flushing = False
 
     def _delivered(self, fut: Future[MessageBase], track: _Track) -> None:
@@ -411,7 +413,7 @@ class _Host:
         failed = fut.exception() is not None
         sends: List[_Send] = []
         release: List[MessageBase] = []
-        with self.cond:
+        with self.lock:
             left = box.flying.get(key, 1) - 1
             if left:
                 box.flying[key] = left
@@ -450,7 +452,7 @@ class _Host:
     ) -> None:
         sends: List[_Send] = []
         release: List[MessageBase] = []
-        with self.cond:
+        with self.lock:
             box = self.boxes[qid]
             if box.full():
                 if not block:
@@ -472,7 +474,7 @@ class _Host:
     ) -> List[_Item]:
         sends: List[_Send] = []
         release: List[MessageBase] = []
-        with self.cond:
+        with self.lock:
             box = self.boxes[qid]
             if not box.items:
                 if box.eof:
@@ -503,7 +505,7 @@ class _Host:
     def close_local(self, qid: int) -> None:
         sends: List[_Send] = []
         release: List[MessageBase] = []
-        with self.cond:
+        with self.lock:
             box = self.boxes[qid]
             box.eof = True
             self._serve(box, sends, release)
@@ -512,12 +514,12 @@ class _Host:
         self._flush()
 
     def size_local(self, qid: int) -> Tuple[int, bool]:
-        with self.cond:
+        with self.lock:
             box = self.boxes[qid]
             return len(box.items), box.eof
 
     def stop(self) -> None:
-        with self.cond:
+        with self.lock:
             self.stopping = True
             self.idle.notify_all()
             held = [m for box in self.boxes.values() for m, _ in box.held]

@@ -40,7 +40,7 @@ from ..loop import Loop
 from ..message import MessageBase
 from ..queue import Chirp
 from .host import _Host
-from .lease import LeaseFile
+from .lease import Counter, LeaseFile
 from .wire import (
     _D,
     _F_LEASE,
@@ -74,7 +74,7 @@ _Lease = Tuple[LeaseFile, int, int]
 class _Inbound:
     """A D batch a client received and has not handed out completely."""
 
-    __slots__ = ("msg", "items", "pos", "lease", "expires", "abandon")
+    __slots__ = ("msg", "items", "pos", "lease", "counter", "expires", "abandon")
 
     def __init__(self, msg: MessageBase, lease: Optional[_Lease] = None) -> None:
         self.msg = msg
@@ -89,8 +89,12 @@ class _Inbound:
         self.abandon = now + mp.TIMEOUT * 0.9
         #: the next item to hand out; the message is released after the last one.
         self.pos = 0
-        #: where the count of items handed out goes (:mod:`.lease`), if the host reads it.
+        self.set_lease(lease)
+
+    def set_lease(self, lease: Optional[_Lease]) -> None:
+        """Where the count of items handed out goes (:mod:`.lease`), if the host reads it."""
         self.lease = lease
+        self.counter: Optional[Counter] = None if lease is None else lease[0].counter(*lease[1:])
 
     def done(self) -> None:
         """Acknowledge the batch (all handed out or given back); free its slot."""
@@ -109,7 +113,9 @@ class _Runtime:
         except BaseException:
             self.loop.stop()
             raise
-        self.cond = threading.Condition(threading.Lock())
+        #: guards the runtime's state; ``with lock`` where no waiting is needed
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         #: request id -> answer, for requests somebody waits for.
         self.pending: Dict[int, Optional[MessageBase]] = {}
         #: pushed batches and late answers per box.
@@ -207,7 +213,7 @@ class _Runtime:
 
     def ask(self, key: _Key, header: bytes, reqid: int, data: bytes = b"") -> "Future[Any]":
         """Send a request whose answer :meth:`answer` waits for."""
-        with self.cond:
+        with self.lock:
             self.pending[reqid] = None
         fut = self.node.send(_to_msg(key, header, data))
         fut.add_done_callback(lambda f: self._wake())
@@ -219,7 +225,7 @@ class _Runtime:
         """The answer to request ``reqid``; ``ConnectionError`` if none came by ``end``;
         None if ``until`` came first (the request stays pending: ask again later)."""
         looked = False  # at the node's queue once at least (a poll(0) must see what came)
-        with self.cond:
+        with self.lock:
             try:
                 while self.pending[reqid] is None:
                     if fut.done() and fut.exception() is not None:
@@ -258,7 +264,7 @@ class _Runtime:
             entry.done()
 
     def _wake(self) -> None:
-        with self.cond:
+        with self.lock:
             self.cond.notify_all()
 
     def give_back(self, key: _Key, qid: int, items: List[_Item], entries: List[_Inbound]) -> None:
@@ -289,7 +295,7 @@ class _Runtime:
                 ep.close(flush_limit=30.0)
             except Exception:
                 pass
-        with self.cond:
+        with self.lock:
             self.stopping = True
             self.flush_acks()
             self.cond.notify_all()
@@ -299,7 +305,7 @@ class _Runtime:
                 self.inbox.setdefault(qid, deque()).append(_Inbound(m))
             else:
                 m.release_slot()
-        with self.cond:
+        with self.lock:
             inbox = list(self.inbox.items())
             self.inbox.clear()
             stale = [m for m in self.pending.values() if m is not None]
