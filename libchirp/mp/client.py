@@ -156,6 +156,10 @@ class _Remote:
             self.outbox.append(item)
             self.outbytes += len(item)
             self.unacked += 1
+            # with the window full (or a send under way) the acknowledgement
+            # callbacks send this item; most puts of a stream end here
+            if self.sending or self.inflight >= PUT_WINDOW:
+                return
         self._pump()
 
     def _pump(self) -> None:

@@ -165,8 +165,9 @@ class Queue(_Handle):
         :meth:`join_thread` (also run at :meth:`close` and at exit) waits until
         the host confirmed every item, and a failure is raised by the next call.
         """
-        self._check_open()
-        ep = self._ep(self._qid)
+        if self._closed:
+            raise ValueError("Queue is closed")
+        ep = self._ep(self._spec["qids"][0])
         data = _dumps(obj)
         if isinstance(ep, _Remote):
             ep.put(data, block, timeout, self._limit())
