@@ -325,8 +325,12 @@ class _Host:
         items = box.items
         while box.waiters and items:
             key, reqid, n, _, lease = box.waiters.popleft()
-            k = min(n, len(items))
-            batch = [items.popleft() for _ in range(k)]
+            batch = [items.popleft()]
+            size = len(batch[0])
+            while len(batch) < n and items and size < PUSH_BATCH_BYTES:
+                size += len(items[0])
+                batch.append(items.popleft())
+            k = len(batch)
             f = _F_LEASE if lease is not None else 0
             msg = _to_msg(key, _header(_D, box.qid, reqid, k, 0, f), _pack(batch))
             sends.append((msg, (box, batch, key, False, box.hand_out(key, batch), lease)))
