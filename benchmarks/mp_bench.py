@@ -8,6 +8,10 @@ Processes are started with spawn. Prints a markdown table with ratios against
 ``multiprocessing.Queue`` (throughput) and ``multiprocessing.Pipe`` (latency).
 
     .venv/bin/python benchmarks/mp_bench.py [--items N] [--big-items N] [--roundtrips N]
+        [--pull-items N] [--sizes 64,65536] [--only TEXT ...]
+
+``--only`` keeps the rows whose implementation contains TEXT (and the
+``multiprocessing.Queue`` row each ratio needs; ``--only ping-pong`` the Pipe).
 """
 
 from __future__ import annotations
@@ -106,9 +110,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=100_000, help="64 B items per run")
     ap.add_argument("--big-items", type=int, default=3000, help="64 KiB items per run")
-    ap.add_argument("--pull-items", type=int, default=10_000, help="items for pull with get()")
+    ap.add_argument(
+        "--pull-items", type=int, default=None, help="items for pull with get() (default: --items)"
+    )
     ap.add_argument("--roundtrips", type=int, default=5000)
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run only the rows whose implementation contains this text (repeatable; "
+        "'ping-pong' for the Pipe rows); the first row of each size stays the base",
+    )
+    ap.add_argument("--sizes", default="64,65536", help="item sizes (64 and/or 65536)")
     args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
 
     ctx = multiprocessing.get_context("spawn")
     impls: List[Tuple[str, Callable[[], Any], Any]] = [
@@ -120,11 +135,15 @@ def main() -> int:
     ]
     rows: List[List[str]] = []
     for size, n in ((64, args.items), (65536, args.big_items)):
+        if size not in sizes:
+            continue
         for consumers in (1, 4):
             base = None
             for name, make, many in impls:
+                if args.only and base is not None and not any(o in name for o in args.only):
+                    continue
                 count = n
-                if name.endswith("pull, get()"):
+                if name.endswith("pull, get()") and args.pull_items is not None:
                     count = min(n, args.pull_items)
                 rate = throughput(make, count, size, consumers, many)
                 base = base or rate
@@ -134,6 +153,8 @@ def main() -> int:
                      "%.2fx" % (rate / base)]
                 )  # fmt: skip
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    if args.only and not any("ping-pong" in o for o in args.only):
+        return report(rows)
     base_rt = pingpong(ctx.Pipe, args.roundtrips)
     rt = pingpong(cmp.Pipe, args.roundtrips)
     rows.append(
@@ -148,7 +169,10 @@ def main() -> int:
             "%.2fx" % (rt / base_rt),
         ]
     )
+    return report(rows)
 
+
+def report(rows: List[List[str]]) -> int:
     print("%s, Python %s, %s, %s" % (platform.node(), platform.python_version(),
           time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "spawn"))  # fmt: skip
     print()

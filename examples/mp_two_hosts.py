@@ -3,9 +3,12 @@
 The *host* side creates two named queues, ``tasks`` and ``results``, starts
 ``--workers`` worker processes of its own and puts ``--tasks`` tasks; a
 *worker* side (on another machine, or the same one) attaches to the queues by
-address, port and name and starts its own workers. Every task is done exactly
-once, by whichever worker asks first (pull mode). The host collects the
-results, tells every worker to stop and prints who did how much.
+address, port and name and starts its own workers. Every worker says it is
+ready first, and the host puts the tasks once all of them are (local workers
+would otherwise take every task before the other host's workers have
+started). Every task is done exactly once, by whichever worker asks first
+(pull mode: a fast worker asks for several, see docs/mp.md). The host
+collects the results, tells every worker to stop and prints who did how much.
 
 One machine, two terminals (loopback, no TLS needed)::
 
@@ -39,7 +42,8 @@ from libchirp import mp
 
 
 def work(tasks: mp.Queue, results: mp.Queue, tag: str) -> None:
-    """A worker process: take tasks until None; answer each with its result."""
+    """A worker process: say it is ready; take tasks until None; answer each with its result."""
+    results.put(("ready", tag))
     while True:
         task = tasks.get()
         if task is None:
@@ -80,6 +84,9 @@ def host(args: argparse.Namespace) -> int:
     results = mp.Queue(name="results", address=args.address, port=args.port, config=config)
     print("hosting tasks and results at %s:%d" % tasks.address, flush=True)
     procs = start_workers(tasks, results, args.workers, args.tag)
+    for _ in range(args.workers + args.remote_workers):
+        ready, tag = results.get(timeout=args.timeout)
+        assert ready == "ready", (ready, tag)
     t0 = time.monotonic()
     tasks.put_many([(i, task_size(i)) for i in range(args.tasks)])
     done: Counter[int] = Counter()

@@ -130,3 +130,70 @@ def take_one_and_wait(q: mp.Queue, out: Any) -> None:
     out.put(q.get(timeout=30))
     out.join_thread()
     time.sleep(60)
+
+
+def take_and_hold(q: mp.Queue, out: Any, n: int, close: bool, lease_dir: str = "") -> None:
+    """Get n items one by one; report them, the items leased ahead (held in the
+    inbox, not handed out) and the lease files; close the queue first if
+    ``close``; then wait to be killed. ``lease_dir`` moves this process's lease
+    files where the host does not look."""
+    from libchirp.mp import lease
+
+    if lease_dir:
+        lease.LEASE_DIR = lease_dir
+    got = [q.get(timeout=30) for _ in range(n)]
+    ep = q._ep(q._qid)
+    rt = ep.rt  # type: ignore[union-attr]
+    held = sum(len(e.items) - e.pos for e in rt.inbox.get(q._qid, ()))
+    paths = [lf.path for lf in rt.leases.values() if lf is not None]
+    if close:
+        q.close()
+    out.put((got, held, paths))
+    out.join_thread()
+    time.sleep(60)
+
+
+def count_give_backs(ep: Any) -> List[int]:
+    """From now on, note how many items the client runtime of ``ep`` gives back
+    to its host each time (the list returned)."""
+    rt = ep.rt
+    returned: List[int] = []
+    give_back = rt.give_back
+
+    def counting(key: Any, qid: int, items: Any, entries: Any) -> None:
+        returned.append(sum(len(e.items) - e.pos for e in entries) + len(items))
+        give_back(key, qid, items, entries)
+
+    rt.give_back = counting
+    return returned
+
+
+def take_slowly_after_a_while(q: mp.Queue, out: Any, n: int, first: int, pause: float) -> None:
+    """With mp.TIMEOUT of 2 s: get ``first`` items, pause past TIMEOUT/2 (the
+    items held ahead are then given back), then get the rest; report all of
+    them and how many items were given back."""
+    got = [q.get(timeout=30) for _ in range(first)]
+    returned = count_give_backs(q._ep(q._qid))
+    time.sleep(pause)
+    got += [q.get(timeout=30) for _ in range(n - first)]
+    q.close()
+    out.put((got, returned))
+
+
+def echo_once_then_close(conn: mp.Connection, out: Any, pause: float) -> None:
+    """Receive one object, send it back, wait a little (the other end sends
+    again meanwhile) and close, without receiving any more; report how many
+    items the close gave back."""
+    conn.send(conn.recv())
+    returned = count_give_backs(conn._ep(conn._rq))
+    time.sleep(pause)
+    conn.close()
+    out.put(("closed", sum(returned)))
+    out.join_thread()
+
+
+def receive(conn: mp.Connection, out: Any, n: int) -> None:
+    """Receive n objects and report them through ``out``."""
+    got = [conn.recv() for _ in range(n)]
+    conn.close()
+    out.put(got)

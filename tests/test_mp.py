@@ -9,6 +9,10 @@
 * pull mode balances by demand (a consumer 10x slower takes about a tenth of
   a fast one's share); push mode hands items out ahead of demand (the slow
   consumer takes far more than in pull mode);
+* a fast pull consumer that holds items leased ahead of its get()s gives
+  back exactly those it had not handed out, SIGKILLed or closing, or when it
+  held them past half of mp.TIMEOUT; one whose lease the host cannot read
+  gets no items ahead; a pipe end's request ahead is given back at close;
 * a consumer SIGKILLed in the middle of a run loses nothing: every item put
   (and confirmed with join_thread) is recorded by exactly one consumer in pull
   mode; in push mode nothing is lost (the killed consumer's batch in hand may
@@ -25,6 +29,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import multiprocessing
 import os
@@ -120,6 +125,19 @@ def run_fan(method: str, mode: str, n_items: int, producers: int = 4, consumers:
 def test_four_by_four_exactly_once(method, mode):
     shares = run_fan(method, mode, N_ITEMS)
     assert sum(shares.values()) == N_ITEMS
+
+
+@contextlib.contextmanager
+def reaped(*procs):
+    """Start the processes; on the way out kill those still alive."""
+    for p in procs:
+        p.start()
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
 
 
 def free_port():
@@ -252,6 +270,117 @@ def test_pull_balances_push_does_not():
     ratio_push = slow_push / fast_push
     # push: each consumer gets an even share of what is queued, whatever its speed
     assert ratio_push > 0.6, (slow_push, fast_push, ratio_pull)
+
+
+@fork_unsafe_under_sanitizer
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["kill", "close", "no-lease"])
+def test_pull_credit_items_held_come_back_exactly_once(tmp_path, how):
+    """A fast pull consumer holds items it was given ahead of its get()s (its
+    credit, leased). SIGKILLed, or closing its handle, it gives back exactly
+    the items it had not handed out: every item is got once. Its lease file is
+    gone from /dev/shm. A consumer whose lease file the host cannot open
+    (no_lease: another directory) gets one item per get(), none ahead."""
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue()
+    out = mp.Queue()
+    n, first = 2000, 100
+    q.put_many(range(n))
+    lease_dir = str(tmp_path) if how == "no-lease" else ""
+    p = ctx.Process(
+        target=mp_workers.take_and_hold, args=(q, out, first, how == "close", lease_dir)
+    )
+    with reaped(p):
+        got, held, paths = out.get(timeout=30)
+        assert got == list(range(first))
+        if how == "no-lease":
+            assert held == 0
+        else:
+            assert held > 0, "no items were leased ahead of demand"
+            assert paths and not any(os.path.exists(path) for path in paths)
+        if how != "close":
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        rest = []
+        while len(rest) < n - first:
+            rest.extend(q.get_many(n, timeout=10))
+        if how == "close":
+            assert rest == list(range(first, n))  # given back to the front, in order
+        else:
+            assert sorted(rest) == list(range(first, n)), "lost or duplicated items"
+        with pytest.raises(mp.Empty):
+            q.get(timeout=0.5)
+
+
+@fork_unsafe_under_sanitizer
+@pytest.mark.timeout(60)
+def test_items_held_past_half_the_timeout_go_back(monkeypatch):
+    """A consumer that held items ahead (its credit) for more than half of
+    mp.TIMEOUT gives them back instead of handing them out (the host would put
+    them back after TIMEOUT); they come again, in order, exactly once."""
+    ctx = multiprocessing.get_context("fork")
+    q = mp.Queue()
+    out = mp.Queue()
+    n, first = 1000, 100
+    q.put_many(range(n))
+    monkeypatch.setattr(mp, "TIMEOUT", 2.0)  # for the child's node and batches
+    p = ctx.Process(target=mp_workers.take_slowly_after_a_while, args=(q, out, n, first, 1.2))
+    with reaped(p):
+        monkeypatch.undo()
+        got, returned = out.get(timeout=30)
+        assert got == list(range(n))
+        assert returned and returned[0] > 0, returned
+        p.join(10)
+        assert p.exitcode == 0
+
+
+@fork_unsafe_under_sanitizer
+@pytest.mark.timeout(60)
+def test_pipe_request_ahead_is_given_back_at_close(monkeypatch):
+    """A pipe end that received and answered has asked for the next item
+    ahead; what that request brings after it closed goes to another holder of
+    the same end (a copy in a third process), once."""
+    from libchirp.mp import client
+
+    ctx = multiprocessing.get_context("fork")
+    # the request ahead waits long enough for the second send on a busy machine
+    monkeypatch.setattr(client, "AHEAD_WAIT", 5.0)
+    a, b = mp.Pipe()
+    out = mp.Queue()
+    with reaped(ctx.Process(target=mp_workers.echo_once_then_close, args=(b, out, 1.0))) as (p,):
+        a.send("one")
+        assert a.recv() == "one"  # the reply follows b's request ahead
+        a.send("two")  # handed to b's request ahead, b closes without taking it
+        assert out.get(timeout=30) == ("closed", 1)
+        p.join(10)
+    with reaped(ctx.Process(target=mp_workers.receive, args=(b, out, 1))) as (p,):
+        assert out.get(timeout=30) == ["two"]
+        p.join(10)
+
+
+def test_lease_counter_of_a_reused_slot_means_completed():
+    """The host reads a failed batch's counter: the items handed out, or all
+    of them when the slot already belongs to a later batch (generation)."""
+    from libchirp.mp import lease
+
+    lf = lease.LeaseFile.create()
+    if lf is None:
+        pytest.skip("no %s" % lease.LEASE_DIR)
+    try:
+        leases = lease.HostLeases()
+        slot = lf.take(7)
+        held = leases.lease(lf.data(slot), 7)
+        assert held is not None
+        assert leases.handed_out(held, 5) == 0
+        lf.count(slot, 7, 3)
+        assert leases.handed_out(held, 5) == 3
+        lf.give(slot)
+        assert lf.take(8) == slot  # reused by the batch answering request 8
+        assert leases.handed_out(held, 5) == 5
+        assert leases.lease(b"\0\0\0\0../../etc/passwd", 9) is None
+        assert leases.lease(lease._SLOT.pack(lease.LEASE_SLOTS) + lf.name.encode(), 9) is None
+    finally:
+        lf.unlink()
 
 
 def read_records(path):

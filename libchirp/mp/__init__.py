@@ -19,7 +19,10 @@ parent's loop threads do not exist there; the inherited chirp objects are
 kept referenced for ever, never stopped, so their finalizers never run).
 Clients (one client node per process and TLS setting) talk to the host with
 chirp messages in SYNCHRONOUS mode: an acknowledged batch is in the host's
-memory, and a batch that a consumer did not take goes back into its box.
+memory, and of a batch that a consumer did not acknowledge, what it had not
+handed out (its lease counter says how much) goes back into its box. Nodes
+are read by the threads that wait for what they bring (no hop through a
+reader thread); the host's thread serves while none does.
 
 Where what is:
 
@@ -30,7 +33,10 @@ Where what is:
 * :mod:`.runtime`: what exists once per process: the client node, the
   registry of hosts and client nodes, what fork and exit do to them;
 * :mod:`.client`: a handle's way to its box, local or remote (producer
-  batching, pull requests, push subscriptions, giving items back);
+  batching, pull requests and their credit, push subscriptions, giving items
+  back);
+* :mod:`.lease`: the counters through which a host learns how many items of
+  a batch a dead consumer had handed out;
 * :mod:`.handles`: the public objects, what pickling them carries, the pid
   check.
 

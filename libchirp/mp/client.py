@@ -24,7 +24,7 @@ from typing import Deque, List, Optional, Tuple
 
 from ..message import MessageBase
 from .host import _Host
-from .runtime import _Runtime
+from .runtime import _Inbound, _Runtime
 from .wire import (
     _C,
     _D,
@@ -35,16 +35,20 @@ from .wire import (
     _U,
     _W,
     _Z,
+    AHEAD_CREDIT,
+    AHEAD_WAIT,
     CHUNK,
+    PULL_AHEAD,
+    PULL_BATCH,
     PUT_BATCH,
     PUT_BATCH_BYTES,
     PUT_WINDOW,
     SLACK,
     _header,
+    _Item,
     _Key,
     _pack,
     _to_msg,
-    _unpack,
 )
 
 #: Request ids of this process (pull requests, subscriptions, probes).
@@ -62,21 +66,21 @@ class _Local:
     def put(self, item: bytes, block: bool, timeout: Optional[float]) -> None:
         self.host.put_local(self.qid, [item], block, timeout)
 
-    def put_many(self, items: List[bytes]) -> None:
+    def put_many(self, items: List[_Item]) -> None:
         self.host.put_local(self.qid, items, True, None)
 
-    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
+    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[_Item]:
         return self.host.get_local(self.qid, n, block, timeout, self)
 
     def poll(self, timeout: Optional[float]) -> bool:
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        with self.host.cond:
+        with self.host.lock:
             box = self.host.boxes[self.qid]
             while not box.items and not box.eof:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self.host.cond.wait(left)
+                self.host._wait(left)
             return True
 
     def size(self) -> Tuple[int, bool]:
@@ -90,7 +94,7 @@ class _Local:
 
     def close(self, flush_limit: Optional[float] = None) -> None:
         self.closed = True
-        with self.host.cond:
+        with self.host.lock:
             self.host.cond.notify_all()
 
 
@@ -103,10 +107,25 @@ class _Remote:
         self.qid = qid
         self.push = push
         self.subscribed = 0
-        self.buffer: Deque[bytes] = deque()
+        self.buffer: Deque[_Item] = deque()
+        #: batches held too long (_Inbound.expires): they go back, see _give_back_stale
+        self.stale: List[_Inbound] = []
+        # pull credit: items asked for per get() (grows while this consumer is
+        # fast, see _credit); items handed out so far, and the count and time
+        # at the start of the current measurement of the consumer's rate
+        self.credit = 1
+        self.handed = 0
+        self.rate_n = 0
+        self.rate_at = 0.0
+        #: a pipe's reader asks for the next item as soon as it has taken one
+        #: (``ahead``: that request, its send and its deadline), see _pull
+        self.read_ahead = False
+        self.want_ahead = False
+        self.ahead: Optional[Tuple[int, Future[MessageBase], float]] = None
         # producer state
-        self.pcond = threading.Condition(threading.Lock())
-        self.outbox: List[bytes] = []
+        self.plock = threading.Lock()
+        self.pcond = threading.Condition(self.plock)
+        self.outbox: List[_Item] = []
         self.outbytes = 0
         self.inflight = 0
         self.sending = False
@@ -120,7 +139,7 @@ class _Remote:
     # -- producing -------------------------------------------------------------------------
 
     def put(self, item: bytes, block: bool, timeout: Optional[float], limit: int) -> None:
-        with self.pcond:
+        with self.plock:
             if self.error is not None:
                 raise self._failure()
             if self.unacked >= limit:
@@ -137,6 +156,10 @@ class _Remote:
             self.outbox.append(item)
             self.outbytes += len(item)
             self.unacked += 1
+            # with the window full (or a send under way) the acknowledgement
+            # callbacks send this item; most puts of a stream end here
+            if self.sending or self.inflight >= PUT_WINDOW:
+                return
         self._pump()
 
     def _pump(self) -> None:
@@ -150,7 +173,7 @@ class _Remote:
         is full or the outbox empty; the others leave their batches to it.
         """
         while True:
-            with self.pcond:
+            with self.plock:
                 if self.sending or self.error is not None:
                     return
                 batch = self._take_batch()
@@ -160,10 +183,10 @@ class _Remote:
             try:
                 self._send_batch(batch)
             finally:
-                with self.pcond:
+                with self.plock:
                     self.sending = False
 
-    def _take_batch(self) -> Optional[List[bytes]]:
+    def _take_batch(self) -> Optional[List[_Item]]:
         """A batch to send now, if the window has room (pcond held)."""
         if self.inflight >= PUT_WINDOW or not self.outbox:
             return None
@@ -180,7 +203,7 @@ class _Remote:
         self.inflight += 1
         return batch
 
-    def _send_batch(self, batch: List[bytes]) -> None:
+    def _send_batch(self, batch: List[_Item]) -> None:
         msg = _to_msg(self.key, _header(_P, self.qid, 0, len(batch)), _pack(batch))
         try:
             fut = self.rt.node.send(msg)
@@ -195,7 +218,7 @@ class _Remote:
     ) -> None:
         if fut is not None:
             exc = fut.exception()
-        with self.pcond:
+        with self.plock:
             self.inflight -= 1
             if exc is not None:
                 if self.error is None:
@@ -214,7 +237,7 @@ class _Remote:
 
     def flush(self, timeout: Optional[float]) -> None:
         end = None if timeout is None else time.monotonic() + timeout
-        with self.pcond:
+        with self.plock:
             while self.unacked and self.error is None:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
@@ -225,70 +248,200 @@ class _Remote:
 
     # -- consuming -------------------------------------------------------------------------
 
-    def _from_inbox(self, n: int) -> List[bytes]:
-        """Items already here (rt.cond held): the local buffer, then pushed/late batches."""
-        out: List[bytes] = []
+    def _from_inbox(self, n: int) -> List[_Item]:
+        """Items already here (rt.lock held): the local buffer, then pushed/late batches."""
+        out: List[_Item] = []
         buf = self.buffer
         while buf and len(out) < n:
             out.append(buf.popleft())
         box = self.rt.inbox.get(self.qid)
+        if box and box[0].expires <= time.monotonic():
+            while box and box[0].expires <= time.monotonic():
+                self.stale.append(box.popleft())
         while box and len(out) < n:
             entry = box[0]
             items, pos = entry.items, entry.pos
             k = min(n - len(out), len(items) - pos)
-            out.extend(items[pos : pos + k])
-            entry.pos = pos + k
-            if entry.pos >= len(items):
+            self.handed += k
+            entry.pos = pos = pos + k
+            c = entry.counter
+            if c is not None:
+                c[0](c[1], c[2], c[3] | pos)
+                if pos >= len(items):
+                    box.popleft()
+                    self.rt.ack(entry)
+            elif pos >= len(items):
                 box.popleft()
-                entry.msg.release_slot()
+                entry.done()
+            out.extend(items[pos - k : pos])
         return out
 
-    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[bytes]:
+    def _give_back_stale(self) -> None:
+        """Give back what is left of batches held too long (see _Inbound), and
+        the later batches held (so that the items come again in their order)."""
+        self._settle_ahead()
+        with self.rt.lock:
+            stale, self.stale = self.stale, []
+            stale += self.rt.inbox.pop(self.qid, ())
+        now = time.monotonic()
+        back = [e for e in stale if e.abandon > now]
+        if back:
+            self.rt.give_back(self.key, self.qid, [], back)
+
+    def _settle_ahead(self) -> None:
+        """Wait for the answer to the request ahead (the host answers within
+        AHEAD_WAIT) and put its items into the inbox. An answer later than
+        AHEAD_WAIT + 1 s goes to the inbox when it comes (given back when the
+        runtime stops, or handed out)."""
+        if self.ahead is None:
+            return
         rt = self.rt
-        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        with rt.cond:
+        reqid, fut, deadline = self.ahead
+        self.ahead = None
+        try:
+            deadline = min(deadline, time.monotonic() + AHEAD_WAIT + CHUNK)
+            answer = rt.answer(self.key, reqid, fut, deadline)
+        except ConnectionError:
+            return
+        assert answer is not None
+        kind, _, _, _, _, flags = _HDR.unpack(answer.header)
+        with rt.lock:
+            lease = rt.lease_answer(reqid, kind, flags)
+            if kind == _D:
+                rt.inbox.setdefault(self.qid, deque()).append(_Inbound(answer, lease))
+        if kind != _D:
+            answer.release_slot()
+
+    def _credit(self) -> int:
+        """Items to ask for in a get(): about PULL_AHEAD seconds of this
+        consumer's consumption, at most twice the last credit (rt.lock held).
+
+        The rate is the items handed out since the last measurement over the
+        time since, which is the consumer's own time: a measurement starts
+        again when a batch arrives after the consumer waited for it. A
+        consumer that needs more than PULL_AHEAD per item asks for one item
+        at a time.
+        """
+        k = self.handed - self.rate_n
+        if k > 0:
+            now = time.monotonic()
+            dt = now - self.rate_at
+            target = int(k * PULL_AHEAD / dt) if dt > 0 else PULL_BATCH
+            self.credit = max(1, min(PULL_BATCH, 2 * self.credit, target))
+            self.rate_n, self.rate_at = self.handed, now
+        return self.credit
+
+    def get(self, n: int, block: bool, timeout: Optional[float]) -> List[_Item]:
+        rt = self.rt
+        with rt.lock:
             out = self._from_inbox(n)
+            if self.credit >= AHEAD_CREDIT and self.ahead is None and not self.push:
+                # a fast consumer asks for its next batch when it has handed out
+                # half of its last one, so that the answer is here when it needs it
+                box = rt.inbox.get(self.qid)
+                entry = box[-1] if box else None
+                half = entry is not None and 2 * entry.pos >= len(entry.items)
+            else:
+                half = False
+        if half:
+            self.want_ahead = True
+            self.ask_ahead()
+        if self.stale:
+            self._give_back_stale()
         if out:
             return out
+        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
         if self.push:
             return self._get_pushed(n, block, end)
+        return self._pull(n, block, end)
+
+    def _pull(self, n: int, block: bool, end: Optional[float], take: bool = True) -> List[_Item]:
+        """Ask the host for items until some come (pull mode); hand out up to ``n``.
+
+        ``get()`` (n == 1) asks for its credit, leased (:mod:`.lease`): the
+        items it does not hand out stay in the inbox, acknowledged to the host
+        when the last one was handed out. Without a lease the host holds, a
+        request asks for ``n`` items only. With ``take`` false, the items stay
+        in the inbox (poll).
+        """
+        rt = self.rt
+        self.want_ahead = False
         while True:
             if self.closed:
                 raise ValueError("closed while waiting in get()")
             left = None if end is None else end - time.monotonic()
             wait = 0.0 if not block else min(CHUNK, left) if left is not None else CHUNK
             wait = max(0.0, wait)
-            reqid = next(_reqids)
-            answer = rt.request(
-                self.key, _header(_W, self.qid, reqid, n, wait), reqid, wait + SLACK
-            )
+            if self.ahead is not None:
+                reqid, fut, deadline = self.ahead
+                got = rt.answer(self.key, reqid, fut, deadline, end)
+                if got is None:
+                    raise Empty  # the request stays out; the next call waits for it
+                answer = got
+                self.ahead = None
+            else:
+                with rt.lock:
+                    out = self._from_inbox(n) if take else []
+                    if out or (not take and rt.inbox.get(self.qid)):
+                        return out  # another thread's request brought them
+                reqid, fut = self._ask(n, wait)
+                got = rt.answer(self.key, reqid, fut, time.monotonic() + wait + SLACK)
+                assert got is not None
+                answer = got
             kind, _, _, _, _, flags = _HDR.unpack(answer.header)
             if kind == _D:
-                items = _unpack(answer.data)
-                answer.release_slot()  # taken: the host's delivery completes now
-                return items
+                entry = _Inbound(answer)
+                with rt.lock:
+                    entry.set_lease(rt.lease_answer(reqid, kind, flags))
+                    rt.inbox.setdefault(self.qid, deque()).append(entry)
+                    self.rate_n, self.rate_at = self.handed, time.monotonic()
+                    out = self._from_inbox(n) if take else []
+                    self.want_ahead = self.read_ahead and take and not rt.inbox.get(self.qid)
+                if out or not take:
+                    return out
+                continue
+            with rt.lock:
+                rt.lease_answer(reqid, kind, flags)
             answer.release_slot()
-            if flags & _F_EOF:
-                with rt.cond:
-                    out = self._from_inbox(n)
-                if out:
-                    return out
-                raise EOFError
-            if not block or (end is not None and time.monotonic() >= end):
-                with rt.cond:
-                    out = self._from_inbox(n)
-                if out:
-                    return out
+            if flags & _F_EOF or not block or (end is not None and time.monotonic() >= end):
+                with rt.lock:
+                    out = self._from_inbox(n) if take else []
+                    if out or (not take and rt.inbox.get(self.qid)):
+                        return out
+                if flags & _F_EOF:
+                    raise EOFError
                 raise Empty
 
-    def _get_pushed(self, n: int, block: bool, end: Optional[float]) -> List[bytes]:
+    def ask_ahead(self) -> None:
+        """Ask for the next items before they are needed: a pipe's reader that
+        took an item and answers with a send asks before that send, so that the
+        host can hand the reply out as soon as the other end sends it (instead
+        of after this end's next recv()); a fast queue consumer asks when half of
+        its last batch is handed out. The request waits AHEAD_WAIT at most; the
+        next get() waits for its answer (see _pull)."""
+        if self.want_ahead and self.ahead is None and not self.closed:
+            self.want_ahead = False
+            reqid, fut = self._ask(1, AHEAD_WAIT)
+            self.ahead = (reqid, fut, time.monotonic() + AHEAD_WAIT + SLACK)
+
+    def _ask(self, n: int, wait: float) -> Tuple[int, Future[MessageBase]]:
+        """Send a pull request for ``n`` items (or the credit), leased if possible."""
+        rt = self.rt
+        reqid = next(_reqids)
+        with rt.lock:
+            data = rt.lease_for(self.key, reqid)
+            want = max(n, self._credit()) if self.key in rt.lease_ok else n
+        return reqid, rt.ask(self.key, _header(_W, self.qid, reqid, want, wait), reqid, data)
+
+    def _get_pushed(self, n: int, block: bool, end: Optional[float]) -> List[_Item]:
         rt = self.rt
         if not self.subscribed:
             self.subscribed = next(_reqids)
             rt.node.send(_to_msg(self.key, _header(_S, self.qid, self.subscribed)))
         probe_at = time.monotonic() + CHUNK
+        looked = False  # at the node's queue: pushed batches wait there until read
         while True:
-            with rt.cond:
+            with rt.lock:
                 while True:
                     out = self._from_inbox(n)
                     if out:
@@ -297,26 +450,42 @@ class _Remote:
                     if self.closed:
                         raise ValueError("closed while waiting in get()")
                     if not block or (end is not None and now >= end):
-                        raise Empty
+                        if looked:
+                            raise Empty
+                        looked = True
+                        rt.wait(0.0)
+                        continue
                     if now >= probe_at:
                         break
                     left = probe_at - now if end is None else min(probe_at, end) - now
-                    rt.cond.wait(left)
-            # Nothing for a while: make sure the host is still there (and learn EOF).
+                    rt.wait(left)
+                    looked = True
+            # Nothing for a while: make sure the host is still there (and learn EOF),
+            # and that it has our subscription (S is idempotent; a delivery that
+            # failed, or an S that got lost, would otherwise leave us waiting).
+            rt.node.send(_to_msg(self.key, _header(_S, self.qid, self.subscribed)))
             _, eof = self.size()
             if eof:
                 raise EOFError
             probe_at = time.monotonic() + CHUNK
 
     def poll(self, timeout: Optional[float]) -> bool:
+        block = timeout is None or timeout > 0
+        with self.rt.lock:
+            if self.buffer or self.rt.inbox.get(self.qid):
+                return True
         try:
-            items = self.get(1, timeout is None or timeout > 0, timeout)
+            if self.push:
+                items = self.get(1, block, timeout)
+                with self.rt.lock:
+                    self.buffer.extendleft(reversed(items))
+            else:  # fetch without handing out: the items stay leased
+                end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+                self._pull(1, block, end, take=False)
         except Empty:
             return False
         except EOFError:
             return True
-        with self.rt.cond:
-            self.buffer.extendleft(reversed(items))
         return True
 
     def size(self) -> Tuple[int, bool]:
@@ -339,6 +508,7 @@ class _Remote:
             if not self.no_flush:
                 self.flush(flush_limit)
         finally:
+            self._settle_ahead()  # its items go back below
             if self.subscribed:
                 # The host answers after it sent its last batch to us (in order
                 # on the connection), so once the answer is here every pushed
@@ -349,8 +519,12 @@ class _Remote:
                     answer.release_slot()
                 except ConnectionError:
                     pass
-            with rt.cond:
+            with rt.lock:
+                rt.flush_acks()
                 back = list(self.buffer)
                 self.buffer.clear()
-                entries = list(rt.inbox.pop(self.qid, ()))
+                now = time.monotonic()
+                entries = [e for e in self.stale if e.abandon > now]
+                entries += rt.inbox.pop(self.qid, ())
+                self.stale = []
             rt.give_back(self.key, self.qid, back, entries)

@@ -4,20 +4,21 @@ Part of :mod:`libchirp.mp` (its docstring has the overview; docs/mp.md the
 interface). A handle is only a description of its boxes (:class:`_Spec`: box
 ids, the host's advertised address and port, the mode, the TLS setting), and
 that is all pickling it carries (:func:`_rebuild`). Which endpoint
-(:mod:`.client`) a handle uses is decided on use, by comparing
-``os.getpid()``: in the process that created it, the box is local; a handle
-inherited through fork notices the new pid and becomes a client, as does an
-unpickled one. Items are pickled here and unpickled here, by the consumer.
+(:mod:`.client`) a handle uses is decided on use, by comparing the process
+id (``runtime.PID``, which the fork hook of :mod:`.runtime` keeps up to date:
+``os.getpid()`` is a system call): in the process that created it, the box
+is local; a handle inherited through fork notices the new pid and becomes a
+client, as does an unpickled one. Items are pickled here and unpickled here, by the consumer.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, TypedDict, TypeVar, Union
 
 from .. import mp  # the settings (mp.ADDRESS, mp.CONFIG) are read from the package at use
 from ..config import Config
+from . import runtime as _rt
 from .client import _Local, _Remote
 from .host import _Host
 from .runtime import _graveyard, _host, _runtime
@@ -51,15 +52,15 @@ class _Handle:
 
     def _setup(self, spec: _Spec, host: Optional[_Host]) -> None:
         self._spec = spec
-        self._pid = os.getpid()
+        self._pid = _rt.PID
         self._host_obj = host
         self._eps: Dict[int, _Endpoint] = {}
         self._closed = False
 
     def _ep(self, qid: int) -> _Endpoint:
-        if self._pid != os.getpid():  # inherited through fork: become a client
+        if self._pid != _rt.PID:  # inherited through fork: become a client
             _graveyard.append(self.__dict__.copy())
-            self._pid = os.getpid()
+            self._pid = _rt.PID
             self._host_obj = None
             self._eps = {}
         ep = self._eps.get(qid)
@@ -164,8 +165,9 @@ class Queue(_Handle):
         :meth:`join_thread` (also run at :meth:`close` and at exit) waits until
         the host confirmed every item, and a failure is raised by the next call.
         """
-        self._check_open()
-        ep = self._ep(self._qid)
+        if self._closed:
+            raise ValueError("Queue is closed")
+        ep = self._ep(self._spec["qids"][0])
         data = _dumps(obj)
         if isinstance(ep, _Remote):
             ep.put(data, block, timeout, self._limit())
@@ -188,10 +190,11 @@ class Queue(_Handle):
 
     def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
         """Remove and return an item; ``queue.Empty`` when none comes in time."""
-        self._check_open()
+        if self._closed:
+            raise ValueError("Queue is closed")
         if timeout is not None and timeout < 0:
             raise ValueError("'timeout' must be a non-negative number")
-        return pickle.loads(self._ep(self._qid).get(1, block, timeout)[0])
+        return pickle.loads(self._ep(self._spec["qids"][0]).get(1, block, timeout)[0])
 
     def get_nowait(self) -> Any:
         return self.get(False)
@@ -219,13 +222,13 @@ class Queue(_Handle):
     def join_thread(self, timeout: Optional[float] = None) -> None:
         """Wait until the host confirmed every item this process put (raises a failure)."""
         ep = self._eps.get(self._qid)
-        if ep is not None and self._pid == os.getpid():
+        if ep is not None and self._pid == _rt.PID:
             ep.flush(timeout)
 
     def cancel_join_thread(self) -> None:
         """Do not wait at close or exit for the host to confirm this process's puts
         (unconfirmed items may then be lost, as with ``multiprocessing``)."""
-        if self._pid == os.getpid():
+        if self._pid == _rt.PID:
             ep = self._ep(self._qid)
             if isinstance(ep, _Remote):
                 ep.no_flush = True
@@ -236,7 +239,7 @@ class Queue(_Handle):
             return
         try:
             for ep in self._eps.values():
-                if self._pid == os.getpid():
+                if self._pid == _rt.PID:
                     ep.close()
         finally:
             self._closed = True
@@ -344,38 +347,51 @@ class Connection(_Handle):
     def _put(self, data: bytes) -> None:
         ep = self._ep(self._sq)
         if isinstance(ep, _Remote):
+            if self._rq:
+                # the request for the next item goes first: the host has it when
+                # the other end answers this send
+                reader = self._eps.get(self._rq)
+                if isinstance(reader, _Remote) and reader.want_ahead:
+                    reader.ask_ahead()
             ep.put(data, True, None, PUT_LIMIT)
         else:
             ep.put(data, True, None)
 
+    def _reader(self) -> _Endpoint:
+        ep = self._ep(self._rq)
+        if isinstance(ep, _Remote):
+            ep.read_ahead = True
+        return ep
+
     def recv_bytes(self, maxlength: Optional[int] = None) -> bytes:
         """Receive the bytes of one send; ``EOFError`` once the other end closed."""
         self._check(True)
-        data = self._ep(self._rq).get(1, True, None)[0]
+        data = self._reader().get(1, True, None)[0]
         if maxlength is not None and len(data) > maxlength:
             raise OSError("bad message length")
-        return data
+        return data if type(data) is bytes else bytes(data)
 
     def recv(self) -> Any:
         """Receive one object; ``EOFError`` once the other end closed and all was read."""
-        return pickle.loads(self.recv_bytes())
+        self._check(True)
+        return pickle.loads(self._reader().get(1, True, None)[0])
 
     def poll(self, timeout: Optional[float] = 0.0) -> bool:
         """Whether there is something to receive (or end of file), waiting up to ``timeout``."""
         self._check(True)
-        return self._ep(self._rq).poll(timeout)
+        return self._reader().poll(timeout)
 
     def close(self) -> None:
         """Close this end: the other end's recv raises ``EOFError`` after the rest."""
         if self._closed:
             return
         try:
-            if self._pid == os.getpid() and self._sq:
+            if self._pid == _rt.PID and self._sq:
                 ep = self._ep(self._sq)
                 ep.flush(SLACK)
                 ep.close_writer()
             for ep in self._eps.values():
-                if self._pid == os.getpid():
+                if self._pid == _rt.PID:
                     ep.close()
         finally:
             self._closed = True

@@ -7,8 +7,9 @@ that serves every box hosted there. The hosting process's own handles work on
 the boxes directly (``put_local``, ``get_local``, ...; see :mod:`.client`).
 
 Threads: the host's state is guarded by one condition variable
-(``_Host.cond``); its thread takes received messages in batches; delivery
-callbacks run on whichever thread handles the loop's events and only take the
+(``_Host.cond``, taken as its lock ``_Host.lock`` where nobody waits); its
+thread (or a waiting thread of the hosting process) takes received messages
+in batches; delivery callbacks run on whichever thread handles the loop's events and only take the
 lock, requeue and send. Sends are issued outside the lock, but in the order
 they were collected under it: the host queues them and one thread at a time
 sends the queue (``_Host._flush``); a producer handle likewise sends its
@@ -22,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import queue as _queue
 import struct
 import threading
 import time
@@ -32,13 +32,15 @@ from queue import Empty, Full
 from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
 
 from ..loop import Loop
-from ..message import MessageBase
+from ..message import Message, MessageBase
 from ..queue import Chirp
+from .lease import HostLeases, Lease
 from .wire import (
     _C,
     _D,
     _E,
     _F_EOF,
+    _F_LEASE,
     _F_PUSH,
     _HDR,
     _P,
@@ -51,11 +53,15 @@ from .wire import (
     PUSH_BATCH,
     PUSH_BATCH_BYTES,
     PUSH_WINDOW,
+    READ_LAZY,
+    READ_SLICE,
     _header,
+    _Item,
     _Key,
     _late_messages,
     _node_config,
     _pack,
+    _Reader,
     _to_msg,
     _unpack,
 )
@@ -86,11 +92,11 @@ class _Box:
     def __init__(self, qid: int, maxsize: int) -> None:
         self.qid = qid
         self.maxsize = maxsize
-        self.items: Deque[bytes] = deque()
+        self.items: Deque[_Item] = deque()
         #: put messages not yet accepted because the box is full.
-        self.held: Deque[Tuple[MessageBase, List[bytes]]] = deque()
-        #: pull requests: (client, reqid, n, expiry).
-        self.waiters: Deque[Tuple[_Key, int, int, float]] = deque()
+        self.held: Deque[Tuple[MessageBase, List[_Item]]] = deque()
+        #: pull requests: (client, reqid, n, expiry, lease).
+        self.waiters: Deque[_Waiter] = deque()
         #: push subscribers: client -> [batches in flight, subscription id].
         self.subs: Dict[_Key, List[int]] = {}
         self.rr = 0
@@ -99,10 +105,11 @@ class _Box:
         self.taken = 0
         #: deliveries (D batches) in flight per client.
         self.flying: Dict[_Key, int] = {}
-        #: failed deliveries per client, (position, items), kept until none is in flight.
-        self.failed: Dict[_Key, List[Tuple[int, List[bytes]]]] = {}
+        #: failed deliveries per client, (position, items not handed out), kept
+        #: until none is in flight.
+        self.failed: Dict[_Key, List[Tuple[int, List[_Item]]]] = {}
 
-    def hand_out(self, key: _Key, batch: List[bytes]) -> int:
+    def hand_out(self, key: _Key, batch: List[_Item]) -> int:
         """Note a batch on its way to ``key``; its position in the box's order."""
         pos = self.taken
         self.taken += len(batch)
@@ -113,8 +120,10 @@ class _Box:
         return bool(self.maxsize) and len(self.items) >= self.maxsize
 
 
-#: a message to send, and for a D batch: (box, items, client, pushed, position).
-_Track = Tuple["_Box", List[bytes], _Key, bool, int]
+#: a pull request: (client, reqid, n, expiry, lease).
+_Waiter = Tuple[_Key, int, int, float, Optional[Lease]]
+#: a message to send, and for a D batch: (box, items, client, pushed, position, lease).
+_Track = Tuple["_Box", List[_Item], _Key, bool, int, Optional[Lease]]
 _Send = Tuple[MessageBase, Optional[_Track]]
 
 
@@ -130,18 +139,29 @@ class _Host:
             self.loop.stop()
             raise
         self.port = self.node.port
-        self.cond = threading.Condition(threading.Lock())
+        #: guards the host's state; ``with lock`` (a Condition's __enter__ is Python code)
+        self.lock = lock = threading.Lock()
+        self.cond = threading.Condition(lock)
+        #: what the host thread waits on while this process's threads read (on the
+        #: same lock; nobody but stop() notifies it, so their reads do not wake it)
+        self.idle = threading.Condition(lock)
         self.boxes: Dict[int, _Box] = {}
         self.stopping = False
         #: sends and releases collected under the lock, issued in this order by _flush.
         self.outq: List[_Send] = []
         self.outrel: List[MessageBase] = []
         self.flushing = False
+        self.leases = HostLeases()
+        self.reader = _Reader(self.node, self.cond)
+        #: when the next pull request's wait is over (the readers' timeout).
+        self.next_expiry = 0.0
+        #: until when the host thread leaves the reading to this process's threads.
+        self.lazy_until = 0.0
         self.thread = threading.Thread(target=self._run, name="libchirp.mp host", daemon=True)
         self.thread.start()
 
     def new_box(self, maxsize: int, qid: int = 0) -> int:
-        with self.cond:
+        with self.lock:
             if qid:
                 if qid not in self.boxes:
                     self.boxes[qid] = _Box(qid, maxsize)
@@ -155,37 +175,83 @@ class _Host:
     # -- the host thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        node = self.node
-        idle = 0.2
+        reader = self.reader
         while not self.stopping:
-            try:
-                msgs = node.get_many(1024, timeout=idle)
-            except _queue.Empty:
-                msgs = []
-            except Exception:
-                if self.stopping:
-                    return
-                raise
-            sends: List[_Send] = []
-            release: List[MessageBase] = []
-            with self.cond:
-                touched = set()
-                for m in msgs:
-                    try:
-                        box = self._handle(m, sends, release)
-                    except Exception:
-                        _log.exception("libchirp.mp: bad message from %s:%d", m.address, m.port)
-                        release.append(m)
-                        continue
-                    if box is not None:
-                        touched.add(box)
-                for box in touched:
-                    self._serve(box, sends, release)
-                idle = self._expire(sends)
-                self._enqueue(sends, release)
-                if msgs:
-                    self.cond.notify_all()
+            with self.lock:
+                # A thread of this process that waits reads the node itself (see
+                # _wait); leave it the reading while it does, and for READ_LAZY
+                # after, since it may be back at once (a ping-pong).
+                lazy = self.lazy_until - time.monotonic()
+                if reader.reading or lazy > 0:
+                    self.idle.wait(max(lazy, READ_LAZY))
+                    continue
+                try:
+                    msgs = reader.take(max(0.0, self.next_expiry - time.monotonic()))
+                except Exception:
+                    if self.stopping:
+                        return
+                    raise
+                self._process(msgs)
             self._flush()
+
+    def _process(self, msgs: List[Message]) -> None:
+        """Handle what a reader took from the node, serve, expire (lock held); the
+        sends are queued for :meth:`_flush`."""
+        sends: List[_Send] = []
+        release: List[MessageBase] = []
+        touched = set()
+        for m in msgs:
+            try:
+                box = self._handle(m, sends, release)
+            except Exception:
+                _log.exception("libchirp.mp: bad message from %s:%d", m.address, m.port)
+                release.append(m)
+                continue
+            if box is not None:
+                touched.add(box)
+        for box in touched:
+            self._serve(box, sends, release)
+        self.next_expiry = time.monotonic() + self._expire(sends)
+        self._enqueue(sends, release)
+        if msgs:
+            self.cond.notify_all()
+
+    def _wait(self, limit: Optional[float]) -> None:
+        """A thread of the hosting process waits up to ``limit`` (lock held) for a
+        change of the boxes: it reads and serves the node itself if no other
+        thread does (so an item a client puts reaches it without a hop through
+        the host thread), else it waits until the reader woke it."""
+        reader = self.reader
+        step = READ_SLICE if limit is None else max(0.0, min(READ_SLICE, limit))
+        if reader.reading or self.stopping:
+            if step > 0:
+                self.cond.wait(step)
+            return
+        if self.outq or self.outrel:
+            # what the last round left (releases, see below) goes out before this one blocks
+            self._flush_unlocked()
+            return
+        try:
+            msgs = reader.take(max(0.0, min(step, self.next_expiry - time.monotonic())))
+        except Exception:
+            if self.stopping:
+                return
+            raise
+        finally:
+            self.lazy_until = time.monotonic() + READ_LAZY
+        self._process(msgs)
+        if self.outq:
+            self._flush_unlocked()
+        # else only releases: they go with the next flush (this thread's next put
+        # or wait, the host thread's next round), not before this thread's item
+
+    def _flush_unlocked(self) -> None:
+        """:meth:`_flush` from a thread that holds the lock."""
+        self.cond.release()
+        try:
+            self._flush()
+        finally:
+            self.cond.acquire()
 
     def _handle(
         self, m: MessageBase, sends: List[_Send], release: List[MessageBase]
@@ -214,7 +280,9 @@ class _Host:
             release.append(m)
         elif kind == _W:
             release.append(m)
-            box.waiters.append((key, reqid, max(1, n), time.monotonic() + wait_ms / 1000.0))
+            lease = self.leases.lease(m.data, reqid) if m.data else None
+            expiry = time.monotonic() + wait_ms / 1000.0
+            box.waiters.append((key, reqid, max(1, n), expiry, lease))
         elif kind == _S:
             release.append(m)
             box.subs.setdefault(key, [0, reqid])
@@ -241,10 +309,10 @@ class _Host:
         for box in self.boxes.values():
             if not box.waiters:
                 continue
-            keep: Deque[Tuple[_Key, int, int, float]] = deque()
+            keep: Deque[_Waiter] = deque()
             for w in box.waiters:
                 if w[3] <= now or (box.eof and not box.items):
-                    f = _F_EOF if box.eof else 0
+                    f = (_F_EOF if box.eof else 0) | (_F_LEASE if w[4] is not None else 0)
                     sends.append((_to_msg(w[0], _header(_E, box.qid, w[1], 0, 0, f)), None))
                 else:
                     keep.append(w)
@@ -256,14 +324,20 @@ class _Host:
         """Hand out what the box can (lock held); collect the messages to send."""
         items = box.items
         while box.waiters and items:
-            key, reqid, n, _ = box.waiters.popleft()
-            k = min(n, len(items))
-            batch = [items.popleft() for _ in range(k)]
-            msg = _to_msg(key, _header(_D, box.qid, reqid, k), _pack(batch))
-            sends.append((msg, (box, batch, key, False, box.hand_out(key, batch))))
+            key, reqid, n, _, lease = box.waiters.popleft()
+            batch = [items.popleft()]
+            size = len(batch[0])
+            while len(batch) < n and items and size < PUSH_BATCH_BYTES:
+                size += len(items[0])
+                batch.append(items.popleft())
+            k = len(batch)
+            f = _F_LEASE if lease is not None else 0
+            msg = _to_msg(key, _header(_D, box.qid, reqid, k, 0, f), _pack(batch))
+            sends.append((msg, (box, batch, key, False, box.hand_out(key, batch), lease)))
         if box.eof and not items and box.waiters:
-            for key, reqid, _, _ in box.waiters:
-                sends.append((_to_msg(key, _header(_E, box.qid, reqid, 0, 0, _F_EOF)), None))
+            for key, reqid, _, _, lease in box.waiters:
+                f = _F_EOF | (_F_LEASE if lease is not None else 0)
+                sends.append((_to_msg(key, _header(_E, box.qid, reqid, 0, 0, f)), None))
             box.waiters.clear()
         if items and box.subs:
             keys = list(box.subs)
@@ -287,7 +361,7 @@ class _Host:
                 k = len(batch)
                 sub[0] += 1
                 msg = _to_msg(key, _header(_D, box.qid, sub[1], k, 0, _F_PUSH), _pack(batch))
-                sends.append((msg, (box, batch, key, True, box.hand_out(key, batch))))
+                sends.append((msg, (box, batch, key, True, box.hand_out(key, batch), None)))
         while box.held and not box.full():
             m, batch = box.held.popleft()
             items.extend(batch)
@@ -314,36 +388,36 @@ class _Host:
         the others leave their sends to it.
         """
         while True:
-            with self.cond:
+            with self.lock:
                 if self.flushing or not (self.outq or self.outrel):
                     return
                 self.flushing = True
                 sends, self.outq = self.outq, []
                 release, self.outrel = self.outrel, []
             try:
+                # sends first: a release is an acknowledgement nobody waits for
+                if sends:
+                    try:
+                        futs = self.node.send_many([s[0] for s in sends])
+                    except Exception:
+                        if self.stopping:
+                            return
+                        raise
+                    for (_, track), fut in zip(sends, futs):
+                        if track is not None:
+                            fut.add_done_callback(functools.partial(self._delivered, track=track))
                 for m in release:
                     m.release_slot()
-                if not sends:
-                    continue
-                try:
-                    futs = self.node.send_many([s[0] for s in sends])
-                except Exception:
-                    if self.stopping:
-                        return
-                    raise
-                for (_, track), fut in zip(sends, futs):
-                    if track is not None:
-                        fut.add_done_callback(functools.partial(self._delivered, track=track))
             finally:
-                with self.cond:
+                with self.lock:
                     self.flushing = False
 
     def _delivered(self, fut: Future[MessageBase], track: _Track) -> None:
-        box, batch, key, pushed, pos = track
+        box, batch, key, pushed, pos, lease = track
         failed = fut.exception() is not None
         sends: List[_Send] = []
         release: List[MessageBase] = []
-        with self.cond:
+        with self.lock:
             left = box.flying.get(key, 1) - 1
             if left:
                 box.flying[key] = left
@@ -353,7 +427,11 @@ class _Host:
                 # The client did not take them. They go back to the front once
                 # no other batch to this client is in flight, all at once and
                 # in the box's order (the failures of several batches may be
-                # reported in any order).
+                # reported in any order). Of a leased batch, the items its
+                # consumer had handed out are gone.
+                if lease is not None:
+                    done = self.leases.handed_out(lease, len(batch))
+                    pos, batch = pos + done, batch[done:]
                 box.failed.setdefault(key, []).append((pos, batch))
                 box.subs.pop(key, None)
                 box.waiters = deque(w for w in box.waiters if w[0] != key)
@@ -374,11 +452,11 @@ class _Host:
     # -- the hosting process's own handles ---------------------------------------------------
 
     def put_local(
-        self, qid: int, items: List[bytes], block: bool, timeout: Optional[float]
+        self, qid: int, items: List[_Item], block: bool, timeout: Optional[float]
     ) -> None:
         sends: List[_Send] = []
         release: List[MessageBase] = []
-        with self.cond:
+        with self.lock:
             box = self.boxes[qid]
             if box.full():
                 if not block:
@@ -388,7 +466,7 @@ class _Host:
                     left = None if end is None else end - time.monotonic()
                     if left is not None and left <= 0:
                         raise Full
-                    self.cond.wait(left)
+                    self._wait(left)
             box.items.extend(items)
             self._serve(box, sends, release)
             self._enqueue(sends, release)
@@ -397,10 +475,10 @@ class _Host:
 
     def get_local(
         self, qid: int, n: int, block: bool, timeout: Optional[float], ep: Optional[_Local] = None
-    ) -> List[bytes]:
+    ) -> List[_Item]:
         sends: List[_Send] = []
         release: List[MessageBase] = []
-        with self.cond:
+        with self.lock:
             box = self.boxes[qid]
             if not box.items:
                 if box.eof:
@@ -418,19 +496,20 @@ class _Host:
                     left = None if end is None else end - time.monotonic()
                     if left is not None and left <= 0:
                         raise Empty
-                    self.cond.wait(left)
+                    self._wait(left)
             k = min(n, len(box.items))
             out = [box.items.popleft() for _ in range(k)]
-            if box.held:
-                self._serve(box, sends, release)
-                self._enqueue(sends, release)
+            if not box.held and not self.outq:
+                return out  # queued releases go with the next flush
+            self._serve(box, sends, release)
+            self._enqueue(sends, release)
         self._flush()
         return out
 
     def close_local(self, qid: int) -> None:
         sends: List[_Send] = []
         release: List[MessageBase] = []
-        with self.cond:
+        with self.lock:
             box = self.boxes[qid]
             box.eof = True
             self._serve(box, sends, release)
@@ -439,13 +518,14 @@ class _Host:
         self._flush()
 
     def size_local(self, qid: int) -> Tuple[int, bool]:
-        with self.cond:
+        with self.lock:
             box = self.boxes[qid]
             return len(box.items), box.eof
 
     def stop(self) -> None:
-        with self.cond:
+        with self.lock:
             self.stopping = True
+            self.idle.notify_all()
             held = [m for box in self.boxes.values() for m, _ in box.held]
             for box in self.boxes.values():
                 box.held.clear()

@@ -3,8 +3,9 @@
 Part of :mod:`libchirp.mp` (its docstring has the overview; docs/mp.md the
 interface). Clients talk to a host with chirp messages in SYNCHRONOUS mode.
 The header (:data:`_HDR`) names the kind, the box, a request id, a count, a
-wait and flags; the data is a pickled list of item bytes (:func:`_pack`). The
-host never unpickles items.
+wait and flags; the data is a batch of items: their count, their lengths and
+the items back to back (:func:`_pack`); receivers keep the items as slices of
+the message's data. The host never unpickles items.
 
 * ``P`` put: a batch of items. The host appends it and *then* releases the
   message, which acknowledges it to the producer (SYNCHRONOUS): an acknowledged
@@ -12,12 +13,15 @@ host never unpickles items.
   batches unacknowledged and collects new items meanwhile, so batches grow
   while the host is busy. A box with ``maxsize`` that is full keeps the message
   unreleased until there is room, which stalls the producer (slots).
-* ``W`` want (pull mode): "give me up to n items, wait at most w ms". The host
+* ``W`` want (pull mode): "give me up to n items, wait at most w ms", its data
+  naming a lease slot (:mod:`.lease`; empty without one). The host
   releases it at once and answers later with exactly one message to the
   client's node: ``D`` with items, or ``E`` (empty, or end of file for a
-  pipe). The host sends ``D`` synchronously; the client releases it only when
-  its thread has taken the items, so if the client dies first the send fails
-  and the host puts the items back at the front of the box.
+  pipe), flagged :data:`_F_LEASE` if the host holds the lease. The host sends
+  ``D`` synchronously; the client releases it only when it has handed out
+  its last item (or given the rest back), so if the client dies first the
+  send fails and the host puts back the items the lease counter says were
+  not handed out (all of them without a lease) at the front of the box.
 * ``S``/``U`` subscribe/unsubscribe (push mode): the host sends ``D`` batches
   ahead of demand, round-robin over subscribers, at most :data:`PUSH_WINDOW`
   unacknowledged batches per subscriber. The client releases a pushed batch
@@ -38,10 +42,10 @@ acknowledgements above rely on it, and how a queue's name becomes its box id
 from __future__ import annotations
 
 import hashlib
-import pickle
 import queue as _queue
 import struct
-from typing import Iterator, List, Optional, Tuple
+import threading
+from typing import Iterator, List, Optional, Tuple, Union
 
 from .. import mp  # the settings (mp.CONFIG, mp.TIMEOUT) are read from the package at use
 from ..config import Config
@@ -59,10 +63,25 @@ PUT_LIMIT = 65536
 PUSH_WINDOW = 4
 PUSH_BATCH = 256
 PUSH_BATCH_BYTES = 1 << 20
+#: Items a pull consumer asks for per request at most (its credit, see
+#: :mod:`.lease`), and how much of its own consumption time it holds ahead.
+PULL_BATCH = 256
+PULL_AHEAD = 0.01
 #: Slots per connection of this module's nodes.
 SLOTS = 16
 #: Longest wait of one pull request; longer waits are repeated (liveness).
 CHUNK = 1.0
+#: The wait of a pipe reader's request for its next item, sent as soon as it
+#: took one (an answer that comes quickly needs no request after the recv()).
+AHEAD_WAIT = 0.05
+#: A queue consumer whose credit is at least this asks for its next batch when
+#: it has handed out half of its last one (the same way).
+AHEAD_CREDIT = 16
+#: Longest read of a node by a waiting thread before it re-checks what it waits for.
+READ_SLICE = 0.2
+#: How long a host's own thread leaves the reading to the hosting process's
+#: threads after one of them stopped reading (it may be back at once).
+READ_LAZY = 0.002
 #: How long past its wait a client waits for the host's answer before it
 #: declares the host unreachable.
 SLACK = 30.0
@@ -72,9 +91,11 @@ SLACK = 30.0
 _HDR = struct.Struct("!cQQIIB")
 #: The kinds (see the module docstring).
 _P, _R, _W, _S, _U, _C, _Z, _D, _E = (b"P", b"R", b"W", b"S", b"U", b"C", b"Z", b"D", b"E")
-#: Flags: end of file (a pipe's writer closed, or no such box); a pushed D batch.
+#: Flags: end of file (a pipe's writer closed, or no such box); a pushed D batch;
+#: the host holds the lease named in the W request this answers (:mod:`.lease`).
 _F_EOF = 1
 _F_PUSH = 2
+_F_LEASE = 4
 
 _Key = Tuple[str, int]
 #: A handle's TLS setting: (CERT_CHAIN_PEM, DH_PARAMS_PEM, DISABLE_ENCRYPTION, BIND_V4, BIND_V6).
@@ -114,15 +135,70 @@ def _header(
     return _HDR.pack(kind, qid, reqid, n, int(max(0.0, wait) * 1000), f)
 
 
-def _pack(items: List[bytes]) -> bytes:
-    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+#: An item as a handle or host holds it: the pickle's bytes, or a slice of the
+#: batch it came in (nobody copies it out: the host hands it on, the consumer
+#: unpickles it from there).
+_Item = Union[bytes, memoryview]
+_COUNT = struct.Struct("!I")
 
 
-def _unpack(data: bytes) -> List[bytes]:
-    items = pickle.loads(data) if data else []
-    if type(items) is not list:
+def _pack(items: List[_Item]) -> bytes:
+    """A batch: the count, the lengths, then the items back to back (one copy)."""
+    n = len(items)
+    return b"".join([_COUNT.pack(n), struct.pack("!%dI" % n, *map(len, items)), *items])
+
+
+def _unpack(data: bytes) -> List[_Item]:
+    """The items of a batch, as slices of ``data`` (no copy)."""
+    if not data:
+        return []
+    try:
+        (n,) = _COUNT.unpack_from(data)
+        lengths = struct.unpack_from("!%dI" % n, data, _COUNT.size)
+    except struct.error:
+        raise ValueError("malformed batch") from None
+    view = memoryview(data)
+    off = _COUNT.size + 4 * n
+    items: List[_Item] = []
+    for size in lengths:
+        items.append(view[off : off + size])
+        off += size
+    if off != len(data):
         raise ValueError("malformed batch")
     return items
+
+
+class _Reader:
+    """Whoever waits reads: the role of reading a node, for threads waiting for what it brings.
+
+    A thread that waits for a message (an answer, an item) takes the
+    messages from the node itself, if no other thread does, instead of
+    sleeping until another thread took them and woke it: the thread that
+    waits in ``get_many()`` runs the node's loop itself (docs/architecture.md),
+    so a message goes from the socket to a waiting thread without a hop. The
+    others wait on ``cond`` and are woken after each read. Methods are called
+    with ``cond`` held.
+    """
+
+    def __init__(self, node: Chirp, cond: threading.Condition) -> None:
+        self.node = node
+        self.cond = cond
+        self.reading = False
+
+    def take(self, timeout: float) -> List[Message]:
+        """What arrives within ``timeout`` (0: what is there), the lock released meanwhile."""
+        self.reading = True
+        self.cond.release()
+        try:
+            if timeout > 0:
+                return self.node.get_many(1024, timeout=timeout)
+            return self.node.get_many(1024, block=False)
+        except _queue.Empty:
+            return []
+        finally:
+            self.cond.acquire()
+            self.reading = False
+            self.cond.notify_all()
 
 
 def _late_messages(node: Chirp) -> Iterator[MessageBase]:
