@@ -12,7 +12,7 @@ import traceback
 import warnings
 
 import pytest
-from conftest import SANITIZER, TIMEOUT_SCALE, make_config
+from conftest import SANITIZER, TIMEOUT_SCALE, make_config, wait_for
 
 import libchirp
 import libchirp.queue
@@ -212,13 +212,6 @@ def test_stop_hands_out_queued_messages_before_shutdown(make_node):
         node.get()
 
 
-def wait_queued(node, count=1):
-    deadline = time.monotonic() + 10 * TIMEOUT_SCALE
-    while node.qsize() < count:
-        assert time.monotonic() < deadline, "the message was not queued"
-        time.sleep(0.01)
-
-
 @pytest.mark.timeout(60)
 def test_stop_does_not_acknowledge_messages_nobody_took(make_node, caplog):
     """A SYNCHRONOUS send succeeds only once the receiver's application got the
@@ -226,7 +219,7 @@ def test_stop_does_not_acknowledge_messages_nobody_took(make_node, caplog):
     sender = make_node(SYNCHRONOUS=True, TIMEOUT=10.0)
     node = make_node(TIMEOUT=0.5)
     sent = sender.send(message(node.port, b"precious"))
-    wait_queued(node)
+    wait_for(node.qsize, 10, "the message to be queued")
     with caplog.at_level("WARNING", logger="libchirp"):
         node.stop()  # no RuntimeError: the application held nothing
     assert any("never taken" in r.getMessage() for r in caplog.records)
@@ -243,7 +236,7 @@ def test_dropped_node_does_not_acknowledge_its_queue(make_node, loop):
     sender = make_node(SYNCHRONOUS=True, TIMEOUT=10.0)
     node = libchirp.queue.Chirp(loop, make_config(TIMEOUT=0.5))
     sent = sender.send(message(node.port, b"precious"))
-    wait_queued(node)
+    wait_for(node.qsize, 10, "the message to be queued")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         del node
