@@ -36,7 +36,6 @@ interface) raise ``libchirp.loop.ChirpForkError`` (a ``RuntimeError``) at once.
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 import weakref
 from concurrent.futures import Future
@@ -44,6 +43,7 @@ from concurrent.futures import TimeoutError as _FutureTimeout  # builtin only fr
 from types import TracebackType
 from typing import Any, Callable, Generic, Iterable, List, Optional, Type, TypeVar
 
+from . import _process
 from ._core import START_LIMIT, NodeCore, Timer
 from ._future import LightFuture
 from .config import Config
@@ -309,7 +309,7 @@ class ChirpBase:
         if node is None or node.done or node.stop_sent:
             return
         loop = getattr(self, "_loop", None)
-        if loop is not None and getattr(loop, "_pid", None) != os.getpid():
+        if loop is not None and getattr(loop, "_pid", None) != _process.PID:
             return  # an inherited copy in a forked child: nothing of it runs here
         warnings.warn(
             "libchirp node was not stopped; call stop() or use it as a context manager",

@@ -39,6 +39,7 @@ import warnings
 from types import TracebackType
 from typing import Any, Callable, Optional, Type, TypeVar
 
+from . import _process
 from ._core import LoopCore, logger
 from .errors import ChirpError
 
@@ -63,14 +64,14 @@ class Loop:
     """An event loop running in background threads; ``run_loop=False`` defers ``run()``."""
 
     def __init__(self, run_loop: bool = True) -> None:
-        self._pid = os.getpid()
+        self._pid = _process.PID
         self._core = LoopCore()
         if run_loop:
             self.run()
 
     def _check_process(self) -> None:
         """Raise :class:`ChirpForkError` in a process forked after this Loop was made."""
-        if self._pid != os.getpid():
+        if self._pid != _process.PID:
             raise ChirpForkError(self._pid)
 
     def run(self) -> None:
@@ -128,7 +129,7 @@ class Loop:
 
     def __del__(self) -> None:
         core = getattr(self, "_core", None)
-        if core is None or getattr(self, "_pid", None) != os.getpid():
+        if core is None or getattr(self, "_pid", None) != _process.PID:
             return
         if core.running:
             warnings.warn(
