@@ -15,8 +15,11 @@
  * connection's MAX_SLOTS slots are all held, reading stops and the unread
  * bytes stay in rbuf until a release frees a slot (docs/flow-control.md#slots).
  *
- * Writing: one frame at a time (header, header bytes, data bytes in one
- * uv_write), chosen by the remote's scheduler (remote.c).
+ * Writing: a batch of frames at a time (header, header bytes, data bytes of
+ * each, one write), chosen by the remote's scheduler (remote.c). A batch of
+ * commands (sends, releases) is written at its end, one write per peer
+ * (loop->corked); plaintext goes out with uv_try_write and completes at once
+ * when the socket took it all, uv_write carries the rest.
  *
  * Closing runs the rules of 6.7 through ch__remote_conn_closed(); messages
  * the application still holds forget the connection and release at once.
@@ -639,7 +642,40 @@ static void ch__conn_write_cb(uv_write_t *req, int status)
     ch__conn_frame_written(req->data, status);
 }
 
-/* Write a batch of frames (taken over from *batch) with one uv_write. */
+/* Plaintext: the socket takes what it can at once (uv_try_write), uv_write
+ * the rest. A write that went out whole completes here, without waiting for
+ * a callback from the next loop iteration (and without that iteration's
+ * poll). The frames its completion lets out (ch__remote_flush) use uv_write,
+ * so completions never recurse. Errors are left to uv_write, whose callback
+ * reports them as before. Returns uv_write's code. */
+static int ch__conn_write_plain(ch_conn_t *c, uv_buf_t *bufs, unsigned n)
+{
+    if (!(c->flags & CH__CONNF_SYNCDONE)) {
+        size_t total = 0;
+        for (unsigned i = 0; i < n; i++)
+            total += bufs[i].len;
+        int w = uv_try_write((uv_stream_t *)&c->tcp, bufs, n);
+        if (w >= 0 && (size_t)w == total) {
+            c->flags |= CH__CONNF_SYNCDONE;
+            ch__conn_frame_written(c, 0);
+            c->flags &= ~CH__CONNF_SYNCDONE;
+            return 0;
+        }
+        if (w > 0) {
+            size_t left = (size_t)w;
+            while (left >= bufs[0].len) {
+                left -= bufs[0].len;
+                bufs++;
+                n--;
+            }
+            bufs[0].base += left;
+            bufs[0].len -= left;
+        }
+    }
+    return uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, n, ch__conn_write_cb);
+}
+
+/* Write a batch of frames (taken over from *batch): at once, or with one uv_write. */
 void ch__conn_write(ch_conn_t *c, ch_msgq_t *batch)
 {
     ch_node_t *node = c->node;
@@ -667,7 +703,7 @@ void ch__conn_write(ch_conn_t *c, ch_msgq_t *batch)
             ch__conn_arm_timer(c);
         return;
     }
-    int rc = uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, n, ch__conn_write_cb);
+    int rc = ch__conn_write_plain(c, bufs, n);
     if (rc != 0) {
         ch__conn_close(c, CH_PROTOCOL_ERROR, "write to %s failed: %s", c->name, uv_strerror(rc));
         return;

@@ -79,6 +79,7 @@ struct ch_loop_s {
     uint64_t events_since; /* uv_hrtime() when the pending events began (ns) */
     uint64_t released_at;  /* uv_hrtime() when an application owner last left (ns) */
     uint64_t batch_seq;    /* times the token was given up: app waiters re-check */
+    uint64_t bg_seen_seq;  /* batch_seq when the background thread last looked */
     /* Embedding (ch_loop_embed; docs/architecture.md#embedding-in-asyncio): an
      * event loop of another library watches uv_backend_fd() and drives with
      * CH_DRIVE_NOWAIT; the background thread only watches that it does. */
@@ -102,6 +103,8 @@ struct ch_loop_s {
     int closing;
     int closed; /* the handles are closed and uv_run found nothing alive */
     uint64_t rng;
+    int corked;       /* running a batch of commands: writes wait for its end */
+    ch__vec_t dirty;  /* ch_remote_t *: remotes with frames to write at the end */
 };
 
 #define CH__BG_TIMED 1
@@ -110,6 +113,13 @@ struct ch_loop_s {
  * thread gave it up without work under way: a thread that waits, answers and
  * waits again takes it back meanwhile without waking anybody. */
 #define CH__GRACE_NS (CH_LAZY_MS * 1000000ull)
+/* While application threads pass the token among themselves (it changed
+ * hands since the background thread last looked), the background thread
+ * looks again after this long instead of being woken by every release: a
+ * ping-pong costs it about 250 wake-ups a second, not one per message. An
+ * application thread that stops taking the loop leaves it undriven for at
+ * most this plus CH__GRACE_NS. */
+#define CH__PINGPONG_NS (4 * 1000000ull)
 /* The background thread of an embedded loop looks this often whether the
  * embedding event loop attends to it. */
 #define CH__WATCH_NS (CH_EMBED_WATCH_MS * 1000000ull)
@@ -124,6 +134,11 @@ int ch__loop_extend_release_done(ch_node_t *node, uint64_t token);
 void ch__event_init(ch_event_t *ev, int type, ch_node_t *node, uint64_t token, int status);
 void ch__loop_flush(ch_loop_t *loop);
 void ch__loop_node_gone(ch_loop_t *loop, ch_node_t *node);
+/* Owner, while a batch of commands runs: remember r to be flushed at the end
+ * of the batch (1), so that its sends leave in one write; 0: flush now. */
+int ch__loop_defer_flush(ch_loop_t *loop, ch_remote_t *r);
+/* r is deleted: take it off that list. */
+void ch__loop_forget_remote(ch_loop_t *loop, ch_remote_t *r);
 uint64_t ch__loop_rand(ch_loop_t *loop);
 void ch__log(ch_node_t *node, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -220,6 +235,7 @@ struct ch_remote_s {
     int nackwait;    /* its connections that stopped reading for that backlog */
     int blocked; /* reconnect back-off running */
     int deleted;
+    int dirty;   /* in loop->dirty: to be flushed when the command batch ends */
     uv_timer_t timer; /* reconnect back-off */
     ch_counters_t counters;
     ch_remote_t *hnext;
@@ -264,6 +280,7 @@ enum ch__conn_state {
 #define CH__CONNF_CLOSING 0x04
 #define CH__CONNF_READING 0x08
 #define CH__CONNF_ACKWAIT 0x10  /* reading stopped: too many ACKs wait to be written */
+#define CH__CONNF_SYNCDONE 0x20 /* completing a write that finished at once (no second one) */
 
 /*
  * What a peer can make a connection hold (docs/reliability.md): MAX_SLOTS

@@ -387,6 +387,42 @@ static void ch__loop_close_handles(ch_loop_t *loop)
 
 static void ch__loop_wake_cb(uv_async_t *h) { ch__loop_run_cmds(h->data); }
 
+int ch__loop_defer_flush(ch_loop_t *loop, ch_remote_t *r)
+{
+    if (!loop->corked)
+        return 0;
+    if (!r->dirty) {
+        if (ch__vec_push(&loop->dirty, &r, sizeof(r)) != CH_SUCCESS)
+            return 0; /* no memory for the list: write now */
+        r->dirty = 1;
+    }
+    return 1;
+}
+
+void ch__loop_forget_remote(ch_loop_t *loop, ch_remote_t *r)
+{
+    ch_remote_t **rs = loop->dirty.items;
+    for (size_t i = 0; i < loop->dirty.len; i++)
+        if (rs[i] == r)
+            rs[i] = NULL;
+    r->dirty = 0;
+}
+
+/* The end of a batch of commands: write what it queued, one write per remote. */
+static void ch__loop_uncork(ch_loop_t *loop)
+{
+    loop->corked = 0;
+    for (size_t i = 0; i < loop->dirty.len; i++) {
+        ch_remote_t *r = ((ch_remote_t **)loop->dirty.items)[i];
+        if (r) {
+            r->dirty = 0;
+            ch__remote_flush(r);
+        }
+    }
+    loop->dirty.len = 0;
+    ch__vec_shrink(&loop->dirty);
+}
+
 static void ch__loop_run_cmds(ch_loop_t *loop)
 {
     ch__cmd_t batch[256];
@@ -405,6 +441,7 @@ static void ch__loop_run_cmds(ch_loop_t *loop)
         stop = loop->stop_requested;
         loop->sleeping = 0;
         uv_mutex_unlock(&loop->lock);
+        loop->corked = 1; /* the batch's frames to one peer leave in one write */
         for (size_t i = 0; i < n; i++) {
             ch__cmd_t *c = &batch[i];
             switch (c->type) {
@@ -425,6 +462,7 @@ static void ch__loop_run_cmds(ch_loop_t *loop)
                 break;
             }
         }
+        ch__loop_uncork(loop);
         done += n;
         if (n < 256)
             break;
@@ -516,20 +554,25 @@ void ch_loop_free(ch_loop_t *loop)
     free(loop->cmds.items);
     free(loop->events.items);
     free(loop->local_events.items);
+    free(loop->dirty.items);
     free(loop);
 }
 
-/* The owner: run the commands queued, one loop iteration without blocking
- * (the callbacks of writes just done, I/O that is ready), then give the loop
- * up. */
+/* The owner: run the commands queued, one loop iteration without blocking if
+ * they left something under way (the callbacks of writes not done at once),
+ * then give the loop up. */
 static void ch__loop_run_direct(ch_loop_t *loop)
 {
     /* The loop's clock stood still since its last run: deadlines of what the
      * commands start (a send's TIMEOUT) count from now. */
     uv_update_time(&loop->uv);
     ch__loop_run_cmds(loop);
-    if (uv_run(&loop->uv, UV_RUN_NOWAIT) == 0 && loop->closing)
-        loop->closed = 1;
+    /* Writes the socket took at once are complete already: a loop iteration
+     * only for what is under way (a partial write, a connect, a close). */
+    if (loop->closing || ch__loop_needs_run(loop)) {
+        if (uv_run(&loop->uv, UV_RUN_NOWAIT) == 0 && loop->closing)
+            loop->closed = 1;
+    }
     ch__loop_flush(loop);
     int needs_run = ch__loop_needs_run(loop);
     uint64_t due = ch__loop_due(loop);
@@ -852,7 +895,12 @@ take:
                 until = loop->app_waiting ? now + CH__GRACE_NS : loop->released_at + CH__GRACE_NS;
                 if (deadline && !timed_out && deadline < until)
                     until = deadline;
+            } else if (loop->batch_seq != loop->bg_seen_seq) {
+                /* Application threads pass the token around: look again
+                 * later, unwoken by their releases (see CH__PINGPONG_NS). */
+                until = now + CH__PINGPONG_NS;
             }
+            loop->bg_seen_seq = loop->batch_seq;
             loop->bg_waiting = until ? CH__BG_TIMED : CH__BG_UNTIMED;
             ch__loop_wait(&loop->cond_bg, &loop->lock, until);
             loop->bg_waiting = 0;

@@ -204,6 +204,8 @@ void ch__remote_flush(ch_remote_t *r)
     ch_conn_t *c = r->conn;
     if (!c || c->state != CH__CONN_READY || c->writing.head || (c->flags & CH__CONNF_CLOSING))
         return;
+    if (ch__loop_defer_flush(r->node->loop, r))
+        return; /* at the end of the batch of commands */
     /* Gather frames into one write: control frames first, then data frames;
      * a REQ_ACK frame only while none is outstanding (docs/protocol.md#wire-format). */
     ch_msgq_t batch = {0};
@@ -388,6 +390,8 @@ void ch__remote_delete(ch_remote_t *r, int reason, const char *text)
 {
     ch_node_t *node = r->node;
     r->deleted = 1;
+    if (r->dirty)
+        ch__loop_forget_remote(node->loop, r);
     size_t k = ch__remote_hash(r->family, r->addr, r->port) & (node->nbuckets - 1);
     for (ch_remote_t **pp = &node->buckets[k]; *pp; pp = &(*pp)->hnext) {
         if (*pp == r) {
