@@ -603,7 +603,7 @@ class Chirp(ChirpBase):
     def _start_handler(self, msg: Message) -> None:
         # asyncio loop thread.
         if self._closing:
-            _release_quietly(msg)
+            self._park(msg)  # never handled: not acknowledged either
             return
         task = self._aloop.create_task(self._run_handler(msg))
         self._tasks[task] = msg

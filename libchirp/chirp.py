@@ -36,6 +36,7 @@ interface) raise ``libchirp.loop.ChirpForkError`` (a ``RuntimeError``) at once.
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 import weakref
 from concurrent.futures import Future
@@ -133,6 +134,10 @@ class ChirpBase:
     ) -> None:
         self._node: Optional[NodeCore] = None
         self._stopped = False
+        #: Received messages the interface will never hand to the application
+        #: (they arrived while it stops): not acknowledged (see _park()).
+        self._parked: List[MessageBase] = []
+        self._parked_lock = threading.Lock()
         if not isinstance(loop, Loop):
             raise TypeError("loop must be a libchirp.Loop, not %s" % type(loop).__name__)
         if not isinstance(config, Config):
@@ -283,15 +288,32 @@ class ChirpBase:
             return
         self._check_process()
         try:
-            node.stop(self._take_undelivered)
+            node.stop(self._take_undelivered, self._parked_now)
         finally:
             self._stopped = node.done
+
+    def _park(self, msg: MessageBase) -> None:
+        """Keep ``msg`` unhandled and unacknowledged: the interface stops and will
+        never hand it to the application (a handler interface's message that
+        arrived after ``stop()`` began, or whose handler was cancelled). The stop
+        does not wait for its release and detaches it unacknowledged, so a
+        SYNCHRONOUS sender's send fails instead of succeeding for a message
+        nobody handled (docs/reliability.md)."""
+        with self._parked_lock:
+            self._parked.append(msg)
+
+    def _parked_now(self) -> List[MessageBase]:
+        with self._parked_lock:
+            return list(self._parked)
 
     def _take_undelivered(self) -> List[MessageBase]:
         """The interface's received messages never handed to the application,
         taken out (called by the stop once it waited for releases; see
-        ``NodeCore.stop``). Interfaces that queue messages override it."""
-        return []
+        ``NodeCore.stop``): the parked ones; interfaces that queue messages
+        add their queue."""
+        with self._parked_lock:
+            msgs, self._parked = self._parked, []
+        return msgs
 
     def __enter__(self: _Self) -> _Self:
         return self

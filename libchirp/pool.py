@@ -16,10 +16,12 @@ waiting for the send, the release happens when that send completed. With
 AUTO_RELEASE False the handler must call ``msg.release_slot()``; the default
 ``handler`` does so, so that a node without a handler never leaks slots.
 
-``stop()``: new messages are released at once (not handled); the pool is shut
-down; handlers already submitted run to completion, waited for at most
-Config.TIMEOUT (handlers still queued after that are cancelled and their
-messages released); then the node stops as in ChirpBase.stop(). Call stop()
+``stop()``: new messages are not handled; the pool is shut down; handlers
+already submitted run to completion, waited for at most Config.TIMEOUT
+(handlers still queued after that are cancelled); then the node stops as in
+ChirpBase.stop(). Messages that no handler ran (new ones, cancelled ones) are
+not acknowledged: the stop detaches them, so a SYNCHRONOUS sender's send fails
+(docs/reliability.md). Call stop()
 from outside the handlers: called from a handler it does not wait for that
 handler, but the handler's own message is still held (AUTO_RELEASE happens when
 the handler returns), so the node stop waits Config.TIMEOUT for it and raises.
@@ -80,13 +82,13 @@ class Chirp(ChirpBase):
     def _deliver(self, msg: Message) -> None:
         # Dispatcher thread.
         if self._closing:
-            msg.release_slot()
+            self._park(msg)  # never handled: not acknowledged either
             return
         with self._tasks_lock:
             try:
                 fut = self._pool.submit(self._run, msg)
             except RuntimeError:  # the pool is shut down: stop() is running
-                msg.release_slot()
+                self._park(msg)
                 return
             self._tasks[fut] = msg
         fut.add_done_callback(self._task_done)
@@ -95,8 +97,8 @@ class Chirp(ChirpBase):
         with self._tasks_lock:
             msg = self._tasks.pop(fut, None)
             self._tasks_lock.notify_all()
-        if fut.cancelled() and msg is not None:  # never ran: release for it
-            msg.release_slot()
+        if fut.cancelled() and msg is not None:  # its handler never ran
+            self._park(msg)
 
     def _run(self, msg: Message) -> None:
         # Pool thread.

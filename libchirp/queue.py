@@ -142,7 +142,7 @@ class Chirp(ChirpBase, _queue.Queue[Message]):
             self.unfinished_tasks = max(0, self.unfinished_tasks - len(msgs))
             if msgs:
                 self.all_tasks_done.notify_all()
-        return cast(List[MessageBase], msgs)
+        return ChirpBase._take_undelivered(self) + cast(List[MessageBase], msgs)
 
     def _lead(self, timeout: Optional[float]) -> Optional[float]:
         """Handle the loop's events on this thread until a message is queued.

@@ -272,3 +272,44 @@ def test_context_manager(loop, bounded):
 
     node = bounded(scenario, 30, "pool.Chirp as a context manager")
     assert "stopped" in repr(node)
+
+
+@pytest.mark.timeout(60)
+def test_messages_no_handler_ran_are_not_acknowledged(start, bounded):
+    """A SYNCHRONOUS send succeeds only for a message a handler ran: one that
+    arrives while the pool stops, and one whose queued handler the stop
+    cancels, fail at the sender instead (docs/reliability.md)."""
+    gate = threading.Event()
+    entered = threading.Event()
+    handled = []
+
+    class Slow(libchirp.pool.Chirp):
+        def handler(self, msg):
+            handled.append(msg.data)
+            entered.set()
+            gate.wait(30)
+
+    receiver = start(Slow, pool_kwargs={"max_workers": 1}, TIMEOUT=2.0)
+    sender = start(TIMEOUT=20.0)
+    busy = sender.send(message(receiver, b"busy"))
+    assert entered.wait(WAIT)
+    queued = sender.send(message(receiver, b"queued"))  # waits behind the busy handler
+    deadline = time.monotonic() + WAIT
+    while receiver.statistics()["held_messages"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stopper = threading.Thread(target=lambda: pytest.raises(RuntimeError, receiver.stop))
+    stopper.start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while not receiver._closing and time.monotonic() < deadline:
+            time.sleep(0.005)
+        late = sender.send(message(receiver, b"late"))  # arrives while the pool stops
+        for fut, what in ((queued, "queued"), (late, "late")):
+            exc = settle(fut, 20, "send of the %s message" % what)
+            assert isinstance(exc, ConnectionError), "%s: %r" % (what, exc)
+    finally:
+        gate.set()
+        stopper.join(20)
+    assert not stopper.is_alive()
+    assert handled == [b"busy"]
+    settle(busy, 20, "send of the busy message")  # released by the stop (it raised for it)

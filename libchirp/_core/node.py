@@ -160,7 +160,11 @@ class NodeCore(Sends, Requests, Receives, Statistics):
 
     # -- stop ----------------------------------------------------------------------------------
 
-    def stop(self, undelivered: Optional[Callable[[], List[MessageBase]]] = None) -> None:
+    def stop(
+        self,
+        undelivered: Optional[Callable[[], List[MessageBase]]] = None,
+        parked: Optional[Callable[[], List[MessageBase]]] = None,
+    ) -> None:
         """Stop the node; idempotent and bounded, see ChirpBase.stop().
 
         ``undelivered``: the interface's hook that takes out and returns the
@@ -168,6 +172,9 @@ class NodeCore(Sends, Requests, Receives, Statistics):
         content), called once the wait for releases is over. They are not
         released: the stop detaches them unacknowledged, so a SYNCHRONOUS
         sender's send fails instead of succeeding for a message nobody got.
+        ``parked``: returns those of them that the application can no longer
+        get at all (a handler interface's, see ChirpBase._park()): the wait for
+        releases does not wait for them.
         """
         if self.loop.in_dispatcher():
             raise RuntimeError(
@@ -181,7 +188,7 @@ class NodeCore(Sends, Requests, Receives, Statistics):
                 self.closing = True
             # 1. Give the application TIMEOUT to release what it holds.
             deadline = _monotonic() + self.timeout
-            while self.held and _monotonic() < deadline:
+            while self._awaited(parked) and _monotonic() < deadline:
                 time.sleep(0.005)
             dropped = undelivered() if undelivered is not None else []
             with self.lock:
@@ -243,6 +250,13 @@ class NodeCore(Sends, Requests, Receives, Statistics):
             raise RuntimeError(
                 "Timeout waiting for released messages, maybe a message was not released."
             )
+
+    def _awaited(self, parked: Optional[Callable[[], List[MessageBase]]]) -> bool:
+        """Whether the application still holds messages the stop waits for."""
+        held = self.held
+        if not held or parked is None:
+            return bool(held)
+        return bool(held.difference(parked()))
 
     def on_stopped(self) -> None:
         with self.lock:

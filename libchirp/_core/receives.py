@@ -89,7 +89,15 @@ class Receives:
             if DROP_LATE_REPLIES:
                 self.release(msg)
                 return
-        if self.closing or (self.deliver is None and self.deliver_many is None):
+        if self.closing:
+            # The node stops: nobody gets this message, so it is not
+            # acknowledged either (a SYNCHRONOUS sender's send fails); its
+            # record is freed after the stop, like one received after it.
+            with self.lock:
+                msg._c = None
+                self.orphans.append(cmsg)
+            return
+        if self.deliver is None and self.deliver_many is None:
             self.release(msg)
             return
         self.held.add(msg)
