@@ -18,6 +18,13 @@ plaintext over 127.0.0.1 except shape 6:
    loop; server an echo handler, client ``await request()``) against zmq.asyncio (ROUTER echo,
    DEALER ``await send()``/``await recv()``).
 
+Shape 1 also reports CPU and context switches per roundtrip of both processes (all threads,
+``getrusage`` deltas over the timed phase, client + server). With the key ``floor`` shape 1's
+rounds also measure plain Python blocking sockets (``pybench.py --system plain``), the floor
+libchirp must reach half of. ``lat``: latency p50/p99 at 1 in flight with 0.3 ms and 3 ms
+pauses between roundtrips (libchirp against pyzmq, and against today's figures,
+LATENCY_BASELINE). ``idle``: CPU and wake-ups of an idle node (benchmarks/idle.py), once.
+
 Plus memory: RSS per idle connection for 1,000 idle connections (benchmarks/memory.py, if
 present). Every round measures each shape once per system, libchirp and pyzmq alternating
 (the order flips every round); the table shows medians over the rounds and the ratio
@@ -64,9 +71,10 @@ SHOWN = {"libchirp": "libchirp", "pyzmq": "pyzmq", "plain": "plain sockets"}
 SHAPES = ("1", "floor", "lat", "2", "3", "4", "5", "6", "7", "8", "mem", "idle")
 #: Pauses (seconds) of the latency rows (shape key ``lat``).
 PAUSES = (0.0003, 0.003)
-#: Today's latency (µs, p50 and p99; libchirp) with those pauses: the baseline the rows are
-#: checked against ("no worse than today"); measured on main, docs/benchmarks.md.
-LATENCY_BASELINE: Dict[float, Tuple[float, float]] = {}
+#: Today's libchirp latency (µs: p50, p99) with those pauses, the baseline of "no worse than
+#: today": medians of `benchmarks/run.py --shapes lat --rounds 9 --no-write` on main as of
+#: 2026-12-06 (commit 22fce0f), machine of the table; docs/benchmarks.md.
+LATENCY_BASELINE: Dict[float, Tuple[float, float]] = {0.0003: (102.0, 314.0), 0.003: (247.0, 967.0)}
 #: Target of the CPU row: both processes together, per roundtrip at 1 in flight (µs).
 CPU_TARGET_US = 40.0
 #: Targets of the idle rows: % of one core, wake-ups (context switches of all threads) per second.
