@@ -14,10 +14,24 @@ per line), so every measurement runs between two processes:
 * ``pybench.py server --system zmq``: a ROUTER echo socket (``copy=True``), a
   second ROUTER echo socket for large messages (``copy=False``) and a PULL sink
   that counts like the chirp server (the first byte of a frame is its marker).
-* ``pybench.py client --system chirp|zmq``: reads commands
+* ``pybench.py server --system plain``: the floor, no messaging library at
+  all: a listening TCP socket, one thread per connection echoing
+  length-prefixed frames (4 bytes little-endian length, then the payload) with
+  blocking ``recv()`` and ``sendall()``, ``TCP_NODELAY`` on.
+* ``pybench.py client --system chirp|zmq|plain``: reads commands
   (``{"op": "rt", ...}`` roundtrips for a fixed time with a window in flight,
-  ``{"op": "stream", ...}`` a one-way stream of a fixed count) and prints
-  ``RESULT {...}``.
+  ``{"op": "lat", ...}`` one roundtrip at a time with a pause between a reply
+  and the next request, latency percentiles; ``{"op": "stream", ...}`` a
+  one-way stream of a fixed count) and prints ``RESULT {...}``.
+
+CPU and context switches (``"usage": true`` in an ``rt`` command, 1 in flight):
+at the start of the timed phase the client sends one marker (``U``: the chirp
+header, a first zmq frame, the first byte of a plain frame); the server takes a
+``getrusage(RUSAGE_SELF)`` snapshot and echoes it, and on the echo the client
+takes its own. At the end of the timed phase the client takes its second
+snapshot and sends a ``V`` marker, on which the server prints
+``USAGE {"cpu_s": ..., "ctx": ...}``, its delta; the client's delta comes with
+its ``RESULT``. Both cover all threads of their process.
 
 With ``--aio`` both roles run on an asyncio event loop instead (shape 8):
 ``libchirp.asyncio.Chirp`` nodes, each on a Loop of its own (so the asyncio
@@ -42,11 +56,14 @@ import collections
 import json
 import os
 import queue
+import resource
 import socket
+import statistics
+import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -60,6 +77,8 @@ ZMQ_NOCOPY_SIZE = 16384
 
 perf_counter = time.perf_counter
 _Message: Any = None  # libchirp.queue.Message, imported by chirp_node()
+#: Length prefix of a plain-socket frame.
+_LEN = struct.Struct("<I")
 
 
 def free_port() -> int:
@@ -95,6 +114,61 @@ def stdin_closed() -> threading.Event:
 
     threading.Thread(target=watch, daemon=True).start()
     return ev
+
+
+def rusage_now() -> Tuple[float, int]:
+    """CPU seconds (user + system) and context switches (voluntary + involuntary) so far.
+
+    ``getrusage(RUSAGE_SELF)``: the whole process, all its threads together.
+    """
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime, ru.ru_nvcsw + ru.ru_nivcsw
+
+
+def usage_since(start: Tuple[float, int]) -> Dict[str, float]:
+    """``{"cpu_s", "ctx"}``: what this process used since the snapshot ``start``."""
+    cpu, ctx = rusage_now()
+    return {"cpu_s": cpu - start[0], "ctx": ctx - start[1]}
+
+
+class ServerUsage:
+    """The server's side of a usage measurement: ``U`` marker begins it, ``V`` ends it.
+
+    At ``V`` the server prints ``USAGE {"cpu_s": ..., "ctx": ...}`` (its delta).
+    """
+
+    def __init__(self) -> None:
+        self.start = rusage_now()
+
+    def begin(self) -> None:
+        self.start = rusage_now()
+
+    def end(self) -> None:
+        say("USAGE", **usage_since(self.start))
+
+
+class ClientUsage:
+    """The client's side: the ``U`` roundtrip, then a snapshot; a snapshot; the ``V`` marker.
+
+    ``marker()`` sends ``U`` and waits for its echo (the server's interval has
+    begun); ``end_marker()`` sends ``V`` (not echoed).
+    """
+
+    def __init__(self, marker: Callable[[], Any], end_marker: Callable[[], Any]) -> None:
+        self.marker, self.end_marker = marker, end_marker
+        self.start = (0.0, 0)
+        self.delta: Dict[str, float] = {}
+
+    def begin(self) -> None:
+        self.marker()
+        self.start = rusage_now()
+
+    def end(self) -> None:
+        self.delta = usage_since(self.start)
+
+    def report(self) -> Dict[str, float]:
+        self.end_marker()
+        return self.delta
 
 
 class StreamCounter:
@@ -173,8 +247,8 @@ def chirp_take(node, most: int, timeout: float) -> list:
     return [node.get(timeout=timeout)]
 
 
-def chirp_serve(node, stop: threading.Event) -> None:
-    """Server loop of one node: echo P, drop W, count S, report at E."""
+def chirp_serve(node, stop: threading.Event, usage: ServerUsage) -> None:
+    """Server loop of one node: echo P, drop W, count S, report at E; U and V: usage marks."""
     counter = StreamCounter()
     while not stop.is_set():
         try:
@@ -190,15 +264,37 @@ def chirp_serve(node, stop: threading.Event) -> None:
                 counter.hit()
             elif kind == b"E":
                 counter.end()
+            elif kind == b"U":
+                usage.begin()
+                echo.append(m)
+            elif kind == b"V":
+                usage.end()
         if echo:
             chirp_send_all(node, echo)
 
 
 def chirp_roundtrips(
-    node, addr: str, port: int, window: int, size: int, duration: float, warmup: float
+    node,
+    addr: str,
+    port: int,
+    window: int,
+    size: int,
+    duration: float,
+    warmup: float,
+    usage: bool = False,
 ) -> dict:
-    """``window`` messages ping-pong with the echo server; roundtrips/s over ``duration``."""
+    """``window`` messages ping-pong with the echo server; roundtrips/s over ``duration``.
+
+    With ``usage`` also this process's CPU and context switches over the timed phase.
+    """
     payload = os.urandom(size)
+    marks = None
+    if usage:
+        marks = ClientUsage(
+            lambda: (chirp_send_all(node, [chirp_message(addr, port, b"U", b"")]),
+                     chirp_take(node, 1, LIMIT)),
+            lambda: chirp_send_all(node, [chirp_message(addr, port, b"V", b"")]),
+        )  # fmt: skip
     chirp_send_all(node, [chirp_message(addr, port, b"P", payload) for _ in range(window)])
     return _pingpong(
         lambda: chirp_take(node, window, LIMIT),
@@ -206,7 +302,21 @@ def chirp_roundtrips(
         window,
         duration,
         warmup,
+        marks,
     )
+
+
+def chirp_latency(
+    node, addr: str, port: int, size: int, pause: float, duration: float, warmup: float
+) -> dict:
+    """One message in flight, ``pause`` s between a reply and the next request."""
+    box = [chirp_message(addr, port, b"P", os.urandom(size))]
+
+    def roundtrip() -> None:
+        chirp_send_all(node, box)
+        box[:] = chirp_take(node, 1, LIMIT)
+
+    return _latency(roundtrip, pause, duration, warmup)
 
 
 def chirp_stream(node, addr: str, port: int, count: int, size: int, window: int, warm: int) -> dict:
@@ -259,7 +369,12 @@ class ChirpClient:
         if cmd["op"] == "rt":
             return chirp_roundtrips(
                 self.node(cmd.get("sync", False)), cmd["addr"], cmd["port"], cmd["window"],
-                cmd["size"], cmd["duration"], cmd["warmup"],
+                cmd["size"], cmd["duration"], cmd["warmup"], cmd.get("usage", False),
+            )  # fmt: skip
+        if cmd["op"] == "lat":
+            return chirp_latency(
+                self.node(False), cmd["addr"], cmd["port"], cmd["size"], cmd["pause"],
+                cmd["duration"], cmd["warmup"],
             )  # fmt: skip
         return chirp_stream(
             self.node(cmd["sync"]), cmd["addr"], cmd["port"], cmd["count"], cmd["size"],
@@ -284,7 +399,8 @@ def chirp_server(args: argparse.Namespace) -> None:
         "sync": chirp_node(loops["sync"], free_port(), True, args.cert, args.dh),
     }
     stop = stdin_closed()
-    threads = [threading.Thread(target=chirp_serve, args=(n, stop)) for n in nodes.values()]
+    usage = ServerUsage()
+    threads = [threading.Thread(target=chirp_serve, args=(n, stop, usage)) for n in nodes.values()]
     for t in threads:
         t.start()
     say("READY", **{name: node.port for name, node in nodes.items()})
@@ -313,8 +429,11 @@ def zmq_secure(sock, args: argparse.Namespace, server: bool) -> None:
         sock.curve_serverkey = args.curve_server_public.encode()
 
 
-def zmq_echo(sock, stop: threading.Event, copy: bool) -> None:
-    """ROUTER echo: every [identity, payload] goes back as it came."""
+def zmq_echo(sock, stop: threading.Event, copy: bool, usage: ServerUsage) -> None:
+    """ROUTER echo: every [identity, payload] goes back as it came.
+
+    Usage markers have a frame more, [identity, U or V, payload]: U is echoed, V is not.
+    """
     import zmq
 
     while not stop.is_set():
@@ -322,6 +441,12 @@ def zmq_echo(sock, stop: threading.Event, copy: bool) -> None:
             frames = sock.recv_multipart(copy=copy)
         except zmq.Again:
             continue
+        if len(frames) != 2:
+            mark = frames[1] if copy else frames[1].bytes
+            if mark == b"V":
+                usage.end()
+                continue
+            usage.begin()
         sock.send_multipart(frames, copy=copy)
 
 
@@ -355,9 +480,10 @@ def zmq_server(args: argparse.Namespace) -> None:
         sock.rcvtimeo = 500  # to notice the stop
         sock.linger = 0
         ports[name] = sock.bind_to_random_port("tcp://%s" % args.bind)
+    usage = ServerUsage()
     threads = [
-        threading.Thread(target=zmq_echo, args=(socks["router"], stop, True)),
-        threading.Thread(target=zmq_echo, args=(socks["router_big"], stop, False)),
+        threading.Thread(target=zmq_echo, args=(socks["router"], stop, True, usage)),
+        threading.Thread(target=zmq_echo, args=(socks["router_big"], stop, False, usage)),
         threading.Thread(target=zmq_sink, args=(socks["pull"], stop)),
     ]
     for t in threads:
@@ -370,10 +496,18 @@ def zmq_server(args: argparse.Namespace) -> None:
     ctx.term()
 
 
-def zmq_roundtrips(sock, window: int, size: int, duration: float, warmup: float) -> dict:
+def zmq_roundtrips(
+    sock, window: int, size: int, duration: float, warmup: float, usage: bool = False
+) -> dict:
     """DEALER side: ``window`` frames ping-pong with the ROUTER echo."""
     copy = size < ZMQ_NOCOPY_SIZE
     payload = os.urandom(size)
+    marks = None
+    if usage:
+        marks = ClientUsage(
+            lambda: (sock.send_multipart([b"U", payload]), sock.recv_multipart()),
+            lambda: sock.send_multipart([b"V", payload]),
+        )
     for _ in range(window):
         sock.send(payload, copy=copy)
 
@@ -384,7 +518,18 @@ def zmq_roundtrips(sock, window: int, size: int, duration: float, warmup: float)
         for f in frames:
             sock.send(f, copy=copy)
 
-    return _pingpong(take, send, window, duration, warmup)
+    return _pingpong(take, send, window, duration, warmup, marks)
+
+
+def zmq_latency(sock, size: int, pause: float, duration: float, warmup: float) -> dict:
+    """One frame in flight, ``pause`` s between a reply and the next request."""
+    payload = os.urandom(size)
+
+    def roundtrip() -> None:
+        sock.send(payload)
+        sock.recv()
+
+    return _latency(roundtrip, pause, duration, warmup)
 
 
 def zmq_stream(sock, count: int, size: int, warm: int) -> dict:
@@ -425,7 +570,11 @@ class ZmqClient:
         zmq = self.zmq
         if cmd["op"] == "rt":
             s = self.sock(zmq.DEALER, cmd["addr"], cmd["port"])
-            return zmq_roundtrips(s, cmd["window"], cmd["size"], cmd["duration"], cmd["warmup"])
+            return zmq_roundtrips(s, cmd["window"], cmd["size"], cmd["duration"], cmd["warmup"],
+                                  cmd.get("usage", False))  # fmt: skip
+        if cmd["op"] == "lat":
+            s = self.sock(zmq.DEALER, cmd["addr"], cmd["port"])
+            return zmq_latency(s, cmd["size"], cmd["pause"], cmd["duration"], cmd["warmup"])
         s = self.sock(zmq.PUSH, cmd["addr"], cmd["port"])
         return zmq_stream(s, cmd["count"], cmd["size"], cmd["warm"])
 
@@ -433,6 +582,131 @@ class ZmqClient:
         for s in self.socks.values():
             s.close()
         self.ctx.term()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain blocking sockets (the floor of shape 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def plain_send(sock: socket.socket, frames: List[bytes]) -> None:
+    """Send ``frames``, each behind its 4-byte length, in one ``sendall()``."""
+    sock.sendall(b"".join([_LEN.pack(len(f)) + f for f in frames]))
+
+
+class FrameReader:
+    """Length-prefixed frames from a blocking socket (4 bytes little-endian length, payload)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.recv = sock.recv
+        self.buf = b""
+
+    def frames(self) -> List[bytes]:
+        """Every whole frame received so far; blocks in ``recv()`` until there is one."""
+        buf = self.buf
+        while True:
+            out = []
+            pos, have = 0, len(buf)
+            while have - pos >= 4:
+                end = pos + 4 + _LEN.unpack_from(buf, pos)[0]
+                if end > have:
+                    break
+                out.append(buf[pos + 4 : end])
+                pos = end
+            if out:
+                self.buf = buf[pos:]
+                return out
+            chunk = self.recv(262144)
+            if not chunk:
+                raise EOFError("the peer closed the connection")
+            buf += chunk
+
+
+def plain_connected(sock: socket.socket) -> socket.socket:
+    """A connected socket made ready for ping-pong: blocking, ``TCP_NODELAY``."""
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def plain_serve(conn: socket.socket, usage: ServerUsage) -> None:
+    """Echo every frame of one connection (first byte U: usage begins; V: ends, no echo)."""
+    reader = FrameReader(conn)
+    with conn:
+        while True:
+            try:
+                frames = reader.frames()
+            except (EOFError, OSError):
+                return
+            echo = []
+            for f in frames:
+                kind = f[:1]
+                if kind == b"P":
+                    echo.append(f)
+                elif kind == b"U":
+                    usage.begin()
+                    echo.append(f)
+                elif kind == b"V":
+                    usage.end()
+            if echo:
+                plain_send(conn, echo)
+
+
+def plain_server(args: argparse.Namespace) -> None:
+    stop = stdin_closed()
+    usage = ServerUsage()
+    lsock = socket.create_server((args.bind, 0))
+    lsock.settimeout(0.5)  # to notice the stop
+    say("READY", echo=lsock.getsockname()[1])
+    with lsock:
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(
+                target=plain_serve, args=(plain_connected(conn), usage), daemon=True
+            ).start()
+
+
+class PlainClient:
+    """One connection per echo address; frames start with ``P`` (``U``/``V``: usage marks)."""
+
+    def __init__(self) -> None:
+        self.conns: Dict[tuple, Tuple[socket.socket, FrameReader]] = {}
+
+    def conn(self, addr: str, port: int) -> Tuple[socket.socket, FrameReader]:
+        key = (addr, port)
+        if key not in self.conns:
+            sock = plain_connected(socket.create_connection(key, timeout=LIMIT))
+            self.conns[key] = (sock, FrameReader(sock))
+        return self.conns[key]
+
+    def run(self, cmd: dict) -> dict:
+        sock, reader = self.conn(cmd["addr"], cmd["port"])
+        payload = b"P" + os.urandom(cmd["size"] - 1)
+        if cmd["op"] == "lat":
+
+            def roundtrip() -> None:
+                plain_send(sock, [payload])
+                reader.frames()
+
+            return _latency(roundtrip, cmd["pause"], cmd["duration"], cmd["warmup"])
+        if cmd["op"] != "rt":
+            raise ValueError("plain sockets: only rt and lat")
+        marks = None
+        if cmd.get("usage"):
+            marks = ClientUsage(
+                lambda: (plain_send(sock, [b"U"]), reader.frames()),
+                lambda: plain_send(sock, [b"V"]),
+            )
+        plain_send(sock, [payload] * cmd["window"])
+        return _pingpong(reader.frames, lambda frames: plain_send(sock, frames), cmd["window"],
+                         cmd["duration"], cmd["warmup"], marks)  # fmt: skip
+
+    def close(self) -> None:
+        for sock, _ in self.conns.values():
+            sock.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,12 +896,17 @@ def _pingpong(
     window: int,
     duration: float,
     warmup: float,
+    usage: Optional[ClientUsage] = None,
 ) -> dict:
     """Echo every reply back until ``duration`` seconds after ``warmup``; then drain.
 
     ``window`` messages must already be in flight. Counts the replies received
-    in the timed phase; returns ``{"rate": roundtrips/s, "count": n}``.
+    in the timed phase; returns ``{"rate": roundtrips/s, "count": n}``. With
+    ``usage`` (1 in flight only) the timed phase begins after its ``U`` marker
+    roundtrip, and ``cpu_s``/``ctx`` of this process over the timed phase are added.
     """
+    if usage is not None and window != 1:
+        raise ValueError("usage is measured with 1 in flight only")
     inflight = window
     timed = False
     mark = perf_counter() + warmup
@@ -643,19 +922,55 @@ def _pingpong(
             n += len(msgs)
         if now >= mark:
             if not timed:
+                if usage is not None:
+                    usage.begin()
+                    now = perf_counter()
                 timed, t0, mark = True, now, now + duration
             else:
                 t1 = now
+                if usage is not None:
+                    usage.end()
                 inflight -= len(msgs)
                 continue
         send(msgs)
-    return {"rate": n / (t1 - t0), "count": n}
+    result = {"rate": n / (t1 - t0), "count": n}
+    if usage is not None:
+        result.update(usage.report())
+    return result
+
+
+def _latency(roundtrip: Callable[[], Any], pause: float, duration: float, warmup: float) -> dict:
+    """Roundtrips one at a time, sleeping ``pause`` s between a reply and the next request.
+
+    ``roundtrip()`` sends one request and returns with its reply; its time is the
+    latency. Over ``duration`` s after ``warmup`` s; returns ``p50``/``p99`` (µs),
+    ``count`` and ``rate`` (roundtrips/s including the pauses).
+    """
+    sleep = time.sleep
+    lat: List[float] = []
+    timed = perf_counter() + warmup
+    end = timed + duration
+    while True:
+        t = perf_counter()
+        if t >= end:
+            break
+        roundtrip()
+        if t >= timed:
+            lat.append(perf_counter() - t)
+        if pause:
+            sleep(pause)
+    if len(lat) < 2:
+        raise RuntimeError("only %d roundtrips in %.2f s" % (len(lat), duration))
+    q = statistics.quantiles(lat, n=100, method="inclusive")
+    return {"p50": q[49] * 1e6, "p99": q[98] * 1e6, "count": len(lat), "rate": len(lat) / duration}
 
 
 def client_main(args: argparse.Namespace) -> None:
     client: Any
     if args.aio:
         client = ChirpAioClient() if args.system == "chirp" else ZmqAioClient()
+    elif args.system == "plain":
+        client = PlainClient()
     else:
         client = ChirpClient(args.cert, args.dh) if args.system == "chirp" else ZmqClient(args)
     say("READY")
@@ -675,8 +990,8 @@ def client_main(args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("role", choices=["server", "client"])
-    ap.add_argument("--system", choices=["chirp", "zmq"], required=True)
-    ap.add_argument("--bind", default="127.0.0.1", help="zmq server: address to bind")
+    ap.add_argument("--system", choices=["chirp", "zmq", "plain"], required=True)
+    ap.add_argument("--bind", default="127.0.0.1", help="zmq/plain server: address to bind")
     ap.add_argument("--cert", help="chirp: certificate chain (TLS)")
     ap.add_argument("--dh", help="chirp: DH parameters (TLS)")
     ap.add_argument("--curve-public", help="zmq: own CURVE public key (z85)")
@@ -685,6 +1000,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--aio", action="store_true", help="run on asyncio (shape 8)")
     ap.add_argument("--uvloop", action="store_true", help="with --aio: on uvloop")
     args = ap.parse_args(argv)
+    if args.aio and args.system == "plain":
+        ap.error("--aio: chirp or zmq only")
     if args.uvloop:
         import uvloop
 
@@ -695,6 +1012,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         (chirp_aio_server if args.system == "chirp" else zmq_aio_server)(args)
     elif args.system == "chirp":
         chirp_server(args)
+    elif args.system == "plain":
+        plain_server(args)
     else:
         zmq_server(args)
     return 0
