@@ -178,11 +178,16 @@ typedef struct ch_arena_s {
  * at once; otherwise it takes the token, runs one loop iteration without
  * blocking (UV_RUN_NOWAIT; not when events are pending already: I/O left
  * keeps the backend fd readable) and returns the pending events (0: none),
- * holding the token; timeout and *seq are not used. */
+ * holding the token; timeout and *seq are not used. CH_DRIVE_HOLD: the
+ * caller kept the token after a drive that returned 0 (it ran its timers
+ * and still waits): run on without giving it up, so that a long wait in
+ * slices wakes nobody at each slice's end (ignored if the caller does not
+ * hold the token). */
 #define CH_DRIVE_MESSAGES 1
 #define CH_DRIVE_BACKGROUND 2
 #define CH_DRIVE_NO_EVENTS 4
 #define CH_DRIVE_NOWAIT 8
+#define CH_DRIVE_HOLD 16
 #define CH_DRIVE_AGAIN -16 /* -CH_BUSY (cffi reads plain numbers only) */
 #define CH_LAZY_MS 1
 int ch_loop_drive(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uint64_t *seq,

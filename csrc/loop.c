@@ -846,6 +846,12 @@ int ch_loop_drive(ch_loop_t *loop, ch_event_t *out, int max, double timeout, uin
     uint64_t deadline = ch__deadline(timeout);
     int timed_out = 0;
     uv_mutex_lock(&loop->lock);
+    if ((flags & CH_DRIVE_HOLD) && !bg && loop->owned && !loop->owner_bg &&
+        !loop->owner_nowait) {
+        uv_thread_t self = uv_thread_self();
+        if (uv_thread_equal(&self, &loop->owner_thread))
+            goto run; /* still the owner: *seq stays as it is */
+    }
 take:
     /* 1. The ownership token. */
     for (;;) {
@@ -924,6 +930,7 @@ take:
     loop->owner_bg = bg;
     loop->owner_thread = uv_thread_self();
     *seq = loop->batch_seq;
+run:
     /* 2. Run the loop until there are events for the caller. */
     for (;;) {
         if (bg && ch__loop_embedding(loop)) {

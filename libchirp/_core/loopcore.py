@@ -70,6 +70,7 @@ _LOOP_ENDED = -lib.CH_SHUTDOWN
 _DRIVE_MESSAGES = lib.CH_DRIVE_MESSAGES
 _DRIVE_BACKGROUND = lib.CH_DRIVE_BACKGROUND
 _DRIVE_NOWAIT = lib.CH_DRIVE_NOWAIT
+_DRIVE_HOLD = lib.CH_DRIVE_HOLD
 
 _monotonic = time.monotonic
 _get_ident = threading.get_ident
@@ -497,45 +498,60 @@ class LoopCore:
             # Before the first look at ready(): a token holder leaving from now
             # on (its batch possibly missed by that look) makes drive() return.
             seq[0] = lib.ch_loop_batch_seq(c)
-        while not ready():
-            wait = LEAD_SLICE
-            if deadline is not None:
-                wait = min(wait, deadline - _monotonic())
-                if wait <= 0:
-                    return
-            if timers.heap:
-                wait = min(wait, timers.timeout())
-            polling = False
-            try:
-                with lock:
-                    c = self.c
-                    if c is None or self.ended or self.c_stopped:
+        # After a drive that brought no events (a slice or the deadline ended, a
+        # kick), the thread keeps the token while it looks at ready() and its
+        # timers, and drives on with CH_DRIVE_HOLD: a long wait in slices then
+        # wakes no other thread at each slice's end. It gives the token up after
+        # every batch of events (waiting threads re-check) and when it leaves.
+        hold = 0
+        try:
+            while not ready():
+                wait = LEAD_SLICE
+                if deadline is not None:
+                    wait = min(wait, deadline - _monotonic())
+                    if wait <= 0:
                         return
-                    self._app_polling += 1
-                    polling = True
-                n = drive(c, events, BATCH, wait, seq, flags, arena)  # GIL released meanwhile
-                if n >= 0:
-                    self.lead_ident = ident
-                    try:
-                        handle_batch(self, bufs, n)
-                    finally:
-                        self.lead_ident = None
-                        release(c)
-            except BaseException:
-                # A signal's exception (Ctrl-C's KeyboardInterrupt) can be raised
-                # between drive() returning with the token and the try above:
-                # give the token up, or every other thread waits for it for ever.
-                if polling:
-                    lib.ch_loop_release_if_owner(c)
-                raise
-            finally:
-                if polling:
+                if timers.heap:
+                    wait = min(wait, timers.timeout())
+                polling = False
+                try:
                     with lock:
-                        self._app_polling -= 1
-                        if not self._app_polling and self.ended:  # see _loop_ends()
-                            self._app_idle.notify_all()
-            if n == _LOOP_ENDED:
-                return
+                        c = self.c
+                        if c is None or self.ended or self.c_stopped:
+                            return
+                        self._app_polling += 1
+                        polling = True
+                    n = drive(c, events, BATCH, wait, seq, flags | hold, arena)  # GIL released
+                    hold = 0
+                    if n >= 0:
+                        self.lead_ident = ident
+                        try:
+                            handle_batch(self, bufs, n)
+                        finally:
+                            self.lead_ident = None
+                            if n:
+                                release(c)
+                            else:
+                                hold = _DRIVE_HOLD
+                except BaseException:
+                    # A signal's exception (Ctrl-C's KeyboardInterrupt) can be raised
+                    # between drive() returning with the token and the try above:
+                    # give the token up, or every other thread waits for it for ever.
+                    hold = 0
+                    if polling:
+                        lib.ch_loop_release_if_owner(c)
+                    raise
+                finally:
+                    if polling:
+                        with lock:
+                            self._app_polling -= 1
+                            if not self._app_polling and self.ended:  # see _loop_ends()
+                                self._app_idle.notify_all()
+                if n == _LOOP_ENDED:
+                    return
+        finally:
+            if hold:
+                release(c)
 
     def _loop_ends(self) -> None:
         # The backend fd closes with the loop: every embedding loop stops watching it first.
