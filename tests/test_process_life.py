@@ -230,6 +230,29 @@ def test_stop_does_not_acknowledge_messages_nobody_took(make_node, caplog):
 
 
 @pytest.mark.timeout(60)
+def test_stop_does_not_acknowledge_messages_arriving_meanwhile(make_node):
+    """A message that arrives while the node stops (here: while the stop waits
+    for a message the application holds) reaches nobody: its SYNCHRONOUS
+    send fails instead of succeeding."""
+    sender = make_node(SYNCHRONOUS=True, TIMEOUT=10.0)
+    node = make_node(TIMEOUT=2.0, AUTO_RELEASE=False)
+    first = sender.send(message(node.port, b"held"))  # done when the stop releases it
+    held = node.get(timeout=10)
+    stopper = threading.Thread(target=lambda: pytest.raises(RuntimeError, node.stop))
+    stopper.start()  # waits TIMEOUT for the held message, then releases it and raises
+    try:
+        wait_for(lambda: node._node.closing, 10, "the stop to begin")
+        late = sender.send(message(node.port, b"late"))
+        with pytest.raises(libchirp.ChirpError):
+            late.result(20 * TIMEOUT_SCALE)
+    finally:
+        stopper.join(30)
+    assert not stopper.is_alive()
+    assert held.data == b"held"
+    assert first.result(10 * TIMEOUT_SCALE) is not None
+
+
+@pytest.mark.timeout(60)
 def test_dropped_node_does_not_acknowledge_its_queue(make_node, loop):
     """A node garbage-collected with messages queued (never taken) does not
     acknowledge them either: their SYNCHRONOUS sender sees the send fail."""
