@@ -118,6 +118,15 @@ def test_rpc_add_remove_readd(comm):
     assert comm.rpc_send(ident, None).result(WAIT) is True
 
 
+def test_local_rpc_answers_promptly(comm):
+    """Answers of this member's own subscribers do not wait for the loop's events."""
+    comm.add_rpc_subscriber(lambda _c, msg: msg, "self")
+    t0 = time.monotonic()
+    for i in range(20):
+        assert comm.rpc_send("self", i).result(WAIT) == i
+    assert time.monotonic() - t0 < 2.0  # a waiter asleep in the loop's poll took 0.2 s each
+
+
 def test_rpc_nested_futures(comm):
     def subscriber(_c, _m):
         f1, f2 = kiwipy.Future(), kiwipy.Future()
@@ -153,6 +162,49 @@ def test_rpc_between_members(pair):
     wait_until(lambda: "on-a" not in b._rpc_route, "route removed")
     with pytest.raises(kiwipy.UnroutableError):
         b.rpc_send("on-a", 7).result(WAIT)
+
+
+def test_slow_rpc_subscriber_keeps_members_alive(pair):
+    """A subscriber slower than dead_after (the receive thread runs it) does not
+    stop heartbeats and membership, nor calls meanwhile (docs/kiwi.md#rpc)."""
+    a, b = pair  # heartbeat 0.05 s, dead_after 1.0 s
+    ran_on = []
+
+    def slow(_c, msg):
+        ran_on.append(threading.current_thread().name)
+        time.sleep(msg)
+        return "slept"
+
+    b.add_rpc_subscriber(slow, "slow")
+    b.add_rpc_subscriber(lambda _c, msg: msg, "fast")
+    wait_until(lambda: "slow" in a._rpc_route and "fast" in a._rpc_route, "routes")
+    assert a.rpc_send("fast", 1).result(WAIT) == 1
+    time.sleep(0.1)  # b's receive thread is idle again, driving the loop
+    slow_future = a.rpc_send("slow", 2.0)
+    wait_until(lambda: ran_on, "the slow call started")
+    started = time.monotonic()
+    while time.monotonic() - started < 1.8:
+        assert b.id in a.members() and a.id in b.members()
+        assert a.rpc_send("fast", 2).result(WAIT) == 2  # b still answers
+        time.sleep(0.05)
+    assert slow_future.result(WAIT) == "slept"
+    assert ran_on == ["kiwi-recv"]
+    assert b.id in a.members() and a.id in b.members()
+
+
+def test_rpc_waiter_handles_its_answer(pair):
+    """The caller waiting in result() receives the answer itself (no thread hop)."""
+    a, b = pair
+    b.add_rpc_subscriber(lambda _c, msg: msg, "echo")
+    wait_until(lambda: "echo" in a._rpc_route, "route")
+    me = threading.current_thread()
+    threads = []
+    for i in range(20):
+        future = a.rpc_send("echo", i)
+        future.add_done_callback(lambda _f: threads.append(threading.current_thread()))
+        assert future.result(WAIT) == i
+        assert future.exception(WAIT) is None
+    assert me in threads  # at least mostly; another thread may be faster on a busy machine
 
 
 def test_many_rpc_identifiers_travel(pair):

@@ -38,12 +38,23 @@ all its unfinished tasks given to others. The sender resolves a task's future
 with the first outcome and ignores any later one (at-least-once delivery,
 each outcome seen once).
 
-Threads: the receive thread takes chirp messages and handles them; a local
-thread delivers messages a communicator sends to itself (in order, without the
-network); RPC and task callbacks run on a thread pool and broadcast callbacks
-on one thread of their own (in arrival order); a timer thread sends heartbeats.
-All shared state is under one re-entrant lock, which is never held while a
-user callback runs.
+Threads: received messages are handled (``_on_messages``) by whichever thread
+holds the chirp loop's ownership token, in order, one batch at a time: the
+receive thread, which waits for messages by driving the loop; a caller waiting
+in ``result()`` of an RPC future (``_WaitFuture``), which drives the loop
+itself so that its send is written directly and its answer needs no thread
+hop; or, when neither drives, the loop's background thread. Handling never
+runs a user callback: RPC and task callbacks go to a thread pool, broadcast
+callbacks to one thread of their own (in arrival order). The exception: the
+first RPC call of a batch the receive thread handled is run by the receive
+thread itself once it has given the loop up (``_receive_loop``), so the
+answer is written without waking anybody; the background thread takes the
+loop over after ``CH_LAZY_MS`` if that subscriber is slow. A local thread
+delivers messages a communicator sends to itself (in order, without the
+network); a timer thread sends heartbeats. All shared state is under one
+re-entrant lock, which is never held while a user callback runs. Futures are
+resolved on the thread handling the events (or the local thread): their
+done-callbacks must not block.
 """
 
 from __future__ import annotations
@@ -75,9 +86,10 @@ from typing import (
 
 import kiwipy
 
+from ..chirp import ChirpBase
 from ..config import Config
-from ..loop import Loop
-from ..queue import Chirp, Message
+from ..loop import Loop, loop_core
+from ..message import Message
 from .codec import _freeze, decode, encode
 from .outbox import Outbox
 
@@ -89,6 +101,12 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger("libchirp.kiwi")
+
+#: Seconds the receive thread leaves the loop to callers after the last waited
+#: for an answer (see ChirpCommunicator._receive_loop).
+_BACKOFF = 0.05
+#: Longest drive of the receive thread before it re-checks whether to go on.
+_RECV_SLICE = 0.2
 
 #: The queue of ``task_send()`` and ``add_task_subscriber()`` (kiwiPy's name).
 DEFAULT_TASK_QUEUE = "kiwipy.tasks"
@@ -182,6 +200,10 @@ class _Deferred:
         self.future = future
 
 
+def _nothing() -> None:
+    pass
+
+
 def _exception_text(exc: BaseException) -> str:
     text = "%s: %s" % (type(exc).__name__, exc)
     tb = "".join(traceback.format_tb(exc.__traceback__)) if exc.__traceback__ else ""
@@ -229,6 +251,56 @@ def _accepts(spec: Any, sender: Any, subject: Any) -> bool:
     except (TypeError, re.error, IndexError, ValueError):
         return True  # not a string, or a spec we do not understand: let the receiver decide
     return True
+
+
+class _MeshNode(ChirpBase):
+    """The communicator's chirp node: received messages go to ``handle`` at once.
+
+    ``handle`` runs on the thread handling the loop's events (the loop's
+    background thread, or a thread waiting in :meth:`_WaitFuture.result`),
+    with the messages of one batch; their slots are released afterwards.
+    """
+
+    def __init__(self, loop: Loop, config: Config, handle: Callable[[List[Message]], None]) -> None:
+        self._handle = handle
+        super().__init__(loop, config, recv_many=self._deliver)
+
+    def _deliver(self, msgs: List[Message]) -> None:
+        try:
+            self._handle(msgs)
+        finally:
+            core = self._node
+            if core is not None:
+                core.release_many(msgs)  # type: ignore[arg-type]
+
+
+#: ``lead(ready, timeout)``: drive the loop until ``ready()``, return the time left.
+_Lead = Callable[[Callable[[], bool], Optional[float]], Optional[float]]
+
+
+class _WaitFuture(kiwipy.Future[Any]):
+    """A ``kiwipy.Future`` whose waiter handles the chirp events itself.
+
+    The answer that completes it is a received message: a thread about to
+    block in ``result()``/``exception()`` drives the communicator's loop
+    (``LoopCore.lead_until``) until the future is done, instead of sleeping
+    until the loop's background thread received the answer and woke it.
+    """
+
+    def __init__(self, lead: _Lead) -> None:
+        super().__init__()
+        self._lead = lead
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if not self.done():
+            timeout = self._lead(self.done, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if not self.done():
+            timeout = self._lead(self.done, timeout)
+        exc: Optional[BaseException] = super().exception(timeout)
+        return exc
 
 
 # ---------------------------------------------------------------------------
@@ -304,14 +376,21 @@ class ChirpCommunicator(kiwipy.Communicator):
             _queue.SimpleQueue()
         )
         self._loop = Loop()
+        self._core = loop_core(self._loop)
         try:
-            self._node = Chirp(self._loop, config)
+            self._node = _MeshNode(self._loop, config, self._on_messages)
         except BaseException:
             self._loop.stop()
             raise
         self.port: int = self._node.port
         self._outbox = Outbox(outbox) if outbox is not None else None
         self._wake = threading.Event()
+        # the receive thread (see _receive_loop)
+        self._recv_ident: Optional[int] = None
+        self._stash: List[Tuple[Dict[str, Any], bytes, Optional[str], int]] = []
+        self._waiters = 0  # threads in _lead(): callers waiting for an answer drive the loop
+        self._waited_at = 0.0  # when the last of them stopped waiting
+        self._waiters_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._receive_loop, name="kiwi-recv", daemon=True),
             threading.Thread(target=self._local_loop, name="kiwi-local", daemon=True),
@@ -340,6 +419,7 @@ class ChirpCommunicator(kiwipy.Communicator):
             if self._closed:
                 return
             self._closed = True
+            self._nudge()  # the receive thread stops driving the loop
             members = list(self._members.values())
             rpcs = list(self._rpcs.values())
             tasks = list(self._tasks.values())
@@ -444,15 +524,17 @@ class ChirpCommunicator(kiwipy.Communicator):
     def rpc_send(self, recipient_id: Any, msg: Any) -> kiwipy.Future[Any]:
         """Call the member that subscribed ``recipient_id``; a future for the answer."""
         self._ensure_open()
-        future = kiwipy.Future()
         data = self._encoder(msg)
         with self._lock:
             owner = self._rpc_route.get(recipient_id)
             if owner is None:
+                future: kiwipy.Future[Any] = kiwipy.Future()
                 future.set_exception(
                     kiwipy.UnroutableError("Unknown rpc recipient '%s'" % (recipient_id,))
                 )
                 return future
+            # the answer of another member arrives as a message: its waiter takes it
+            future = _WaitFuture(self._lead) if owner != self.id else kiwipy.Future()
             corr = uuid.uuid4().hex
             self._rpcs[corr] = (future, owner)
             self._send_to(owner, b"R", {"f": self.id, "c": corr, "to": recipient_id}, data)
@@ -529,11 +611,19 @@ class ChirpCommunicator(kiwipy.Communicator):
         if self._closed:
             raise kiwipy.CommunicatorClosed()
 
-    @staticmethod
-    def _fail(future: Optional[kiwipy.Future[Any]], exc: BaseException) -> None:
+    def _fail(self, future: Optional[kiwipy.Future[Any]], exc: BaseException) -> None:
         if future is not None and not future.done():
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 future.set_exception(exc)
+            if isinstance(future, _WaitFuture):
+                self._nudge()  # its waiter may sleep in the loop's I/O poll
+
+    def _nudge(self) -> None:
+        """Make a thread driving the loop (asleep in its I/O poll) re-check what it
+        waits for: a future completed off the loop's events, or the close."""
+        if self._waiters or self._recv_ident is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has stopped
+                self._loop.call_soon(_nothing)
 
     def _make(
         self, address: str, port: int, kind: bytes, meta: Dict[str, Any], data: bytes
@@ -768,24 +858,63 @@ class ChirpCommunicator(kiwipy.Communicator):
 
     # -- internals: threads ---------------------------------------------------
 
+    def _lead(self, ready: Callable[[], bool], timeout: Optional[float]) -> Optional[float]:
+        """A caller about to wait for an answer: drive the loop here until ``ready()``.
+
+        Returns what is left of ``timeout``. While callers wait, the receive
+        thread stays out of their way (see _receive_loop).
+        """
+        with self._waiters_lock:
+            self._waiters += 1
+        try:
+            return self._core.lead_until(ready, timeout, messages=True)
+        finally:
+            with self._waiters_lock:
+                self._waiters -= 1
+                self._waited_at = time.monotonic()
+
+    def _recv_ready(self) -> bool:
+        return bool(self._stash) or self._closed or self._waiters > 0
+
     def _receive_loop(self) -> None:
-        node = self._node
+        """The receive thread: drive the loop, and answer one RPC of a batch itself.
+
+        It waits for messages by driving the loop (``lead_until``). An RPC call
+        that arrives in a batch it handles is kept (the first of the batch;
+        others go to the pool) and, once it has given the loop up, run here:
+        its answer is written by this thread directly, nobody is woken. While
+        the subscriber runs, the loop's background thread takes the loop over
+        after ``CH_LAZY_MS`` (heartbeats and membership go on; calls arriving
+        meanwhile go to the pool). While callers of this member wait for
+        answers (they drive the loop themselves, ``_lead``), and for
+        ``_BACKOFF`` seconds after the last, this thread does not drive: a
+        loop held by it would make every send of theirs wake it, and it would
+        hand them their answers.
+        """
+        self._recv_ident = threading.get_ident()
+        core = self._core
         while not self._closed:
-            try:
-                msgs = node.get_many(timeout=0.2)
-            except _queue.Empty:
+            idle = time.monotonic() - self._waited_at
+            if self._waiters or idle < _BACKOFF:
+                self._wake.wait(_BACKOFF if self._waiters else _BACKOFF - idle)
                 continue
-            except Exception:  # the node stopped
-                if self._closed:
-                    return
-                raise
-            for msg in msgs:
-                header = msg.header
-                try:
-                    meta = decode(header[1:])
-                    self._handle(header[:1], meta, msg.data, msg.address, msg.port)
-                except Exception:
-                    _LOG.exception("bad message from %s:%s", msg.address, msg.port)
+            left = core.lead_until(self._recv_ready, _RECV_SLICE, messages=True)
+            if left and not self._recv_ready():
+                # it could not drive (the loop is ending, or leading is off): no spinning
+                self._wake.wait(_BACKOFF)
+            while self._stash and not self._closed:
+                meta, data, address, port = self._stash.pop()
+                self._run_rpc(meta, data, address, port)
+
+    def _on_messages(self, msgs: List[Message]) -> None:
+        """The received messages of one batch, on the thread handling the loop's events."""
+        for msg in msgs:
+            header = msg.header
+            try:
+                meta = decode(header[1:])
+                self._handle(header[:1], meta, msg.data, msg.address, msg.port)
+            except Exception:
+                _LOG.exception("bad message from %s:%s", msg.address, msg.port)
 
     def _local_loop(self) -> None:
         while True:
@@ -834,7 +963,10 @@ class ChirpCommunicator(kiwipy.Communicator):
             with self._lock:
                 self._forget(meta["f"])
         elif kind == b"R":
-            self._pool.submit(self._run_rpc, meta, data, address, port)
+            if not self._stash and threading.get_ident() == self._recv_ident:
+                self._stash.append((meta, data, address, port))  # run after the batch
+            else:
+                self._pool.submit(self._run_rpc, meta, data, address, port)
         elif kind == b"r":
             self._on_rpc_answer(meta, data)
         elif kind == b"T":
@@ -916,7 +1048,7 @@ class ChirpCommunicator(kiwipy.Communicator):
                 return
             future, owner = entry
             if kind == "pend":
-                inner = kiwipy.Future()
+                inner = _WaitFuture(self._lead) if owner != self.id else kiwipy.Future()
                 self._rpcs[corr] = (inner, owner)
         self._resolve(future, kind, data, inner if kind == "pend" else None)
 
