@@ -461,3 +461,43 @@ def test_asyncio_loop_closed_with_a_wakeup_queued(aio, start, qnode, bounded):
     assert held(node) == 0
     assert node.inbox.empty(), "no handler can run on a closed asyncio loop"
     bounded(node.stop, 20, "stop() after the asyncio loop closed")
+
+
+@pytest.mark.timeout(90)
+def test_messages_no_handler_ran_are_not_acknowledged(aio, start, qnode):
+    """A message that arrives while the node stops gets no handler and no ACK:
+    its SYNCHRONOUS send fails instead of succeeding (docs/reliability.md)."""
+    gate = threading.Event()
+    entered = threading.Event()
+    handled = []
+
+    class Slow(libchirp.asyncio.Chirp):
+        async def handler(self, msg):
+            handled.append(msg.data)
+            entered.set()
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+
+    node = start(Slow, TIMEOUT=2.0)
+    sender = qnode(SYNCHRONOUS=True, TIMEOUT=20.0)
+    busy = sender.send(message(node.port, b"busy", libchirp.queue.Message))
+    assert entered.wait(WAIT)
+    stopper = threading.Thread(target=lambda: pytest.raises(RuntimeError, node.stop))
+    stopper.start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while not node._closing and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # From another node: the first sender keeps its next message back until
+        # "busy" is acknowledged (one unacknowledged message per peer here).
+        late = qnode(SYNCHRONOUS=True, TIMEOUT=20.0).send(
+            message(node.port, b"late", libchirp.queue.Message)
+        )
+        with pytest.raises(libchirp.ChirpError):
+            late.result(30)
+    finally:
+        gate.set()
+        stopper.join(30)
+    assert not stopper.is_alive()
+    assert handled == [b"busy"]
+    busy.result(30)  # its handler ran: the stop released it
