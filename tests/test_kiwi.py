@@ -166,7 +166,7 @@ def test_rpc_between_members(pair):
 
 def test_slow_rpc_subscriber_keeps_members_alive(pair):
     """A subscriber slower than dead_after (the receive thread runs it) does not
-    stop heartbeats and membership, nor calls meanwhile (docs/kiwi.md#rpc)."""
+    stop heartbeats and membership, nor calls meanwhile (docs/kiwi.md#how-it-works)."""
     a, b = pair  # heartbeat 0.05 s, dead_after 1.0 s
     ran_on = []
 
