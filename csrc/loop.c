@@ -41,6 +41,9 @@
  */
 #include <errno.h>
 #include <limits.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -492,9 +495,38 @@ void ch__loop_node_gone(ch_loop_t *loop, ch_node_t *node)
 
 static void ch__loop_noop_cb(uv_timer_t *t) { (void)t; }
 
+/* glibc hands freed memory at the top of the heap back to the system as soon
+ * as more than M_TRIM_THRESHOLD (128 KiB at first) is free there, and serves
+ * blocks from M_MMAP_THRESHOLD (128 KiB at first) on with mmap; both adapt
+ * to a program only slowly. Large messages allocate and free a block per
+ * message (the reader's, then Python's bytes), so every message faulted its
+ * pages in again: 64 KiB roundtrips ran at half speed, 1 MiB ones at a third
+ * (docs/benchmarks.md). Once per process, the first loop raises both, unless
+ * the environment sets glibc's own (MALLOC_TRIM_THRESHOLD_,
+ * MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES) or LIBCHIRP_MALLOC_TUNING=0. The
+ * cost: up to CH__TRIM_THRESHOLD bytes of freed heap are kept for reuse. */
+#define CH__MMAP_THRESHOLD (4 * 1024 * 1024)
+#define CH__TRIM_THRESHOLD (16 * 1024 * 1024)
+static uv_once_t ch__malloc_once = UV_ONCE_INIT;
+
+static void ch__malloc_tune(void)
+{
+#if defined(__GLIBC__)
+    const char *opt = getenv("LIBCHIRP_MALLOC_TUNING");
+    if (opt && strcmp(opt, "0") == 0)
+        return;
+    if (getenv("MALLOC_TRIM_THRESHOLD_") || getenv("MALLOC_MMAP_THRESHOLD_") ||
+        getenv("GLIBC_TUNABLES"))
+        return;
+    mallopt(M_MMAP_THRESHOLD, CH__MMAP_THRESHOLD);
+    mallopt(M_TRIM_THRESHOLD, CH__TRIM_THRESHOLD);
+#endif
+}
+
 int ch_loop_new(ch_loop_t **out)
 {
     *out = NULL;
+    uv_once(&ch__malloc_once, ch__malloc_tune);
     ch_loop_t *loop = calloc(1, sizeof(*loop));
     if (!loop)
         return -CH_ENOMEM;

@@ -2,10 +2,14 @@
 
 import gc
 import logging
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
 import pytest
+from conftest import SANITIZER
 
 import libchirp
 import libchirp.queue
@@ -250,3 +254,51 @@ def test_compiled_core_matches_the_python_code():
 
     assert _core.lib.ch_version_stamp() == _core._EXPECTED_STAMP
     assert _core.lib.CH_VERSION_STAMP == _core._EXPECTED_STAMP
+
+
+#: Allocates and frees two blocks of SIZE bytes 200 times after making a Loop and
+#: prints the page faults per round (glibc returning and re-faulting the memory).
+MALLOC_ROUNDS = """
+import ctypes, resource, sys
+import libchirp
+loop = libchirp.Loop()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = int(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(200):
+    a, b = libc.malloc(size), libc.malloc(size)
+    ctypes.memset(a, 1, size)
+    ctypes.memset(b, 1, size)
+    libc.free(b)
+    libc.free(a)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 200)
+loop.stop()
+"""
+
+
+@pytest.mark.skipif(SANITIZER != "", reason="the sanitizers' allocators ignore mallopt()")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt()")
+def test_large_blocks_are_reused_not_faulted_in_again():
+    """A Loop raises glibc's trim and mmap thresholds (csrc/loop.c), so blocks of
+    large messages freed and allocated again are not given back to the system
+    and faulted in page by page each time; LIBCHIRP_MALLOC_TUNING=0 keeps glibc's
+    defaults (and shows the difference)."""
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
+
+    def faults(**env):
+        out = subprocess.run(
+            [sys.executable, "-c", MALLOC_ROUNDS, str(300_000)],
+            env=dict(base, **env), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout)
+
+    tuned, default = faults(), faults(LIBCHIRP_MALLOC_TUNING="0")
+    assert default > 20, (
+        "glibc's defaults did not fault (%.1f per round): test says nothing" % default
+    )
+    assert tuned < 5, "%.1f page faults per round with the tuning (%.1f without)" % (tuned, default)
