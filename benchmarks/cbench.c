@@ -7,8 +7,11 @@
  *   roundtrip: keeps WINDOW messages in flight, each completes when its echo
  *              arrives; prints roundtrips/s.
  *   stream:    sends COUNT messages one way as fast as flow control allows
- *              (asynchronous mode); the receiver counts them and answers with
- *              one final message; prints messages/s measured at the receiver.
+ *              (asynchronous mode), in batches (ch_node_send_batch, as the
+ *              Python interface does; at most WINDOW unfinished); the receiver
+ *              counts them, releases each poll's messages with one
+ *              ch_node_release_batch, and answers with one final message;
+ *              prints messages/s.
  * Usage: cbench roundtrip|stream [count] [window] [size] [sync]
  * Output: one line "cbench <shape> count=<n> window=<w> size=<b> mode=<m> rate=<r>/s".
  */
@@ -23,6 +26,9 @@
 #include "chirp.h"
 
 static const uint8_t lo[4] = {127, 0, 0, 1};
+/* The stream's sends: batches of at most this many, tokens from STREAM_TOKEN. */
+#define STREAM_BATCH 256
+#define STREAM_TOKEN 1000
 
 typedef struct bench_s {
     ch_loop_t *loop;
@@ -76,11 +82,13 @@ static void echo_main(uint16_t port, uint16_t peer, int sync)
     bench_t b;
     start(&b, port, sync);
     static ch_event_t evs[512];
+    static ch_message_t *done_msgs[512];
     uint64_t stream_count = 0;
     for (;;) {
         int n = ch_loop_poll(b.loop, evs, 512, -1, NULL);
         if (n < 0)
             break;
+        int ndone = 0;
         for (int i = 0; i < n; i++) {
             ch_event_t *ev = &evs[i];
             if (ev->type == CH_EV_RECV) {
@@ -88,7 +96,7 @@ static void echo_main(uint16_t port, uint16_t peer, int sync)
                 ch_msg_info(ev->msg, &info);
                 if (info.header_len == 1 && info.header[0] == 'S') { /* stream: count only */
                     stream_count++;
-                    ch_node_release(b.node, ev->msg, 0);
+                    done_msgs[ndone++] = ev->msg; /* released with the poll's batch */
                     continue;
                 }
                 if (info.header_len == 1 && info.header[0] == 'E') { /* end of stream */
@@ -108,6 +116,8 @@ static void echo_main(uint16_t port, uint16_t peer, int sync)
                 ch_node_release(b.node, (ch_message_t *)(uintptr_t)ev->token, 0);
             }
         }
+        if (ndone)
+            ch_node_release_batch(b.node, done_msgs, ndone, 0);
     }
 }
 
@@ -159,14 +169,40 @@ int main(int argc, char **argv)
         t1 = uv_hrtime();
     } else {
         long acked = 0;
+        static ch_send_t recs[STREAM_BATCH];
+        uint8_t *payload = malloc((size_t)STREAM_BATCH * (1 + size));
+        if (!payload)
+            die("memory");
+        for (int j = 0; j < STREAM_BATCH; j++) {
+            payload[(size_t)j * (1 + size)] = 'S';
+            memset(payload + (size_t)j * (1 + size) + 1, 0, size);
+        }
         t0 = uv_hrtime();
         int ended = 0;
         while (!ended) {
+            /* Batches, as the Python interface sends: one call, one lock and at
+             * most one wake-up per batch; consecutive tokens (STREAM_TOKEN + i),
+             * so that the core reports their completions as counts. */
             while (sent < count && sent - acked < window) {
-                ch_node_send(b.node, 10, (const char *)id, 4, (const char *)lo, pb, "S", 1,
-                             (const char *)data,
-                             (uint32_t)size);
-                sent++;
+                long k = window - (sent - acked);
+                if (k > STREAM_BATCH)
+                    k = STREAM_BATCH;
+                if (k > count - sent)
+                    k = count - sent;
+                for (long j = 0; j < k; j++) {
+                    ch_send_t *r = &recs[j];
+                    memset(r, 0, sizeof(*r));
+                    r->token = STREAM_TOKEN + (uint64_t)(sent + j);
+                    r->data_len = (uint32_t)size;
+                    r->header_len = 1;
+                    r->port = pb;
+                    r->family = 4;
+                    memcpy(r->addr, lo, 4);
+                }
+                if (ch_node_send_batch(b.node, (const char *)recs, (int)k, (const char *)payload,
+                                       (size_t)k * (1 + size)) != 0)
+                    die("send batch");
+                sent += k;
             }
             if (sent == count && acked == count) {
                 ch_node_send(b.node, 11, (const char *)id, 4, (const char *)lo, pb, "E", 1,
@@ -177,10 +213,10 @@ int main(int argc, char **argv)
             if (n <= 0)
                 die("stream stalled");
             for (int i = 0; i < n; i++) {
-                if (evs[i].type == CH_EV_SEND_DONE && evs[i].token == 10) {
+                if (evs[i].type == CH_EV_SEND_DONE && evs[i].token >= STREAM_TOKEN) {
                     if (evs[i].status != 0)
                         die(evs[i].text);
-                    acked++;
+                    acked += evs[i].count;
                 } else if (evs[i].type == CH_EV_RECV) {
                     ch_msg_info_t info;
                     ch_msg_info(evs[i].msg, &info);
