@@ -142,7 +142,11 @@ class MessageBase:
     )
 
     def __init__(self) -> None:
-        self._identity: bytes = _new_identity()
+        try:
+            identity = _id_pool.pop()
+        except IndexError:
+            identity = _new_identity()
+        self._identity: bytes = identity
         self._serial: int = 0
         self._header: bytes = b""
         self._data: bytes = b""
@@ -215,7 +219,10 @@ class MessageBase:
 
     @header.setter
     def header(self, value: bytes) -> None:
-        self._header = _as_bytes("header", value, _MAX_HEADER)
+        if type(value) is bytes and len(value) <= _MAX_HEADER:
+            self._header = value
+        else:
+            self._header = _as_bytes("header", value, _MAX_HEADER)
 
     @property
     def data(self) -> bytes:
@@ -224,7 +231,10 @@ class MessageBase:
 
     @data.setter
     def data(self, value: bytes) -> None:
-        self._data = _as_bytes("data", value, _MAX_DATA)
+        if type(value) is bytes and len(value) <= _MAX_DATA:
+            self._data = value
+        else:
+            self._data = _as_bytes("data", value, _MAX_DATA)
 
     @property
     def address(self) -> str:
@@ -233,9 +243,12 @@ class MessageBase:
 
     @address.setter
     def address(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise ChirpTypeError("Message.address must be a str, not %s" % type(value).__name__)
-        self._family, self._packed, self._address = _parse_address(value)
+        known = _addresses.get(value) if type(value) is str else None
+        if known is None:
+            if not isinstance(value, str):
+                raise ChirpTypeError("Message.address must be a str, not %s" % type(value).__name__)
+            known = _parse_address(value)
+        self._family, self._packed, self._address = known
 
     @property
     def port(self) -> int:
@@ -244,6 +257,9 @@ class MessageBase:
 
     @port.setter
     def port(self, value: int) -> None:
+        if type(value) is int and 0 <= value <= 0xFFFF:
+            self._port = value
+            return
         if isinstance(value, bool) or not isinstance(value, int):
             raise ChirpTypeError("Message.port must be an int, not %s" % type(value).__name__)
         if not 0 <= value <= 0xFFFF:
