@@ -172,7 +172,11 @@ class MessageBase:
         cmsg: Any,
         node: NodeCore,
     ) -> MessageBase:
-        """Build a received message (dispatcher thread); no validation, no urandom."""
+        """Build a received message (dispatcher thread); no validation, no urandom.
+
+        ``Receives.on_recvs`` (libchirp/_core/receives.py) does the same inline
+        for a batch: a new slot must be set there too.
+        """
         self = cls.__new__(cls)
         self._identity = identity
         self._serial = serial

@@ -26,15 +26,17 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 
 from ..message import MessageBase
 from .capi import _MSG_P, _MSG_PP, _cast, _text, ffi, lib
-from .events import _address
+from .events import _QUIET_RELEASE, Payloads, _address, _address_texts
 from .log import logger
 from .outcomes import _REFUSED, _error, _set_exception, _set_result
 from .requests import DROP_LATE_REPLIES
 from .timers import cancel_timer
 
+_new = object.__new__
+
 #: Token of releases nobody waits for (release_many): their completions are only
-#: counted, so that stop() can let the owed ACKs go out first. Real tokens start at 2.
-_QUIET_RELEASE = 1
+#: counted, so that stop() can let the owed ACKs go out first (successful ones
+#: by events.handle_batch itself). Real tokens start at 2.
 
 
 class Receives:
@@ -112,6 +114,63 @@ class Receives:
         except Exception:
             logger.exception("libchirp: exception while delivering a message; released")
             self.release(msg)
+
+    def on_recvs(self, recs: List[tuple], payloads: Payloads) -> None:
+        """Thread handling events: consecutive RECV events of this node, decoded.
+
+        The usual case (the node runs, no request is pending or expired, the
+        interface takes whole batches) builds the messages in one loop and
+        hands them to the inbox at once; otherwise each goes through on_recv().
+        """
+        if (
+            self.deliver_many is None
+            or self.stop_sent
+            or self.closing
+            or self.requests
+            or self.expired
+        ):
+            for rec in recs:
+                try:
+                    header, data = payloads.of(rec)
+                    self.on_recv(rec, header, data)
+                except Exception:
+                    logger.exception("libchirp: exception while handling a received message")
+            return
+        cls = self.message_class
+        arena = payloads.arena
+        base = payloads.base
+        end = payloads.end
+        texts = _address_texts
+        msgs = []
+        append = msgs.append
+        for rec in recs:
+            h = rec[8]
+            if base <= h < end:
+                off = h - base
+                hend = off + rec[11]
+                header = arena[off:hend]
+                data = arena[hend : hend + rec[10]]
+            else:
+                header, data = payloads.of(rec)
+            msg = _new(cls)  # as MessageBase._received(), inline
+            msg._identity = rec[5]
+            msg._serial = rec[6]
+            msg._header = header
+            msg._data = data
+            msg._address = texts.get(rec[14]) or _address(rec[14])
+            msg._family = 0
+            msg._packed = None
+            msg._port = rec[12]
+            msg._remote_identity = rec[13]
+            msg._c = rec[4]
+            msg._node = self
+            msg._sending = False
+            append(msg)
+        self.held.update(msgs)
+        inbox = self.inbox
+        if not inbox:
+            self.loop.at_batch_end(self._deliver_inbox)
+        inbox.extend(msgs)
 
     def _deliver_inbox(self) -> None:
         """End of a batch: hand the messages received in it over in one call."""
