@@ -27,9 +27,10 @@ Sending hands ``header`` and ``data`` to the core without copying; they are
 that is being sent cannot be sent again or released (``RuntimeError``).
 
 The IP address is validated and packed when it is set (``socket.inet_pton``) so
-that sending needs no parsing; received messages pack it lazily, only when they
-are sent back. Parsed addresses are remembered (a small bounded table), since a
-program usually talks to a handful of peers.
+that sending needs no parsing; received messages come with their sender's
+address packed (remembered per address by the node), or pack it lazily, only
+when they are sent back. Parsed addresses are remembered (a small bounded
+table), since a program usually talks to a handful of peers.
 """
 
 from __future__ import annotations

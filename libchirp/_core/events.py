@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from ..message import _parse_address
 from .capi import _CHAR_P, _NULL, _buffer, _cast, _text, ffi, lib
 from .log import logger
 
@@ -85,18 +86,28 @@ class PollBuffers:
         self.seq = ffi.new("uint64_t *")
 
 
-#: Text of a RECV event's address field (NUL padded bytes) -> the address text.
-_address_texts: Dict[bytes, str] = {}
+#: A RECV event's address field (NUL padded bytes) -> (family, packed, text).
+_peers: Dict[bytes, Tuple[int, bytes, str]] = {}
+
+
+def _peer(raw: bytes) -> Tuple[int, bytes, str]:
+    """(family, packed address, text) of a RECV event's address field, remembered.
+
+    The packed form is what sending a message back needs (MessageBase._target()).
+    """
+    known = _peers.get(raw)
+    if known is None:
+        text = raw.split(b"\0", 1)[0].decode("ascii")
+        family, packed, _ = _parse_address(text)
+        known = (family, packed, text)
+        if len(_peers) < 4096:
+            _peers[raw] = known
+    return known
 
 
 def _address(raw: bytes) -> str:
     """Text of a RECV event's address field (NUL padded bytes), remembered."""
-    text = _address_texts.get(raw)
-    if text is None:
-        text = raw.split(b"\0", 1)[0].decode("ascii")
-        if len(_address_texts) < 4096:
-            _address_texts[raw] = text
-    return text
+    return _peer(raw)[2]
 
 
 class Payloads:

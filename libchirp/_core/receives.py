@@ -22,17 +22,20 @@ A mixin of :class:`~libchirp._core.node.NodeCore` (state made by
 from __future__ import annotations
 
 from concurrent.futures import Future
+from operator import attrgetter
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 
 from ..message import MessageBase
 from .capi import _MSG_P, _MSG_PP, _cast, _text, ffi, lib
-from .events import _QUIET_RELEASE, Payloads, _address, _address_texts
+from .events import _QUIET_RELEASE, Payloads, _address, _peer, _peers
 from .log import logger
 from .outcomes import _REFUSED, _error, _set_exception, _set_result
 from .requests import DROP_LATE_REPLIES
 from .timers import cancel_timer
 
 _new = object.__new__
+_c_of = attrgetter("_c")
+_sending_of = attrgetter("_sending")
 
 #: Token of releases nobody waits for (release_many): their completions are only
 #: counted, so that stop() can let the owed ACKs go out first (successful ones
@@ -140,7 +143,7 @@ class Receives:
         arena = payloads.arena
         base = payloads.base
         end = payloads.end
-        texts = _address_texts
+        peers = _peers
         msgs = []
         append = msgs.append
         for rec in recs:
@@ -157,9 +160,8 @@ class Receives:
             msg._serial = rec[6]
             msg._header = header
             msg._data = data
-            msg._address = texts.get(rec[14]) or _address(rec[14])
-            msg._family = 0
-            msg._packed = None
+            # the sender's address, packed already (sending back needs no parsing)
+            msg._family, msg._packed, msg._address = peers.get(rec[14]) or _peer(rec[14])
             msg._port = rec[12]
             msg._remote_identity = rec[13]
             msg._c = rec[4]
@@ -205,21 +207,17 @@ class Receives:
         """
         failed = 0
         with self.lock:
-            cmsgs = []
+            cmsgs = list(map(_c_of, msgs))
+            if None in cmsgs:  # some have no slot (released already, or never received)
+                msgs = [msg for msg, cmsg in zip(msgs, cmsgs) if cmsg is not None]
+                if not msgs:
+                    return
+                cmsgs = list(map(_c_of, msgs))
+            if any(map(_sending_of, msgs)):
+                raise RuntimeError("Message is still being sent; release it when the send is done")
             for msg in msgs:
-                if msg._c is not None:
-                    if msg._sending:
-                        raise RuntimeError(
-                            "Message is still being sent; release it when the send is done"
-                        )
-                    cmsgs.append(msg)
-            if not cmsgs:
-                return
-            held = self.held
-            for i, msg in enumerate(cmsgs):
-                cmsgs[i] = msg._c
                 msg._c = None
-                held.discard(msg)
+            self.held.difference_update(msgs)
             if self.stop_sent:  # cannot happen for held messages; be safe
                 self.orphans.extend(cmsgs)
                 return
