@@ -28,8 +28,8 @@ orders them: a completion either happens before the condition exists (a
 waiter that creates it then sees the final state under the condition), or it
 sees the condition and takes the standard path, which notifies waiters and
 runs callbacks. :func:`set_results` completes many futures under one
-acquisition of the lock (the node's successful sends): those without a
-condition and a hook get their two attributes set there, the others go the
+acquisition of the lock (the node's successful sends): those nobody touched
+(no condition, no hook) get their two attributes set there, the others go the
 standard way one by one. Reading a finished future (``done()``, ``result()`` and
 ``exception()`` of a finished future) needs no lock at all: the state only
 ever moves forward and attribute reads are atomic.
@@ -163,33 +163,39 @@ _new = object.__new__
 
 
 def new_futures(leader: Any, n: int) -> List[LightFuture]:
-    """``n`` pending LightFutures led by ``leader`` (no __init__ call each)."""
+    """``n`` pending LightFutures led by ``leader`` (no __init__ call each).
+
+    Their only own attribute is ``_leader`` until they are used (see set_results()).
+    """
     futs: List[LightFuture] = list(map(_new, repeat(LightFuture, n)))
     for fut in futs:
         fut._leader = leader
     return futs
 
 
-def set_results(pairs: Iterable[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
+def set_results(pairs: Iterable[Optional[Tuple[Any, ...]]]) -> List[Tuple[Any, ...]]:
     """Complete many futures at once: ``pair[0].set_result(pair[1])`` for each.
 
-    One acquisition of ``_LOCK`` for all of them: a future without a condition
-    and without a hook (nobody waits, no callback) is completed by setting its
-    two attributes, as set_result() does. The others (a waiter, a callback, a
-    hook, cancelled) are returned, in order, for the caller to complete with
-    set_result() after the lock (that notifies, runs callbacks and hooks). A
-    ``None`` in ``pairs`` is skipped.
+    ``pair[1]`` must be an object with a ``_sending`` attribute (a message whose
+    send the future stands for): it is set to False first, before the future
+    completes. One acquisition of ``_LOCK`` for all of them: a future made by
+    new_futures() (or made the same way) that nobody touched since, i.e. whose
+    only own attribute is still ``_leader`` (no condition, no hook, no state of
+    its own), is completed by setting its two attributes, as set_result()
+    does. The others (a waiter, a callback, a hook, cancelled) are returned,
+    in order, for the caller to complete with set_result() after the lock
+    (that notifies, runs callbacks and hooks). A ``None`` in ``pairs`` is skipped.
     """
     slow: List[Tuple[Any, ...]] = []
     with _LOCK:
         for pair in pairs:
             if pair is None:
                 continue
-            fut = pair[0]
-            d = fut.__dict__
-            if "_condition" in d or "_hook" in d or "_state" in d:
-                slow.append(pair)  # (a new future has no _state of its own)
-                continue
-            fut._result = pair[1]
-            fut._state = FINISHED
+            fut, value = pair[0], pair[1]
+            value._sending = False
+            if len(fut.__dict__) == 1:  # only _leader: see new_futures()
+                fut._result = value
+                fut._state = FINISHED
+            else:
+                slow.append(pair)
     return slow

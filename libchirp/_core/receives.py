@@ -147,24 +147,25 @@ class Receives:
         msgs = []
         append = msgs.append
         for rec in recs:
-            h = rec[8]
+            # the fields of _EVENT (events.py), in its order
+            _, _, _, _, cmsg, identity, serial, _, h, _, dl, hl, port, remote, raw = rec
             if base <= h < end:
                 off = h - base
-                hend = off + rec[11]
+                hend = off + hl
                 header = arena[off:hend]
-                data = arena[hend : hend + rec[10]]
+                data = arena[hend : hend + dl]
             else:
                 header, data = payloads.of(rec)
             msg = _new(cls)  # as MessageBase._received(), inline
-            msg._identity = rec[5]
-            msg._serial = rec[6]
+            msg._identity = identity
+            msg._serial = serial
             msg._header = header
             msg._data = data
             # the sender's address, packed already (sending back needs no parsing)
-            msg._family, msg._packed, msg._address = peers.get(rec[14]) or _peer(rec[14])
-            msg._port = rec[12]
-            msg._remote_identity = rec[13]
-            msg._c = rec[4]
+            msg._family, msg._packed, msg._address = peers.get(raw) or _peer(raw)
+            msg._port = port
+            msg._remote_identity = remote
+            msg._c = cmsg
             msg._node = self
             msg._sending = False
             append(msg)

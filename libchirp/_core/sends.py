@@ -249,11 +249,9 @@ class Sends:
             for pending in done:
                 if pending is not None:
                     self._sent(pending[1])
-        else:
-            for pending in done:
-                if pending is not None:
-                    pending[1]._sending = False
-        for pending in set_results(done):
+                    _set_result(pending[0], pending[1])
+            return
+        for pending in set_results(done):  # (clears the messages' _sending first)
             _set_result(pending[0], pending[1])
 
     def _fail_sends(self, exc: Callable[[], BaseException]) -> None:
