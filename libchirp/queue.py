@@ -117,7 +117,8 @@ class Chirp(ChirpBase, _queue.Queue[Message]):
                 items.clear()
             else:
                 msgs = [items.popleft() for _ in range(max_count)]
-            self.not_full.notify()
+            if self.maxsize > 0:  # (never: put() of an unbounded queue does not wait)
+                self.not_full.notify()
         if self._auto_release:
             self._release_taken(msgs)
         return msgs
