@@ -27,7 +27,10 @@ module-wide lock (``_LOCK``), held for a few attribute operations only. That
 orders them: a completion either happens before the condition exists (a
 waiter that creates it then sees the final state under the condition), or it
 sees the condition and takes the standard path, which notifies waiters and
-runs callbacks. Reading a finished future (``done()``, ``result()`` and
+runs callbacks. :func:`set_results` completes many futures under one
+acquisition of the lock (the node's successful sends): those nobody touched
+(no condition, no hook) get their two attributes set there, the others go the
+standard way one by one. Reading a finished future (``done()``, ``result()`` and
 ``exception()`` of a finished future) needs no lock at all: the state only
 ever moves forward and attribute reads are atomic.
 """
@@ -37,9 +40,10 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
-from typing import Any, Callable, Optional
+from itertools import repeat
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
-__all__ = ["LightFuture"]
+__all__ = ["LightFuture", "new_futures", "set_results"]
 
 _LOCK = threading.Lock()
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
@@ -58,11 +62,17 @@ class LightFuture(Future[Any]):
     _leader: Any = None
     #: Called with the future once it is complete (see _when_done()), or None.
     _hook: Optional[Callable[["LightFuture"], None]] = None
+    # The state of a new future, as class attributes: a future made with
+    # ``LightFuture.__new__(LightFuture)`` (no __init__, see new_future()) is a
+    # valid pending future; completing it sets the instance's own attributes.
+    _state = PENDING
+    _result: Any = None
+    _exception: Optional[BaseException] = None
 
     def __init__(self) -> None:  # no super().__init__(): that would build the condition
         self._state = PENDING
-        self._result: Any = None
-        self._exception: Optional[BaseException] = None
+        self._result = None
+        self._exception = None
 
     def __getattr__(self, name: str) -> Any:
         # Only called for missing attributes: creates the condition, and the
@@ -147,3 +157,45 @@ class LightFuture(Future[Any]):
         if self._hook is not None:
             self._run_hook()
         return True
+
+
+_new = object.__new__
+
+
+def new_futures(leader: Any, n: int) -> List[LightFuture]:
+    """``n`` pending LightFutures led by ``leader`` (no __init__ call each).
+
+    Their only own attribute is ``_leader`` until they are used (see set_results()).
+    """
+    futs: List[LightFuture] = list(map(_new, repeat(LightFuture, n)))
+    for fut in futs:
+        fut._leader = leader
+    return futs
+
+
+def set_results(pairs: Iterable[Optional[Tuple[Any, ...]]]) -> List[Tuple[Any, ...]]:
+    """Complete many futures at once: ``pair[0].set_result(pair[1])`` for each.
+
+    ``pair[1]`` must be an object with a ``_sending`` attribute (a message whose
+    send the future stands for): it is set to False first, before the future
+    completes. One acquisition of ``_LOCK`` for all of them: a future made by
+    new_futures() (or made the same way) that nobody touched since, i.e. whose
+    only own attribute is still ``_leader`` (no condition, no hook, no state of
+    its own), is completed by setting its two attributes, as set_result()
+    does. The others (a waiter, a callback, a hook, cancelled) are returned,
+    in order, for the caller to complete with set_result() after the lock
+    (that notifies, runs callbacks and hooks). A ``None`` in ``pairs`` is skipped.
+    """
+    slow: List[Tuple[Any, ...]] = []
+    with _LOCK:
+        for pair in pairs:
+            if pair is None:
+                continue
+            fut, value = pair[0], pair[1]
+            value._sending = False
+            if len(fut.__dict__) == 1:  # only _leader: see new_futures()
+                fut._result = value
+                fut._state = FINISHED
+            else:
+                slow.append(pair)
+    return slow

@@ -27,9 +27,10 @@ Sending hands ``header`` and ``data`` to the core without copying; they are
 that is being sent cannot be sent again or released (``RuntimeError``).
 
 The IP address is validated and packed when it is set (``socket.inet_pton``) so
-that sending needs no parsing; received messages pack it lazily, only when they
-are sent back. Parsed addresses are remembered (a small bounded table), since a
-program usually talks to a handful of peers.
+that sending needs no parsing; received messages come with their sender's
+address packed (remembered per address by the node), or pack it lazily, only
+when they are sent back. Parsed addresses are remembered (a small bounded
+table), since a program usually talks to a handful of peers.
 """
 
 from __future__ import annotations
@@ -142,7 +143,11 @@ class MessageBase:
     )
 
     def __init__(self) -> None:
-        self._identity: bytes = _new_identity()
+        try:
+            identity = _id_pool.pop()
+        except IndexError:
+            identity = _new_identity()
+        self._identity: bytes = identity
         self._serial: int = 0
         self._header: bytes = b""
         self._data: bytes = b""
@@ -168,7 +173,11 @@ class MessageBase:
         cmsg: Any,
         node: NodeCore,
     ) -> MessageBase:
-        """Build a received message (dispatcher thread); no validation, no urandom."""
+        """Build a received message (dispatcher thread); no validation, no urandom.
+
+        ``Receives.on_recvs`` (libchirp/_core/receives.py) does the same inline
+        for a batch: a new slot must be set there too.
+        """
         self = cls.__new__(cls)
         self._identity = identity
         self._serial = serial
@@ -215,7 +224,10 @@ class MessageBase:
 
     @header.setter
     def header(self, value: bytes) -> None:
-        self._header = _as_bytes("header", value, _MAX_HEADER)
+        if type(value) is bytes and len(value) <= _MAX_HEADER:
+            self._header = value
+        else:
+            self._header = _as_bytes("header", value, _MAX_HEADER)
 
     @property
     def data(self) -> bytes:
@@ -224,7 +236,10 @@ class MessageBase:
 
     @data.setter
     def data(self, value: bytes) -> None:
-        self._data = _as_bytes("data", value, _MAX_DATA)
+        if type(value) is bytes and len(value) <= _MAX_DATA:
+            self._data = value
+        else:
+            self._data = _as_bytes("data", value, _MAX_DATA)
 
     @property
     def address(self) -> str:
@@ -233,9 +248,12 @@ class MessageBase:
 
     @address.setter
     def address(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise ChirpTypeError("Message.address must be a str, not %s" % type(value).__name__)
-        self._family, self._packed, self._address = _parse_address(value)
+        known = _addresses.get(value) if type(value) is str else None
+        if known is None:
+            if not isinstance(value, str):
+                raise ChirpTypeError("Message.address must be a str, not %s" % type(value).__name__)
+            known = _parse_address(value)
+        self._family, self._packed, self._address = known
 
     @property
     def port(self) -> int:
@@ -244,6 +262,9 @@ class MessageBase:
 
     @port.setter
     def port(self, value: int) -> None:
+        if type(value) is int and 0 <= value <= 0xFFFF:
+            self._port = value
+            return
         if isinstance(value, bool) or not isinstance(value, int):
             raise ChirpTypeError("Message.port must be an int, not %s" % type(value).__name__)
         if not 0 <= value <= 0xFFFF:

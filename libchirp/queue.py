@@ -112,9 +112,13 @@ class Chirp(ChirpBase, _queue.Queue[Message]):
             if not self._qsize():
                 raise ChirpShutdown("the node was stopped while waiting for a message")
             items = self.queue
-            n = min(max_count, len(items))
-            msgs = [items.popleft() for _ in range(n)]
-            self.not_full.notify()
+            if max_count >= len(items):
+                msgs = list(items)
+                items.clear()
+            else:
+                msgs = [items.popleft() for _ in range(max_count)]
+            if self.maxsize > 0:  # (never: put() of an unbounded queue does not wait)
+                self.not_full.notify()
         if self._auto_release:
             self._release_taken(msgs)
         return msgs

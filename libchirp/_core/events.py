@@ -7,20 +7,23 @@ loop's token. A batch is decoded with one bytes copy and
 ``struct.iter_unpack()`` (:data:`_EVENT`, built from the compiled layout)
 instead of one cffi attribute access per field; rare fields (texts of failures
 and logs, statistics) are read from the cdata event. Each event goes to the node
-named by its ``node_token`` (its ``on_*`` methods); then the loop's due timers
-and end-of-batch hooks run.
+named by its ``node_token`` (its ``on_*`` methods; a run of consecutive RECV
+events of one node in one call); then the loop's due timers and end-of-batch
+hooks run.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Callable, Dict
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from ..message import _parse_address
 from .capi import _CHAR_P, _NULL, _buffer, _cast, _text, ffi, lib
 from .log import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loopcore import LoopCore
+    from .node import NodeCore
 
 #: Events per ch_loop_drive() batch.
 BATCH = 256
@@ -28,6 +31,9 @@ BATCH = 256
 ARENA_SIZE = 256 * 1024
 #: Token of the wake-up that announces call_soon() callbacks (LoopCore.call_soon()).
 WAKE_CALLS = 1
+#: Token of releases nobody waits for (Receives.release_many): their completions
+#: are only counted. Real tokens start at 2.
+_QUIET_RELEASE = 1
 
 _EV_NODE_STARTED = lib.CH_EV_NODE_STARTED
 _EV_NODE_STOPPED = lib.CH_EV_NODE_STOPPED
@@ -80,56 +86,104 @@ class PollBuffers:
         self.seq = ffi.new("uint64_t *")
 
 
-def _addresses() -> Callable[[bytes], str]:
+#: A RECV event's address field (NUL padded bytes) -> (family, packed, text).
+_peers: Dict[bytes, Tuple[int, bytes, str]] = {}
+
+
+def _peer(raw: bytes) -> Tuple[int, bytes, str]:
+    """(family, packed address, text) of a RECV event's address field, remembered.
+
+    The packed form is what sending a message back needs (MessageBase._target()).
+    """
+    known = _peers.get(raw)
+    if known is None:
+        text = raw.split(b"\0", 1)[0].decode("ascii")
+        family, packed, _ = _parse_address(text)
+        known = (family, packed, text)
+        if len(_peers) < 4096:
+            _peers[raw] = known
+    return known
+
+
+def _address(raw: bytes) -> str:
     """Text of a RECV event's address field (NUL padded bytes), remembered."""
-    known: Dict[bytes, str] = {}
-
-    def address(raw: bytes) -> str:
-        text = known.get(raw)
-        if text is None:
-            text = raw.split(b"\0", 1)[0].decode("ascii")
-            if len(known) < 4096:
-                known[raw] = text
-        return text
-
-    return address
+    return _peer(raw)[2]
 
 
-_address = _addresses()
+class Payloads:
+    """Where the header and data of a batch's RECV events are: :meth:`of` a record.
+
+    Small payloads were copied into the drive's arena (copied once more into
+    ``bytes`` here, so that each message's ``bytes`` is a cheap slice of it);
+    larger ones are read from the message record.
+    """
+
+    __slots__ = ("arena", "base", "end")
+
+    def __init__(self, bufs: PollBuffers) -> None:
+        used = bufs.arena[0].len
+        self.arena = _buffer(bufs.arena_buf, used)[:] if used else b""
+        self.base = bufs.arena_base
+        self.end = self.base + used
+
+    def of(self, rec: tuple) -> Tuple[bytes, bytes]:
+        """(header, data) of the RECV record ``rec``."""
+        h = rec[8]
+        hl = rec[11]
+        if self.base <= h < self.end:
+            off = h - self.base
+            return self.arena[off : off + hl], self.arena[off + hl : off + hl + rec[10]]
+        header = _buffer(_cast(_CHAR_P, h), hl)[:] if hl else b""
+        data = _buffer(_cast(_CHAR_P, rec[9]), rec[10])[:] if rec[10] else b""
+        return header, data
+
+
+def _recvs(node: Optional[NodeCore], run: List[tuple], payloads: Payloads) -> None:
+    """Hand a run of consecutive RECV records of one node to it."""
+    if node is None:
+        logger.error("libchirp: %d message(s) for an unknown node; dropped", len(run))
+        return
+    try:
+        node.on_recvs(run, payloads)
+    except Exception:
+        logger.exception("libchirp: exception while handling received messages")
 
 
 def handle_batch(loop: LoopCore, bufs: PollBuffers, n: int) -> None:
     """Handle the ``n`` events in ``bufs``, then due timers and end-of-batch hooks.
 
     Called by the thread holding ``loop``'s token, right after its drive.
-    Payloads copied to the arena are sliced out of it; larger ones are read
-    from the message record.
+    Consecutive RECV events of one node go to it in one call
+    (``Receives.on_recvs``), in order with the other events.
     """
     nodes = loop.nodes
     events = bufs.events
-    used = bufs.arena[0].len
-    arena = _buffer(bufs.arena_buf, used) if used else None
-    base = bufs.arena_base
-    end = base + used
+    payloads = Payloads(bufs)
+    run: List[tuple] = []  # consecutive RECV records of run_token's node
+    run_token = -1
     for i, rec in enumerate(_EVENT.iter_unpack(_buffer(events, n * _EVENT_SIZE))):
         t = rec[0]
+        if t == _EV_RECV:
+            if rec[2] != run_token:
+                if run:
+                    _recvs(nodes.get(run_token), run, payloads)
+                    run = []
+                run_token = rec[2]
+            run.append(rec)
+            continue
+        if t == _EV_RELEASE_DONE and rec[3] == _QUIET_RELEASE and rec[1] == 0:
+            # AUTO_RELEASE completions are only counted (Receives.release_many):
+            # no need to end a run of RECV events for them.
+            node = nodes.get(rec[2])
+            if node is not None:
+                node.quiet_done += rec[7]
+            continue
+        if run:
+            _recvs(nodes.get(run_token), run, payloads)
+            run = []
+            run_token = -1
         try:
-            if t == _EV_RECV:
-                node = nodes.get(rec[2])
-                if node is not None:
-                    h = rec[8]
-                    if arena is not None and base <= h < end:
-                        off = h - base
-                        hl, dl = rec[11], rec[10]
-                        header = arena[off : off + hl] if hl else b""
-                        data = arena[off + hl : off + hl + dl] if dl else b""
-                    else:
-                        header = _buffer(_cast(_CHAR_P, h), rec[11])[:] if rec[11] else b""
-                        data = _buffer(_cast(_CHAR_P, rec[9]), rec[10])[:] if rec[10] else b""
-                    node.on_recv(rec, header, data)
-                else:
-                    logger.error("libchirp: message for an unknown node; dropped")
-            elif t == _EV_SEND_DONE:
+            if t == _EV_SEND_DONE:
                 node = nodes.get(rec[2])
                 if node is not None:
                     count = rec[7]
@@ -173,6 +227,8 @@ def handle_batch(loop: LoopCore, bufs: PollBuffers, n: int) -> None:
                 logger.warning("libchirp: unknown event type %d", t)
         except Exception:
             logger.exception("libchirp: exception while handling event type %d", t)
+    if run:
+        _recvs(nodes.get(run_token), run, payloads)
     if loop.timers.heap:
         loop.timers.run_due()
     if loop.batch_end:

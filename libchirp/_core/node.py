@@ -8,7 +8,7 @@ submission carries a token (unique per loop); the matching completion event
 carries it back and the dispatcher (``events.handle_batch``) calls the node's
 ``on_*`` method, which resolves the future stored under it:
 
-* ``sends.Sends``: send, send_many and their completions (``PendingSend``);
+* ``sends.Sends``: send, send_many and their completions;
 * ``requests.Requests``: the request table, expiry, expired identities;
 * ``receives.Receives``: received messages, delivery, releases;
 * ``nodestats.Statistics``: statistics snapshots.
@@ -53,6 +53,7 @@ from .sends import Sends
 START_LIMIT = 30.0
 
 _monotonic = time.monotonic
+_new_future = object.__new__
 
 
 class NodeCore(Sends, Requests, Receives, Statistics):
@@ -154,7 +155,7 @@ class NodeCore(Sends, Requests, Receives, Statistics):
 
     def _future(self) -> LightFuture:
         """A future completed by this loop's events (a waiter may handle them itself)."""
-        fut = LightFuture()
+        fut: LightFuture = _new_future(LightFuture)  # no __init__ (see LightFuture)
         fut._leader = self.loop
         return fut
 

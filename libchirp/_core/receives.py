@@ -22,19 +22,24 @@ A mixin of :class:`~libchirp._core.node.NodeCore` (state made by
 from __future__ import annotations
 
 from concurrent.futures import Future
+from operator import attrgetter
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 
 from ..message import MessageBase
 from .capi import _MSG_P, _MSG_PP, _cast, _text, ffi, lib
-from .events import _address
+from .events import _QUIET_RELEASE, Payloads, _address, _peer, _peers
 from .log import logger
 from .outcomes import _REFUSED, _error, _set_exception, _set_result
 from .requests import DROP_LATE_REPLIES
 from .timers import cancel_timer
 
+_new = object.__new__
+_c_of = attrgetter("_c")
+_sending_of = attrgetter("_sending")
+
 #: Token of releases nobody waits for (release_many): their completions are only
-#: counted, so that stop() can let the owed ACKs go out first. Real tokens start at 2.
-_QUIET_RELEASE = 1
+#: counted, so that stop() can let the owed ACKs go out first (successful ones
+#: by events.handle_batch itself). Real tokens start at 2.
 
 
 class Receives:
@@ -113,6 +118,63 @@ class Receives:
             logger.exception("libchirp: exception while delivering a message; released")
             self.release(msg)
 
+    def on_recvs(self, recs: List[tuple], payloads: Payloads) -> None:
+        """Thread handling events: consecutive RECV events of this node, decoded.
+
+        The usual case (the node runs, no request is pending or expired, the
+        interface takes whole batches) builds the messages in one loop and
+        hands them to the inbox at once; otherwise each goes through on_recv().
+        """
+        if (
+            self.deliver_many is None
+            or self.stop_sent
+            or self.closing
+            or self.requests
+            or self.expired
+        ):
+            for rec in recs:
+                try:
+                    header, data = payloads.of(rec)
+                    self.on_recv(rec, header, data)
+                except Exception:
+                    logger.exception("libchirp: exception while handling a received message")
+            return
+        cls = self.message_class
+        arena = payloads.arena
+        base = payloads.base
+        end = payloads.end
+        peers = _peers
+        msgs = []
+        append = msgs.append
+        for rec in recs:
+            # the fields of _EVENT (events.py), in its order
+            _, _, _, _, cmsg, identity, serial, _, h, _, dl, hl, port, remote, raw = rec
+            if base <= h < end:
+                off = h - base
+                hend = off + hl
+                header = arena[off:hend]
+                data = arena[hend : hend + dl]
+            else:
+                header, data = payloads.of(rec)
+            msg = _new(cls)  # as MessageBase._received(), inline
+            msg._identity = identity
+            msg._serial = serial
+            msg._header = header
+            msg._data = data
+            # the sender's address, packed already (sending back needs no parsing)
+            msg._family, msg._packed, msg._address = peers.get(raw) or _peer(raw)
+            msg._port = port
+            msg._remote_identity = remote
+            msg._c = cmsg
+            msg._node = self
+            msg._sending = False
+            append(msg)
+        self.held.update(msgs)
+        inbox = self.inbox
+        if not inbox:
+            self.loop.at_batch_end(self._deliver_inbox)
+        inbox.extend(msgs)
+
     def _deliver_inbox(self) -> None:
         """End of a batch: hand the messages received in it over in one call."""
         msgs = self.inbox
@@ -146,21 +208,17 @@ class Receives:
         """
         failed = 0
         with self.lock:
-            cmsgs = []
+            cmsgs = list(map(_c_of, msgs))
+            if None in cmsgs:  # some have no slot (released already, or never received)
+                msgs = [msg for msg, cmsg in zip(msgs, cmsgs) if cmsg is not None]
+                if not msgs:
+                    return
+                cmsgs = list(map(_c_of, msgs))
+            if any(map(_sending_of, msgs)):
+                raise RuntimeError("Message is still being sent; release it when the send is done")
             for msg in msgs:
-                if msg._c is not None:
-                    if msg._sending:
-                        raise RuntimeError(
-                            "Message is still being sent; release it when the send is done"
-                        )
-                    cmsgs.append(msg)
-            if not cmsgs:
-                return
-            held = self.held
-            for i, msg in enumerate(cmsgs):
-                cmsgs[i] = msg._c
                 msg._c = None
-                held.discard(msg)
+            self.held.difference_update(msgs)
             if self.stop_sent:  # cannot happen for held messages; be safe
                 self.orphans.extend(cmsgs)
                 return

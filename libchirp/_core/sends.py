@@ -2,12 +2,16 @@
 
 Application threads submit sends under the node's lock; every submission
 carries a token (unique per loop, ``LoopCore.tokens``) and is remembered in
-``sends`` as a :class:`PendingSend` until its SEND_DONE event carries the token
-back. Header and data ``bytes`` of a single send are handed to C without
-copying (``ffi.from_buffer``) and kept alive in the pending send until then;
-``send_many()`` packs small messages into one ``ch_node_send_batch()`` call,
-which copies them. Consecutive successful completions come as one event with a
-count (:meth:`Sends.on_sends_done`).
+``sends`` as a tuple ``(future, message)`` until its SEND_DONE event carries
+the token back. Header and data ``bytes`` of a single send are handed to C
+without copying and kept alive in the tuple until then (``(future, message,
+header, data, request)``). ``send_many()`` packs small messages into one
+``ch_node_send_batch()`` call, which copies them; its per-message work (the
+futures, the tokens, the records, the table entries) is done by ``map()``
+over the batch wherever it can, not by a Python loop. Consecutive successful
+completions come as one event with a count (:meth:`Sends.on_sends_done`),
+which completes the futures nobody waits on in bulk
+(:func:`libchirp._future.set_results`).
 
 A mixin of :class:`~libchirp._core.node.NodeCore`: the state it uses is made by
 :meth:`Sends._init_sends`; ``on_*`` methods run on the thread handling events.
@@ -17,11 +21,22 @@ from __future__ import annotations
 
 import struct
 from concurrent.futures import Future
+from itertools import chain, islice, repeat
+from operator import add, attrgetter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .._future import new_futures, set_results
 from ..message import MessageBase
 from .capi import _text, lib
 from .outcomes import _REFUSED, _error, _set_exception, _set_result, _submit_error
+
+_sending_of = attrgetter("_sending")
+_packed_of = attrgetter("_packed")
+_family_of = attrgetter("_family")
+_header_of = attrgetter("_header")
+_data_of = attrgetter("_data")
+_port_of = attrgetter("_port")
+_identity_of = attrgetter("_identity")
 
 #: One message of ch_node_send_batch() (ch_send_t, CH_SEND_SIZE bytes):
 #: token, data_len, header_len, port, family, identity, addr.
@@ -33,37 +48,13 @@ assert _SEND_RECORD.size == lib.CH_SEND_SIZE
 SEND_COPY_LIMIT = 8192
 
 
-class PendingSend:
-    """A send handed to the core and not completed yet (``NodeCore.sends``, by token).
-
-    ``header`` and ``data`` are the ``bytes`` the core points at without a copy
-    (kept alive until SEND_DONE, even if the message's attributes are replaced
-    meanwhile); None for sends the core copied. ``request`` is the request
-    future the send belongs to (``NodeCore.request()``), or None.
-    """
-
-    __slots__ = ("future", "msg", "header", "data", "request")
-
-    def __init__(
-        self,
-        future: Future,
-        msg: MessageBase,
-        header: Optional[bytes] = None,
-        data: Optional[bytes] = None,
-        request: Optional[Future] = None,
-    ) -> None:
-        self.future = future
-        self.msg = msg
-        self.header = header
-        self.data = data
-        self.request = request
-
-
 class Sends:
     """The send half of a node (mixin of NodeCore, see the module docstring)."""
 
     def _init_sends(self) -> None:
-        self.sends: Dict[int, PendingSend] = {}  # token -> the pending send
+        #: token -> (future, message), or (future, message, header, data, request)
+        #: for a send the core did not copy (header and data kept alive here).
+        self.sends: Dict[int, Tuple[Any, ...]] = {}
 
     def send(self, msg: MessageBase, request: Optional[Future] = None) -> Future:
         fut = self._future()
@@ -85,29 +76,74 @@ class Sends:
         message would also hand the GIL to any other thread waiting for it,
         once per message.
         """
-        for msg in msgs:
-            if not isinstance(msg, MessageBase):
-                raise TypeError("send_many() needs libchirp messages, not %s" % type(msg).__name__)
-        if len(set(map(id, msgs))) != len(msgs):
+        n = len(msgs)
+        if not all(map(isinstance, msgs, repeat(MessageBase, n))):
+            for msg in msgs:
+                if not isinstance(msg, MessageBase):
+                    raise TypeError(
+                        "send_many() needs libchirp messages, not %s" % type(msg).__name__
+                    )
+        if len(set(map(id, msgs))) != n:
             raise RuntimeError("Message is still being sent (given twice to send_many())")
-        futs = [self._future() for _ in msgs]
+        futs = new_futures(self.loop, n)
         failed: List[Tuple[Future, int]] = []
         with self.lock:
-            for msg in msgs:
-                if msg._sending:
-                    raise RuntimeError("Message is still being sent")
-                msg._target()  # parses a received message's address; raises before any send
+            if any(map(_sending_of, msgs)):
+                raise RuntimeError("Message is still being sent")
+            packed = list(map(_packed_of, msgs))
+            if None in packed:  # received messages pack lazily; raises before any send
+                for i, addr in enumerate(packed):
+                    if addr is None:
+                        packed[i] = msgs[i]._target()[1]
             if self.closing:
                 failed = [(fut, _REFUSED) for fut in futs]
-            else:
-                self._submit_many(msgs, futs, failed)
+            elif n:
+                self._submit_many(msgs, futs, packed, failed)
         for fut, rc in failed:
             fut.set_exception(_submit_error(rc))
         self.loop.poke()
         return futs
 
-    def _submit_many(self, msgs: List[MessageBase], futs: List[Future], failed: list) -> None:
-        """send_many()'s hand-over (caller holds the lock); failures go to ``failed``."""
+    def _submit_many(
+        self, msgs: List[MessageBase], futs: List[Future], packed: List[bytes], failed: list
+    ) -> None:
+        """send_many()'s hand-over (caller holds the lock); failures go to ``failed``.
+
+        ``packed`` holds each message's packed address (``_target()`` done).
+        """
+        headers = list(map(_header_of, msgs))
+        datas = list(map(_data_of, msgs))
+        hlens = list(map(len, headers))
+        dlens = list(map(len, datas))
+        if max(map(add, hlens, dlens)) > SEND_COPY_LIMIT:
+            self._submit_mixed(msgs, futs, packed, failed)
+            return
+        # All small (the usual case): one batch, built by map() over the messages.
+        n = len(msgs)
+        tokens = list(islice(self.loop.tokens, n))
+        records = b"".join(
+            map(
+                _SEND_RECORD.pack, tokens, dlens, hlens, map(_port_of, msgs),
+                map(_family_of, msgs), map(_identity_of, msgs), packed,
+            )
+        )  # fmt: skip
+        payload = b"".join(chain.from_iterable(zip(headers, datas)))
+        sends = self.sends
+        sends.update(zip(tokens, zip(futs, msgs)))  # the core copies them
+        for msg in msgs:
+            msg._sending = True
+        rc = lib.ch_node_send_batch(self.c, records, n, payload, len(payload))
+        if rc != 0:
+            for token, msg, fut in zip(tokens, msgs, futs):
+                del sends[token]
+                msg._sending = False
+                failed.append((fut, rc))
+
+    def _submit_mixed(
+        self, msgs: List[MessageBase], futs: List[Future], packed: List[bytes], failed: list
+    ) -> None:
+        """_submit_many() for a batch with large messages: those go one call each
+        without a copy, the small ones between them in batches; the order is kept."""
         sends = self.sends
         tokens = self.loop.tokens
         pack = _SEND_RECORD.pack
@@ -123,13 +159,13 @@ class Sends:
             if rc != 0:
                 for token in batch:
                     pending = sends.pop(token)
-                    pending.msg._sending = False
-                    failed.append((pending.future, rc))
+                    pending[1]._sending = False
+                    failed.append((pending[0], rc))
             records.clear()
             parts.clear()
             batch.clear()
 
-        for msg, fut in zip(msgs, futs):
+        for msg, fut, addr in zip(msgs, futs, packed):
             header = msg._header
             data = msg._data
             if len(header) + len(data) > SEND_COPY_LIMIT:
@@ -139,12 +175,11 @@ class Sends:
                 if rc != 0:
                     failed.append((fut, rc))
                 continue
-            family, addr = msg._target()
             token = next(tokens)
-            sends[token] = PendingSend(fut, msg)  # the core copies it
+            sends[token] = (fut, msg)  # the core copies it
             msg._sending = True
             records.append(
-                pack(token, len(data), len(header), msg._port, family, msg._identity, addr)
+                pack(token, len(data), len(header), msg._port, msg._family, msg._identity, addr)
             )
             parts.append(header)
             parts.append(data)
@@ -168,7 +203,7 @@ class Sends:
         header = msg._header
         data = msg._data
         token = next(self.loop.tokens)
-        self.sends[token] = PendingSend(fut, msg, header, data, request)
+        self.sends[token] = (fut, msg, header, data, request)
         msg._sending = True
         rc = lib.ch_node_send(
             self.c, token, msg._identity, family, addr, msg._port,
@@ -179,43 +214,50 @@ class Sends:
             msg._sending = False
         return rc
 
-    def _sent(self, pending: PendingSend) -> MessageBase:
-        """The send ``pending`` is over: the message may be sent or released again."""
-        msg = pending.msg
+    def _sent(self, msg: MessageBase) -> None:
+        """The send of ``msg`` is over: it may be sent or released again."""
         msg._sending = False
         if self.release_after_send:  # see release_when_sent() for the ordering
             with self.lock:
                 if msg in self.release_after_send:
                     self.release_after_send.discard(msg)
                     self.release(msg)
-        return msg
 
     def on_send_done(self, token: int, status: int, text: Any) -> None:
         pending = self.sends.pop(token, None)
         if pending is None:
             return
-        msg = self._sent(pending)
+        msg = pending[1]
+        self._sent(msg)
         if status == 0:
-            _set_result(pending.future, msg)
+            _set_result(pending[0], msg)
             return
         text = _text(text)
-        _set_exception(pending.future, _error(status, text))
-        if pending.request is not None:
-            self._request_send_failed(msg, pending.request, status, text)
+        _set_exception(pending[0], _error(status, text))
+        request = pending[4] if len(pending) > 2 else None
+        if request is not None:
+            self._request_send_failed(msg, request, status, text)
 
     def on_sends_done(self, token: int, count: int) -> None:
-        """Dispatcher: the sends ``token`` .. ``token + count - 1`` all succeeded."""
-        pop = self.sends.pop
-        sent = self._sent
-        for t in range(token, token + count):
-            pending = pop(t, None)
-            if pending is not None:
-                _set_result(pending.future, sent(pending))
+        """Dispatcher: the sends ``token`` .. ``token + count - 1`` all succeeded.
+
+        The messages may be sent again from here on; then the futures nobody
+        waits on are completed in bulk (set_results()), the others one by one.
+        """
+        done = list(map(self.sends.pop, range(token, token + count), repeat(None, count)))
+        if self.release_after_send:
+            for pending in done:
+                if pending is not None:
+                    self._sent(pending[1])
+                    _set_result(pending[0], pending[1])
+            return
+        for pending in set_results(done):  # (clears the messages' _sending first)
+            _set_result(pending[0], pending[1])
 
     def _fail_sends(self, exc: Callable[[], BaseException]) -> None:
         """Fail every pending send with ``exc()`` (after the node stopped)."""
         sends = self.sends
         while sends:
             _, pending = sends.popitem()
-            pending.msg._sending = False
-            _set_exception(pending.future, exc())
+            pending[1]._sending = False
+            _set_exception(pending[0], exc())
