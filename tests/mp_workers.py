@@ -197,3 +197,36 @@ def receive(conn: mp.Connection, out: Any, n: int) -> None:
     got = [conn.recv() for _ in range(n)]
     conn.close()
     out.put(got)
+
+
+def recv_and_hold(conn: mp.Connection, out: Any, n: int, close: bool, lease_dir: str = "") -> None:
+    """Receive n objects; report them, how many items were pushed to this end
+    and not yet received (held in the inbox) and whether the host pushes to it;
+    close the end first if ``close``; then wait to be killed. ``lease_dir``
+    moves this process's lease files where the host does not look."""
+    from libchirp.mp import lease
+
+    if lease_dir:
+        lease.LEASE_DIR = lease_dir
+    got = [conn.recv() for _ in range(n)]
+    ep = conn._ep(conn._rq)
+    rt = ep.rt  # type: ignore[union-attr]
+    held = sum(len(e.items) - e.pos for e in rt.inbox.get(conn._rq, ()))
+    piped = bool(ep.piped)  # type: ignore[union-attr]
+    if close:
+        conn.close()
+    out.put((got, held, piped))
+    out.join_thread()
+    time.sleep(60)
+
+
+def drain(conn: mp.Connection, out: Any) -> None:
+    """Receive until EOFError; report what came and poll() after it."""
+    got = []
+    while True:
+        try:
+            got.append(conn.recv())
+        except EOFError:
+            break
+    out.put((got, conn.poll(0)))
+    out.join_thread()

@@ -358,6 +358,60 @@ def test_pipe_request_ahead_is_given_back_at_close(monkeypatch):
         p.join(10)
 
 
+@fork_unsafe_under_sanitizer
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["kill", "close", "no-lease"])
+def test_pipe_items_pushed_to_a_reader_come_back_exactly_once(tmp_path, how):
+    """The host pushes a pipe's items to its reader in another process as they
+    are sent (under the subscription's lease). A reader SIGKILLed, or closing
+    its end, with items pushed to it and not received: those items come again
+    (to the next holder of the end), in order, exactly once; the ones it
+    received do not. A reader whose lease the host cannot open (another
+    directory: as between machines) is not pushed to; it asks per recv()."""
+    ctx = multiprocessing.get_context("fork")
+    a, b = mp.Pipe()
+    out = mp.Queue()
+    n, first = 200, 10
+    for i in range(n):
+        a.send(i)
+    lease_dir = str(tmp_path) if how == "no-lease" else ""
+    args = (b, out, first, how == "close", lease_dir)
+    p = ctx.Process(target=mp_workers.recv_and_hold, args=args)
+    with reaped(p):
+        got, held, piped = out.get(timeout=30)
+        assert got == list(range(first))
+        if how == "no-lease":
+            assert not piped and held == 0
+        else:
+            assert piped and held > 0, "no items were pushed ahead of recv()"
+        if how != "close":
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        a.send(n)  # sent after the reader is gone: queued behind the ones that came back
+        # b is hosted here: this process reads its box directly
+        rest = [b.recv() for _ in range(n + 1 - first)]
+        assert rest == list(range(first, n + 1)), "lost, duplicated or reordered items"
+        assert not b.poll(0.2)
+
+
+@pytest.mark.timeout(60)
+def test_pipe_reader_elsewhere_sees_eof_after_the_items():
+    """A reader in another process receives what was sent, then EOFError once
+    the host's end closed (pushed after the last item); poll() then says True."""
+    ctx = multiprocessing.get_context("spawn")
+    a, b = mp.Pipe()
+    out = mp.Queue()
+    with reaped(ctx.Process(target=mp_workers.drain, args=(b, out))) as (p,):
+        for i in range(5):
+            a.send(i)
+        time.sleep(0.2)  # the reader is subscribed and waits
+        a.send_bytes(b"\x80\x04K\x05.")  # the pickle of 5
+        a.close()
+        assert out.get(timeout=30) == (list(range(6)), True)
+        p.join(10)
+        assert p.exitcode == 0
+
+
 def test_lease_counter_of_a_reused_slot_means_completed():
     """The host reads a failed batch's counter: the items handed out, or all
     of them when the slot already belongs to a later batch (generation)."""
