@@ -233,6 +233,8 @@ class _Remote:
             else:
                 self.unacked -= n
             self.pcond.notify_all()
+            if not self.outbox:
+                return  # nothing to send (a pipe's ping-pong)
         self._pump()
 
     def _failure(self) -> ConnectionError:

@@ -65,6 +65,7 @@ from .wire import (
     _node_config,
     _pack,
     _Reader,
+    _release_all,
     _to_msg,
     _unpack,
 )
@@ -469,8 +470,7 @@ class _Host:
                     for (_, track), fut in zip(sends, futs):
                         if track is not None:
                             fut.add_done_callback(functools.partial(self._delivered, track=track))
-                for m in release:
-                    m.release_slot()
+                _release_all(release)
             finally:
                 with self.lock:
                     self.flushing = False
@@ -508,6 +508,11 @@ class _Host:
             if not left and key in box.failed:
                 for _, back in sorted(box.failed.pop(key), key=lambda e: e[0], reverse=True):
                     box.items.extendleft(reversed(back))
+            elif not failed and not box.items and not box.held:
+                # the usual case (a pipe's ping-pong): nothing to hand out now, and
+                # nobody waits for a batch's success; this callback runs before the
+                # message that came with the acknowledgement is handed on
+                return
             if self.stopping:
                 return
             self._serve(box, sends, release)

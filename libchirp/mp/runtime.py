@@ -60,6 +60,7 @@ from .wire import (
     _node_config,
     _pack,
     _Reader,
+    _release_all,
     _to_msg,
     _unpack,
 )
@@ -109,7 +110,12 @@ class _Inbound:
     def done(self) -> None:
         """Acknowledge the batch (all handed out or given back); free its slot
         (a subscription's slot is freed when the subscription ends)."""
-        self.msg.release_slot()
+        _release_all([self.msg])
+        self.settled()
+
+    def settled(self) -> None:
+        """The batch was acknowledged: its slot is free (a subscription's is freed
+        when the subscription ends)."""
         if self.lease is not None and not self.stream:
             self.lease[0].give(self.lease[1])
 
@@ -312,8 +318,10 @@ class _Runtime:
 
     def flush_acks(self) -> None:
         acks, self.acks = self.acks, []
-        for entry in acks:
-            entry.done()
+        if acks:
+            _release_all([entry.msg for entry in acks])
+            for entry in acks:
+                entry.settled()
 
     def _wake(self) -> None:
         with self.lock:

@@ -221,6 +221,24 @@ class _Reader:
             self.cond.notify_all()
 
 
+def _release_all(msgs: List[MessageBase]) -> None:
+    """Release the slots of ``msgs`` (send their acknowledgements), without futures.
+
+    This package never looks at a release's future; the core's batch release
+    (the one AUTO_RELEASE uses) makes no future, no token entry and no
+    completion event to handle per message, and one call into the core for
+    messages of one node.
+    """
+    if not msgs:
+        return
+    core = msgs[0]._node
+    if core is None or any(m._node is not core for m in msgs):
+        for m in msgs:
+            m.release_slot()
+        return
+    core.release_many(msgs)
+
+
 def _late_messages(node: Chirp) -> Iterator[MessageBase]:
     """The messages still queued on ``node`` once its thread has ended, without blocking."""
     while True:
