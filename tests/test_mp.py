@@ -20,6 +20,12 @@
 * a Pipe carries objects both ways between processes and bytes (spawn, fork
   and forkserver), reports EOFError after the other end closed; a queue travels through a pipe and a
   pipe end through a queue;
+* a pipe's items are pushed to its reader in another process: a reader
+  SIGKILLed or closing with pushed items it had not received loses none and
+  duplicates none (they come again, in order, to the next holder of the
+  end); a reader whose lease the host cannot open pulls instead; a remote
+  reader gets EOFError (and poll() True) after the last item once the host's
+  end closed;
 * get(timeout) and put(timeout) (maxsize) honour their timeouts across
   processes; close() wakes a thread blocked in get();
 * the settings mp.ADDRESS, mp.CONFIG and mp.TIMEOUT, set on the package,

@@ -9,7 +9,9 @@ other process (messages through this process's
 items in batches in the background, at most :data:`~libchirp.mp.wire.PUT_WINDOW`
 unacknowledged; a consumer asks for items (pull) or subscribes and takes what
 the host pushes (push), and gives back what it received but did not hand out
-when it closes.
+when it closes. A pipe's reader has the host push its items to it, under a
+lease of its subscription (``O`` in :mod:`.wire`), or pulls where the host
+cannot open the lease.
 """
 
 from __future__ import annotations
@@ -120,8 +122,10 @@ class _Remote:
         self.handed = 0
         self.rate_n = 0
         self.rate_at = 0.0
-        #: a pipe's reader asks for the next item as soon as it has taken one
-        #: (``ahead``: that request, its send and its deadline), see _pull
+        #: a pipe's reader (set by the Connection): its items are pushed to it
+        #: (``piped``, see _open_pipe) or, without a lease the host can open, it
+        #: asks for the next item as soon as it has taken one (``ahead``: that
+        #: request, its send and its deadline), see _pull
         self.read_ahead = False
         self.want_ahead = False
         #: a pipe's reader: whether the host pushes the items to this process
@@ -474,6 +478,9 @@ class _Remote:
         with rt.lock:
             sub = rt.piped.get(self.qid)
         if sub is None:
+            # another handle of this end in this process asked at the same time
+            # and the host refused (no lease), or closed it: this one pulls
+            self.piped = False
             return
         lf, slot, sid = sub
         reqid = next(_reqids)
