@@ -230,3 +230,25 @@ def drain(conn: mp.Connection, out: Any) -> None:
             break
     out.put((got, conn.poll(0)))
     out.join_thread()
+
+
+def produce_big(q: mp.Queue, n: int, size: int, consumers: int) -> None:
+    """Put n items (i, payload) whose payload tells i; then a None per consumer."""
+    for i in range(n):
+        q.put((i, bytes([i % 251]) * size))
+    for _ in range(consumers):
+        q.put(None)
+    q.join_thread()
+
+
+def consume_big(q: mp.Queue, out: Any) -> None:
+    """Get until None; report the indices in the order got and whether every
+    payload was intact."""
+    seen: List[int] = []
+    intact = True
+    while (item := q.get(timeout=60)) is not None:
+        i, payload = item
+        intact = intact and payload == bytes([i % 251]) * len(payload)
+        seen.append(i)
+    out.put((seen, intact))
+    out.join_thread()

@@ -26,6 +26,9 @@
   end); a reader whose lease the host cannot open pulls instead; a remote
   reader gets EOFError (and poll() True) after the last item once the host's
   end closed;
+* big items (put batches of 64 KiB and more, which the host forwards as they
+  came when they leave it as one batch) reach two consumers intact, once,
+  in order, in pull and in push mode;
 * get(timeout) and put(timeout) (maxsize) honour their timeouts across
   processes; close() wakes a thread blocked in get();
 * the settings mp.ADDRESS, mp.CONFIG and mp.TIMEOUT, set on the package,
@@ -398,6 +401,38 @@ def test_pipe_items_pushed_to_a_reader_come_back_exactly_once(tmp_path, how):
         rest = [b.recv() for _ in range(n + 1 - first)]
         assert rest == list(range(first, n + 1)), "lost, duplicated or reordered items"
         assert not b.poll(0.2)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("consumers", [1, 2])
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_big_items_forwarded_by_the_host_arrive_intact_in_order(monkeypatch, mode, consumers):
+    """Put batches of 64 KiB and more go on from the host as they came when a
+    consumer's batch is exactly their items (no copy, host._Host._pack_out:
+    with one consumer most batches), and are packed anew when split (two
+    consumers): every item arrives once, intact, each consumer seeing them in
+    the order they were put."""
+    packed = []
+    monkeypatch.setattr(host, "_pack", lambda batch: packed.append(1) or wire._pack(batch))
+    sent = []
+    pack_out = host._Host._pack_out
+    monkeypatch.setattr(host._Host, "_pack_out", lambda h, b: sent.append(1) or pack_out(h, b))
+    ctx = multiprocessing.get_context("spawn")
+    q = mp.Queue(mode=mode)
+    out = mp.Queue()
+    n = 400
+    cons = [ctx.Process(target=mp_workers.consume_big, args=(q, out)) for _ in range(consumers)]
+    prod = ctx.Process(target=mp_workers.produce_big, args=(q, n, 70000, consumers))
+    with reaped(*cons, prod):
+        results = [out.get(timeout=60) for _ in cons]
+        prod.join(30)
+        assert prod.exitcode == 0
+    seen = [i for got, _ in results for i in got]
+    assert all(intact for _, intact in results)
+    assert sorted(seen) == list(range(n))
+    assert all(got == sorted(got) for got, _ in results)
+    if consumers == 1:
+        assert len(packed) < len(sent), "no batch was forwarded as it came"
 
 
 @pytest.mark.timeout(60)

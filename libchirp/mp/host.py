@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import os
 import struct
 import threading
@@ -142,6 +143,10 @@ class _Box:
         return bool(self.maxsize) and len(self.items) >= self.maxsize
 
 
+#: A put batch of at least this many bytes is remembered (:attr:`_Host.whole`): if
+#: its items leave the box together as one batch, the host sends its data as is.
+FORWARD_MIN = 1 << 16
+
 #: a pull request: (client, reqid, n, expiry, lease).
 _Waiter = Tuple[_Key, int, int, float, Optional[Lease]]
 #: a message to send, and for a D batch: (box, items, client, pushed, position, lease,
@@ -175,6 +180,10 @@ class _Host:
         self.outrel: List[MessageBase] = []
         self.flushing = False
         self.leases = HostLeases()
+        #: big put batches whose items are in a box, by the id of their first item:
+        #: (items, data). A batch that is exactly these items, in this order (the
+        #: same objects), is packed as ``data``: no copy (see :meth:`_pack_out`).
+        self.whole: Dict[int, Tuple[List[_Item], bytes]] = {}
         self.reader = _Reader(self.node, self.cond)
         #: when the next pull request's wait is over (the readers' timeout).
         self.next_expiry = 0.0
@@ -293,6 +302,8 @@ class _Host:
             return None
         if kind == _P:
             items = _unpack(m.data)
+            if len(m.data) >= FORWARD_MIN and items:
+                self.whole[id(items[0])] = (items, m.data)
             if box.full() or box.held:
                 box.held.append((m, items))
             else:
@@ -373,6 +384,7 @@ class _Host:
         items = box.items
         while box.waiters and items:
             key, reqid, n, _, lease = box.waiters.popleft()
+            n = self._cut(items, n)
             batch = [items.popleft()]
             size = len(batch[0])
             while len(batch) < n and items and size < PUSH_BATCH_BYTES:
@@ -380,7 +392,7 @@ class _Host:
                 batch.append(items.popleft())
             k = len(batch)
             f = _F_LEASE if lease is not None else 0
-            msg = _to_msg(key, _header(_D, box.qid, reqid, k, 0, f), _pack(batch))
+            msg = _to_msg(key, _header(_D, box.qid, reqid, k, 0, f), self._pack_out(batch))
             sends.append((msg, (box, batch, key, False, box.hand_out(key, batch), lease, -1)))
         if box.eof and not items and box.waiters:
             for key, reqid, _, _, lease in box.waiters:
@@ -399,7 +411,7 @@ class _Host:
                     continue
                 idle = 0
                 # an even share of what is there now, for each subscriber in turn
-                k = min(PUSH_BATCH, -(-len(items) // len(keys)))
+                k = self._cut(items, min(PUSH_BATCH, -(-len(items) // len(keys))))
                 batch = []
                 size = 0
                 while len(batch) < k and size < PUSH_BATCH_BYTES:
@@ -418,7 +430,7 @@ class _Host:
                     sub.pos = (start + k) & _MASK
                     hdr = _HDR.pack(_D, box.qid, sub.sid, k, start, _F_PUSH | _F_PIPE)
                 track: _Track = (box, batch, key, True, pos, sub.lease, start)
-                sends.append((_to_msg(key, hdr, _pack(batch)), track))
+                sends.append((_to_msg(key, hdr, self._pack_out(batch)), track))
         if box.eof and not items and box.subs:
             for key, sub in box.subs.items():
                 if sub.lease is not None and not sub.eof_told:
@@ -430,6 +442,29 @@ class _Host:
             m, batch = box.held.popleft()
             items.extend(batch)
             release.append(m)
+
+    def _cut(self, items: Deque[_Item], k: int) -> int:
+        """How many items to take from the front of a box for a batch of ``k`` at
+        most: the items of the big put batch at the front, if they fit (so that
+        it goes on as is, :meth:`_pack_out`), else ``k``."""
+        if self.whole:
+            w = self.whole.get(id(items[0]))
+            if w is not None and len(w[0]) <= k:
+                return len(w[0])
+        return k
+
+    def _pack_out(self, batch: List[_Item]) -> bytes:
+        """A batch leaving a box, packed (lock held): the data of the put batch it
+        came in if it is exactly that batch's items in their order (a stream of
+        big items goes through the host without a copy), else a new pack."""
+        whole = self.whole
+        if whole:
+            w = whole.pop(id(batch[0]), None)
+            if w is not None and len(w[0]) == len(batch) and all(map(operator.is_, w[0], batch)):
+                return w[1]
+            for item in batch:  # put batches split or started here are not forwarded
+                whole.pop(id(item), None)
+        return _pack(batch)
 
     def _enqueue(self, sends: List[_Send], release: List[MessageBase]) -> None:
         """Queue what a locked section collected for :meth:`_flush` (lock held).
@@ -570,6 +605,9 @@ class _Host:
                     self._wait(left)
             k = min(n, len(box.items))
             out = [box.items.popleft() for _ in range(k)]
+            if self.whole:
+                for item in out:
+                    self.whole.pop(id(item), None)
             if not box.held and not self.outq:
                 return out  # queued releases go with the next flush
             self._serve(box, sends, release)
@@ -600,6 +638,7 @@ class _Host:
             held = [m for box in self.boxes.values() for m, _ in box.held]
             for box in self.boxes.values():
                 box.held.clear()
+            self.whole.clear()
             self.cond.notify_all()
         for m in held:
             m.release_slot()
