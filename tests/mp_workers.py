@@ -197,3 +197,58 @@ def receive(conn: mp.Connection, out: Any, n: int) -> None:
     got = [conn.recv() for _ in range(n)]
     conn.close()
     out.put(got)
+
+
+def recv_and_hold(conn: mp.Connection, out: Any, n: int, close: bool, lease_dir: str = "") -> None:
+    """Receive n objects; report them, how many items were pushed to this end
+    and not yet received (held in the inbox) and whether the host pushes to it;
+    close the end first if ``close``; then wait to be killed. ``lease_dir``
+    moves this process's lease files where the host does not look."""
+    from libchirp.mp import lease
+
+    if lease_dir:
+        lease.LEASE_DIR = lease_dir
+    got = [conn.recv() for _ in range(n)]
+    ep = conn._ep(conn._rq)
+    rt = ep.rt  # type: ignore[union-attr]
+    held = sum(len(e.items) - e.pos for e in rt.inbox.get(conn._rq, ()))
+    piped = bool(ep.piped)  # type: ignore[union-attr]
+    if close:
+        conn.close()
+    out.put((got, held, piped))
+    out.join_thread()
+    time.sleep(60)
+
+
+def drain(conn: mp.Connection, out: Any) -> None:
+    """Receive until EOFError; report what came and poll() after it."""
+    got = []
+    while True:
+        try:
+            got.append(conn.recv())
+        except EOFError:
+            break
+    out.put((got, conn.poll(0)))
+    out.join_thread()
+
+
+def produce_big(q: mp.Queue, n: int, size: int, consumers: int) -> None:
+    """Put n items (i, payload) whose payload tells i; then a None per consumer."""
+    for i in range(n):
+        q.put((i, bytes([i % 251]) * size))
+    for _ in range(consumers):
+        q.put(None)
+    q.join_thread()
+
+
+def consume_big(q: mp.Queue, out: Any) -> None:
+    """Get until None; report the indices in the order got and whether every
+    payload was intact."""
+    seen: List[int] = []
+    intact = True
+    while (item := q.get(timeout=60)) is not None:
+        i, payload = item
+        intact = intact and payload == bytes([i % 251]) * len(payload)
+        seen.append(i)
+    out.put((seen, intact))
+    out.join_thread()

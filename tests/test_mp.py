@@ -20,6 +20,15 @@
 * a Pipe carries objects both ways between processes and bytes (spawn, fork
   and forkserver), reports EOFError after the other end closed; a queue travels through a pipe and a
   pipe end through a queue;
+* a pipe's items are pushed to its reader in another process: a reader
+  SIGKILLed or closing with pushed items it had not received loses none and
+  duplicates none (they come again, in order, to the next holder of the
+  end); a reader whose lease the host cannot open pulls instead; a remote
+  reader gets EOFError (and poll() True) after the last item once the host's
+  end closed;
+* big items (put batches of 64 KiB and more, which the host forwards as they
+  came when they leave it as one batch) reach two consumers intact, once,
+  in order, in pull and in push mode;
 * get(timeout) and put(timeout) (maxsize) honour their timeouts across
   processes; close() wakes a thread blocked in get();
 * the settings mp.ADDRESS, mp.CONFIG and mp.TIMEOUT, set on the package,
@@ -356,6 +365,92 @@ def test_pipe_request_ahead_is_given_back_at_close(monkeypatch):
     with reaped(ctx.Process(target=mp_workers.receive, args=(b, out, 1))) as (p,):
         assert out.get(timeout=30) == ["two"]
         p.join(10)
+
+
+@fork_unsafe_under_sanitizer
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["kill", "close", "no-lease"])
+def test_pipe_items_pushed_to_a_reader_come_back_exactly_once(tmp_path, how):
+    """The host pushes a pipe's items to its reader in another process as they
+    are sent (under the subscription's lease). A reader SIGKILLed, or closing
+    its end, with items pushed to it and not received: those items come again
+    (to the next holder of the end), in order, exactly once; the ones it
+    received do not. A reader whose lease the host cannot open (another
+    directory: as between machines) is not pushed to; it asks per recv()."""
+    ctx = multiprocessing.get_context("fork")
+    a, b = mp.Pipe()
+    out = mp.Queue()
+    n, first = 200, 10
+    for i in range(n):
+        a.send(i)
+    lease_dir = str(tmp_path) if how == "no-lease" else ""
+    args = (b, out, first, how == "close", lease_dir)
+    p = ctx.Process(target=mp_workers.recv_and_hold, args=args)
+    with reaped(p):
+        got, held, piped = out.get(timeout=30)
+        assert got == list(range(first))
+        if how == "no-lease":
+            assert not piped and held == 0
+        else:
+            assert piped and held > 0, "no items were pushed ahead of recv()"
+        if how != "close":
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        a.send(n)  # sent after the reader is gone: queued behind the ones that came back
+        # b is hosted here: this process reads its box directly
+        rest = [b.recv() for _ in range(n + 1 - first)]
+        assert rest == list(range(first, n + 1)), "lost, duplicated or reordered items"
+        assert not b.poll(0.2)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("consumers", [1, 2])
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_big_items_forwarded_by_the_host_arrive_intact_in_order(monkeypatch, mode, consumers):
+    """Put batches of 64 KiB and more go on from the host as they came when a
+    consumer's batch is exactly their items (no copy, host._Host._pack_out:
+    with one consumer most batches), and are packed anew when split (two
+    consumers): every item arrives once, intact, each consumer seeing them in
+    the order they were put."""
+    packed = []
+    monkeypatch.setattr(host, "_pack", lambda batch: packed.append(1) or wire._pack(batch))
+    sent = []
+    pack_out = host._Host._pack_out
+    monkeypatch.setattr(host._Host, "_pack_out", lambda h, b: sent.append(1) or pack_out(h, b))
+    ctx = multiprocessing.get_context("spawn")
+    q = mp.Queue(mode=mode)
+    out = mp.Queue()
+    n = 400
+    cons = [ctx.Process(target=mp_workers.consume_big, args=(q, out)) for _ in range(consumers)]
+    prod = ctx.Process(target=mp_workers.produce_big, args=(q, n, 70000, consumers))
+    with reaped(*cons, prod):
+        results = [out.get(timeout=60) for _ in cons]
+        prod.join(30)
+        assert prod.exitcode == 0
+    seen = [i for got, _ in results for i in got]
+    assert all(intact for _, intact in results)
+    assert sorted(seen) == list(range(n))
+    assert all(got == sorted(got) for got, _ in results)
+    if consumers == 1:
+        assert len(packed) < len(sent), "no batch was forwarded as it came"
+
+
+@pytest.mark.timeout(60)
+def test_pipe_reader_elsewhere_sees_eof_after_the_items():
+    """A reader in another process receives what was sent, then EOFError once
+    the host's end closed (pushed after the last item); poll() then says True."""
+    ctx = multiprocessing.get_context("spawn")
+    a, b = mp.Pipe()
+    out = mp.Queue()
+    with reaped(ctx.Process(target=mp_workers.drain, args=(b, out))) as (p,):
+        for i in range(5):
+            a.send(i)
+        time.sleep(0.2)  # the reader is subscribed and waits
+        a.send_bytes(b"\x80\x04K\x05.")  # the pickle of 5
+        a.close()
+        assert out.get(timeout=30) == (list(range(6)), True)
+        p.join(10)
+        assert p.exitcode == 0
 
 
 def test_lease_counter_of_a_reused_slot_means_completed():

@@ -9,7 +9,9 @@ other process (messages through this process's
 items in batches in the background, at most :data:`~libchirp.mp.wire.PUT_WINDOW`
 unacknowledged; a consumer asks for items (pull) or subscribes and takes what
 the host pushes (push), and gives back what it received but did not hand out
-when it closes.
+when it closes. A pipe's reader has the host push its items to it, under a
+lease of its subscription (``O`` in :mod:`.wire`), or pulls where the host
+cannot open the lease.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from .wire import (
     _C,
     _D,
     _F_EOF,
+    _F_LEASE,
     _HDR,
+    _MASK,
+    _O,
     _P,
     _S,
     _U,
@@ -117,10 +122,15 @@ class _Remote:
         self.handed = 0
         self.rate_n = 0
         self.rate_at = 0.0
-        #: a pipe's reader asks for the next item as soon as it has taken one
-        #: (``ahead``: that request, its send and its deadline), see _pull
+        #: a pipe's reader (set by the Connection): its items are pushed to it
+        #: (``piped``, see _open_pipe) or, without a lease the host can open, it
+        #: asks for the next item as soon as it has taken one (``ahead``: that
+        #: request, its send and its deadline), see _pull
         self.read_ahead = False
         self.want_ahead = False
+        #: a pipe's reader: whether the host pushes the items to this process
+        #: (None: not asked yet; False: it cannot, the reader pulls)
+        self.piped: Optional[bool] = None
         self.ahead: Optional[Tuple[int, Future[MessageBase], float]] = None
         # producer state
         self.plock = threading.Lock()
@@ -227,6 +237,8 @@ class _Remote:
             else:
                 self.unacked -= n
             self.pcond.notify_all()
+            if not self.outbox:
+                return  # nothing to send (a pipe's ping-pong)
         self._pump()
 
     def _failure(self) -> ConnectionError:
@@ -266,7 +278,7 @@ class _Remote:
             entry.pos = pos = pos + k
             c = entry.counter
             if c is not None:
-                c[0](c[1], c[2], c[3] | pos)
+                c[0](c[1], c[2], c[3] | (entry.base + pos) & _MASK)
                 if pos >= len(items):
                     box.popleft()
                     self.rt.ack(entry)
@@ -333,6 +345,10 @@ class _Remote:
 
     def get(self, n: int, block: bool, timeout: Optional[float]) -> List[_Item]:
         rt = self.rt
+        if self.read_ahead and self.piped is not False:
+            if self.piped or self._open_pipe():
+                end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+                return self._get_piped(n, block, end)
         with rt.lock:
             out = self._from_inbox(n)
             if self.credit >= AHEAD_CREDIT and self.ahead is None and not self.push:
@@ -412,6 +428,121 @@ class _Remote:
                     raise EOFError
                 raise Empty
 
+    # -- a pipe's reader, its items pushed to it -------------------------------------------
+
+    def _open_pipe(self) -> bool:
+        """Ask the host to push this pipe box's items to this process (``O``), under
+        a lease the subscription keeps: then a recv() takes what is here or waits
+        for the next push, no request per item. False where the host cannot read
+        the lease (another machine): the reader pulls (``W``), asking ahead."""
+        rt = self.rt
+        with rt.lock:
+            if self.qid in rt.piped:  # another handle of this end in this process
+                self.piped = True
+                self.subscribed = rt.piped[self.qid][2]
+                return True
+            sid = next(_reqids)
+            data = rt.lease_for(self.key, sid) if rt.leases.get(self.key, 1) else b""
+            if not data:
+                self.piped = False
+                return False
+            # before the answer: batches pushed right after it are sorted with the lease
+            _, lf, slot = rt.leased[sid]
+            rt.piped[self.qid] = (lf, slot, sid)
+        reqid = next(_reqids)
+        try:
+            answer = rt.request(self.key, _header(_O, self.qid, reqid, sid), reqid, SLACK, data)
+        except BaseException:
+            with rt.lock:
+                rt.piped.pop(self.qid, None)
+                rt.leased.pop(sid, None)
+                lf.give(slot)
+            raise
+        flags = _HDR.unpack(answer.header)[5]
+        answer.release_slot()
+        with rt.lock:
+            ok = rt.pipe_answer(sid, flags)
+            if not ok:
+                rt.piped.pop(self.qid, None)
+            elif flags & _F_EOF:
+                rt.ended.add(self.qid)
+        self.piped = ok
+        self.subscribed = sid if ok else 0
+        return ok
+
+    def _probe_pipe(self) -> None:
+        """A waiting reader's liveness probe (``O`` again, every CHUNK): raises
+        ConnectionError if the host is gone; the host subscribes this process
+        again if a failed delivery had dropped it; the answer says end of file."""
+        rt = self.rt
+        with rt.lock:
+            sub = rt.piped.get(self.qid)
+        if sub is None:
+            # another handle of this end in this process asked at the same time
+            # and the host refused (no lease), or closed it: this one pulls
+            self.piped = False
+            return
+        lf, slot, sid = sub
+        reqid = next(_reqids)
+        hdr = _header(_O, self.qid, reqid, sid)
+        answer = rt.request(self.key, hdr, reqid, SLACK, lf.data(slot))
+        flags = _HDR.unpack(answer.header)[5]
+        answer.release_slot()
+        with rt.lock:
+            if flags & _F_EOF:
+                rt.ended.add(self.qid)
+            if not flags & _F_LEASE:
+                # the host no longer holds the lease (it dropped the file): what
+                # is here is handed out, then the reader pulls
+                self.piped = False
+
+    def _get_piped(
+        self, n: int, block: bool, end: Optional[float], take: bool = True
+    ) -> List[_Item]:
+        """Hand out items pushed to this pipe reader, waiting for the next push
+        (reading the node itself, see :meth:`_Runtime.wait`); ``EOFError`` once the
+        writer closed and everything was handed out. With ``take`` false the
+        items stay in the inbox (poll)."""
+        rt = self.rt
+        qid = self.qid
+        probe_at = time.monotonic() + CHUNK
+        looked = False  # at the node's queue once at least (a poll(0) must see what came)
+        while True:
+            with rt.lock:
+                while True:
+                    if take:
+                        out = self._from_inbox(n)
+                        if out or self.stale:
+                            break
+                    elif self.buffer or rt.inbox.get(qid):
+                        return []
+                    if qid in rt.ended:
+                        raise EOFError
+                    if self.closed:
+                        raise ValueError("closed while waiting in get()")
+                    now = time.monotonic()
+                    if not block or (end is not None and now >= end):
+                        if looked:
+                            raise Empty
+                        looked = True
+                        rt.wait(0.0)
+                        continue
+                    if now >= probe_at or not self.piped:
+                        out = []
+                        break
+                    rt.wait((probe_at if end is None else min(probe_at, end)) - now)
+                    looked = True
+            if self.stale:
+                self._give_back_stale()
+                if not out:
+                    continue
+            if out:
+                return out
+            if not self.piped:
+                return self._pull(n, block, end, take)
+            self._probe_pipe()
+            probe_at = time.monotonic() + CHUNK
+
     def ask_ahead(self) -> None:
         """Ask for the next items before they are needed: a pipe's reader that
         took an item and answers with a send asks before that send, so that the
@@ -474,8 +605,13 @@ class _Remote:
         with self.rt.lock:
             if self.buffer or self.rt.inbox.get(self.qid):
                 return True
+        if self.read_ahead and self.piped is None:
+            self._open_pipe()
         try:
-            if self.push:
+            if self.piped:
+                end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+                self._get_piped(1, block, end, take=False)
+            elif self.push:
                 items = self.get(1, block, timeout)
                 with self.rt.lock:
                     self.buffer.extendleft(reversed(items))
@@ -503,28 +639,48 @@ class _Remote:
         if self.closed:
             return
         self.closed = True
-        rt = self.rt
         try:
             if not self.no_flush:
                 self.flush(flush_limit)
         finally:
             self._settle_ahead()  # its items go back below
-            if self.subscribed:
-                # The host answers after it sent its last batch to us (in order
-                # on the connection), so once the answer is here every pushed
-                # batch is in the inbox and goes back below, in order.
-                reqid = next(_reqids)
-                try:
-                    answer = rt.request(self.key, _header(_U, self.qid, reqid), reqid, SLACK)
-                    answer.release_slot()
-                except ConnectionError:
-                    pass
+            # another handle of this pipe end in this process may read on
+            if not (self.piped and self._pipe_shared()):
+                self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
+        """End the subscription (push mode, a pipe's reader) and give back what
+        was received and not handed out."""
+        rt = self.rt
+        if self.subscribed:
+            # The host answers after it sent its last batch to us (in order
+            # on the connection), so once the answer is here every pushed
+            # batch is in the inbox and goes back below, in order.
+            reqid = next(_reqids)
+            try:
+                answer = rt.request(self.key, _header(_U, self.qid, reqid), reqid, SLACK)
+                answer.release_slot()
+            except ConnectionError:
+                pass
+        with rt.lock:
+            rt.flush_acks()
+            back = list(self.buffer)
+            self.buffer.clear()
+            now = time.monotonic()
+            entries = [e for e in self.stale if e.abandon > now]
+            entries += rt.inbox.pop(self.qid, ())
+            self.stale = []
+        rt.give_back(self.key, self.qid, back, entries)
+        if self.piped:
             with rt.lock:
-                rt.flush_acks()
-                back = list(self.buffer)
-                self.buffer.clear()
-                now = time.monotonic()
-                entries = [e for e in self.stale if e.abandon > now]
-                entries += rt.inbox.pop(self.qid, ())
-                self.stale = []
-            rt.give_back(self.key, self.qid, back, entries)
+                sub = rt.piped.pop(self.qid, None)
+            if sub is not None:  # every batch of the subscription is settled
+                sub[0].give(sub[1])
+
+    def _pipe_shared(self) -> bool:
+        """Whether another open handle of this pipe end in this process uses the
+        subscription (it then stays, with the items pushed)."""
+        return any(
+            ep is not self and ep.qid == self.qid and ep.piped and not ep.closed
+            for ep in list(self.rt.endpoints)
+        )

@@ -348,8 +348,9 @@ class Connection(_Handle):
         ep = self._ep(self._sq)
         if isinstance(ep, _Remote):
             if self._rq:
-                # the request for the next item goes first: the host has it when
-                # the other end answers this send
+                # a reader that pulls (no lease, see _Remote._open_pipe): the
+                # request for the next item goes first, the host has it when the
+                # other end answers this send
                 reader = self._eps.get(self._rq)
                 if isinstance(reader, _Remote) and reader.want_ahead:
                     reader.ask_ahead()

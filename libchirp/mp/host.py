@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import os
 import struct
 import threading
@@ -41,8 +42,11 @@ from .wire import (
     _E,
     _F_EOF,
     _F_LEASE,
+    _F_PIPE,
     _F_PUSH,
     _HDR,
+    _MASK,
+    _O,
     _P,
     _R,
     _S,
@@ -62,6 +66,7 @@ from .wire import (
     _node_config,
     _pack,
     _Reader,
+    _release_all,
     _to_msg,
     _unpack,
 )
@@ -70,6 +75,24 @@ if TYPE_CHECKING:
     from .client import _Local
 
 _log = logging.getLogger("libchirp")
+
+
+class _Sub:
+    """A push subscriber of a box: a queue consumer in push mode (``S``), or a
+    pipe's reader in another process (``O``, with the subscription's lease)."""
+
+    __slots__ = ("flying", "sid", "lease", "pos", "eof_told")
+
+    def __init__(self, sid: int, lease: Optional[Lease] = None, pos: int = 0) -> None:
+        #: batches in flight to it
+        self.flying = 0
+        self.sid = sid
+        #: a pipe reader's lease: its counter is its position in the stream of items
+        #: pushed to it; ``pos`` is where the next batch starts (modulo 2**32)
+        self.lease = lease
+        self.pos = pos
+        #: a pipe reader was told end of file
+        self.eof_told = False
 
 
 class _Box:
@@ -97,8 +120,8 @@ class _Box:
         self.held: Deque[Tuple[MessageBase, List[_Item]]] = deque()
         #: pull requests: (client, reqid, n, expiry, lease).
         self.waiters: Deque[_Waiter] = deque()
-        #: push subscribers: client -> [batches in flight, subscription id].
-        self.subs: Dict[_Key, List[int]] = {}
+        #: push subscribers (and pipe readers in other processes) by client.
+        self.subs: Dict[_Key, _Sub] = {}
         self.rr = 0
         self.eof = False
         #: items handed out so far: the position of the next batch in the box's order.
@@ -120,10 +143,15 @@ class _Box:
         return bool(self.maxsize) and len(self.items) >= self.maxsize
 
 
+#: A put batch of at least this many bytes is remembered (:attr:`_Host.whole`): if
+#: its items leave the box together as one batch, the host sends its data as is.
+FORWARD_MIN = 1 << 16
+
 #: a pull request: (client, reqid, n, expiry, lease).
 _Waiter = Tuple[_Key, int, int, float, Optional[Lease]]
-#: a message to send, and for a D batch: (box, items, client, pushed, position, lease).
-_Track = Tuple["_Box", List[_Item], _Key, bool, int, Optional[Lease]]
+#: a message to send, and for a D batch: (box, items, client, pushed, position, lease,
+#: position in a pipe subscription's stream or -1).
+_Track = Tuple["_Box", List[_Item], _Key, bool, int, Optional[Lease], int]
 _Send = Tuple[MessageBase, Optional[_Track]]
 
 
@@ -152,6 +180,10 @@ class _Host:
         self.outrel: List[MessageBase] = []
         self.flushing = False
         self.leases = HostLeases()
+        #: big put batches whose items are in a box, by the id of their first item:
+        #: (items, data). A batch that is exactly these items, in this order (the
+        #: same objects), is packed as ``data``: no copy (see :meth:`_pack_out`).
+        self.whole: Dict[int, Tuple[List[_Item], bytes]] = {}
         self.reader = _Reader(self.node, self.cond)
         #: when the next pull request's wait is over (the readers' timeout).
         self.next_expiry = 0.0
@@ -265,11 +297,13 @@ class _Host:
         key = (m.address, m.port)
         if box is None:
             release.append(m)
-            if kind in (_W, _Z):
+            if kind in (_W, _Z, _O):
                 sends.append((_to_msg(key, _header(_E, qid, reqid, 0, 0, _F_EOF)), None))
             return None
         if kind == _P:
             items = _unpack(m.data)
+            if len(m.data) >= FORWARD_MIN and items:
+                self.whole[id(items[0])] = (items, m.data)
             if box.full() or box.held:
                 box.held.append((m, items))
             else:
@@ -285,7 +319,11 @@ class _Host:
             box.waiters.append((key, reqid, max(1, n), expiry, lease))
         elif kind == _S:
             release.append(m)
-            box.subs.setdefault(key, [0, reqid])
+            if key not in box.subs:
+                box.subs[key] = _Sub(reqid)
+        elif kind == _O:
+            release.append(m)
+            self._open(box, key, reqid, n, m.data, sends)
         elif kind == _U:
             release.append(m)
             box.subs.pop(key, None)
@@ -301,6 +339,27 @@ class _Host:
         else:
             release.append(m)
         return box
+
+    def _open(
+        self, box: _Box, key: _Key, reqid: int, sid: int, data: bytes, sends: List[_Send]
+    ) -> None:
+        """A pipe's reader in another process asks to have the items pushed (``O``;
+        also its liveness probe). Subscribed only with the lease it names."""
+        sub = box.subs.get(key)
+        if sub is None or sub.sid != sid or sub.lease is None:
+            lease = self.leases.lease(data, sid) if data else None
+            if lease is not None:
+                # (again, after a failed delivery dropped it: the stream goes on
+                # from the items the reader handed out, the rest went back)
+                sub = box.subs[key] = _Sub(sid, lease, self.leases.stream_count(lease))
+            else:
+                sub = None
+        f = _F_LEASE if sub is not None else 0
+        if box.eof and not box.items:
+            f |= _F_EOF
+            if sub is not None:
+                sub.eof_told = True
+        sends.append((_to_msg(key, _header(_E, box.qid, reqid, 0, 0, f)), None))
 
     def _expire(self, sends: List[_Send]) -> float:
         """Answer pull requests whose wait is over; return the time to the next expiry."""
@@ -325,6 +384,7 @@ class _Host:
         items = box.items
         while box.waiters and items:
             key, reqid, n, _, lease = box.waiters.popleft()
+            n = self._cut(items, n)
             batch = [items.popleft()]
             size = len(batch[0])
             while len(batch) < n and items and size < PUSH_BATCH_BYTES:
@@ -332,8 +392,8 @@ class _Host:
                 batch.append(items.popleft())
             k = len(batch)
             f = _F_LEASE if lease is not None else 0
-            msg = _to_msg(key, _header(_D, box.qid, reqid, k, 0, f), _pack(batch))
-            sends.append((msg, (box, batch, key, False, box.hand_out(key, batch), lease)))
+            msg = _to_msg(key, _header(_D, box.qid, reqid, k, 0, f), self._pack_out(batch))
+            sends.append((msg, (box, batch, key, False, box.hand_out(key, batch), lease, -1)))
         if box.eof and not items and box.waiters:
             for key, reqid, _, _, lease in box.waiters:
                 f = _F_EOF | (_F_LEASE if lease is not None else 0)
@@ -346,12 +406,12 @@ class _Host:
                 box.rr = (box.rr + 1) % len(keys)
                 key = keys[box.rr]
                 sub = box.subs[key]
-                if sub[0] >= PUSH_WINDOW:
+                if sub.flying >= PUSH_WINDOW:
                     idle += 1
                     continue
                 idle = 0
                 # an even share of what is there now, for each subscriber in turn
-                k = min(PUSH_BATCH, -(-len(items) // len(keys)))
+                k = self._cut(items, min(PUSH_BATCH, -(-len(items) // len(keys))))
                 batch = []
                 size = 0
                 while len(batch) < k and size < PUSH_BATCH_BYTES:
@@ -359,13 +419,52 @@ class _Host:
                     batch.append(item)
                     size += len(item)
                 k = len(batch)
-                sub[0] += 1
-                msg = _to_msg(key, _header(_D, box.qid, sub[1], k, 0, _F_PUSH), _pack(batch))
-                sends.append((msg, (box, batch, key, True, box.hand_out(key, batch), None)))
+                sub.flying += 1
+                pos = box.hand_out(key, batch)
+                if sub.lease is None:
+                    start = -1
+                    hdr = _header(_D, box.qid, sub.sid, k, 0, _F_PUSH)
+                else:
+                    # a pipe's reader: the batch's position in its stream (see wire: O)
+                    start = sub.pos
+                    sub.pos = (start + k) & _MASK
+                    hdr = _HDR.pack(_D, box.qid, sub.sid, k, start, _F_PUSH | _F_PIPE)
+                track: _Track = (box, batch, key, True, pos, sub.lease, start)
+                sends.append((_to_msg(key, hdr, self._pack_out(batch)), track))
+        if box.eof and not items and box.subs:
+            for key, sub in box.subs.items():
+                if sub.lease is not None and not sub.eof_told:
+                    # after the last batch pushed to it (the sends go out in order)
+                    sub.eof_told = True
+                    f = _F_EOF | _F_PUSH | _F_PIPE
+                    sends.append((_to_msg(key, _header(_E, box.qid, sub.sid, 0, 0, f)), None))
         while box.held and not box.full():
             m, batch = box.held.popleft()
             items.extend(batch)
             release.append(m)
+
+    def _cut(self, items: Deque[_Item], k: int) -> int:
+        """How many items to take from the front of a box for a batch of ``k`` at
+        most: the items of the big put batch at the front, if they fit (so that
+        it goes on as is, :meth:`_pack_out`), else ``k``."""
+        if self.whole:
+            w = self.whole.get(id(items[0]))
+            if w is not None and len(w[0]) <= k:
+                return len(w[0])
+        return k
+
+    def _pack_out(self, batch: List[_Item]) -> bytes:
+        """A batch leaving a box, packed (lock held): the data of the put batch it
+        came in if it is exactly that batch's items in their order (a stream of
+        big items goes through the host without a copy), else a new pack."""
+        whole = self.whole
+        if whole:
+            w = whole.pop(id(batch[0]), None)
+            if w is not None and len(w[0]) == len(batch) and all(map(operator.is_, w[0], batch)):
+                return w[1]
+            for item in batch:  # put batches split or started here are not forwarded
+                whole.pop(id(item), None)
+        return _pack(batch)
 
     def _enqueue(self, sends: List[_Send], release: List[MessageBase]) -> None:
         """Queue what a locked section collected for :meth:`_flush` (lock held).
@@ -406,14 +505,13 @@ class _Host:
                     for (_, track), fut in zip(sends, futs):
                         if track is not None:
                             fut.add_done_callback(functools.partial(self._delivered, track=track))
-                for m in release:
-                    m.release_slot()
+                _release_all(release)
             finally:
                 with self.lock:
                     self.flushing = False
 
     def _delivered(self, fut: Future[MessageBase], track: _Track) -> None:
-        box, batch, key, pushed, pos, lease = track
+        box, batch, key, pushed, pos, lease, start = track
         failed = fut.exception() is not None
         sends: List[_Send] = []
         release: List[MessageBase] = []
@@ -430,7 +528,10 @@ class _Host:
                 # reported in any order). Of a leased batch, the items its
                 # consumer had handed out are gone.
                 if lease is not None:
-                    done = self.leases.handed_out(lease, len(batch))
+                    if start < 0:
+                        done = self.leases.handed_out(lease, len(batch))
+                    else:
+                        done = self.leases.handed_out_stream(lease, start, len(batch))
                     pos, batch = pos + done, batch[done:]
                 box.failed.setdefault(key, []).append((pos, batch))
                 box.subs.pop(key, None)
@@ -438,10 +539,15 @@ class _Host:
             elif pushed:
                 sub = box.subs.get(key)
                 if sub is not None:
-                    sub[0] -= 1
+                    sub.flying -= 1
             if not left and key in box.failed:
                 for _, back in sorted(box.failed.pop(key), key=lambda e: e[0], reverse=True):
                     box.items.extendleft(reversed(back))
+            elif not failed and not box.items and not box.held:
+                # the usual case (a pipe's ping-pong): nothing to hand out now, and
+                # nobody waits for a batch's success; this callback runs before the
+                # message that came with the acknowledgement is handed on
+                return
             if self.stopping:
                 return
             self._serve(box, sends, release)
@@ -499,6 +605,9 @@ class _Host:
                     self._wait(left)
             k = min(n, len(box.items))
             out = [box.items.popleft() for _ in range(k)]
+            if self.whole:
+                for item in out:
+                    self.whole.pop(id(item), None)
             if not box.held and not self.outq:
                 return out  # queued releases go with the next flush
             self._serve(box, sends, release)
@@ -529,6 +638,7 @@ class _Host:
             held = [m for box in self.boxes.values() for m, _ in box.held]
             for box in self.boxes.values():
                 box.held.clear()
+            self.whole.clear()
             self.cond.notify_all()
         for m in held:
             m.release_slot()

@@ -21,6 +21,15 @@ the host may see the new request first); a host that reads a counter of
 another generation knows that the batch it asks about was completed, since
 the consumer reuses a slot only after that.
 
+A pipe's reader in another process (``O`` in :mod:`.wire`) has its items
+pushed to it instead of asking; its subscription holds one slot for its whole
+life, the generation being the subscription id, and the counter is the
+number of items of the subscription's stream it handed out (modulo 2**32):
+each pushed batch carries its position in that stream, so of a failed batch
+the host knows how many items were handed out (:meth:`HostLeases.handed_out_stream`).
+The slot is freed after the reader unsubscribed and gave back (or
+acknowledged) every batch.
+
 The file is unlinked as soon as the host has it open (the host's answer says
 so with :data:`~libchirp.mp.wire._F_LEASE`), so a consumer killed with
 SIGKILL leaves nothing in ``/dev/shm``. A host that cannot open it (another
@@ -170,3 +179,25 @@ class HostLeases:
             # the slot was reused: the consumer had completed this batch
             return n
         return min(n, int(word) & 0xFFFFFFFF)
+
+    @staticmethod
+    def stream_count(lease: Lease) -> int:
+        """The items a pipe subscription's reader handed out so far (modulo 2**32),
+        0 if the slot belongs to another generation."""
+        mm, slot, gen = lease
+        word = int(_WORD.unpack_from(mm, slot * 8)[0])
+        return word & 0xFFFFFFFF if word >> 32 == gen else 0
+
+    @staticmethod
+    def handed_out_stream(lease: Lease, start: int, n: int) -> int:
+        """How many of the ``n`` items of a failed batch pushed to a pipe's reader,
+        at position ``start`` of its subscription's stream, it handed out."""
+        mm, slot, gen = lease
+        word = int(_WORD.unpack_from(mm, slot * 8)[0])
+        if word >> 32 != gen:
+            # the slot was freed: the reader unsubscribed and settled every batch
+            return n
+        d = ((word & 0xFFFFFFFF) - start) & 0xFFFFFFFF
+        if d >= 1 << 31:  # the counter is before this batch
+            return 0
+        return min(n, d)

@@ -43,9 +43,12 @@ from .host import _Host
 from .lease import Counter, LeaseFile
 from .wire import (
     _D,
+    _F_EOF,
     _F_LEASE,
+    _F_PIPE,
     _F_PUSH,
     _HDR,
+    _MASK,
     _R,
     _TLS,
     READ_SLICE,
@@ -57,6 +60,7 @@ from .wire import (
     _node_config,
     _pack,
     _Reader,
+    _release_all,
     _to_msg,
     _unpack,
 )
@@ -74,10 +78,17 @@ _Lease = Tuple[LeaseFile, int, int]
 class _Inbound:
     """A D batch a client received and has not handed out completely."""
 
-    __slots__ = ("msg", "items", "pos", "lease", "counter", "expires", "abandon")
+    __slots__ = ("msg", "items", "pos", "lease", "counter", "expires", "abandon", "base", "stream")
 
-    def __init__(self, msg: MessageBase, lease: Optional[_Lease] = None) -> None:
+    def __init__(
+        self, msg: MessageBase, lease: Optional[_Lease] = None, base: Optional[int] = None
+    ) -> None:
         self.msg = msg
+        #: pushed to a pipe's reader: the lease is its subscription's, and ``base``
+        #: the batch's position in the subscription's stream (the counter counts
+        #: the stream's items, see :mod:`.lease`)
+        self.stream = base is not None
+        self.base = base or 0
         self.items = _unpack(msg.data)
         # The host's node waits TIMEOUT for the acknowledgement, then puts back
         # what it believes was not handed out. So a batch held for half of that
@@ -97,10 +108,22 @@ class _Inbound:
         self.counter: Optional[Counter] = None if lease is None else lease[0].counter(*lease[1:])
 
     def done(self) -> None:
-        """Acknowledge the batch (all handed out or given back); free its slot."""
-        self.msg.release_slot()
-        if self.lease is not None:
+        """Acknowledge the batch (all handed out or given back); free its slot
+        (a subscription's slot is freed when the subscription ends)."""
+        _release_all([self.msg])
+        self.settled()
+
+    def settled(self) -> None:
+        """The batch was acknowledged: its slot is free (a subscription's is freed
+        when the subscription ends)."""
+        if self.lease is not None and not self.stream:
             self.lease[0].give(self.lease[1])
+
+    def count(self, handed_out: int) -> None:
+        """Note in the lease that ``handed_out`` items of this batch were handed out."""
+        if self.lease is not None:
+            lf, slot, reqid = self.lease
+            lf.count(slot, reqid, (self.base + handed_out) & _MASK)
 
 
 class _Runtime:
@@ -128,6 +151,11 @@ class _Runtime:
         self.leased: Dict[int, Tuple[_Key, LeaseFile, int]] = {}
         #: leased batches handed out completely, acknowledged at the next wait.
         self.acks: List[_Inbound] = []
+        #: pipe boxes whose items the host pushes to this process (``O``): the
+        #: subscription's lease (file, slot, subscription id); and the boxes whose
+        #: writer closed (the host pushed end of file after the last batch).
+        self.piped: Dict[int, _Lease] = {}
+        self.ended: Set[int] = set()
         self.stopping = False
         self.reader = _Reader(self.node, self.cond)
 
@@ -149,12 +177,24 @@ class _Runtime:
             raise
         for m in msgs:
             try:
-                kind, qid, reqid, n, _, flags = _HDR.unpack(m.header)
+                kind, qid, reqid, n, wait_ms, flags = _HDR.unpack(m.header)
             except struct.error:
                 m.release_slot()
                 continue
             if reqid in self.pending and not flags & _F_PUSH:
                 self.pending[reqid] = m
+                continue
+            if flags & _F_PIPE:
+                # pushed to a pipe's reader: a batch at position n of the stream, or EOF
+                if kind == _D:
+                    sub = self.piped.get(qid)
+                    lease = sub if sub is not None and sub[2] == reqid else None
+                    entry = _Inbound(m, lease, wait_ms if lease is not None else None)
+                    self.inbox.setdefault(qid, deque()).append(entry)
+                else:
+                    if flags & _F_EOF:
+                        self.ended.add(qid)
+                    m.release_slot()
                 continue
             # pushed, or the late answer to a request nobody waits for
             lease = None if flags & _F_PUSH else self.lease_answer(reqid, kind, flags)
@@ -201,6 +241,24 @@ class _Runtime:
             lf.unlink()
         lf.give(slot)
         return None
+
+    def pipe_answer(self, sid: int, flags: int) -> bool:
+        """The host's answer to a pipe reader's first ``O`` (lock held): whether it
+        pushes the items (it holds the lease). The slot stays the subscription's."""
+        held = self.leased.pop(sid, None)
+        if held is None:
+            return False
+        key, lf, slot = held
+        if flags & _F_LEASE:
+            if key not in self.lease_ok:
+                self.lease_ok.add(key)
+                lf.unlink()
+            return True
+        self.leases[key] = None
+        self.lease_ok.discard(key)
+        lf.unlink()
+        lf.give(slot)
+        return False
 
     def request(
         self, key: _Key, header: bytes, reqid: int, limit: float, data: bytes = b""
@@ -260,8 +318,10 @@ class _Runtime:
 
     def flush_acks(self) -> None:
         acks, self.acks = self.acks, []
-        for entry in acks:
-            entry.done()
+        if acks:
+            _release_all([entry.msg for entry in acks])
+            for entry in acks:
+                entry.settled()
 
     def _wake(self) -> None:
         with self.lock:
@@ -283,10 +343,9 @@ class _Runtime:
                 returned = False
                 _log.warning("libchirp.mp: could not return %d item(s) to %s:%d", len(back), *key)
         for entry in entries:
-            if returned and entry.lease is not None:
+            if returned:
                 # the host has the rest back: it must not put them back again
-                lf, slot, reqid = entry.lease
-                lf.count(slot, reqid, len(entry.items))
+                entry.count(len(entry.items))
             entry.done()
 
     def stop(self) -> None:

@@ -29,6 +29,21 @@ the message's data. The host never unpickles items.
   (once no other batch to that client is in flight, all of them in the box's
   order). The host answers ``U`` with ``E`` after the last batch it pushed to
   that client, so the client knows when it has every batch it must give back.
+* ``O`` open (a pipe's reader in another process): "push me this box's
+  items as they come", its data naming a lease slot that stays the
+  subscription's (``n`` is the subscription id, the slot's generation). The
+  host subscribes the client if it holds the lease and answers ``E`` (flagged
+  :data:`_F_LEASE` if subscribed, :data:`_F_EOF` if the writer closed and the
+  box is empty); without the lease the client reads with ``W`` requests.
+  Pushed batches (``D`` flagged :data:`_F_PUSH` and :data:`_F_PIPE`) carry
+  their position in the subscription's stream of items in the ``wait`` field
+  (modulo 2**32); the client's counter in the slot is the number of items of
+  the stream it handed out, so the host knows of any failed batch exactly
+  which items were handed out (:meth:`.lease.HostLeases.handed_out_stream`).
+  When the writer closed and the box is empty, the host pushes ``E`` flagged
+  :data:`_F_EOF` (after the last batch). A waiting reader sends ``O`` again
+  every :data:`CHUNK` (a liveness probe; the host subscribes it again if it
+  dropped the subscription after a failed delivery). ``U`` ends it.
 * ``R`` return: items a closing client had received but not handed out go back
   to the front of the box. ``C`` close: the writing end of a pipe closed.
   ``Z`` stat: the host answers ``E`` with the box's size (also a liveness probe).
@@ -91,11 +106,16 @@ SLACK = 30.0
 _HDR = struct.Struct("!cQQIIB")
 #: The kinds (see the module docstring).
 _P, _R, _W, _S, _U, _C, _Z, _D, _E = (b"P", b"R", b"W", b"S", b"U", b"C", b"Z", b"D", b"E")
+_O = b"O"
 #: Flags: end of file (a pipe's writer closed, or no such box); a pushed D batch;
-#: the host holds the lease named in the W request this answers (:mod:`.lease`).
+#: the host holds the lease named in the W (or O) request this answers (:mod:`.lease`);
+#: pushed to a pipe's reader (the lease is the subscription's, see ``O``).
 _F_EOF = 1
 _F_PUSH = 2
 _F_LEASE = 4
+_F_PIPE = 8
+#: Stream positions of pipe subscriptions are counted modulo 2**32.
+_MASK = 0xFFFFFFFF
 
 _Key = Tuple[str, int]
 #: A handle's TLS setting: (CERT_CHAIN_PEM, DH_PARAMS_PEM, DISABLE_ENCRYPTION, BIND_V4, BIND_V6).
@@ -199,6 +219,24 @@ class _Reader:
             self.cond.acquire()
             self.reading = False
             self.cond.notify_all()
+
+
+def _release_all(msgs: List[MessageBase]) -> None:
+    """Release the slots of ``msgs`` (send their acknowledgements), without futures.
+
+    This package never looks at a release's future; the core's batch release
+    (the one AUTO_RELEASE uses) makes no future, no token entry and no
+    completion event to handle per message, and one call into the core for
+    messages of one node.
+    """
+    if not msgs:
+        return
+    core = msgs[0]._node
+    if core is None or any(m._node is not core for m in msgs):
+        for m in msgs:
+            m.release_slot()
+        return
+    core.release_many(msgs)
 
 
 def _late_messages(node: Chirp) -> Iterator[MessageBase]:
