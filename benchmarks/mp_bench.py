@@ -3,7 +3,9 @@
 Throughput: one producer process puts N items (bytes of 64 B or 64 KiB) into a
 queue created by this process; 1 or 4 consumer processes get until a sentinel.
 Timed from a common start (a barrier) until every consumer reported.
-Latency: ping-pong of a small dict over a Pipe (roundtrips/s).
+Latency: ping-pong of a small dict over a Pipe (roundtrips/s), and the same
+over a plain TCP socket (pickle, no libchirp): the floor of any transport
+over TCP, which ``multiprocessing.Pipe`` (a Unix socket pair) does not pay.
 Processes are started with spawn. Prints a markdown table with ratios against
 ``multiprocessing.Queue`` (throughput) and ``multiprocessing.Pipe`` (latency).
 
@@ -18,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import pickle
 import platform
+import socket
+import struct
 import sys
 import time
 from typing import Any, Callable, List, Tuple
@@ -106,6 +111,45 @@ def pingpong(pipe: Callable[[], Tuple[Any, Any]], n: int) -> float:
     return n / secs
 
 
+def tcp_echo(port: int, n: int) -> None:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with sock, sock.makefile("rb") as f:
+        for _ in range(n):
+            head = f.read(4)
+            sock.sendall(head + f.read(struct.unpack("!I", head)[0]))
+
+
+def pingpong_tcp(n: int) -> float:
+    """The Pipe ping-pong over a plain TCP socket (pickle, 4-byte length): the
+    floor of any transport over TCP, which multiprocessing's Pipe (a Unix
+    socket pair) does not pay."""
+    ctx = multiprocessing.get_context("spawn")
+    listener = socket.create_server(("127.0.0.1", 0))
+    p = ctx.Process(target=tcp_echo, args=(listener.getsockname()[1], n + 50))
+    p.start()
+    sock, _ = listener.accept()
+    listener.close()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = {"seq": 0, "name": "ping", "values": [1, 2, 3]}
+    with sock, sock.makefile("rb") as f:
+
+        def roundtrip() -> None:
+            body = pickle.dumps(msg)
+            sock.sendall(struct.pack("!I", len(body)) + body)
+            pickle.loads(f.read(struct.unpack("!I", f.read(4))[0]))
+
+        for _ in range(50):
+            roundtrip()
+        t0 = time.perf_counter()
+        for i in range(n):
+            msg["seq"] = i
+            roundtrip()
+        secs = time.perf_counter() - t0
+    p.join(60)
+    return n / secs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=100_000, help="64 B items per run")
@@ -157,9 +201,14 @@ def main() -> int:
         return report(rows)
     base_rt = pingpong(ctx.Pipe, args.roundtrips)
     rt = pingpong(cmp.Pipe, args.roundtrips)
+    floor_rt = pingpong_tcp(args.roundtrips)
     rows.append(
         ["dict", "-", "multiprocessing.Pipe ping-pong", "{:,.0f} rt/s".format(base_rt), "1.00x"]
     )
+    rows.append(
+        ["dict", "-", "plain TCP socket ping-pong (no libchirp)", "{:,.0f} rt/s".format(floor_rt),
+         "%.2fx" % (floor_rt / base_rt)]
+    )  # fmt: skip
     rows.append(
         [
             "dict",
