@@ -229,26 +229,16 @@ class _Runtime:
         if held is None:
             return None
         key, lf, slot = held
-        if flags & _F_LEASE:
-            if key not in self.lease_ok:
-                self.lease_ok.add(key)
-                lf.unlink()
-            if kind == _D:
+        if flags & _F_LEASE or kind == _D:
+            if self._host_holds(key, lf, flags) and kind == _D:
                 return (lf, slot, reqid)
-        elif kind == _D:
-            self.leases[key] = None
-            self.lease_ok.discard(key)
-            lf.unlink()
         lf.give(slot)
         return None
 
-    def pipe_answer(self, sid: int, flags: int) -> bool:
-        """The host's answer to a pipe reader's first ``O`` (lock held): whether it
-        pushes the items (it holds the lease). The slot stays the subscription's."""
-        held = self.leased.pop(sid, None)
-        if held is None:
-            return False
-        key, lf, slot = held
+    def _host_holds(self, key: Any, lf: Any, flags: int) -> bool:
+        """Learn from a host's answer whether it holds the lease file of ``key``
+        (lock held): the first answer that says so unlinks the file (the host
+        keeps it mapped); one that does not ends leasing with that host."""
         if flags & _F_LEASE:
             if key not in self.lease_ok:
                 self.lease_ok.add(key)
@@ -257,6 +247,17 @@ class _Runtime:
         self.leases[key] = None
         self.lease_ok.discard(key)
         lf.unlink()
+        return False
+
+    def pipe_answer(self, sid: int, flags: int) -> bool:
+        """The host's answer to a pipe reader's first ``O`` (lock held): whether it
+        pushes the items (it holds the lease). The slot stays the subscription's."""
+        held = self.leased.pop(sid, None)
+        if held is None:
+            return False
+        key, lf, slot = held
+        if self._host_holds(key, lf, flags):
+            return True
         lf.give(slot)
         return False
 
