@@ -278,7 +278,9 @@ def test_pull_balances_push_does_not():
     slow_push, fast_push = run_balance("push", 600)
     ratio_push = slow_push / fast_push
     # push: each consumer gets an even share of what is queued, whatever its speed
-    assert ratio_push > 0.6, (slow_push, fast_push, ratio_pull)
+    # (measured 0.56 to 1.7 on a loaded machine: how the items reach the host, in
+    # one put batch or several, decides how the windows fill; pull stays below 0.25)
+    assert ratio_push > 0.45, (slow_push, fast_push, ratio_pull)
 
 
 @fork_unsafe_under_sanitizer
