@@ -248,6 +248,8 @@ void ch__remote_enqueue_ack(ch_remote_t *r, ch_message_t *ack);
 /* An ACK of r left its queue for good (written or failed). */
 void ch__remote_ack_done(ch_remote_t *r);
 void ch__remote_flush(ch_remote_t *r);
+/* ch__remote_flush() even while a batch of commands runs (loop->corked). */
+void ch__remote_flush_now(ch_remote_t *r);
 void ch__remote_conn_closed(ch_remote_t *r, ch_conn_t *c, int reason, const char *text);
 void ch__remote_ack(ch_remote_t *r, ch_conn_t *c, const uint8_t identity[16]);
 void ch__remote_send_caps(ch_remote_t *r, ch_conn_t *c);

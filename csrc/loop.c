@@ -452,6 +452,10 @@ static void ch__loop_run_cmds(ch_loop_t *loop)
                 ch__node_do_start(c->node, c->token);
                 break;
             case CH__CMD_STOP:
+                /* What the batch sent before the stop is written first, as
+                 * without the batching: the stop fails only what waits. */
+                ch__loop_uncork(loop);
+                loop->corked = 1;
                 ch__node_do_stop(c->node, c->token);
                 break;
             case CH__CMD_SEND:

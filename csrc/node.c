@@ -849,6 +849,8 @@ void ch__node_do_send(ch_node_t *node, ch_message_t *m)
         ch__send_done(node, m, CH_ENOMEM, "out of memory");
         return;
     }
+    if (node->cfg.max_send_queue && r->data_q.len >= node->cfg.max_send_queue && r->dirty)
+        ch__remote_flush_now(r); /* what the batch queued so far counts as written first */
     if (node->cfg.max_send_queue && r->data_q.len >= node->cfg.max_send_queue) {
         /* Policy: fail this send at once; never block, never drop a queued one. */
         char addr[INET6_ADDRSTRLEN], text[CH_EV_TEXT_LEN];

@@ -206,6 +206,14 @@ void ch__remote_flush(ch_remote_t *r)
         return;
     if (ch__loop_defer_flush(r->node->loop, r))
         return; /* at the end of the batch of commands */
+    ch__remote_flush_now(r);
+}
+
+void ch__remote_flush_now(ch_remote_t *r)
+{
+    ch_conn_t *c = r->conn;
+    if (!c || c->state != CH__CONN_READY || c->writing.head || (c->flags & CH__CONNF_CLOSING))
+        return;
     /* Gather frames into one write: control frames first, then data frames;
      * a REQ_ACK frame only while none is outstanding (docs/protocol.md#wire-format). */
     ch_msgq_t batch = {0};

@@ -113,6 +113,34 @@ def test_sync_full_queue_fails_next_send_at_once_drops_nothing_and_recovers(h):
     assert node.statistics()["totals"]["send_failures"] == 2
 
 
+def test_one_batch_of_sends_counts_as_written_one_by_one(h):
+    """send_many() hands its messages to the core in one batch, which writes them
+    at the batch's end (one write per peer); the limit still counts as if each
+    had gone out as soon as it could: N + 1 sends to an idle peer that takes one
+    unacknowledged message put one on the wire and N in the queue, none refused."""
+    N = 4
+    node, _ = h.node(SYNCHRONOUS=True, MAX_SEND_QUEUE=N, TIMEOUT=20.0)
+    srv = h.server(name="peer with window 1")
+
+    def msg(i):
+        return rp.make_msg(srv.port, data=b"b%03d" % i)
+
+    first = node.send(msg(0))
+    peer = h.track(srv.accept())
+    peer.send_handshake(srv.port, bytes([0x5C]) * 16)
+    peer.recv_handshake()
+    f = peer.recv_frame()
+    peer.send(rp.pack_ack(f.identity))
+    rp.future_result(first, 5, "first send")
+    futs = node.send_many([msg(i) for i in range(1, N + 2)])
+    for i in range(1, N + 2):
+        f = peer.recv_frame()
+        assert f.data == b"b%03d" % i, f.data
+        peer.send(rp.pack_ack(f.identity))
+    for i, fut in enumerate(futs, 1):
+        rp.future_result(fut, 5, "send b%03d of the batch" % i)
+
+
 def test_async_non_reading_peer_fills_queue_then_everything_queued_is_delivered(h):
     N = 3
     size = 1 << 20
