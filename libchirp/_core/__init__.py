@@ -25,7 +25,7 @@ One concern per module:
                    threads that drive (``lead_until``), embedding in another
                    event loop, ``call_soon``, end-of-batch hooks, shared objects
 ``node``           ``NodeCore``: start, stop, abandon; made of the mixins below
-``sends``          sends, ``send_many`` batches, pending sends, SEND_DONE
+``sends``          sends, ``send_many`` batches, ``PendingSend``, SEND_DONE
 ``requests``       the request table, expiry, remembered expired identities
 ``receives``       received messages, delivery, releases of their slots
 ``nodestats``      statistics snapshots (STATS events into ``libchirp.stats``)

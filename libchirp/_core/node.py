@@ -8,7 +8,7 @@ submission carries a token (unique per loop); the matching completion event
 carries it back and the dispatcher (``events.handle_batch``) calls the node's
 ``on_*`` method, which resolves the future stored under it:
 
-* ``sends.Sends``: send, send_many and their completions;
+* ``sends.Sends``: send, send_many and their completions (``PendingSend``);
 * ``requests.Requests``: the request table, expiry, expired identities;
 * ``receives.Receives``: received messages, delivery, releases;
 * ``nodestats.Statistics``: statistics snapshots.

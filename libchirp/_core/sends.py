@@ -2,10 +2,9 @@
 
 Application threads submit sends under the node's lock; every submission
 carries a token (unique per loop, ``LoopCore.tokens``) and is remembered in
-``sends`` as a tuple ``(future, message)`` until its SEND_DONE event carries
-the token back. Header and data ``bytes`` of a single send are handed to C
-without copying and kept alive in the tuple until then (``(future, message,
-header, data, request)``). ``send_many()`` packs small messages into one
+``sends`` as a :class:`PendingSend` until its SEND_DONE event carries the
+token back. Header and data ``bytes`` of a single send are handed to C without
+copying and kept alive in the pending send until then. ``send_many()`` packs small messages into one
 ``ch_node_send_batch()`` call, which copies them; its per-message work (the
 futures, the tokens, the records, the table entries) is done by ``map()``
 over the batch wherever it can, not by a Python loop. Consecutive successful
@@ -22,7 +21,7 @@ from __future__ import annotations
 import struct
 from concurrent.futures import Future
 from itertools import chain, islice, repeat
-from operator import add, attrgetter
+from operator import add, attrgetter, itemgetter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._future import new_futures, set_results
@@ -48,13 +47,32 @@ assert _SEND_RECORD.size == lib.CH_SEND_SIZE
 SEND_COPY_LIMIT = 8192
 
 
+class PendingSend(Tuple[Any, ...]):
+    """A send handed to the core and not completed yet (``NodeCore.sends``, by token).
+
+    ``PendingSend((future, msg))`` for a send the core copied;
+    ``PendingSend((future, msg, header, data, request))`` for one it points at
+    without a copy: ``header`` and ``data`` are kept alive here until SEND_DONE
+    (even if the message's attributes are replaced meanwhile), ``request`` is
+    the request future the send belongs to (``NodeCore.request()``) or None.
+    A tuple, so that ``send_many()`` makes a batch of them with ``map()``.
+    """
+
+    __slots__ = ()
+
+    future = property(itemgetter(0))
+    msg = property(itemgetter(1))
+
+    @property
+    def request(self) -> Optional[Future]:
+        return self[4] if len(self) > 2 else None
+
+
 class Sends:
     """The send half of a node (mixin of NodeCore, see the module docstring)."""
 
     def _init_sends(self) -> None:
-        #: token -> (future, message), or (future, message, header, data, request)
-        #: for a send the core did not copy (header and data kept alive here).
-        self.sends: Dict[int, Tuple[Any, ...]] = {}
+        self.sends: Dict[int, PendingSend] = {}  # token -> the pending send
 
     def send(self, msg: MessageBase, request: Optional[Future] = None) -> Future:
         fut = self._future()
@@ -129,7 +147,7 @@ class Sends:
         )  # fmt: skip
         payload = b"".join(chain.from_iterable(zip(headers, datas)))
         sends = self.sends
-        sends.update(zip(tokens, zip(futs, msgs)))  # the core copies them
+        sends.update(zip(tokens, map(PendingSend, zip(futs, msgs))))  # the core copies them
         for msg in msgs:
             msg._sending = True
         rc = lib.ch_node_send_batch(self.c, records, n, payload, len(payload))
@@ -159,8 +177,8 @@ class Sends:
             if rc != 0:
                 for token in batch:
                     pending = sends.pop(token)
-                    pending[1]._sending = False
-                    failed.append((pending[0], rc))
+                    pending.msg._sending = False
+                    failed.append((pending.future, rc))
             records.clear()
             parts.clear()
             batch.clear()
@@ -176,7 +194,7 @@ class Sends:
                     failed.append((fut, rc))
                 continue
             token = next(tokens)
-            sends[token] = (fut, msg)  # the core copies it
+            sends[token] = PendingSend((fut, msg))  # the core copies it
             msg._sending = True
             records.append(
                 pack(token, len(data), len(header), msg._port, msg._family, msg._identity, addr)
@@ -203,7 +221,7 @@ class Sends:
         header = msg._header
         data = msg._data
         token = next(self.loop.tokens)
-        self.sends[token] = (fut, msg, header, data, request)
+        self.sends[token] = PendingSend((fut, msg, header, data, request))
         msg._sending = True
         rc = lib.ch_node_send(
             self.c, token, msg._identity, family, addr, msg._port,
@@ -227,14 +245,14 @@ class Sends:
         pending = self.sends.pop(token, None)
         if pending is None:
             return
-        msg = pending[1]
+        msg = pending.msg
         self._sent(msg)
         if status == 0:
-            _set_result(pending[0], msg)
+            _set_result(pending.future, msg)
             return
         text = _text(text)
-        _set_exception(pending[0], _error(status, text))
-        request = pending[4] if len(pending) > 2 else None
+        _set_exception(pending.future, _error(status, text))
+        request = pending.request
         if request is not None:
             self._request_send_failed(msg, request, status, text)
 
@@ -248,16 +266,16 @@ class Sends:
         if self.release_after_send:
             for pending in done:
                 if pending is not None:
-                    self._sent(pending[1])
-                    _set_result(pending[0], pending[1])
+                    self._sent(pending.msg)
+                    _set_result(pending.future, pending.msg)
             return
         for pending in set_results(done):  # (clears the messages' _sending first)
-            _set_result(pending[0], pending[1])
+            _set_result(pending.future, pending.msg)
 
     def _fail_sends(self, exc: Callable[[], BaseException]) -> None:
         """Fail every pending send with ``exc()`` (after the node stopped)."""
         sends = self.sends
         while sends:
             _, pending = sends.popitem()
-            pending[1]._sending = False
-            _set_exception(pending[0], exc())
+            pending.msg._sending = False
+            _set_exception(pending.future, exc())
