@@ -201,12 +201,8 @@ static void ch__remote_fail_closed(ch_node_t *node, ch_conn_t *c, ch_message_t *
 
 void ch__remote_flush(ch_remote_t *r)
 {
-    ch_conn_t *c = r->conn;
-    if (!c || c->state != CH__CONN_READY || c->writing.head || (c->flags & CH__CONNF_CLOSING))
-        return;
-    if (ch__loop_defer_flush(r->node->loop, r))
-        return; /* at the end of the batch of commands */
-    ch__remote_flush_now(r);
+    if (!ch__loop_defer_flush(r->node->loop, r)) /* else at the end of the batch of commands */
+        ch__remote_flush_now(r);
 }
 
 void ch__remote_flush_now(ch_remote_t *r)
