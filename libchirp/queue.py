@@ -117,8 +117,7 @@ class Chirp(ChirpBase, _queue.Queue[Message]):
                 items.clear()
             else:
                 msgs = [items.popleft() for _ in range(max_count)]
-            if self.maxsize > 0:  # (never: put() of an unbounded queue does not wait)
-                self.not_full.notify()
+            # (no not_full.notify(): the queue is unbounded, nobody waits in put())
         if self._auto_release:
             self._release_taken(msgs)
         return msgs
