@@ -533,8 +533,7 @@ class ChirpCommunicator(kiwipy.Communicator):
                     kiwipy.UnroutableError("Unknown rpc recipient '%s'" % (recipient_id,))
                 )
                 return future
-            # the answer of another member arrives as a message: its waiter takes it
-            future = _WaitFuture(self._lead) if owner != self.id else kiwipy.Future()
+            future = self._answer_future(owner)
             corr = uuid.uuid4().hex
             self._rpcs[corr] = (future, owner)
             self._send_to(owner, b"R", {"f": self.id, "c": corr, "to": recipient_id}, data)
@@ -617,6 +616,12 @@ class ChirpCommunicator(kiwipy.Communicator):
                 future.set_exception(exc)
             if isinstance(future, _WaitFuture):
                 self._nudge()  # its waiter may sleep in the loop's I/O poll
+
+    def _answer_future(self, owner: Any) -> kiwipy.Future[Any]:
+        """The future of an answer from member ``owner``: the answer of another
+        member arrives as a message, which its waiter takes itself
+        (_WaitFuture); one of this member's own subscribers answers off the loop."""
+        return _WaitFuture(self._lead) if owner != self.id else kiwipy.Future()
 
     def _nudge(self) -> None:
         """Make a thread driving the loop (asleep in its I/O poll) re-check what it
@@ -1048,7 +1053,7 @@ class ChirpCommunicator(kiwipy.Communicator):
                 return
             future, owner = entry
             if kind == "pend":
-                inner = _WaitFuture(self._lead) if owner != self.id else kiwipy.Future()
+                inner = self._answer_future(owner)
                 self._rpcs[corr] = (inner, owner)
         self._resolve(future, kind, data, inner if kind == "pend" else None)
 
