@@ -21,7 +21,14 @@ import time
 
 import pytest
 from aiohelp import KINDS, WAIT, AioThread, Inbox, message
-from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, SANITIZER, call_bounded, make_config
+from conftest import (
+    NODE_START_LIMIT,
+    NODE_STOP_LIMIT,
+    SANITIZER,
+    call_bounded,
+    make_config,
+    wait_for,
+)
 
 import libchirp
 import libchirp.asyncio
@@ -485,9 +492,7 @@ def test_messages_no_handler_ran_are_not_acknowledged(aio, start, qnode):
     stopper = threading.Thread(target=lambda: pytest.raises(RuntimeError, node.stop))
     stopper.start()
     try:
-        deadline = time.monotonic() + WAIT
-        while not node._closing and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for(lambda: node._closing, WAIT, "the stop to begin")
         # From another node: the first sender keeps its next message back until
         # "busy" is acknowledged (one unacknowledged message per peer here).
         late = qnode(SYNCHRONOUS=True, TIMEOUT=20.0).send(

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, make_config
+from conftest import NODE_START_LIMIT, NODE_STOP_LIMIT, call_bounded, make_config, wait_for
 
 import libchirp
 import libchirp.pool
@@ -293,16 +293,15 @@ def test_messages_no_handler_ran_are_not_acknowledged(start, bounded):
     sender = start(TIMEOUT=20.0)
     busy = sender.send(message(receiver, b"busy"))
     assert entered.wait(WAIT)
-    queued = sender.send(message(receiver, b"queued"))  # waits behind the busy handler
-    deadline = time.monotonic() + WAIT
-    while receiver.statistics()["held_messages"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # From another node (the first keeps its next message back until "busy" is
+    # acknowledged: one unacknowledged message per peer): it reaches the
+    # receiver and its handler waits in the pool's queue behind the busy one.
+    queued = start(TIMEOUT=20.0).send(message(receiver, b"queued"))
+    wait_for(lambda: receiver.statistics()["held_messages"] == 2, WAIT, "both messages held")
     stopper = threading.Thread(target=lambda: pytest.raises(RuntimeError, receiver.stop))
     stopper.start()
     try:
-        deadline = time.monotonic() + WAIT
-        while not receiver._closing and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for(lambda: receiver._closing, WAIT, "the stop to begin")
         late = sender.send(message(receiver, b"late"))  # arrives while the pool stops
         for fut, what in ((queued, "queued"), (late, "late")):
             exc = settle(fut, 20, "send of the %s message" % what)
